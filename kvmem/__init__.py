@@ -1,0 +1,55 @@
+"""kvmem: KV-cache memory management for LLM serving.
+
+One allocator interface (:class:`KVAllocator`), several backends chosen by
+name through :func:`create_allocator`, and attention kernels that read every
+backend's :class:`BatchLayout`.
+"""
+
+from kvmem.allocator import (
+    KVAllocator,
+    KVStats,
+    SeqInfo,
+    SwapHandle,
+    available_backends,
+    create_allocator,
+    register_backend,
+)
+from kvmem.errors import (
+    DriverError,
+    DuplicateSequence,
+    IntegrityError,
+    InvalidArgument,
+    KVError,
+    OutOfKVMemory,
+    UnknownSequence,
+)
+from kvmem.formats import KVFormat, resolve_format
+from kvmem.layout import BatchLayout
+from kvmem.spec import KVSpec
+from kvmem.storage import LayerKV, PagePool
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchLayout",
+    "DriverError",
+    "DuplicateSequence",
+    "IntegrityError",
+    "InvalidArgument",
+    "KVAllocator",
+    "KVError",
+    "KVFormat",
+    "KVSpec",
+    "KVStats",
+    "LayerKV",
+    "OutOfKVMemory",
+    "PagePool",
+    "SeqInfo",
+    "SwapHandle",
+    "UnknownSequence",
+    "__version__",
+    "available_backends",
+    "create_allocator",
+    "register_backend",
+    "resolve_format",
+]

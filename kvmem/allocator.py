@@ -1,0 +1,345 @@
+"""The one allocator interface every KV backend implements, and the backend registry.
+
+A sequence is named by a hashable ``seq_id`` of the caller's choosing. Per
+sequence an allocator tracks three counts, always ordered::
+
+    num_computed  <=  capacity (reserved slots)
+    num_computed  <=  num_tokens (known token ids)
+
+    tokens:   t0 t1 t2 t3 t4 t5 t6            (num_tokens = 7)
+    KV:       ## ## ## ## ..                  (num_computed = 4)
+    slots:    [..........][..........]        (capacity = 8 after reserve(seq, 4))
+
+One decode step of an engine, for each running sequence::
+
+    alloc.reserve(seq, 1)              # room for one more KV entry (may raise OutOfKVMemory)
+    lay = alloc.layout([(seq, 1), ...])  # where to write it, where to read all KV
+    ... attention writes KV at lay.slot_mapping, reads via lay.kv_indices ...
+    alloc.commit(seq, 1)               # that KV now exists (full pages become shareable)
+    alloc.append(seq, [next_token])    # the sampled token, whose KV comes next step
+
+Every method either succeeds or raises a :class:`~kvmem.errors.KVError`
+subclass and leaves the allocator exactly as it was.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Protocol, TypeVar
+
+import torch
+
+from kvmem.errors import (
+    DriverError,
+    DuplicateSequence,
+    IntegrityError,
+    InvalidArgument,
+    KVError,
+    OutOfKVMemory,
+    UnknownSequence,
+)
+from kvmem.layout import BatchLayout
+from kvmem.spec import KVSpec
+from kvmem.storage import LayerKV
+
+__all__ = [
+    "DriverError",
+    "DuplicateSequence",
+    "IntegrityError",
+    "InvalidArgument",
+    "KVAllocator",
+    "KVError",
+    "KVStats",
+    "OutOfKVMemory",
+    "SeqInfo",
+    "SwapHandle",
+    "UnknownSequence",
+    "available_backends",
+    "create_allocator",
+    "register_backend",
+]
+
+SeqId = Hashable
+
+
+@dataclass(frozen=True)
+class KVStats:
+    """A snapshot of an allocator's memory, in token slots (``*_bytes`` for bytes).
+
+    ``capacity = used + free``; ``free`` includes ``cached`` slots, which hold
+    reusable prefix KV but can be evicted at any time. ``used`` slots are held
+    by sequences: ``filled`` of them hold KV, ``reserved`` are claimed for KV
+    still to come, and the rest are the unused tail of partly filled pages.
+    """
+
+    page_size: int
+    bytes_per_token: int
+    capacity_tokens: int
+    used_tokens: int
+    filled_tokens: int
+    reserved_tokens: int
+    cached_tokens: int
+    free_tokens: int
+    swapped_tokens: int
+    num_seqs: int
+    num_swapped_seqs: int
+    prefix_queries: int = 0
+    prefix_hits: int = 0
+    extra: Mapping[str, float] = field(default_factory=dict)
+
+    def _b(self, tokens: int) -> int:
+        return tokens * self.bytes_per_token
+
+    @property
+    def capacity_bytes(self) -> int:
+        """Bytes of KV the allocator can hold."""
+        return self._b(self.capacity_tokens)
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of pages held by sequences."""
+        return self._b(self.used_tokens)
+
+    @property
+    def free_bytes(self) -> int:
+        """Bytes of pages not held by any sequence (cached ones included)."""
+        return self._b(self.free_tokens)
+
+    @property
+    def swapped_bytes(self) -> int:
+        """Bytes of KV moved to host memory."""
+        return self._b(self.swapped_tokens)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of capacity held by sequences."""
+        return self.used_tokens / self.capacity_tokens if self.capacity_tokens else 0.0
+
+    @property
+    def fragmentation(self) -> float:
+        """Fraction of held slots that hold no KV (reserved or wasted tail)."""
+        return 1.0 - self.filled_tokens / self.used_tokens if self.used_tokens else 0.0
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Fraction of prompt tokens offered to ``add`` that were found cached."""
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
+
+
+@dataclass(frozen=True)
+class SeqInfo:
+    """What an allocator knows of one sequence."""
+
+    num_tokens: int
+    num_computed: int
+    capacity: int
+    swapped: bool
+
+
+class SwapHandle(Protocol):
+    """An asynchronous swap in flight: poll it or wait for it."""
+
+    def done(self) -> bool:
+        """True once the copy has finished (successfully or not)."""
+        ...
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until done; re-raises the copy's error, if any."""
+        ...
+
+
+class KVAllocator(ABC):
+    """The KV memory of one model replica: sequences, their slots, their KV tensors.
+
+    Subclasses register with :func:`register_backend` and are built through
+    :func:`create_allocator`. Constructors take the spec first and accept at
+    least ``num_tokens`` or ``num_bytes`` (capacity) and ``device``.
+    """
+
+    spec: KVSpec
+    page_size: int
+    device: torch.device
+
+    @abstractmethod
+    def add(self, seq_id: SeqId, token_ids: Sequence[int], **kwargs: Any) -> int:
+        """Register a sequence with its prompt; return how many leading tokens already have KV.
+
+        A prefix-caching backend may report cached tokens: those count as
+        computed, and their slots are held. The last token is never reported
+        cached, so the caller always has at least one token to run.
+        Raises DuplicateSequence, InvalidArgument.
+        """
+
+    @abstractmethod
+    def append(self, seq_id: SeqId, token_ids: Sequence[int]) -> None:
+        """Add known tokens (e.g. the sampled one) whose KV is not written yet."""
+
+    @abstractmethod
+    def reserve(self, seq_id: SeqId, num_tokens: int) -> None:
+        """Ensure slots for KV entries ``[num_computed, num_computed + num_tokens)``.
+
+        Idempotent: reserving fewer than already held changes nothing.
+        Raises OutOfKVMemory and changes nothing when the pool is short.
+        """
+
+    @abstractmethod
+    def can_reserve(self, requests: Mapping[SeqId, int]) -> bool:
+        """Whether ``reserve(seq, n)`` for every ``{seq: n}`` would succeed at once."""
+
+    @abstractmethod
+    def layout(self, batch: Sequence[tuple[SeqId, int]]) -> BatchLayout:
+        """Kernel inputs for ``[(seq_id, num_new_tokens), ...]``.
+
+        The new tokens of each sequence are its next uncomputed ones; their
+        slots must be reserved. Changes nothing.
+        """
+
+    @abstractmethod
+    def commit(self, seq_id: SeqId, num_tokens: int) -> None:
+        """Record that ``num_tokens`` more KV entries are written."""
+
+    @abstractmethod
+    def fork(self, parent_id: SeqId, child_id: SeqId) -> None:
+        """Make ``child_id`` a copy of the parent that shares its KV, copy-on-write."""
+
+    @abstractmethod
+    def free(self, seq_id: SeqId) -> None:
+        """Release everything the sequence holds (device and host)."""
+
+    @abstractmethod
+    def swap_out(self, seq_ids: Iterable[SeqId]) -> SwapHandle:
+        """Move the sequences' KV to host memory; their device slots are released."""
+
+    @abstractmethod
+    def swap_in(self, seq_ids: Iterable[SeqId]) -> SwapHandle:
+        """Bring swapped sequences' KV back to the device."""
+
+    @abstractmethod
+    def layer(self, i: int) -> LayerKV:
+        """The KV storage of layer ``i``."""
+
+    @abstractmethod
+    def stats(self) -> KVStats:
+        """A snapshot of memory use."""
+
+    @abstractmethod
+    def seq_info(self, seq_id: SeqId) -> SeqInfo:
+        """Counts of one sequence (raises UnknownSequence)."""
+
+    @abstractmethod
+    def seq_ids(self) -> list[SeqId]:
+        """Every registered sequence, swapped ones included."""
+
+    @abstractmethod
+    def check_integrity(self) -> None:
+        """Raise IntegrityError if any internal invariant is broken."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release all memory; the allocator cannot be used afterwards."""
+
+    def __contains__(self, seq_id: object) -> bool:
+        return seq_id in self.seq_ids()
+
+    def __enter__(self) -> KVAllocator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+A = TypeVar("A", bound=type[KVAllocator])
+_REGISTRY: dict[str, type[KVAllocator]] = {}
+_DISCOVERED = False
+
+
+def register_backend(name: str) -> Callable[[A], A]:
+    """Class decorator: make a backend available to :func:`create_allocator` as ``name``."""
+
+    def deco(cls: A) -> A:
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def _discover() -> None:
+    """Import every module of ``kvmem.backends`` and the ``kvmem.backends`` entry points."""
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    _DISCOVERED = True
+    import kvmem.backends as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"{pkg.__name__}.{mod.name}")
+    for ep in metadata.entry_points(group="kvmem.backends"):
+        ep.load()
+
+
+def available_backends() -> list[str]:
+    """Names accepted by :func:`create_allocator`."""
+    _discover()
+    return sorted(_REGISTRY)
+
+
+def create_allocator(kind: str, spec: KVSpec, **options: Any) -> KVAllocator:
+    """Build the backend registered as ``kind`` (``"paged"``, ``"vmem"``, ...)."""
+    _discover()
+    if kind not in _REGISTRY:
+        raise InvalidArgument(f"unknown backend {kind!r}; available: {', '.join(sorted(_REGISTRY))}")
+    if not isinstance(spec, KVSpec):
+        raise InvalidArgument(f"spec must be a KVSpec, got {type(spec).__name__}")
+    return _REGISTRY[kind](spec, **options)
+
+
+def capacity_pages(
+    spec: KVSpec, page_size: int, num_tokens: int | None, num_bytes: int | None
+) -> int:
+    """Pages of ``page_size`` tokens for a capacity given in tokens or in bytes."""
+    if (num_tokens is None) == (num_bytes is None):
+        raise InvalidArgument("give exactly one of num_tokens or num_bytes")
+    if num_bytes is not None:
+        if num_bytes <= 0:
+            raise InvalidArgument(f"num_bytes must be positive, got {num_bytes}")
+        pages = num_bytes // spec.bytes_per_page(page_size)
+    else:
+        assert num_tokens is not None
+        if num_tokens <= 0:
+            raise InvalidArgument(f"num_tokens must be positive, got {num_tokens}")
+        pages = num_tokens // page_size
+    if pages <= 0:
+        raise InvalidArgument("capacity is smaller than one page")
+    return int(pages)
+
+
+def check_count(name: str, n: object) -> int:
+    """``n`` as a positive int, else InvalidArgument naming ``name``."""
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise InvalidArgument(f"{name} must be a positive int, got {n!r}")
+    return n
+
+
+def check_tokens(token_ids: Sequence[int]) -> list[int]:
+    """A non-empty list of non-negative token ids, else InvalidArgument."""
+    try:
+        toks = [int(t) for t in token_ids]
+    except (TypeError, ValueError) as e:
+        raise InvalidArgument(f"token ids must be ints: {e}") from None
+    if not toks:
+        raise InvalidArgument("token ids must not be empty")
+    if min(toks) < 0:
+        raise InvalidArgument("token ids must be non-negative")
+    return toks
+
+
+def raise_unknown(seq_id: SeqId) -> UnknownSequence:
+    """The error for an unregistered sequence."""
+    return UnknownSequence(f"unknown sequence {seq_id!r}")
+
+

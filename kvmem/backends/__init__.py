@@ -1,0 +1,1 @@
+"""KV backends. Each module registers itself with :func:`kvmem.allocator.register_backend`."""
