@@ -1,0 +1,180 @@
+"""The small virtual-memory driver interface the vmem allocator is built on.
+
+A driver manages two kinds of object, as the CUDA VMM API does::
+
+    virtual range   reserve(size) -> addr ... free_range(addr, size)
+                    [ addr .................................. addr+size )
+                      |page|page|    |page|     (unmapped parts fault)
+                        ^    ^         ^
+    physical page   create(size) -> handle ... release(handle)
+                    map(addr, size, handle) / unmap(addr, size)
+
+Addresses and sizes are in bytes and must be multiples of ``granularity``.
+``tensor(addr, size)`` views a piece of a range as a uint8 torch tensor
+without a copy; reading or writing an unmapped part of it faults (SIGSEGV on
+the host, an illegal-address error on a GPU), so callers touch only what is
+mapped. Every failure raises :class:`~kvmem.errors.DriverError` carrying the
+driver's own message.
+
+Implementations: :class:`~kvmem.backends.vmem.host.HostDriver` (memfd and
+mmap, ``device="cpu"``), :class:`~kvmem.backends.vmem.cuda.CudaDriver`
+(cuda-python VMM, ``device="cuda"``) and :class:`MetaDriver` (bookkeeping
+only, ``device="meta"``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+from kvmem.errors import InvalidArgument
+
+#: A physical page as the driver names it (a file offset, a CUDA handle, ...).
+PageHandle = Any
+
+__all__ = ["MetaDriver", "PageHandle", "VMemDriver", "make_driver"]
+
+
+class VMemDriver(ABC):
+    """Reserve virtual ranges, create physical pages, map pages into ranges."""
+
+    #: Short name ("host", "cuda", "meta").
+    name: str = "?"
+    #: The torch device that :meth:`tensor` views live on.
+    device: torch.device
+    #: True when nothing is really mapped (tensors are meta tensors).
+    bookkeeping_only: bool = False
+    #: Upper bound on live mappings the driver can hold, None when unbounded.
+    max_mappings: int | None = None
+
+    @property
+    @abstractmethod
+    def granularity(self) -> int:
+        """Smallest page size in bytes; page sizes and addresses are multiples of it."""
+
+    @abstractmethod
+    def reserve(self, size: int) -> int:
+        """Reserve ``size`` bytes of address space, nothing mapped; return its address."""
+
+    @abstractmethod
+    def free_range(self, addr: int, size: int) -> None:
+        """Give back a range from :meth:`reserve` (its pages must be unmapped first)."""
+
+    @abstractmethod
+    def create(self, size: int) -> PageHandle:
+        """Create one physical page of ``size`` bytes."""
+
+    @abstractmethod
+    def release(self, handle: PageHandle) -> None:
+        """Destroy a physical page (it must not be mapped anywhere)."""
+
+    @abstractmethod
+    def map(self, addr: int, size: int, handle: PageHandle) -> None:
+        """Map a page at ``addr`` (inside a reserved range), readable and writable."""
+
+    @abstractmethod
+    def unmap(self, addr: int, size: int) -> None:
+        """Unmap ``[addr, addr + size)``; the addresses stay reserved and fault on access."""
+
+    @abstractmethod
+    def tensor(self, addr: int, size: int) -> torch.Tensor:
+        """A uint8 tensor over ``[addr, addr + size)``, sharing the memory (no copy)."""
+
+    def allocated_bytes(self) -> int | None:
+        """Physical bytes the driver currently holds, where it can tell (else None)."""
+        return None
+
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+        """Release what the driver itself holds (call after every page and range is given back)."""
+
+    def check_page_size(self, page_bytes: int) -> int:
+        """``page_bytes`` if a positive multiple of :attr:`granularity`, else InvalidArgument."""
+        g = self.granularity
+        if isinstance(page_bytes, bool) or not isinstance(page_bytes, int) or page_bytes <= 0:
+            raise InvalidArgument(f"page_bytes must be a positive int, got {page_bytes!r}")
+        if page_bytes % g:
+            raise InvalidArgument(
+                f"page_bytes {page_bytes} is not a multiple of the {self.name} driver's "
+                f"page granularity {g}"
+            )
+        return page_bytes
+
+
+class MetaDriver(VMemDriver):
+    """Bookkeeping only: addresses and handles are numbers, tensors are meta tensors.
+
+    Lets benchmarks run the real allocator logic on pools far larger than
+    the machine (``device="meta"``); nothing can be read or written.
+    """
+
+    name = "meta"
+    bookkeeping_only = True
+
+    def __init__(self, granularity: int = 4096) -> None:
+        self.device = torch.device("meta")
+        self._granularity = granularity
+        self._next_addr = granularity
+        self._ids = itertools.count()
+
+    @property
+    def granularity(self) -> int:
+        """Nominal page granularity (4 KiB unless given)."""
+        return self._granularity
+
+    def reserve(self, size: int) -> int:
+        """A fresh fake address."""
+        addr = self._next_addr
+        self._next_addr += size + self._granularity
+        return addr
+
+    def free_range(self, addr: int, size: int) -> None:
+        """Nothing to give back."""
+
+    def create(self, size: int) -> int:
+        """A fresh page number."""
+        return next(self._ids)
+
+    def release(self, handle: PageHandle) -> None:
+        """Nothing to release."""
+
+    def map(self, addr: int, size: int, handle: PageHandle) -> None:
+        """Nothing to map."""
+
+    def unmap(self, addr: int, size: int) -> None:
+        """Nothing to unmap."""
+
+    def tensor(self, addr: int, size: int) -> torch.Tensor:
+        """A meta tensor of ``size`` bytes."""
+        return torch.empty(size, dtype=torch.uint8, device="meta")
+
+
+def make_driver(driver: str | VMemDriver | None, device: torch.device | str) -> VMemDriver:
+    """The driver for ``device``: ``"host"`` for cpu, ``"cuda"`` for cuda, ``"meta"`` for meta.
+
+    ``driver`` may name one of those or be a driver instance (used as is).
+    """
+    if isinstance(driver, VMemDriver):
+        return driver
+    dev = torch.device(device)
+    name = driver or {"cpu": "host", "cuda": "cuda", "meta": "meta"}.get(dev.type)
+    if name == "host":
+        if dev.type != "cpu":
+            raise InvalidArgument(f"the host driver maps cpu memory, not {dev}")
+        from kvmem.backends.vmem.host import HostDriver
+
+        return HostDriver()
+    if name == "cuda":
+        if dev.type != "cuda":
+            raise InvalidArgument(f"the cuda driver maps cuda memory, not {dev}")
+        from kvmem.backends.vmem.cuda import CudaDriver
+
+        return CudaDriver(dev)
+    if name == "meta":
+        return MetaDriver()
+    if name is None:
+        raise InvalidArgument(f"no vmem driver for device {dev}")
+    raise InvalidArgument(f"unknown vmem driver {driver!r}; use 'host', 'cuda' or 'meta'")
+
