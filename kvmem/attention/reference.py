@@ -85,19 +85,25 @@ def write_kv(layer: LayerKV, layout: BatchLayout, k: torch.Tensor, v: torch.Tens
 def gather_kv(
     layer: LayerKV, pages: torch.Tensor, length: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dequantized K and V ``[length, kv_heads, head_dim]`` of the first ``length`` slots of ``pages``."""
+    """Dequantized K and V ``[length, kv_heads, head_dim]`` of the first ``length`` slots of ``pages``.
+
+    Reads those slots only, never the rest of a page: a page may be larger
+    than the memory behind it (the vmem backend's pages are whole virtual
+    rows, mapped only as far as the sequence reaches).
+    """
     fmt = layer.spec.fmt
-    pages = pages.long()
+    pos = torch.arange(length, device=pages.device)
+    page, off = pages.long()[pos // layer.page_size], pos % layer.page_size
 
     def one(which: str) -> torch.Tensor:
-        codes = getattr(layer, which)[pages].flatten(0, 1)[:length]
+        codes = getattr(layer, which)[page, off]
         if fmt.kind == "float":
             return codes.to(dtype)
         scale = getattr(layer, f"{which}_scale")
         if fmt.kind == "fp8":
             return dequantize_fp8(codes, scale, fmt.name, dtype)
-        s = scale[pages].flatten(0, 1)[:length]
-        z = getattr(layer, f"{which}_zero")[pages].flatten(0, 1)[:length]
+        s = scale[page, off]
+        z = getattr(layer, f"{which}_zero")[page, off]
         return dequantize_int4(codes, s, z, dtype)
 
     return one("k"), one("v")
