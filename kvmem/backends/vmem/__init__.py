@@ -1,11 +1,13 @@
 """The vmem backend: contiguous virtual KV per sequence, physical pages mapped on demand.
 
-This is the vAttention model. Each layer's K and V are virtual tensors
-``[max_seqs, max_seq_len, heads, code_dim]``; a sequence owns one row (its
-*slot*), contiguous in virtual memory, sized for the longest sequence the
-allocator accepts. Physical pages, created once up front in a pool, are
-mapped under the row only as far as the sequence's reserved KV reaches
-(see :mod:`kvmem.backends.vmem.space`)::
+This is the vAttention model. Each layer's KV is one virtual tensor with a
+row per sequence slot, ``[max_seqs, max_seq_len]`` tokens, each token's K
+and V side by side; ``LayerKV.k`` and ``.v`` view it as ``[max_seqs,
+max_seq_len, heads, code_dim]``. A sequence owns one row (its *slot*),
+contiguous in virtual memory, sized for the longest sequence the allocator
+accepts. Physical pages, created once up front in a pool, are mapped under
+the row only as far as the sequence's reserved KV reaches (see
+:mod:`kvmem.backends.vmem.space`)::
 
     slot 0  [####|####|##..|    |    |    ...]   seq A: 10 tokens, 3 pages
     slot 1  [####|#...|    |    |    |    ...]   seq B:  5 tokens, 2 pages
@@ -14,10 +16,12 @@ mapped under the row only as far as the sequence's reserved KV reaches
 
 Kernels see it through the common :class:`~kvmem.layout.BatchLayout` with
 one page per sequence: page ``slot``, ``page_size = max_seq_len`` (so
-``slot_mapping = slot * max_seq_len + position``), or through
-:meth:`VMemAllocator.kv_view`, the sequence's plain contiguous
-``[tokens, heads, code_dim]`` K and V, which kernels written for unpaged KV
-(torch SDPA, flash-attn with a batch index) read unchanged.
+``slot_mapping = slot * max_seq_len + position``); kernels must read only
+the first ``seq_lens[b]`` slots of a page, the rest may be unmapped. Or
+through :meth:`VMemAllocator.kv_view`: the sequence's K and V as plain
+``[tokens, heads, code_dim]`` tensors over its row (one stride per token),
+which kernels written for unpaged KV (torch SDPA, flash-attn with a batch
+index) read unchanged.
 
 Two techniques from vAttention:
 
@@ -27,23 +31,28 @@ Two techniques from vAttention:
   ``reserve`` finds the pool empty: first from free slots (least recently
   freed first), then pages mapped beyond what live sequences reserved.
 - Mapping ahead (``map_ahead=True``). A background thread maps, from the
-  pool only, the next page(s) of sequences that are about to cross into an
-  unmapped page, so the decode step rarely calls the driver. It is safe:
-  ``reserve`` itself guarantees that every reserved slot is mapped before
-  it returns (mapping synchronously when the worker is behind), the worker
-  only ever adds mappings, and only the caller's thread unmaps.
+  pool only, the next page(s) of sequences about to cross into an unmapped
+  page, so the decode step rarely calls the driver. It is safe: ``reserve``
+  itself guarantees that every reserved slot is mapped before it returns
+  (mapping synchronously when the worker is behind), the worker only ever
+  adds mappings beyond what is reserved, and only the caller's thread
+  unmaps.
 
 Accounting is in page *groups* (one page for every layer). A sequence
 *holds* the groups its reserved tokens need; ``OutOfKVMemory`` means the
 groups held by all sequences would exceed the pool. Pages mapped but not
 held (free slots, room mapped ahead) are reclaimable and count as free.
 
+``fork`` is copy-on-write at page granularity: the child's row maps the
+parent's physical pages a second time, and a shared page is copied when a
+sequence reserves room in it.
+
 Differences from the paged backend: no prefix caching (``add`` returns 0);
-``fork`` copies the parent's KV into the child's own slot at fork time
-instead of sharing pages (so it needs free memory and a free slot, and may
-raise OutOfKVMemory); a sequence cannot grow past ``max_seq_len``
-(InvalidArgument) and at most ``max_seqs`` sequences hold KV at once.
-``swap_out``/``swap_in`` are not implemented yet.
+a sequence cannot grow past ``max_seq_len`` (InvalidArgument); at most
+``max_seqs`` sequences hold KV at once (OutOfKVMemory when a reserve or a
+fork needs a slot and none is free); ``swap_out``/``swap_in`` are not
+implemented yet (NotImplementedError). The allocator serves one caller
+thread (its own worker aside).
 """
 
 from __future__ import annotations
@@ -70,7 +79,7 @@ from kvmem.allocator import (
     register_backend,
 )
 from kvmem.backends.vmem.driver import MetaDriver, VMemDriver, make_driver
-from kvmem.backends.vmem.space import VirtualKV, groups_for, part_token_bytes, round_seq_len
+from kvmem.backends.vmem.space import VirtualKV, round_seq_len
 from kvmem.errors import (
     DriverError,
     DuplicateSequence,
@@ -121,10 +130,9 @@ class VMemAllocator(KVAllocator):
 
     Options:
 
-    - ``num_tokens`` or ``num_bytes``: physical capacity. ``num_tokens``
-      creates enough page groups for one sequence of that many tokens;
-      ``num_bytes`` creates ``num_bytes // (num_layers * page_bytes)``
-      groups. Never more than ``max_seqs`` full rows need.
+    - ``num_tokens`` or ``num_bytes``: physical capacity, as page groups:
+      ``ceil(num_tokens * token_bytes / page_bytes)`` or ``num_bytes //
+      (num_layers * page_bytes)``, never more than ``max_seqs`` full rows.
     - ``device``: ``"cpu"`` (host driver: memfd + mmap), ``"cuda"`` (CUDA
       VMM through cuda-python; not run yet), ``"meta"`` (bookkeeping only,
       nothing allocated: for benchmarks).
@@ -136,14 +144,15 @@ class VMemAllocator(KVAllocator):
       the host, the granularity on CUDA.
     - ``map_ahead`` (default True): map upcoming pages on a worker thread.
     - ``map_ahead_tokens``: how far ahead of the reserved KV the worker
-      keeps pages mapped (default: the tokens one K page holds).
+      keeps pages mapped (default: the tokens one page holds).
     - ``driver``: ``"host"``, ``"cuda"``, ``"meta"`` or a
       :class:`~kvmem.backends.vmem.driver.VMemDriver` instance (default:
       chosen by ``device``).
 
     Tensors from :meth:`layer` and :meth:`kv_view` point into the virtual
     ranges: valid until :meth:`close`, and only their mapped parts (the
-    reserved KV of live sequences) may be touched.
+    reserved KV of live sequences) may be touched. The allocator owns its
+    driver and closes it.
     """
 
     def __init__(
@@ -181,13 +190,12 @@ class VMemAllocator(KVAllocator):
         pb = drv.check_page_size(page_bytes)
         self.page_bytes = pb
         self.max_seqs = max_seqs
-        self.max_seq_len = round_seq_len(spec, max_seq_len, pb)
+        tb = spec.bytes_per_token_layer
+        self.max_seq_len = round_seq_len(tb, max_seq_len, pb)
         self.page_size = self.max_seq_len
-        token_bytes = part_token_bytes(spec)
-        row_groups = groups_for(token_bytes, pb, self.max_seq_len)
+        row_groups = self.max_seq_len * tb // pb
         if num_tokens is not None:
-            full, rest = divmod(num_tokens, self.max_seq_len)
-            groups = full * row_groups + groups_for(token_bytes, pb, rest)
+            groups = -(-num_tokens * tb // pb)
         else:
             assert num_bytes is not None
             groups = num_bytes // (spec.num_layers * pb)
@@ -213,9 +221,10 @@ class VMemAllocator(KVAllocator):
         self._seqs: dict[Hashable, _Seq] = {}
         self._owner: list[_Seq | None] = [None] * max_seqs
         self._free_slots: OrderedDict[int, None] = OrderedDict.fromkeys(range(max_seqs))
-        self._held = 0
-        k_tokens_per_page = max(1, pb // self.space.token_bytes[0])
-        self._ahead = min(map_ahead_tokens or k_tokens_per_page, self.max_seq_len)
+        self._held_sum = 0  # sum over sequences of the groups each holds
+        self._quarantine: set[int] = set()
+        self.tokens_per_page = pb / tb
+        self._ahead = min(map_ahead_tokens or max(1, pb // tb), self.max_seq_len)
         self.map_ahead = map_ahead
         self._queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self._pending: set[int] = set()
@@ -240,14 +249,16 @@ class VMemAllocator(KVAllocator):
                 f"{self.max_seq_len}"
             )
 
+    def _held(self) -> int:
+        """Distinct page groups held by sequences (a shared group counts once)."""
+        return self._held_sum - self.space.extra_refs
+
     def _set_held(self, s: _Seq, n: int) -> None:
         if n > s.held_cover or n == 0:
-            g = self.space.groups_for(n)
-            self._held += g - s.held
+            g = self.space.pages(n)
+            self._held_sum += g - s.held
             s.held = g
-            s.held_cover = self.space.cover(
-                [self.space.pages(p, n) for p in range(self.space.num_parts)]
-            )
+            s.held_cover = self.space.cover(g)
 
     def _pick_slot(self, want: int) -> int:
         """The free slot whose mapping fits ``want`` tokens best (-1 if none is free)."""
@@ -261,7 +272,7 @@ class VMemAllocator(KVAllocator):
         return best
 
     def _reclaim(self, short: int, slot: int, target: int) -> None:
-        """Unmap ``short`` groups for ``slot``: free slots first, then unreserved tails."""
+        """Return ``short`` groups to the pool for ``slot``: free slots first, then unheld tails."""
         sp = self.space
         for victim in list(self._free_slots):
             if short <= 0:
@@ -277,15 +288,6 @@ class VMemAllocator(KVAllocator):
             short -= sp.shrink(slot, target, short)
         if short > 0:
             raise IntegrityError(f"reclaim came {short} groups short of what accounting promised")
-
-    def _ensure_mapped(self, slot: int, target: int) -> None:
-        """Map under ``slot`` until it covers ``target`` tokens, unmapping elsewhere if needed."""
-        sp = self.space
-        lists = sp.groups[slot]
-        need = sum(max(0, sp.pages(p, target) - len(lists[p])) for p in range(sp.num_parts))
-        if need > len(sp.pool):
-            self._reclaim(need - len(sp.pool), slot, target)
-        sp.grow(slot, target)
 
     def _want_ahead(self, s: _Seq) -> None:
         slot = s.slot
@@ -316,7 +318,7 @@ class VMemAllocator(KVAllocator):
             target = min(self.max_seq_len, s.reserved + 2 * self._ahead)
             try:
                 self._ahead_groups += self.space.grow(slot, target, budget=len(self.space.pool))
-            except DriverError as e:  # the caller's reserve will map (and report) itself
+            except DriverError as e:  # the caller's reserve maps (and reports) itself
                 self._ahead_error = str(e)
 
     # --------------------------------------------------------------- interface
@@ -344,13 +346,15 @@ class VMemAllocator(KVAllocator):
         s.tokens.extend(toks)
 
     def reserve(self, seq_id: Hashable, num_tokens: int) -> None:
-        """Ensure mapped slots for the next ``num_tokens`` KV entries (all or nothing).
+        """Ensure mapped, private slots for the next ``num_tokens`` KV entries (all or nothing).
 
         The first reserve of a sequence gives it a slot (best fit among the
-        free ones). On return every reserved position is mapped. Raises
-        OutOfKVMemory (pool or slots short), InvalidArgument (beyond
-        ``max_seq_len``), DriverError (the driver failed; nothing changed
-        except that reclaimable mappings elsewhere may have been unmapped).
+        free ones). On return every reserved position is mapped, and the
+        page the next KV goes to is the sequence's own (a page still shared
+        with a fork is copied first). Raises OutOfKVMemory (pool or slots
+        short), InvalidArgument (beyond ``max_seq_len``), DriverError (the
+        driver failed: nothing the sequences hold changed, though mappings
+        nobody held may have been dropped).
         """
         s = self._get(seq_id)
         check_count("num_tokens", num_tokens)
@@ -362,8 +366,9 @@ class VMemAllocator(KVAllocator):
                 f"sequence {seq_id!r}: {target} KV entries exceed max_seq_len {self.max_seq_len}"
             )
         slot = s.slot
-        if slot >= 0 and target <= self.space.covered[slot]:  # fast path: already mapped
-            s.reserved = target
+        sp = self.space
+        if slot >= 0 and target <= sp.covered[slot] and s.num_computed >= sp.shared_below[slot]:
+            s.reserved = target  # fast path: mapped already, nothing shared in the way
             self._set_held(s, target)
             self._want_ahead(s)
             return
@@ -374,13 +379,20 @@ class VMemAllocator(KVAllocator):
                     raise OutOfKVMemory(
                         f"sequence {seq_id!r} needs a slot; all {self.max_seqs} are in use"
                     )
-            need = self.space.groups_for(target) - s.held
-            free = self.space.num_groups - self._held
+                cow = []
+            else:
+                cow = sp.shared_pages(slot, s.num_computed, target)
+            need = sp.pages(target) - s.held + len(cow)
+            free = sp.num_groups - self._held()
             if need > free:
                 raise OutOfKVMemory(
                     f"sequence {seq_id!r} needs {need} more page groups, {free} are free"
                 )
-            self._ensure_mapped(slot, target)
+            short = len(cow) - len(sp.pool) + max(0, sp.pages(target) - len(sp.groups[slot]))
+            if short > 0:
+                self._reclaim(short, slot, target)
+            sp.grow(slot, target)
+            sp.cow(slot, cow)
             if s.slot < 0:
                 del self._free_slots[slot]
                 self._owner[slot] = s
@@ -393,6 +405,7 @@ class VMemAllocator(KVAllocator):
         """Whether every ``reserve(seq, n)`` of ``requests`` fits at once."""
         need = 0
         slots = 0
+        sp = self.space
         for sid, n in requests.items():
             check_count("num_tokens", n)
             s = self._get(sid)
@@ -401,9 +414,12 @@ class VMemAllocator(KVAllocator):
                 continue
             if target > self.max_seq_len:
                 return False
-            need += self.space.groups_for(target) - s.held
-            slots += s.slot < 0
-        return need <= self.space.num_groups - self._held and slots <= len(self._free_slots)
+            need += sp.pages(target) - s.held
+            if s.slot < 0:
+                slots += 1
+            elif s.num_computed < sp.shared_below[s.slot]:
+                need += len(sp.shared_pages(s.slot, s.num_computed, target))
+        return need <= sp.num_groups - self._held() and slots <= len(self._free_slots)
 
     def layout(self, batch: Sequence[tuple[Hashable, int]]) -> BatchLayout:
         """One page per sequence: its slot, ``page_size = max_seq_len``."""
@@ -456,12 +472,15 @@ class VMemAllocator(KVAllocator):
         s.num_computed = end
 
     def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
-        """Make the child a copy of the parent: its tokens, and its KV copied into a new slot.
+        """Make the child a copy of the parent that shares its KV, copy-on-write.
 
-        vmem gives every sequence its own contiguous row, so the child's KV
-        is copied now (every layer, the parent's computed tokens) rather
-        than shared copy-on-write. Raises OutOfKVMemory when there is no
-        free slot or memory for the copy; nothing changes then.
+        The child gets its own slot, and under it the parent's physical pages
+        holding the computed KV are mapped a second time: no data is copied
+        and no memory taken. A sequence that reserves room in a shared page
+        gets a private copy of it first (in ``reserve``); the parent may keep
+        writing into room it reserved before the fork, since the child only
+        reads positions before the fork point and copies the page before it
+        writes. Raises OutOfKVMemory when no slot is free; nothing changes then.
         """
         p = self._get(parent_id)
         if child_id in self._seqs:
@@ -470,36 +489,42 @@ class VMemAllocator(KVAllocator):
         n = p.num_computed
         if n:
             with self._lock:
-                slot = self._pick_slot(max(n, len(p.tokens)))
-                if slot < 0:
-                    raise OutOfKVMemory(
-                        f"fork of {parent_id!r}: all {self.max_seqs} slots are in use"
-                    )
-                need = self.space.groups_for(n)
-                free = self.space.num_groups - self._held
-                if need > free:
-                    raise OutOfKVMemory(
-                        f"fork of {parent_id!r} needs {need} page groups for the copy, "
-                        f"{free} are free"
-                    )
-                self._ensure_mapped(slot, n)
-                self.space.copy_tokens(p.slot, slot, n)
-                del self._free_slots[slot]
-                self._owner[slot] = c
-                c.slot = slot
-                c.num_computed = c.reserved = n
-                self._set_held(c, n)
+                self._fork_slot(parent_id, p, c, n)
         self._seqs[child_id] = c
 
+    def _fork_slot(self, parent_id: Hashable, p: _Seq, c: _Seq, n: int) -> None:
+        if not self._free_slots:
+            raise OutOfKVMemory(f"fork of {parent_id!r}: all {self.max_seqs} slots are in use")
+        sp = self.space
+        slot = min(self._free_slots, key=lambda i: sp.covered[i])
+        sp.clear(slot)
+        sp.share(p.slot, slot, n)
+        del self._free_slots[slot]
+        self._owner[slot] = c
+        c.slot = slot
+        c.num_computed = c.reserved = n
+        self._set_held(c, n)
+
     def free(self, seq_id: Hashable) -> None:
-        """Release the sequence; its slot keeps its pages mapped for the next sequence."""
+        """Release the sequence; its slot keeps its own pages mapped for the next sequence.
+
+        Pages the slot shares with a fork are unmapped from it, so a free
+        slot never holds another sequence's KV.
+        """
         s = self._get(seq_id)
         with self._lock:
             del self._seqs[seq_id]
-            self._held -= s.held
-            if s.slot >= 0:
-                self._owner[s.slot] = None
-                self._free_slots[s.slot] = None
+            self._held_sum -= s.held
+            if s.slot < 0:
+                return
+            self._owner[s.slot] = None
+            try:
+                if self.space.shared_below[s.slot]:
+                    self.space.unshare(s.slot)
+            except DriverError:
+                self._quarantine.add(s.slot)  # may still map shared pages: never hand it out
+                raise
+            self._free_slots[s.slot] = None
 
     def swap_out(self, seq_ids: Iterable[Hashable]) -> SwapHandle:
         """Not available in this backend yet: raises NotImplementedError."""
@@ -569,12 +594,14 @@ class VMemAllocator(KVAllocator):
             bpt = self.spec.bytes_per_token
             group_bytes = self.spec.num_layers * self.page_bytes
             capacity = sp.num_groups * group_bytes // bpt
-            used = self._held * group_bytes // bpt
+            held = self._held()
+            used = held * group_bytes // bpt
             extra: dict[str, float] = {
                 "physical_bytes_pooled": sp.num_groups * group_bytes,
                 "physical_bytes_mapped": sp.mapped_groups * group_bytes,
-                "physical_bytes_held": self._held * group_bytes,
-                "idle_mapped_bytes": (sp.mapped_groups - self._held) * group_bytes,
+                "physical_bytes_held": held * group_bytes,
+                "idle_mapped_bytes": (sp.mapped_groups - held) * group_bytes,
+                "shared_pages": sp.extra_refs * self.spec.num_layers,
                 "virtual_bytes_reserved": sp.virtual_bytes,
                 "pages_pooled": sp.num_groups * self.spec.num_layers,
                 "pages_mapped": sp.mapped_groups * self.spec.num_layers,
@@ -604,54 +631,81 @@ class VMemAllocator(KVAllocator):
             )
 
     def check_integrity(self) -> None:
-        """Verify slots, page groups, held counts, and that every reserved token is mapped."""
+        """Verify slots, page groups and their counts, held totals, and the safety rules.
+
+        Every reserved token is mapped; a page shared between slots lies
+        inside the reserved KV of live sequences only, and at most one of
+        them may write into it (the others copy it first, in ``reserve``).
+        """
         if self._closed:
             raise KVError("allocator is closed")
         with self._lock:
-            sp = self.space
-            seen: list[int] = list(sp.pool)
-            for slot in range(self.max_seqs):
-                for p, lst in enumerate(sp.groups[slot]):
-                    seen.extend(lst)
-                    if p >= sp.num_parts:
-                        raise IntegrityError("too many parts")
-                counts = [len(lst) for lst in sp.groups[slot]]
-                if sp.covered[slot] != sp.cover(counts):
-                    raise IntegrityError(f"slot {slot}: covered count out of date")
-            if sorted(seen) != list(range(sp.num_groups)):
-                raise IntegrityError("page groups are not each in the pool or a slot exactly once")
-            if sp.mapped_groups != sp.num_groups - len(sp.pool):
-                raise IntegrityError("mapped group count is off")
-            if sp.map_calls - sp.unmap_calls != sp.mapped_groups * self.spec.num_layers:
-                raise IntegrityError("map and unmap calls do not add up to the mapped pages")
-            held = 0
-            owned: set[int] = set()
-            for sid, s in self._seqs.items():
-                if not 0 <= s.num_computed <= s.reserved <= self.max_seq_len:
-                    raise IntegrityError(f"{sid!r}: counts out of order")
-                if s.num_computed > len(s.tokens) or len(s.tokens) > self.max_seq_len:
-                    raise IntegrityError(f"{sid!r}: token count out of range")
-                if s.slot < 0:
-                    if s.reserved or s.held:
-                        raise IntegrityError(f"{sid!r}: reserved KV but no slot")
-                    continue
-                if self._owner[s.slot] is not s or s.slot in owned:
-                    raise IntegrityError(f"{sid!r}: slot {s.slot} owned by another sequence")
-                owned.add(s.slot)
-                if sp.covered[s.slot] < s.reserved:
-                    raise IntegrityError(f"{sid!r}: reserved tokens are not all mapped")
-                if s.held != sp.groups_for(s.reserved):
-                    raise IntegrityError(f"{sid!r}: held groups out of date")
-                held += s.held
-            if held != self._held:
-                raise IntegrityError("held group total is off")
-            if held > sp.num_groups:
-                raise IntegrityError("more groups held than pooled")
-            others = [i for i, o in enumerate(self._owner) if o is not None]
-            if set(others) != owned:
-                raise IntegrityError("a slot is owned by an unregistered sequence")
-            if owned & set(self._free_slots) or len(owned) + len(self._free_slots) != self.max_seqs:
-                raise IntegrityError("slots leaked")
+            self._check_pages()
+            self._check_seqs()
+
+    def _check_pages(self) -> None:
+        sp = self.space
+        refs = [0] * sp.num_groups
+        for slot, lst in enumerate(sp.groups):
+            for g in lst:
+                refs[g] += 1
+            if sp.covered[slot] != sp.cover(len(lst)):
+                raise IntegrityError(f"slot {slot}: covered count out of date")
+        for slot, lst in enumerate(sp.groups):
+            shared = [j for j, g in enumerate(lst) if refs[g] > 1]
+            if shared and sp.page_of(sp.shared_below[slot] - 1) < shared[-1]:
+                raise IntegrityError(f"slot {slot}: shared pages beyond its shared bound")
+        if refs != sp.ref:
+            raise IntegrityError("group reference counts do not match the slot mappings")
+        if sorted(sp.pool) != [g for g, r in enumerate(refs) if r == 0]:
+            raise IntegrityError("the pool is not exactly the unmapped groups")
+        if sp.extra_refs != sum(max(0, r - 1) for r in refs):
+            raise IntegrityError("shared mapping count is off")
+        if sp.map_calls - sp.unmap_calls != sum(refs) * self.spec.num_layers:
+            raise IntegrityError("map and unmap calls do not add up to the mapped pages")
+
+    def _check_seqs(self) -> None:
+        sp = self.space
+        held = 0
+        owned: set[int] = set()
+        writers: set[int] = set()
+        for sid, s in self._seqs.items():
+            if not 0 <= s.num_computed <= s.reserved <= self.max_seq_len:
+                raise IntegrityError(f"{sid!r}: counts out of order")
+            if s.num_computed > len(s.tokens) or len(s.tokens) > self.max_seq_len:
+                raise IntegrityError(f"{sid!r}: token count out of range")
+            if s.held != sp.pages(s.reserved):
+                raise IntegrityError(f"{sid!r}: held groups out of date")
+            held += s.held
+            if s.slot < 0:
+                if s.reserved:
+                    raise IntegrityError(f"{sid!r}: reserved KV but no slot")
+                continue
+            if self._owner[s.slot] is not s or s.slot in owned:
+                raise IntegrityError(f"{sid!r}: slot {s.slot} owned by another sequence")
+            owned.add(s.slot)
+            lst = sp.groups[s.slot]
+            if sp.covered[s.slot] < s.reserved:
+                raise IntegrityError(f"{sid!r}: reserved tokens are not all mapped")
+            if any(sp.ref[g] > 1 for g in lst[s.held :]):
+                raise IntegrityError(f"{sid!r}: a shared page lies beyond its reservation")
+            for j in sp.shared_pages(s.slot, s.num_computed, s.reserved):
+                if lst[j] in writers:
+                    raise IntegrityError(f"{sid!r}: writes into a page another sequence writes")
+                writers.add(lst[j])
+        if held != self._held_sum:
+            raise IntegrityError("held group total is off")
+        if self._held() > sp.num_groups:
+            raise IntegrityError("more groups held than pooled")
+        for slot, owner in enumerate(self._owner):
+            if owner is None:
+                if slot not in self._quarantine and any(sp.ref[g] > 1 for g in sp.groups[slot]):
+                    raise IntegrityError(f"free slot {slot} maps pages shared with a sequence")
+            elif slot not in owned:
+                raise IntegrityError(f"slot {slot} is owned by an unregistered sequence")
+        rest = set(self._free_slots) | self._quarantine
+        if owned & rest or len(owned) + len(rest) != self.max_seqs:
+            raise IntegrityError("slots leaked")
 
     def close(self) -> None:
         """Stop the map-ahead worker, unmap and release every page, free the ranges.
@@ -673,7 +727,8 @@ class VMemAllocator(KVAllocator):
             self._seqs.clear()
             self._owner = [None] * self.max_seqs
             self._free_slots = OrderedDict.fromkeys(range(self.max_seqs))
-            self._held = 0
+            self._quarantine.clear()
+            self._held_sum = 0
             self.space.close(errors.append)
             try:
                 self.driver.close()

@@ -1,24 +1,32 @@
 """Virtual KV tensors and the physical pages mapped under them, slot by slot.
 
-Every layer has one virtual tensor per *part*: ``k`` and ``v`` codes, and for
-int4 one ``meta`` part holding ``k_scale, k_zero, v_scale, v_zero``. A part
-is ``[max_seqs, max_seq_len, ...]``: row ``s`` is slot ``s``'s KV, contiguous
-in virtual memory. Physical pages of ``page_bytes`` are mapped under a row
+Every layer has one virtual tensor ``[max_seqs, max_seq_len, token_bytes]``:
+row ``s`` is slot ``s``'s KV, contiguous in virtual memory; one token's
+entry holds its K and V (and, for int4, their scales and zeros first)::
+
+    one token of one layer:  [ k_scale k_zero v_scale v_zero | k codes | v codes ]
+                               (int4 only, fp16)               [heads, code_dim] each
+
+``LayerKV.k`` and ``.v`` are strided views of it, ``[max_seqs, max_seq_len,
+heads, code_dim]``. Physical pages of ``page_bytes`` are mapped under a row
 from its start, as far as the slot's KV reaches::
 
-    layer 0, part k   slot 0 [ pg | pg | pg | -- | -- | ... ]   3 pages mapped
-                      slot 1 [ pg | -- | -- | -- | -- | ... ]   1 page mapped
-    layer 0, part v   slot 0 [ pg | pg | pg | -- | -- | ... ]
-    ...               (-- is reserved address space that faults if touched)
+    layer 0   slot 0 [ g3 | g7 | g1 | -- | -- | ... ]   3 pages mapped
+              slot 1 [ g3 | g4 | -- | -- | -- | ... ]   g3 shared with slot 0 (a fork)
+    layer 1   slot 0 [ g3 | g7 | g1 | -- | -- | ... ]   same groups, layer 1's pages
+    ...       (-- is reserved address space that faults if touched)
 
-All layers grow together, so physical pages are handed out in *groups*: one
-page for every layer. Page ``j`` of part ``p`` of a slot is one group. A
-slot's mapped state is, per part, the list of its groups; the tokens it
-covers are what every part's mapped prefix holds.
+All layers grow together, so physical pages are handed out in *groups*
+(``g0, g1, ...``): one page for every layer. A slot's mapped state is the
+list of its groups; it covers ``len * page_bytes // token_bytes`` tokens.
 
-``max_seq_len`` is rounded up so that every part's row is a whole number of
-pages (pages never straddle slots, and each part is a plain contiguous
-``[max_seqs, max_seq_len, ...]`` tensor).
+A group may be mapped under several slots at once (a forked sequence shares
+its parent's pages: the same physical page mapped at two addresses);
+``ref[g]`` counts its mappings and it returns to the pool at zero.
+:meth:`VirtualKV.cow` gives a slot a private copy of a shared page.
+
+``max_seq_len`` is rounded up so that a row is a whole number of pages
+(pages never straddle slots).
 """
 
 from __future__ import annotations
@@ -34,43 +42,40 @@ from kvmem.errors import DriverError
 from kvmem.spec import KVSpec
 from kvmem.storage import LayerKV
 
-__all__ = ["VirtualKV", "groups_for", "part_token_bytes", "round_seq_len"]
+__all__ = ["VirtualKV", "round_seq_len", "token_fields"]
 
 
-def _parts(spec: KVSpec) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-    """(name, dtype, per-token shape) of each virtual tensor of a layer."""
+def token_fields(spec: KVSpec) -> list[tuple[str, torch.dtype, tuple[int, ...], int]]:
+    """(name, dtype, shape, byte offset) of each field of one token's entry in a layer.
+
+    The fp16 int4 scales and zeros come first, so that every field is
+    aligned to its dtype; the entry is exactly ``spec.bytes_per_token_layer``.
+    """
     fmt = spec.fmt
-    codes = (spec.num_kv_heads, spec.code_dim)
-    parts = [("k", fmt.storage_dtype, codes), ("v", fmt.storage_dtype, codes)]
+    shapes: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
     if fmt.kind == "int4":
-        parts.append(("meta", torch.float16, (4, spec.num_kv_heads, spec.num_groups)))
-    return parts
+        meta = (spec.num_kv_heads, spec.num_groups)
+        shapes += [(n, torch.float16, meta) for n in ("k_scale", "k_zero", "v_scale", "v_zero")]
+    codes = (spec.num_kv_heads, spec.code_dim)
+    shapes += [("k", fmt.storage_dtype, codes), ("v", fmt.storage_dtype, codes)]
+    out, off = [], 0
+    for name, dtype, shape in shapes:
+        out.append((name, dtype, shape, off))
+        off += dtype.itemsize * math.prod(shape)
+    return out
 
 
-def part_token_bytes(spec: KVSpec) -> list[int]:
-    """Bytes one token takes in each part of one layer."""
-    return [dt.itemsize * math.prod(shape) for _, dt, shape in _parts(spec)]
-
-
-def groups_for(token_bytes: list[int], page_bytes: int, n: int) -> int:
-    """Page groups one slot needs for ``n`` tokens, given each part's bytes per token."""
-    return sum(-(-n * tb // page_bytes) for tb in token_bytes)
-
-
-def round_seq_len(spec: KVSpec, max_seq_len: int, page_bytes: int) -> int:
-    """The smallest length >= ``max_seq_len`` whose rows are whole pages in every part."""
-    step = 1
-    for tb in part_token_bytes(spec):
-        q = page_bytes // math.gcd(page_bytes, tb)
-        step = step * q // math.gcd(step, q)
+def round_seq_len(token_bytes: int, max_seq_len: int, page_bytes: int) -> int:
+    """The smallest length >= ``max_seq_len`` whose row is a whole number of pages."""
+    step = page_bytes // math.gcd(page_bytes, token_bytes)
     return -(-max_seq_len // step) * step
 
 
 class VirtualKV:
     """The virtual tensors of every layer, the page-group pool, and per-slot mappings.
 
-    Not thread-safe: the allocator serialises calls. ``on_map(n)`` and
-    ``on_unmap(n)`` are told how many pages each call mapped or unmapped.
+    Not thread-safe: the allocator serialises calls. Every method that maps
+    either completes or undoes its own mappings and raises DriverError.
     """
 
     def __init__(
@@ -88,204 +93,279 @@ class VirtualKV:
         self.max_seq_len = max_seq_len
         self.page_bytes = page_bytes
         self.num_layers = spec.num_layers
-        self.token_bytes = part_token_bytes(spec)
-        self.row_bytes = [max_seq_len * tb for tb in self.token_bytes]
-        if any(rb % page_bytes for rb in self.row_bytes):
+        self.token_bytes = spec.bytes_per_token_layer
+        self.row_bytes = max_seq_len * self.token_bytes
+        if self.row_bytes % page_bytes:
             raise ValueError("max_seq_len must be rounded with round_seq_len first")
-        self.num_parts = len(self.token_bytes)
-        layer_bytes = max_seqs * sum(self.row_bytes)
-        self.virtual_bytes = layer_bytes * self.num_layers
+        self.layer_bytes = max_seqs * self.row_bytes
+        self.virtual_bytes = self.layer_bytes * self.num_layers
+        self.num_groups = num_groups
         self.map_calls = 0
         self.unmap_calls = 0
+        self.pool: list[int] = list(range(num_groups - 1, -1, -1))
+        self.ref = [0] * num_groups
+        self.extra_refs = 0  # sum over groups of (mappings - 1)
+        self.groups: list[list[int]] = [[] for _ in range(max_seqs)]
+        self.covered = [0] * max_seqs
+        #: Per slot: token positions below this may lie in shared pages.
+        self.shared_below = [0] * max_seqs
         self._handles: list[PageHandle] = []
-        self.base = 0
-        self._reserved = False
+        self._range = False
         try:
             self.base = driver.reserve(self.virtual_bytes)
-            self._reserved = True
+            self._range = True
             if not driver.bookkeeping_only:
                 for _ in range(num_groups * self.num_layers):
                     self._handles.append(driver.create(page_bytes))
         except BaseException:
             self.close()
             raise
-        self.num_groups = num_groups
-        # part_base[li][p]: address of slot 0 of part p of layer li
-        starts = [max_seqs * sum(self.row_bytes[:p]) for p in range(self.num_parts)]
-        self.part_base = [
-            [self.base + li * layer_bytes + st for st in starts] for li in range(self.num_layers)
-        ]
-        self.pool: list[int] = list(range(num_groups - 1, -1, -1))
-        self.groups: list[list[list[int]]] = [
-            [[] for _ in range(self.num_parts)] for _ in range(max_seqs)
-        ]
-        self.covered = [0] * max_seqs
-        self.mapped_groups = 0
         self.fp8_scales = (
-            torch.ones(spec.num_layers, 2, spec.num_kv_heads, dtype=torch.float32,
-                       device=driver.device)
+            torch.ones(
+                spec.num_layers, 2, spec.num_kv_heads, dtype=torch.float32, device=driver.device
+            )
             if spec.fmt.kind == "fp8"
             else None
         )
         self.layers = [self._make_layer(li) for li in range(self.num_layers)]
 
     # -------------------------------------------------------------- geometry
-    def pages(self, p: int, n: int) -> int:
-        """Pages part ``p`` of a slot needs to hold ``n`` tokens."""
-        return -(-n * self.token_bytes[p] // self.page_bytes)
+    def pages(self, n: int) -> int:
+        """Pages (groups) a slot needs to hold ``n`` tokens."""
+        return -(-n * self.token_bytes // self.page_bytes)
 
-    def groups_for(self, n: int) -> int:
-        """Page groups a slot needs to hold ``n`` tokens (all parts)."""
-        return groups_for(self.token_bytes, self.page_bytes, n)
+    def cover(self, num_pages: int) -> int:
+        """Tokens ``num_pages`` pages of a slot can hold."""
+        return min(num_pages * self.page_bytes // self.token_bytes, self.max_seq_len)
 
-    def cover(self, counts: list[int]) -> int:
-        """Tokens a slot holding ``counts[p]`` pages of each part can store."""
-        pb = self.page_bytes
-        n = min(c * pb // tb for c, tb in zip(counts, self.token_bytes, strict=True))
-        return min(n, self.max_seq_len)
+    def page_of(self, pos: int) -> int:
+        """Index of the page that token position ``pos`` lies in."""
+        return pos * self.token_bytes // self.page_bytes
 
-    def _recover(self, slot: int) -> None:
-        self.covered[slot] = self.cover([len(g) for g in self.groups[slot]])
+    @property
+    def mapped_groups(self) -> int:
+        """Groups mapped under at least one slot."""
+        return self.num_groups - len(self.pool)
 
     # ---------------------------------------------------------------- tensors
     def _make_layer(self, li: int) -> LayerKV:
+        raw = self.driver.tensor(self.base + li * self.layer_bytes, self.layer_bytes)
+        rows = raw.view(self.max_seqs, self.max_seq_len, self.token_bytes)
         views: dict[str, torch.Tensor] = {}
-        for p, (name, dtype, shape) in enumerate(_parts(self.spec)):
-            raw = self.driver.tensor(self.part_base[li][p], self.max_seqs * self.row_bytes[p])
-            views[name] = raw.view(dtype).view(self.max_seqs, self.max_seq_len, *shape)
-        if "meta" in views:
-            meta = views.pop("meta")
-            for i, name in enumerate(("k_scale", "k_zero", "v_scale", "v_zero")):
-                views[name] = meta[:, :, i]
+        for name, dtype, shape, off in token_fields(self.spec):
+            n = dtype.itemsize * math.prod(shape)
+            views[name] = rows[:, :, off : off + n].view(dtype).unflatten(2, shape)
         if self.fp8_scales is not None:
             views["k_scale"] = self.fp8_scales[li, 0]
             views["v_scale"] = self.fp8_scales[li, 1]
         return LayerKV(self.spec, self.max_seq_len, li, **views)
 
-    def part_views(self, li: int, slot: int) -> list[torch.Tensor]:
-        """Slot ``slot``'s row of every part of layer ``li`` (uint8, whole row)."""
-        out = []
-        for p, rb in enumerate(self.row_bytes):
-            out.append(self.driver.tensor(self.part_base[li][p] + slot * rb, rb))
-        return out
-
-    def copy_tokens(self, src: int, dst: int, n: int) -> None:
-        """Copy the first ``n`` tokens of every part of every layer from slot src to dst."""
-        if n <= 0 or self.driver.bookkeeping_only:
-            return
-        for li in range(self.num_layers):
-            pairs = zip(self.part_views(li, src), self.part_views(li, dst), strict=True)
-            for p, (s, d) in enumerate(pairs):
-                nb = n * self.token_bytes[p]
-                d[:nb].copy_(s[:nb])
-
     # ---------------------------------------------------------------- mapping
-    def _addr(self, li: int, p: int, slot: int, j: int) -> int:
-        return self.part_base[li][p] + slot * self.row_bytes[p] + j * self.page_bytes
+    def _addr(self, li: int, slot: int, j: int) -> int:
+        return self.base + li * self.layer_bytes + slot * self.row_bytes + j * self.page_bytes
 
-    def _map_group(self, slot: int, p: int, j: int, g: int) -> None:
-        drv, pb, L = self.driver, self.page_bytes, self.num_layers
+    def _map_group(self, slot: int, j: int, g: int) -> None:
+        """Map group ``g`` as page ``j`` of ``slot`` (every layer), or map nothing."""
+        drv, pb, nl = self.driver, self.page_bytes, self.num_layers
         if drv.bookkeeping_only:
-            self.map_calls += L
+            self.map_calls += nl
             return
         done = 0
         try:
-            for li in range(L):
-                drv.map(self._addr(li, p, slot, j), pb, self._handles[g * L + li])
+            for li in range(nl):
+                drv.map(self._addr(li, slot, j), pb, self._handles[g * nl + li])
+                self.map_calls += 1
                 done += 1
         except DriverError:
             for li in range(done):
                 with contextlib.suppress(DriverError):
-                    drv.unmap(self._addr(li, p, slot, j), pb)
-            self.map_calls += done
-            self.unmap_calls += done
+                    drv.unmap(self._addr(li, slot, j), pb)
+                    self.unmap_calls += 1
             raise
-        self.map_calls += L
 
-    def _unmap_group(self, slot: int, p: int, j: int) -> None:
-        drv, pb, L = self.driver, self.page_bytes, self.num_layers
-        if not drv.bookkeeping_only:
-            for li in range(L):
-                drv.unmap(self._addr(li, p, slot, j), pb)
-        self.unmap_calls += L
+    def _unmap_group(self, slot: int, j: int) -> None:
+        drv, pb, nl = self.driver, self.page_bytes, self.num_layers
+        if drv.bookkeeping_only:
+            self.unmap_calls += nl
+            return
+        for li in range(nl):
+            drv.unmap(self._addr(li, slot, j), pb)
+            self.unmap_calls += 1
+
+    def _take(self, g: int) -> None:
+        if self.ref[g]:
+            self.extra_refs += 1
+        self.ref[g] += 1
+
+    def _drop(self, g: int) -> bool:
+        """One mapping of ``g`` fewer; True when it went back to the pool."""
+        self.ref[g] -= 1
+        if self.ref[g]:
+            self.extra_refs -= 1
+            return False
+        self.pool.append(g)
+        return True
+
+    def _pop_tail(self, slot: int) -> bool:
+        lst = self.groups[slot]
+        self._unmap_group(slot, len(lst) - 1)
+        freed = self._drop(lst.pop())
+        self.covered[slot] = self.cover(len(lst))
+        return freed
 
     def grow(self, slot: int, n: int, budget: int | None = None) -> int:
         """Map pool groups under ``slot`` until it covers ``n`` tokens; return groups mapped.
 
-        Maps the part that covers least first, one group at a time, taking at
-        most ``budget`` groups (default: as many as needed; the caller made
-        sure the pool has them). A driver failure unmaps what this call
-        mapped, puts those groups back in the pool and re-raises.
+        Takes at most ``budget`` groups (default: as many as needed; the
+        caller made sure the pool has them). A driver failure unmaps what
+        this call mapped, puts those groups back in the pool and re-raises.
         """
-        lists = self.groups[slot]
-        want = [max(0, self.pages(p, n) - len(lists[p])) for p in range(self.num_parts)]
-        total = sum(want)
+        lst = self.groups[slot]
+        want = max(0, self.pages(n) - len(lst))
         if budget is not None:
-            total = min(total, budget, len(self.pool))
-        done: list[tuple[int, int]] = []
+            want = min(want, budget, len(self.pool))
+        done = 0
         try:
-            while len(done) < total:
-                p = self._least_covered(lists, want)
-                g = self.pool.pop()
-                try:
-                    self._map_group(slot, p, len(lists[p]), g)
-                except DriverError:
-                    self.pool.append(g)
-                    raise
-                lists[p].append(g)
-                want[p] -= 1
-                done.append((p, g))
+            for _ in range(want):
+                g = self.pool[-1]
+                self._map_group(slot, len(lst), g)
+                self.pool.pop()
+                self.ref[g] = 1
+                lst.append(g)
+                done += 1
         except DriverError:
-            for p, _ in reversed(done):
-                self._unmap_group(slot, p, len(lists[p]) - 1)
-                self.pool.append(lists[p].pop())
-            self._recover(slot)
+            for _ in range(done):
+                self._pop_tail(slot)
             raise
-        self.mapped_groups += len(done)
-        self._recover(slot)
-        return len(done)
-
-    def _least_covered(self, lists: list[list[int]], want: list[int]) -> int:
-        pb = self.page_bytes
-        best, best_cov = -1, 0
-        for p, tb in enumerate(self.token_bytes):
-            if want[p] > 0:
-                cov = len(lists[p]) * pb // tb
-                if best < 0 or cov < best_cov:
-                    best, best_cov = p, cov
-        return best
+        finally:
+            self.covered[slot] = self.cover(len(lst))
+        return done
 
     def shrink(self, slot: int, keep: int, count: int) -> int:
-        """Unmap up to ``count`` groups from the tail of ``slot``, never below ``keep`` tokens.
+        """Unmap groups from the tail of ``slot`` until ``count`` went back to the pool.
 
-        Unmaps the part that covers most first. Returns the groups given
-        back to the pool.
+        Never unmaps pages the first ``keep`` tokens need. Returns the groups
+        given back to the pool (a shared group unmapped here stays mapped
+        elsewhere).
         """
-        lists = self.groups[slot]
-        floor = [self.pages(p, keep) for p in range(self.num_parts)]
+        floor = self.pages(keep)
         freed = 0
-        pb = self.page_bytes
-        try:
-            while freed < count:
-                p, best_cov = -1, -1
-                for q, tb in enumerate(self.token_bytes):
-                    if len(lists[q]) > floor[q]:
-                        cov = len(lists[q]) * pb // tb
-                        if cov > best_cov:
-                            p, best_cov = q, cov
-                if p < 0:
-                    break
-                self._unmap_group(slot, p, len(lists[p]) - 1)
-                self.pool.append(lists[p].pop())
-                freed += 1
-        finally:
-            self.mapped_groups -= freed
-            self._recover(slot)
+        while freed < count and len(self.groups[slot]) > floor:
+            freed += self._pop_tail(slot)
         return freed
 
-    def slot_groups(self, slot: int) -> int:
-        """Groups mapped under ``slot``."""
-        return sum(len(g) for g in self.groups[slot])
+    def clear(self, slot: int) -> None:
+        """Unmap everything under ``slot``."""
+        while self.groups[slot]:
+            self._pop_tail(slot)
+        self.shared_below[slot] = 0
+
+    def unshare(self, slot: int) -> None:
+        """Unmap the first shared page of ``slot`` and every page after it."""
+        lst = self.groups[slot]
+        first = next((j for j, g in enumerate(lst) if self.ref[g] > 1), len(lst))
+        while len(lst) > first:
+            self._pop_tail(slot)
+        self.shared_below[slot] = 0
+
+    def share(self, src: int, dst: int, n: int) -> None:
+        """Map under the empty slot ``dst`` the groups ``src``'s first ``n`` tokens use."""
+        lst = self.groups[dst]
+        try:
+            for j in range(self.pages(n)):
+                g = self.groups[src][j]
+                self._map_group(dst, j, g)
+                self._take(g)
+                lst.append(g)
+        except DriverError:
+            while lst:
+                self._pop_tail(dst)
+            raise
+        finally:
+            self.covered[dst] = self.cover(len(lst))
+        bound = self._shared_bound(dst)
+        self.shared_below[dst] = bound
+        self.shared_below[src] = max(self.shared_below[src], bound)
+
+    def _shared_bound(self, slot: int) -> int:
+        """First token position after every shared page of ``slot``."""
+        lst = self.groups[slot]
+        last = max((j for j, g in enumerate(lst) if self.ref[g] > 1), default=-1)
+        return -(-(last + 1) * self.page_bytes // self.token_bytes)
+
+    def shared_pages(self, slot: int, start: int, end: int) -> list[int]:
+        """The mapped pages of ``slot`` holding positions ``[start, end)`` that are shared."""
+        if end <= start:
+            return []
+        lst = self.groups[slot]
+        hi = min(len(lst), self.pages(end))
+        return [j for j in range(self.page_of(start), hi) if self.ref[lst[j]] > 1]
+
+    def cow(self, slot: int, pages: list[int]) -> None:
+        """Give ``slot`` private copies of its shared ``pages`` (taking pool groups).
+
+        Each copy saves the page, maps a pool group in its place and writes
+        the saved bytes back, for every layer. A driver failure restores the
+        pages already replaced and re-raises.
+        """
+        done: list[tuple[int, int]] = []  # (page, old group)
+        try:
+            for j in pages:
+                old, new = self.groups[slot][j], self.pool[-1]
+                self._replace(slot, j, old, new)
+                self.pool.pop()
+                self.ref[new] = 1
+                self._drop(old)
+                done.append((j, old))
+        except DriverError:
+            for j, old in reversed(done):
+                new = self.groups[slot][j]
+                with contextlib.suppress(DriverError):
+                    self._replace(slot, j, new, old, copy=False)
+                    self._take(old)
+                    self._drop(new)
+            raise
+        finally:
+            self.shared_below[slot] = self._shared_bound(slot)
+
+    def _replace(self, slot: int, j: int, old: int, new: int, copy: bool = True) -> None:
+        """Map group ``new`` where ``old`` is (page ``j``), keeping the bytes if ``copy``."""
+        drv, pb, nl = self.driver, self.page_bytes, self.num_layers
+        if drv.bookkeeping_only:
+            self.unmap_calls += nl
+            self.map_calls += nl
+            self.groups[slot][j] = new
+            return
+        done = 0
+        try:
+            for li in range(nl):
+                addr = self._addr(li, slot, j)
+                saved = drv.tensor(addr, pb).clone() if copy else None
+                self._swap_page(addr, self._handles[old * nl + li], self._handles[new * nl + li])
+                if saved is not None:
+                    drv.tensor(addr, pb).copy_(saved)
+                done += 1
+        except DriverError:
+            for li in range(done):  # put the old page back on the layers already moved
+                addr = self._addr(li, slot, j)
+                cur, prev = self._handles[new * nl + li], self._handles[old * nl + li]
+                with contextlib.suppress(DriverError):
+                    self._swap_page(addr, cur, prev)
+            raise
+        self.groups[slot][j] = new
+
+    def _swap_page(self, addr: int, cur: PageHandle, to: PageHandle) -> None:
+        """Unmap the page at ``addr`` and map ``to`` there; on failure map ``cur`` back."""
+        drv, pb = self.driver, self.page_bytes
+        drv.unmap(addr, pb)
+        self.unmap_calls += 1
+        try:
+            drv.map(addr, pb, to)
+        except DriverError:
+            drv.map(addr, pb, cur)
+            self.map_calls += 1
+            raise
+        self.map_calls += 1
 
     # ----------------------------------------------------------------- close
     def close(self, on_error: Callable[[DriverError], None] | None = None) -> None:
@@ -295,23 +375,23 @@ class VirtualKV:
         """
         drv = self.driver
 
-        def attempt(fn: Callable[[], None]) -> None:
+        def attempt(fn: Callable[[], object]) -> None:
             try:
                 fn()
             except DriverError as e:
                 if on_error is not None:
                     on_error(e)
 
-        for slot in range(self.max_seqs if hasattr(self, "groups") else 0):
-            for p, lst in enumerate(self.groups[slot]):
-                for j in range(len(lst) - 1, -1, -1):
-                    attempt(lambda p=p, j=j, slot=slot: self._unmap_group(slot, p, j))
-                    self.pool.append(lst.pop())
+        for slot, lst in enumerate(self.groups):
+            while lst:
+                j = len(lst) - 1
+                attempt(lambda slot=slot, j=j: self._unmap_group(slot, j))
+                self._drop(lst.pop())
             self.covered[slot] = 0
-        self.mapped_groups = 0
+            self.shared_below[slot] = 0
         while self._handles:
             h = self._handles.pop()
             attempt(lambda h=h: drv.release(h))
-        if self._reserved:
-            self._reserved = False
+        if self._range:
+            self._range = False
             attempt(lambda: drv.free_range(self.base, self.virtual_bytes))
