@@ -111,16 +111,22 @@ class _Seq:
         self.held_cover = 0  # tokens those groups can hold
 
 
-def _worker(ref: weakref.ReferenceType[VMemAllocator], q: queue.SimpleQueue[int | None]) -> None:
-    """Map-ahead loop: map the pages queued slots will need next."""
+_Item = int | threading.Event | None
+
+
+def _worker(ref: weakref.ReferenceType[VMemAllocator], q: queue.SimpleQueue[_Item]) -> None:
+    """Map-ahead loop: map the pages queued slots will need next; set queued events."""
     while True:
-        slot = q.get()
-        if slot is None:
+        item = q.get()
+        if item is None:
             return
+        if isinstance(item, threading.Event):
+            item.set()
+            continue
         alloc = ref()
         if alloc is None:
             return
-        alloc._map_ahead_slot(slot)
+        alloc._map_ahead_slot(item)
         del alloc
 
 
@@ -226,7 +232,7 @@ class VMemAllocator(KVAllocator):
         self.tokens_per_page = pb / tb
         self._ahead = min(map_ahead_tokens or max(1, pb // tb), self.max_seq_len)
         self.map_ahead = map_ahead
-        self._queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._pending: set[int] = set()
         self._thread: threading.Thread | None = None
         self._ahead_groups = 0
@@ -320,6 +326,18 @@ class VMemAllocator(KVAllocator):
                 self._ahead_groups += self.space.grow(slot, target, budget=len(self.space.pool))
             except DriverError as e:  # the caller's reserve maps (and reports) itself
                 self._ahead_error = str(e)
+
+    def wait_map_ahead(self, timeout: float | None = None) -> bool:
+        """Block until the map-ahead worker has handled everything queued so far.
+
+        Returns False on timeout. Never needed for correctness (``reserve``
+        maps what the worker has not); for tests and benchmarks.
+        """
+        if self._thread is None or self._closed:
+            return True
+        done = threading.Event()
+        self._queue.put(done)
+        return done.wait(timeout)
 
     # --------------------------------------------------------------- interface
     def add(self, seq_id: Hashable, token_ids: Sequence[int], **kwargs: Any) -> int:
