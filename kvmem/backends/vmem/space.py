@@ -375,23 +375,21 @@ class VirtualKV:
         """
         drv = self.driver
 
-        def attempt(fn: Callable[[], object]) -> None:
+        def attempt(fn: Callable[..., object], *args: object) -> None:
             try:
-                fn()
+                fn(*args)
             except DriverError as e:
                 if on_error is not None:
                     on_error(e)
 
         for slot, lst in enumerate(self.groups):
             while lst:
-                j = len(lst) - 1
-                attempt(lambda slot=slot, j=j: self._unmap_group(slot, j))
+                attempt(self._unmap_group, slot, len(lst) - 1)
                 self._drop(lst.pop())
             self.covered[slot] = 0
             self.shared_below[slot] = 0
         while self._handles:
-            h = self._handles.pop()
-            attempt(lambda h=h: drv.release(h))
+            attempt(drv.release, self._handles.pop())
         if self._range:
             self._range = False
             attempt(lambda: drv.free_range(self.base, self.virtual_bytes))
