@@ -14,8 +14,9 @@ import time
 from dataclasses import dataclass
 
 import torch
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from kvmem import KVSpec, create_allocator
@@ -60,8 +61,10 @@ def run(
     table = Table(title=f"kvmem demo: {backend} backend, {num_tokens} KV slots")
     for col in ("step", "running", "waiting", "done", "KV used", "cached", "prefix hits", "tok/s"):
         table.add_column(col, justify="right")
+    bar = Progress(TextColumn("requests"), BarColumn(), MofNCompleteColumn(), console=console)
+    task = bar.add_task("requests", total=num_requests)
     with create_allocator(backend, spec, num_tokens=num_tokens) as alloc, Live(
-        table, console=console, refresh_per_second=8
+        Group(table, bar), console=console, refresh_per_second=8
     ):
         while waiting or running:
             while waiting and len(running) < 32:
@@ -111,6 +114,7 @@ def run(
                 alloc.free(r.rid)
                 running.remove(r)
                 done += 1
+                bar.update(task, completed=done)
             steps += 1
             if steps % 10 == 0 or not (waiting or running):
                 st = alloc.stats()
