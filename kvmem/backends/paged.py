@@ -167,11 +167,7 @@ class PagedAllocator(KVAllocator):
 
     # --------------------------------------------------------------- interface
     def add(self, seq_id: Hashable, token_ids: Sequence[int], cache_salt: Hashable = None) -> int:
-        """Register a sequence; share the longest cached prefix of full pages.
-
-        ``cache_salt`` separates cache namespaces (a tenant, a LoRA adapter):
-        prompts with different salts never share pages.
-        """
+        """Register a sequence; share the longest cached prefix of full pages."""
         if self._closed:
             raise KVError("allocator is closed")
         if seq_id in self._seqs:
