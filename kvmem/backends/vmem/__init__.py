@@ -63,7 +63,6 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Mapping, Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -340,9 +339,10 @@ class VMemAllocator(KVAllocator):
         return done.wait(timeout)
 
     # --------------------------------------------------------------- interface
-    def add(self, seq_id: Hashable, token_ids: Sequence[int], **kwargs: Any) -> int:
+    def add(self, seq_id: Hashable, token_ids: Sequence[int], cache_salt: Hashable = None) -> int:
         """Register a sequence with its prompt; returns 0 (no prefix caching here).
 
+        ``cache_salt`` is accepted for the common interface and has no effect.
         No slot or memory is taken until the first ``reserve``. Raises
         DuplicateSequence, and InvalidArgument for a prompt longer than
         ``max_seq_len``.
