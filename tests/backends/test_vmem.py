@@ -300,22 +300,26 @@ def test_exhausted_pool_and_slots_raise_out_of_memory_and_change_nothing():
 
 
 class FlakyDriver(HostDriver):
-    """A host driver whose n-th map call runs with a bad file descriptor."""
+    """A host driver whose n-th page map runs with a bad file descriptor."""
 
     def __init__(self, fail_at: int) -> None:
         super().__init__()
         self.fail_at = fail_at
         self.calls = 0
 
-    def map(self, addr, size, handle):
-        self.calls += 1
-        if self.calls != self.fail_at:
-            return super().map(addr, size, handle)
-        fd, self.fd = self.fd, 10_000 + os.getpid() % 1000
-        try:
-            return super().map(addr, size, handle)
-        finally:
-            self.fd = fd
+    def map_many(self, pages, size):
+        for i, page in enumerate(pages):
+            self.calls += 1
+            fd = self.fd
+            if self.calls == self.fail_at:
+                self.fd = 10_000 + os.getpid() % 1000
+            try:
+                done, err = super().map_many([page], size)
+            finally:
+                self.fd = fd
+            if err is not None:
+                return i, err
+        return len(pages), None
 
 
 @pytest.mark.parametrize("fail_at", [3, 4, 6])
@@ -352,9 +356,9 @@ class RecordingDriver(HostDriver):
         super().__init__()
         self.threads: list[str] = []
 
-    def map(self, addr, size, handle):
-        self.threads.append(threading.current_thread().name)
-        return super().map(addr, size, handle)
+    def map_many(self, pages, size):
+        self.threads += [threading.current_thread().name] * len(pages)
+        return super().map_many(pages, size)
 
 
 def test_map_ahead_moves_driver_calls_off_the_decode_step():

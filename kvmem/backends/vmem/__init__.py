@@ -110,23 +110,27 @@ class _Seq:
         self.held_cover = 0  # tokens those groups can hold
 
 
-_Item = int | threading.Event | None
+_Item = list[int] | threading.Event | None
 
 
 def _worker(ref: weakref.ReferenceType[VMemAllocator], q: queue.SimpleQueue[_Item]) -> None:
-    """Map-ahead loop: map the pages queued slots will need next; set queued events."""
+    """Map-ahead loop: map the next pages of the slots queued; set queued events once done."""
     while True:
-        item = q.get()
-        if item is None:
+        items = [q.get()]
+        while not q.empty():
+            items.append(q.get())
+        slots = [slot for item in items if isinstance(item, list) for slot in item]
+        if slots:
+            alloc = ref()
+            if alloc is None:
+                return
+            alloc._map_ahead(slots)
+            del alloc
+        for item in items:
+            if isinstance(item, threading.Event):
+                item.set()
+        if any(item is None for item in items):
             return
-        if isinstance(item, threading.Event):
-            item.set()
-            continue
-        alloc = ref()
-        if alloc is None:
-            return
-        alloc._map_ahead_slot(item)
-        del alloc
 
 
 @register_backend("vmem")
@@ -210,10 +214,11 @@ class VMemAllocator(KVAllocator):
                 f"capacity is smaller than one page per layer ({spec.num_layers} x {pb} bytes)"
             )
         limit = drv.max_mappings
-        if limit is not None and 2 * groups * spec.num_layers > limit:
+        # each mapped page may be its own mapping, plus one unmapped gap per row of each layer
+        if limit is not None and (groups + max_seqs) * spec.num_layers > limit:
             raise InvalidArgument(
-                f"{groups * spec.num_layers} pages of {pb} bytes could need more memory mappings "
-                f"than the system allows ({limit}); use a larger page_bytes"
+                f"{groups * spec.num_layers} pages of {pb} bytes in {max_seqs} rows could need "
+                f"more memory mappings than the system allows ({limit}); use larger page_bytes"
             )
         try:
             self.space = VirtualKV(spec, drv, max_seqs, self.max_seq_len, pb, groups)
@@ -231,8 +236,11 @@ class VMemAllocator(KVAllocator):
         self.tokens_per_page = pb / tb
         self._ahead = min(map_ahead_tokens or max(1, pb // tb), self.max_seq_len)
         self.map_ahead = map_ahead
+        self._cv = threading.Condition(self._lock)  # signalled when map-ahead work lands
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
-        self._pending: set[int] = set()
+        self._wanted = [False] * max_seqs  # slot already asked of the worker
+        self._requests: list[int] = []  # slots to hand the worker at the next wake-up
+        self._inflight: set[int] = set()  # slots the worker is mapping (lock not held)
         self._thread: threading.Thread | None = None
         self._ahead_groups = 0
         self._ahead_error: str | None = None
@@ -279,6 +287,7 @@ class VMemAllocator(KVAllocator):
     def _reclaim(self, short: int, slot: int, target: int) -> None:
         """Return ``short`` groups to the pool for ``slot``: free slots first, then unheld tails."""
         sp = self.space
+        self._settle()  # groups the worker holds are in no slot yet: let them land
         for victim in list(self._free_slots):
             if short <= 0:
                 return
@@ -295,36 +304,60 @@ class VMemAllocator(KVAllocator):
             raise IntegrityError(f"reclaim came {short} groups short of what accounting promised")
 
     def _want_ahead(self, s: _Seq) -> None:
+        """Ask the worker for the slot's next pages if fewer than ``map_ahead_tokens`` remain."""
         slot = s.slot
-        if (
-            self.map_ahead
-            and slot not in self._pending
-            and self.space.covered[slot] - s.reserved < self._ahead
-            and self.space.covered[slot] < self.max_seq_len
-        ):
-            self._pending.add(slot)
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=_worker,
-                    args=(weakref.ref(self), self._queue),
-                    name="kvmem-vmem-map-ahead",
-                    daemon=True,
-                )
-                self._thread.start()
-            self._queue.put(slot)
+        if self._wanted[slot] or self.space.covered[slot] - s.reserved >= self._ahead:
+            return
+        if self.space.covered[slot] >= self.max_seq_len:
+            return
+        self._wanted[slot] = True
+        self._requests.append(slot)
+        if len(self._requests) >= 64:
+            self._wake()
 
-    def _map_ahead_slot(self, slot: int) -> None:
-        """Worker side: map, from the pool only, the next pages of ``slot``'s sequence."""
+    def _wake(self) -> None:
+        """Hand the queued requests to the worker (started on first use)."""
+        if not self._requests or self._closed:
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=_worker,
+                args=(weakref.ref(self), self._queue),
+                name="kvmem-vmem-map-ahead",
+                daemon=True,
+            )
+            self._thread.start()
+        self._queue.put(self._requests)
+        self._requests = []
+
+    def _map_ahead(self, slots: list[int]) -> None:
+        """Worker side: map, from the pool only and without the lock, the slots' next pages."""
+        sp = self.space
+        claims: list[tuple[int, list[int]]] = []
         with self._lock:
-            self._pending.discard(slot)
-            s = self._owner[slot]
-            if self._closed or s is None or not self.space.pool:
-                return
-            target = min(self.max_seq_len, s.reserved + 2 * self._ahead)
-            try:
-                self._ahead_groups += self.space.grow(slot, target, budget=len(self.space.pool))
-            except DriverError as e:  # the caller's reserve maps (and reports) itself
-                self._ahead_error = str(e)
+            for slot in slots:
+                self._wanted[slot] = False
+                s = self._owner[slot]
+                if self._closed or s is None or slot in self._inflight:
+                    continue
+                groups = sp.claim(slot, min(self.max_seq_len, s.reserved + 2 * self._ahead))
+                if groups:
+                    claims.append((slot, groups))
+                    self._inflight.add(slot)
+        results = [(slot, groups, *sp.map_claimed(slot, groups)) for slot, groups in claims]
+        with self._lock:
+            for slot, groups, done, calls, err in results:
+                sp.publish(slot, groups, done, calls)
+                self._inflight.discard(slot)
+                self._ahead_groups += done
+                if err is not None:  # the caller's reserve maps (and reports) itself
+                    self._ahead_error = str(err)
+            self._cv.notify_all()
+
+    def _settle(self, slot: int | None = None) -> None:
+        """(Lock held.) Wait until the worker is not mapping ``slot`` (any slot if None)."""
+        while self._inflight if slot is None else slot in self._inflight:
+            self._cv.wait()
 
     def wait_map_ahead(self, timeout: float | None = None) -> bool:
         """Block until the map-ahead worker has handled everything queued so far.
@@ -332,6 +365,7 @@ class VMemAllocator(KVAllocator):
         Returns False on timeout. Never needed for correctness (``reserve``
         maps what the worker has not); for tests and benchmarks.
         """
+        self._wake()
         if self._thread is None or self._closed:
             return True
         done = threading.Event()
@@ -359,6 +393,11 @@ class VMemAllocator(KVAllocator):
     def append(self, seq_id: Hashable, token_ids: Sequence[int]) -> None:
         """Add known tokens whose KV is still to be written (at most ``max_seq_len`` in all)."""
         s = self._get(seq_id)
+        if len(token_ids) == 1 and type(token_ids[0]) is int and token_ids[0] >= 0:
+            if len(s.tokens) >= self.max_seq_len:
+                self._check_len(seq_id, len(s.tokens) + 1)
+            s.tokens.append(token_ids[0])
+            return
         toks = check_tokens(token_ids)
         self._check_len(seq_id, len(s.tokens) + len(toks))
         s.tokens.extend(toks)
@@ -375,7 +414,8 @@ class VMemAllocator(KVAllocator):
         nobody held may have been dropped).
         """
         s = self._get(seq_id)
-        check_count("num_tokens", num_tokens)
+        if type(num_tokens) is not int or num_tokens <= 0:
+            check_count("num_tokens", num_tokens)
         target = s.num_computed + num_tokens
         if target <= s.reserved:
             return
@@ -387,8 +427,10 @@ class VMemAllocator(KVAllocator):
         sp = self.space
         if slot >= 0 and target <= sp.covered[slot] and s.num_computed >= sp.shared_below[slot]:
             s.reserved = target  # fast path: mapped already, nothing shared in the way
-            self._set_held(s, target)
-            self._want_ahead(s)
+            if target > s.held_cover:
+                self._set_held(s, target)
+            if self.map_ahead:
+                self._want_ahead(s)
             return
         with self._lock:
             if slot < 0:
@@ -397,9 +439,8 @@ class VMemAllocator(KVAllocator):
                     raise OutOfKVMemory(
                         f"sequence {seq_id!r} needs a slot; all {self.max_seqs} are in use"
                     )
-                cow = []
-            else:
-                cow = sp.shared_pages(slot, s.num_computed, target)
+            self._settle(slot)
+            cow = sp.shared_pages(slot, s.num_computed, target) if s.slot >= 0 else []
             need = sp.pages(target) - s.held + len(cow)
             free = sp.num_groups - self._held()
             if need > free:
@@ -417,7 +458,9 @@ class VMemAllocator(KVAllocator):
                 s.slot = slot
             s.reserved = target
             self._set_held(s, target)
-        self._want_ahead(s)
+        if self.map_ahead:
+            self._want_ahead(s)
+            self._wake()
 
     def can_reserve(self, requests: Mapping[Hashable, int]) -> bool:
         """Whether every ``reserve(seq, n)`` of ``requests`` fits at once."""
@@ -443,17 +486,19 @@ class VMemAllocator(KVAllocator):
         """One page per sequence: its slot, ``page_size = max_seq_len``."""
         if not batch:
             raise InvalidArgument("layout of an empty batch")
+        if self._closed:
+            raise KVError("allocator is closed")
         b = len(batch)
         rows = np.empty((b, 1), dtype=np.int32)
         seq_lens = np.empty(b, dtype=np.int32)
         qlens = np.empty(b, dtype=np.int32)
-        seen: set[Hashable] = set()
+        seqs = self._seqs
         for i, (sid, n) in enumerate(batch):
-            s = self._get(sid)
-            check_count("num_new_tokens", n)
-            if sid in seen:
-                raise InvalidArgument(f"sequence {sid!r} appears twice in the batch")
-            seen.add(sid)
+            s = seqs.get(sid)
+            if s is None:
+                raise raise_unknown(sid)
+            if type(n) is not int or n <= 0:
+                check_count("num_new_tokens", n)
             end = s.num_computed + n
             if end > s.reserved:
                 raise InvalidArgument(
@@ -463,20 +508,20 @@ class VMemAllocator(KVAllocator):
             rows[i, 0] = s.slot
             seq_lens[i] = end
             qlens[i] = n
+        ids = tuple(sid for sid, _ in batch)
+        if len(set(ids)) != b:
+            raise InvalidArgument("a sequence appears twice in the batch")
+        if self._requests:
+            self._wake()  # the batch is about to run: the worker maps meanwhile
         return build_layout(
-            self.max_seq_len,
-            rows,
-            seq_lens,
-            qlens,
-            tuple(sid for sid, _ in batch),
-            self.device,
-            self.spec,
+            self.max_seq_len, rows, seq_lens, qlens, ids, self.device, self.spec, zero_padded=True
         )
 
     def commit(self, seq_id: Hashable, num_tokens: int) -> None:
         """Record that ``num_tokens`` more KV entries are written."""
         s = self._get(seq_id)
-        check_count("num_tokens", num_tokens)
+        if type(num_tokens) is not int or num_tokens <= 0:
+            check_count("num_tokens", num_tokens)
         end = s.num_computed + num_tokens
         if end > s.reserved:
             raise InvalidArgument(
@@ -515,6 +560,7 @@ class VMemAllocator(KVAllocator):
             raise OutOfKVMemory(f"fork of {parent_id!r}: all {self.max_seqs} slots are in use")
         sp = self.space
         slot = min(self._free_slots, key=lambda i: sp.covered[i])
+        self._settle(slot)
         sp.clear(slot)
         sp.share(p.slot, slot, n)
         del self._free_slots[slot]
@@ -538,6 +584,7 @@ class VMemAllocator(KVAllocator):
             self._owner[s.slot] = None
             try:
                 if self.space.shared_below[s.slot]:
+                    self._settle(s.slot)
                     self.space.unshare(s.slot)
             except DriverError:
                 self._quarantine.add(s.slot)  # may still map shared pages: never hand it out
@@ -608,6 +655,7 @@ class VMemAllocator(KVAllocator):
         if self._closed:
             raise KVError("allocator is closed")
         with self._lock:
+            self._settle()
             sp = self.space
             bpt = self.spec.bytes_per_token
             group_bytes = self.spec.num_layers * self.page_bytes
@@ -658,6 +706,7 @@ class VMemAllocator(KVAllocator):
         if self._closed:
             raise KVError("allocator is closed")
         with self._lock:
+            self._settle()
             self._check_pages()
             self._check_seqs()
 

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import itertools
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from kvmem.errors import InvalidArgument
+from kvmem.errors import DriverError, InvalidArgument
 
 #: A physical page as the driver names it (a file offset, a CUDA handle, ...).
 PageHandle = Any
@@ -49,6 +50,8 @@ class VMemDriver(ABC):
     bookkeeping_only: bool = False
     #: Upper bound on live mappings the driver can hold, None when unbounded.
     max_mappings: int | None = None
+    #: True when ``free_range`` also removes the pages mapped in the range.
+    free_unmaps: bool = False
 
     @property
     @abstractmethod
@@ -71,9 +74,45 @@ class VMemDriver(ABC):
     def release(self, handle: PageHandle) -> None:
         """Destroy a physical page (it must not be mapped anywhere)."""
 
+    def create_many(self, count: int, size: int) -> list[PageHandle]:
+        """Create ``count`` pages of ``size`` bytes (all or none: created ones are released)."""
+        out: list[PageHandle] = []
+        try:
+            for _ in range(count):
+                out.append(self.create(size))
+        except BaseException:
+            self.release_many(out)
+            raise
+        return out
+
+    def release_many(self, handles: Sequence[PageHandle]) -> DriverError | None:
+        """Release every page of ``handles``, going on after failures; return the first error."""
+        first: DriverError | None = None
+        for h in handles:
+            try:
+                self.release(h)
+            except DriverError as e:
+                first = first or e
+        return first
+
     @abstractmethod
     def map(self, addr: int, size: int, handle: PageHandle) -> None:
         """Map a page at ``addr`` (inside a reserved range), readable and writable."""
+
+    def map_many(
+        self, pages: Sequence[tuple[int, PageHandle]], size: int
+    ) -> tuple[int, DriverError | None]:
+        """Map each ``(addr, handle)`` in order, stopping at the first failure.
+
+        Returns how many were mapped and the error that stopped it (None if
+        all were). Drivers override it to cut per-call overhead.
+        """
+        for i, (addr, handle) in enumerate(pages):
+            try:
+                self.map(addr, size, handle)
+            except DriverError as e:
+                return i, e
+        return len(pages), None
 
     @abstractmethod
     def unmap(self, addr: int, size: int) -> None:
@@ -112,6 +151,7 @@ class MetaDriver(VMemDriver):
 
     name = "meta"
     bookkeeping_only = True
+    free_unmaps = True
 
     def __init__(self, granularity: int = 4096) -> None:
         self.device = torch.device("meta")

@@ -33,10 +33,11 @@ import ctypes
 import mmap as _mmap
 import os
 import threading
+from collections.abc import Sequence
 
 import torch
 
-from kvmem.backends.vmem.driver import VMemDriver
+from kvmem.backends.vmem.driver import PageHandle, VMemDriver
 from kvmem.errors import DriverError, InvalidArgument
 
 __all__ = ["HostDriver"]
@@ -87,6 +88,7 @@ class HostDriver(VMemDriver):
     """
 
     name = "host"
+    free_unmaps = True  # munmap of the range drops the pages mapped in it
 
     def __init__(self, prealloc: bool = False, name: str = "kvmem") -> None:
         if not hasattr(os, "memfd_create"):
@@ -152,6 +154,48 @@ class HostDriver(VMemDriver):
             self._back(off, size)
         return off
 
+    def create_many(self, count: int, size: int) -> list[int]:
+        """``count`` pages at the end of the memfd with one ``ftruncate`` (and ``fallocate``)."""
+        self._check("create", 0, size)
+        with self._lock:
+            off = self._size
+            try:
+                os.ftruncate(self.fd, off + count * size)
+            except OSError as e:
+                raise DriverError(f"ftruncate of the page file failed: {e.strerror}") from None
+            self._size = off + count * size
+            offs = list(range(off, off + count * size, size))
+            for o in offs:
+                self._pages[o] = size
+        if self.prealloc and count:
+            if self._libc.fallocate(self.fd, 0, off, count * size) != 0:
+                err = self._err(f"fallocate of {count} pages of {size} bytes")
+                self.release_many(offs)
+                raise err
+            self._backed.update(offs)
+        return offs
+
+    def release_many(self, handles: Sequence[int]) -> DriverError | None:
+        """Release pages, punching one hole per run of adjacent backed pages."""
+        first: DriverError | None = None
+        runs: list[list[int]] = []  # [start, end) of backed runs
+        for h in sorted(handles):
+            size = self._pages.pop(h, None)
+            if size is None:
+                first = first or DriverError(f"release: no page at offset {h!r}")
+                continue
+            if h in self._backed:
+                self._backed.discard(h)
+                if runs and runs[-1][1] == h:
+                    runs[-1][1] = h + size
+                else:
+                    runs.append([h, h + size])
+        mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+        for start, end in runs:
+            if self.fd >= 0 and self._libc.fallocate(self.fd, mode, start, end - start) != 0:
+                first = first or self._err(f"fallocate(PUNCH_HOLE) at offset {start}")
+        return first
+
     def _back(self, off: int, size: int) -> None:
         if off in self._backed:
             return
@@ -183,6 +227,31 @@ class HostDriver(VMemDriver):
         if got != addr:  # cannot happen with MAP_FIXED; never leave a stray mapping
             self._libc.munmap(got, size)
             raise DriverError(f"mmap placed the page at {got:#x}, not {addr:#x}")
+
+    def map_many(
+        self, pages: Sequence[tuple[int, PageHandle]], size: int
+    ) -> tuple[int, DriverError | None]:
+        """:meth:`map` for many pages in one tight loop (addresses checked once)."""
+        self._check("map", 0, size)
+        mmap_, fd, backed = self._libc.mmap, self.fd, self._backed
+        flags = _MAP_SHARED | _MAP_FIXED
+        for i, (addr, handle) in enumerate(pages):
+            try:
+                if handle not in backed:
+                    if self._pages.get(handle) != size:
+                        raise InvalidArgument(f"map: no page of {size} bytes at offset {handle!r}")
+                    self._back(handle, size)
+                if addr % self._page:
+                    raise InvalidArgument(f"map: address {addr:#x} is not page aligned")
+                got = mmap_(addr, size, _PROT_RW, flags, fd, handle)
+                if got != addr:
+                    if got is None or got == _MAP_FAILED:
+                        raise self._err(f"mmap(MAP_FIXED | MAP_SHARED) of offset {handle}")
+                    self._libc.munmap(got, size)
+                    raise DriverError(f"mmap placed the page at {got:#x}, not {addr:#x}")
+            except DriverError as e:
+                return i, e
+        return len(pages), None
 
     def unmap(self, addr: int, size: int) -> None:
         """Put PROT_NONE back over ``[addr, addr + size)``."""

@@ -115,8 +115,13 @@ class VirtualKV:
             self.base = driver.reserve(self.virtual_bytes)
             self._range = True
             if not driver.bookkeeping_only:
-                for _ in range(num_groups * self.num_layers):
-                    self._handles.append(driver.create(page_bytes))
+                # layer-major creation: a layer's pages of consecutive groups are adjacent in
+                # the driver (on the host, adjacent mappings of adjacent file pages merge)
+                nl = self.num_layers
+                handles: list[PageHandle] = [None] * (num_groups * nl)
+                self._handles = handles
+                for li in range(nl):
+                    handles[li::nl] = driver.create_many(num_groups, page_bytes)
         except BaseException:
             self.close()
             raise
@@ -170,18 +175,18 @@ class VirtualKV:
         if drv.bookkeeping_only:
             self.map_calls += nl
             return
-        done = 0
-        try:
-            for li in range(nl):
-                drv.map(self._addr(li, slot, j), pb, self._handles[g * nl + li])
-                self.map_calls += 1
-                done += 1
-        except DriverError:
+        done, err = drv.map_many(self._group_pages(slot, j, g), pb)
+        self.map_calls += done
+        if err is not None:
             for li in range(done):
                 with contextlib.suppress(DriverError):
                     drv.unmap(self._addr(li, slot, j), pb)
                     self.unmap_calls += 1
-            raise
+            raise err
+
+    def _group_pages(self, slot: int, j: int, g: int) -> list[tuple[int, PageHandle]]:
+        nl, h = self.num_layers, self._handles
+        return [(self._addr(li, slot, j), h[g * nl + li]) for li in range(nl)]
 
     def _unmap_group(self, slot: int, j: int) -> None:
         drv, pb, nl = self.driver, self.page_bytes, self.num_layers
@@ -213,20 +218,16 @@ class VirtualKV:
         self.covered[slot] = self.cover(len(lst))
         return freed
 
-    def grow(self, slot: int, n: int, budget: int | None = None) -> int:
+    def grow(self, slot: int, n: int) -> int:
         """Map pool groups under ``slot`` until it covers ``n`` tokens; return groups mapped.
 
-        Takes at most ``budget`` groups (default: as many as needed; the
-        caller made sure the pool has them). A driver failure unmaps what
+        The caller made sure the pool has them. A driver failure unmaps what
         this call mapped, puts those groups back in the pool and re-raises.
         """
         lst = self.groups[slot]
-        want = max(0, self.pages(n) - len(lst))
-        if budget is not None:
-            want = min(want, budget, len(self.pool))
         done = 0
         try:
-            for _ in range(want):
+            for _ in range(max(0, self.pages(n) - len(lst))):
                 g = self.pool[-1]
                 self._map_group(slot, len(lst), g)
                 self.pool.pop()
@@ -240,6 +241,43 @@ class VirtualKV:
         finally:
             self.covered[slot] = self.cover(len(lst))
         return done
+
+    # Mapping ahead happens in three steps so that the driver calls run without the
+    # allocator's lock: claim (locked) -> map_claimed (unlocked) -> publish (locked).
+    # Until published, claimed groups are in neither the pool nor any slot.
+
+    def claim(self, slot: int, n: int) -> list[int]:
+        """Take from the pool the groups ``slot`` lacks to cover ``n`` tokens (as many as are)."""
+        want = min(max(0, self.pages(n) - len(self.groups[slot])), len(self.pool))
+        return [self.pool.pop() for _ in range(want)]
+
+    def map_claimed(self, slot: int, groups: list[int]) -> tuple[int, int, DriverError | None]:
+        """Map claimed ``groups`` after the slot's mapped pages; touches no shared state.
+
+        Returns (groups fully mapped, driver map calls made, the error that
+        stopped it). A group mapped on some layers only is unmapped again.
+        """
+        drv, pb, nl = self.driver, self.page_bytes, self.num_layers
+        start = len(self.groups[slot])
+        if drv.bookkeeping_only:
+            return len(groups), 0, None
+        pages = [p for i, g in enumerate(groups) for p in self._group_pages(slot, start + i, g)]
+        done, err = drv.map_many(pages, pb)
+        full, partial = divmod(done, nl)
+        for addr, _ in pages[full * nl : done]:
+            with contextlib.suppress(DriverError):
+                drv.unmap(addr, pb)
+        return full, full * nl, err
+
+    def publish(self, slot: int, groups: list[int], done: int, calls: int) -> None:
+        """Record the first ``done`` claimed groups as mapped under ``slot``; pool the rest."""
+        lst = self.groups[slot]
+        for g in groups[:done]:
+            self.ref[g] = 1
+            lst.append(g)
+        self.pool.extend(reversed(groups[done:]))
+        self.map_calls += calls if not self.driver.bookkeeping_only else done * self.num_layers
+        self.covered[slot] = self.cover(len(lst))
 
     def shrink(self, slot: int, keep: int, count: int) -> int:
         """Unmap groups from the tail of ``slot`` until ``count`` went back to the pool.
@@ -382,14 +420,19 @@ class VirtualKV:
                 if on_error is not None:
                     on_error(e)
 
+        each = not (drv.free_unmaps and self._range)  # else freeing the range unmaps them all
         for slot, lst in enumerate(self.groups):
             while lst:
-                attempt(self._unmap_group, slot, len(lst) - 1)
+                if each:
+                    attempt(self._unmap_group, slot, len(lst) - 1)
                 self._drop(lst.pop())
             self.covered[slot] = 0
             self.shared_below[slot] = 0
-        while self._handles:
-            attempt(drv.release, self._handles.pop())
+        handles = [h for h in self._handles if h is not None]  # None: never created
+        self._handles = []
+        err = drv.release_many(handles) if handles else None
+        if err is not None and on_error is not None:
+            on_error(err)
         if self._range:
             self._range = False
             attempt(lambda: drv.free_range(self.base, self.virtual_bytes))

@@ -1,0 +1,241 @@
+"""vmem driver and decode-step costs: map/unmap latency per page, and vmem vs paged per step.
+
+Scenario 1, driver latency. For page sizes 4 KiB, 64 KiB and 2 MiB, the host
+driver (memfd + mmap) maps ``--pages`` pages into a reserved range and
+unmaps them: the first map of a page (which also allocates its memory),
+unmap, and a map of a page already used. Mean microseconds per page, the
+median of ``--reps`` rounds. The CUDA driver is measured the same way where
+a GPU and cuda-python are present.
+
+Scenario 2, decode-step overhead. ``--batch`` sequences decode ``--steps``
+tokens after a prompt; the timed allocator step is, for every sequence,
+``append + reserve(1)``, then one ``layout`` of the batch, then ``commit``
+for every sequence. Prompt lengths are staggered so that every step has
+some sequences crossing into a new page. Compared side by side
+(interleaved rounds; the median step, the mean beside it): paged
+(16-token pages) and vmem with the same 16 tokens per page (4 KiB host
+pages backed up front, a KV spec of 32 layers x 1 head x 64 dims, fp16),
+with mapping ahead on and off. Steps run back to back, and with pauses
+between steps (``--gaps-ms``) standing in for the model's forward pass (not
+timed), which is when a map-ahead worker does its work.
+
+Run: ``python bench/vmem.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import console, print_table, progress, save_results  # noqa: E402
+from kvmem import KVSpec, create_allocator  # noqa: E402
+from kvmem.backends.vmem.driver import VMemDriver  # noqa: E402
+from kvmem.backends.vmem.host import HostDriver  # noqa: E402
+
+KIB = 1024
+SPEC = KVSpec(32, 1, 64, dtype=torch.float16)  # 256 bytes per token per layer
+
+
+def driver_latency(make: type[VMemDriver] | Any, page_bytes: int, pages: int, reps: int,
+                   ) -> dict[str, float]:
+    """Mean µs per page of first map, unmap and re-map (median over rounds)."""
+    first, unmap, remap = [], [], []
+    for _ in range(reps):
+        drv = make()
+        base = drv.reserve(pages * page_bytes)
+        handles = [drv.create(page_bytes) for _ in range(pages)]
+        addrs = [base + i * page_bytes for i in range(pages)]
+        t0 = time.perf_counter()
+        for a, h in zip(addrs, handles, strict=True):
+            drv.map(a, page_bytes, h)
+        t1 = time.perf_counter()
+        for a in addrs:
+            drv.unmap(a, page_bytes)
+        t2 = time.perf_counter()
+        for a, h in zip(addrs, reversed(handles), strict=True):
+            drv.map(a, page_bytes, h)
+        t3 = time.perf_counter()
+        for a in addrs:
+            drv.unmap(a, page_bytes)
+        for h in handles:
+            drv.release(h)
+        drv.free_range(base, pages * page_bytes)
+        drv.close()
+        first.append((t1 - t0) / pages)
+        unmap.append((t2 - t1) / pages)
+        remap.append((t3 - t2) / pages)
+    return {
+        "first_map_us": 1e6 * statistics.median(first),
+        "unmap_us": 1e6 * statistics.median(unmap),
+        "map_us": 1e6 * statistics.median(remap),
+    }
+
+
+def make_alloc(kind: str, batch: int, max_len: int) -> Any:
+    num_tokens = batch * max_len
+    if kind == "paged":
+        return create_allocator("paged", SPEC, num_tokens=num_tokens, page_size=16,
+                                prefix_caching=False)
+    # pages backed when created, as cuMemCreate does: mapping is then the only driver cost
+    return create_allocator("vmem", SPEC, num_tokens=num_tokens, page_bytes=4 * KIB,
+                            max_seqs=batch, max_seq_len=max_len, map_ahead=kind == "vmem_ahead",
+                            driver=HostDriver(prealloc=True))
+
+
+def decode_run(kind: str, batch: int, prompt: int, steps: int, gap_s: float,
+               ) -> tuple[list[float], float]:
+    """Seconds per allocator-side decode step for one fresh allocator, and groups mapped ahead."""
+    a = make_alloc(kind, batch, prompt + steps + 64)
+    sids = list(range(batch))
+    for sid in sids:  # staggered prompts: page crossings spread over the steps
+        n = prompt + (sid * 37) % 64
+        a.add(sid, [1] * n)
+        a.reserve(sid, n)
+        a.commit(sid, n)
+    wait = getattr(a, "wait_map_ahead", None)
+    if wait is not None:
+        wait(10)
+    out = []
+    batch_ones = [(sid, 1) for sid in sids]
+    for _ in range(steps):
+        if gap_s:
+            time.sleep(gap_s)
+        t0 = time.perf_counter()
+        for sid in sids:
+            a.append(sid, [1])
+            a.reserve(sid, 1)
+        a.layout(batch_ones)
+        for sid in sids:
+            a.commit(sid, 1)
+        out.append(time.perf_counter() - t0)
+    a.check_integrity()
+    ahead = float(a.stats().extra.get("map_ahead_groups", 0))
+    a.close()
+    return out, ahead
+
+
+def decode_overhead(batch: int, prompt: int, steps: int, reps: int, gap_s: float, suffix: str,
+                    ) -> dict[str, float]:
+    """Median step per allocator kind over interleaved rounds; figure names end in ``suffix``."""
+    kinds = ["paged", "vmem_ahead", "vmem_sync"]
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    ahead_groups = 0.0
+    rounds = [k for r in range(reps) for k in (kinds if r % 2 == 0 else kinds[::-1])]
+    label = "back to back" if not gap_s else f"{gap_s * 1e3:g} ms gap"
+    for kind in progress(rounds, total=len(rounds), desc=f"decode ({label})"):
+        t, ahead = decode_run(kind, batch, prompt, steps, gap_s)
+        times[kind] += t
+        ahead_groups += ahead
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    figs: dict[str, float] = {"vmem_ahead_worker_groups": ahead_groups / reps}
+    for k in kinds:
+        figs[f"{k}_step_us"] = 1e6 * med[k]
+        figs[f"{k}_step_mean_us"] = 1e6 * float(np.mean(times[k]))
+        figs[f"{k}_step_p90_us"] = 1e6 * float(np.percentile(times[k], 90))
+    figs["vmem_ahead_overhead"] = med["vmem_ahead"] / med["paged"] - 1
+    figs["vmem_sync_overhead"] = med["vmem_sync"] / med["paged"] - 1
+    return {k + suffix: v for k, v in figs.items()}
+
+
+def plot(figs: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    sizes = ["4k", "64k", "2m"]
+    x = np.arange(len(sizes))
+    for i, what in enumerate(("first_map", "map", "unmap")):
+        a.bar(x + (i - 1) * 0.25, [figs[f"host_{s}_{what}_us"] for s in sizes], 0.25, label=what)
+    a.set_xticks(x, [f"{s} page" for s in sizes])
+    a.set_ylabel("µs per page (log)")
+    a.set_yscale("log")
+    a.set_title("host driver (memfd + mmap)")
+    a.legend()
+    names = ["paged", "vmem_ahead", "vmem_sync"]
+    gaps = figs["gaps_ms"]
+    w = 0.8 / len(gaps)
+    for i, g in enumerate(gaps):
+        suffix = f"_gap{g:g}ms" if g else ""
+        b.bar(np.arange(3) + (i - (len(gaps) - 1) / 2) * w,
+              [figs[f"{n}_step_us{suffix}"] for n in names], w,
+              label=f"{g:g} ms gap" if g else "back to back")
+    b.set_xticks(np.arange(3), names)
+    b.set_ylabel(f"µs per allocator step (batch {figs['batch']})")
+    b.set_title("decode-step cost")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a short run (under a minute on CPU)")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--prompt", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--gaps-ms", default=None,
+                    help="pauses between steps standing in for the forward pass, comma list "
+                    "(default 0,2,10; 0,5 with --quick)")
+    args = ap.parse_args()
+    steps = args.steps or (100 if args.quick else 640)
+    reps = args.reps or (3 if args.quick else 7)
+    gaps = [float(g) for g in (args.gaps_ms or ("0,5" if args.quick else "0,2,10")).split(",")]
+    figs: dict[str, Any] = {"batch": args.batch, "prompt": args.prompt, "steps": steps,
+                            "reps": reps, "gaps_ms": gaps,
+                            "tokens_per_page": 4 * KIB // SPEC.bytes_per_token_layer,
+                            "layers": SPEC.num_layers}
+    for label, pb, pages in (("4k", 4 * KIB, 1024), ("64k", 64 * KIB, 256), ("2m", 2 << 20, 32)):
+        for k, v in driver_latency(HostDriver, pb, pages, reps).items():
+            figs[f"host_{label}_{k}"] = v
+    if torch.cuda.is_available():
+        try:
+            from kvmem.backends.vmem.cuda import CudaDriver
+
+            g = CudaDriver("cuda").granularity
+            for k, v in driver_latency(lambda: CudaDriver("cuda"), g, 64, reps).items():
+                figs[f"cuda_{k}"] = v
+            figs["cuda_page_bytes"] = g
+        except Exception as e:  # reported, not fatal: the host figures still stand
+            figs["cuda"] = f"not run: {e}"
+    else:
+        figs["cuda"] = "not run: no CUDA device"
+    for g in gaps:
+        suffix = f"_gap{g:g}ms" if g else ""
+        figs.update(decode_overhead(args.batch, args.prompt, steps, reps, g / 1e3, suffix))
+    rows = [[f"host {s} page", figs[f"host_{s}_first_map_us"], figs[f"host_{s}_map_us"],
+             figs[f"host_{s}_unmap_us"]] for s in ("4k", "64k", "2m")]
+    print_table("driver: µs per page", ["", "first map", "map", "unmap"], rows)
+    header = [""]
+    for g in gaps:
+        header += [f"{g:g} ms gap" if g else "back to back", "overhead"]
+    table = []
+    for name, label in (("paged", "paged"), ("vmem_ahead", "vmem, map ahead"),
+                        ("vmem_sync", "vmem, no map ahead")):
+        row: list[Any] = [label]
+        for g in gaps:
+            suffix = f"_gap{g:g}ms" if g else ""
+            over = 0.0 if name == "paged" else figs[f"{name}_overhead{suffix}"]
+            row += [figs[f"{name}_step_us{suffix}"], over]
+        table.append(row)
+    print_table(f"allocator decode step, batch {args.batch} (median µs; overhead vs paged)",
+                header, table)
+    path = save_results("vmem", figs)
+    plot(figs, path.with_suffix(".png"))
+    console.print(f"wrote {path} and {path.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
