@@ -272,8 +272,10 @@ def test_a_sequence_longer_than_the_maximum_is_refused():
 
 @pytest.mark.parametrize("pb", [6000, mmap.PAGESIZE + 512, 0, -4096, 1.5])
 def test_page_size_must_be_a_multiple_of_the_system_page(pb):
+    fds = len(os.listdir("/proc/self/fd"))
     with pytest.raises(InvalidArgument, match="page_bytes"):
         vmem(page_bytes=pb)
+    assert len(os.listdir("/proc/self/fd")) == fds  # the driver's memfd was closed
 
 
 def test_exhausted_pool_and_slots_raise_out_of_memory_and_change_nothing():

@@ -193,6 +193,44 @@ class VMemAllocator(KVAllocator):
             check_count("map_ahead_tokens", map_ahead_tokens)
         self.spec = spec
         drv = make_driver(driver, device)
+        try:
+            self._build(drv, max_seqs, max_seq_len, page_bytes, num_tokens, num_bytes)
+        except BaseException:
+            if drv is not driver:  # made here: nobody else will close it
+                drv.close()
+            raise
+        self.driver = drv
+        self._lock = threading.Lock()
+        self._seqs: dict[Hashable, _Seq] = {}
+        self._owner: list[_Seq | None] = [None] * max_seqs
+        self._free_slots: OrderedDict[int, None] = OrderedDict.fromkeys(range(max_seqs))
+        self._held_sum = 0  # sum over sequences of the groups each holds
+        self._quarantine: set[int] = set()
+        tb = spec.bytes_per_token_layer
+        self.tokens_per_page = self.page_bytes / tb
+        self._ahead = min(map_ahead_tokens or max(1, self.page_bytes // tb), self.max_seq_len)
+        self.map_ahead = map_ahead
+        self._cv = threading.Condition(self._lock)  # signalled when map-ahead work lands
+        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        self._wanted = [False] * max_seqs  # slot already asked of the worker
+        self._requests: list[int] = []  # slots to hand the worker at the next wake-up
+        self._inflight: set[int] = set()  # slots the worker is mapping (lock not held)
+        self._thread: threading.Thread | None = None
+        self._ahead_groups = 0
+        self._ahead_error: str | None = None
+        self._closed = False
+
+    def _build(
+        self,
+        drv: VMemDriver,
+        max_seqs: int,
+        max_seq_len: int,
+        page_bytes: int | None,
+        num_tokens: int | None,
+        num_bytes: int | None,
+    ) -> None:
+        """Geometry, capacity and the virtual space (the part of construction that may fail)."""
+        spec = self.spec
         self.device = drv.device
         if page_bytes is None:
             page_bytes = max(64 * _KIB, drv.granularity)
@@ -220,31 +258,7 @@ class VMemAllocator(KVAllocator):
                 f"{groups * spec.num_layers} pages of {pb} bytes in {max_seqs} rows could need "
                 f"more memory mappings than the system allows ({limit}); use larger page_bytes"
             )
-        try:
-            self.space = VirtualKV(spec, drv, max_seqs, self.max_seq_len, pb, groups)
-        except BaseException:
-            if drv is not driver:
-                drv.close()
-            raise
-        self.driver = drv
-        self._lock = threading.Lock()
-        self._seqs: dict[Hashable, _Seq] = {}
-        self._owner: list[_Seq | None] = [None] * max_seqs
-        self._free_slots: OrderedDict[int, None] = OrderedDict.fromkeys(range(max_seqs))
-        self._held_sum = 0  # sum over sequences of the groups each holds
-        self._quarantine: set[int] = set()
-        self.tokens_per_page = pb / tb
-        self._ahead = min(map_ahead_tokens or max(1, pb // tb), self.max_seq_len)
-        self.map_ahead = map_ahead
-        self._cv = threading.Condition(self._lock)  # signalled when map-ahead work lands
-        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
-        self._wanted = [False] * max_seqs  # slot already asked of the worker
-        self._requests: list[int] = []  # slots to hand the worker at the next wake-up
-        self._inflight: set[int] = set()  # slots the worker is mapping (lock not held)
-        self._thread: threading.Thread | None = None
-        self._ahead_groups = 0
-        self._ahead_error: str | None = None
-        self._closed = False
+        self.space = VirtualKV(spec, drv, max_seqs, self.max_seq_len, pb, groups)
 
     # ------------------------------------------------------------------ helpers
     def _get(self, seq_id: Hashable) -> _Seq:
