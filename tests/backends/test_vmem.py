@@ -410,6 +410,21 @@ def test_map_ahead_is_safe_without_waiting_and_under_memory_pressure():
     a.close()
 
 
+def test_a_driver_failure_in_the_worker_leaves_the_caller_to_map():
+    drv = FlakyDriver(fail_at=3)  # calls 1-2: the prefill page; 3: the worker's first map
+    a = vmem(driver=drv, map_ahead=True)
+    tokens = {"s": [1] * 20}
+    a.add("s", tokens["s"])
+    a.reserve("s", 20)
+    write_step(a, [("s", 20)], tokens)
+    assert a.wait_map_ahead(10)
+    assert a.stats().extra["map_ahead_errors"] == 1 and drv.calls >= 3
+    decode_steps(a, tokens, ["s"], 40)  # crosses into pages the worker failed to map
+    a.check_integrity()
+    assert_kv(a, "s", tokens["s"])
+    a.close()
+
+
 # ------------------------------------------------------------------ close
 
 

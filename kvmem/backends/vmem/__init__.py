@@ -217,7 +217,8 @@ class VMemAllocator(KVAllocator):
         self._inflight: set[int] = set()  # slots the worker is mapping (lock not held)
         self._thread: threading.Thread | None = None
         self._ahead_groups = 0
-        self._ahead_error: str | None = None
+        self._ahead_error: str | None = None  # the worker's last driver error
+        self._ahead_errors = 0
         self._closed = False
 
     def _build(
@@ -358,15 +359,21 @@ class VMemAllocator(KVAllocator):
                 if groups:
                     claims.append((slot, groups))
                     self._inflight.add(slot)
-        results = [(slot, groups, *sp.map_claimed(slot, groups)) for slot, groups in claims]
-        with self._lock:
-            for slot, groups, done, calls, err in results:
-                sp.publish(slot, groups, done, calls)
-                self._inflight.discard(slot)
-                self._ahead_groups += done
-                if err is not None:  # the caller's reserve maps (and reports) itself
-                    self._ahead_error = str(err)
-            self._cv.notify_all()
+        results: dict[int, tuple[int, int, DriverError | None]] = {}
+        try:
+            for slot, groups in claims:
+                results[slot] = sp.map_claimed(slot, groups)
+        finally:  # whatever happened, every claim lands (unmapped ones back in the pool)
+            with self._lock:
+                for slot, groups in claims:
+                    done, calls, err = results.get(slot, (0, 0, None))
+                    sp.publish(slot, groups, done, calls)
+                    self._inflight.discard(slot)
+                    self._ahead_groups += done
+                    if err is not None:  # the caller's reserve maps (and reports) itself
+                        self._ahead_error = str(err)
+                        self._ahead_errors += 1
+                self._cv.notify_all()
 
     def _settle(self, slot: int | None = None) -> None:
         """(Lock held.) Wait until the worker is not mapping ``slot`` (any slot if None)."""
@@ -688,6 +695,7 @@ class VMemAllocator(KVAllocator):
                 "map_calls": sp.map_calls,
                 "unmap_calls": sp.unmap_calls,
                 "map_ahead_groups": self._ahead_groups,
+                "map_ahead_errors": self._ahead_errors,
                 "page_bytes": self.page_bytes,
                 "max_seq_len": self.max_seq_len,
                 "free_slots": len(self._free_slots),

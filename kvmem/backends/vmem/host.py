@@ -251,6 +251,8 @@ class HostDriver(VMemDriver):
                     raise DriverError(f"mmap placed the page at {got:#x}, not {addr:#x}")
             except DriverError as e:
                 return i, e
+            except InvalidArgument as e:
+                return i, DriverError(str(e))
         return len(pages), None
 
     def unmap(self, addr: int, size: int) -> None:

@@ -262,8 +262,14 @@ class VirtualKV:
         if drv.bookkeeping_only:
             return len(groups), 0, None
         pages = [p for i, g in enumerate(groups) for p in self._group_pages(slot, start + i, g)]
-        done, err = drv.map_many(pages, pb)
-        full, partial = divmod(done, nl)
+        try:
+            done, err = drv.map_many(pages, pb)
+        except Exception as e:  # not the driver's contract: undo everything, report it
+            done, err = 0, DriverError(f"map_many failed unexpectedly: {e!r}")
+            for addr, _ in pages:
+                with contextlib.suppress(Exception):
+                    drv.unmap(addr, pb)
+        full = done // nl
         for addr, _ in pages[full * nl : done]:
             with contextlib.suppress(DriverError):
                 drv.unmap(addr, pb)
