@@ -54,6 +54,7 @@ from kvmem.traces import load_or_synthesize  # noqa: E402
 
 LLAMA3_8B = KVSpec(32, 8, 128)
 GIB = 1 << 30
+GUARD = -1  # sequence id of the admission guard
 
 #: name -> (backend, options); "static" is paged16 with full-length reservations.
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -107,11 +108,17 @@ class Tenant:
         a.commit(sid, 1)
 
     def try_admit(self, sid: int, prompt: int, watermark: int) -> bool:
-        """Admit if the prompt fits with ``watermark`` tokens to spare (vLLM's admission rule)."""
+        """Admit if the prompt fits with ``watermark`` tokens to spare (vLLM's admission rule).
+
+        The spare room is asked for on a guard sequence that never holds
+        anything, so that it counts against the pool, not the request's length.
+        """
         a = self.alloc
         need = self.max_seq_len if self.static else prompt
+        if GUARD not in a:
+            a.add(GUARD, [1])
         a.add(sid, [1] * prompt)
-        if not a.can_reserve({sid: need + watermark}):
+        if not a.can_reserve({sid: need, GUARD: watermark}):
             a.free(sid)
             return False
         a.reserve(sid, need)
@@ -242,11 +249,14 @@ def replay_budget(
             while queue and ten.try_admit(queue[-1][0], queue[-1][1], watermark):
                 sid, p, o = queue.pop()
                 running[sid] = [p, o]
+            if queue and not running:
+                raise RuntimeError(f"{name}: request {queue[-1][0]} can never be admitted")
             if queue:
                 batches.append(len(running))
         figs[f"{name}_max_batch"] = float(np.mean(batches)) if batches else 0.0
         figs[f"{name}_peak_batch"] = float(max(batches)) if batches else 0.0
         figs[f"{name}_preemptions"] = preempted
+        figs[f"{name}_budget_steps"] = len(batches)
         if name.startswith("vmem"):  # deferred reclamation: few driver calls per request
             ex = ten.alloc.stats().extra
             figs[f"{name}_budget_maps_per_request"] = ex["map_calls"] / len(reqs)
