@@ -190,8 +190,8 @@ def main() -> None:
                     help="pauses between steps standing in for the forward pass, comma list "
                     "(default 0,2,10; 0,5 with --quick)")
     args = ap.parse_args()
-    steps = args.steps or (100 if args.quick else 640)
-    reps = args.reps or (3 if args.quick else 7)
+    steps = args.steps or (100 if args.quick else 180)  # 4 KiB pages: vm.max_map_count caps it
+    reps = args.reps or (3 if args.quick else 9)
     gaps = [float(g) for g in (args.gaps_ms or ("0,5" if args.quick else "0,2,10")).split(",")]
     figs: dict[str, Any] = {"batch": args.batch, "prompt": args.prompt, "steps": steps,
                             "reps": reps, "gaps_ms": gaps,
