@@ -95,7 +95,7 @@ def resolve_impl(
     Raises InvalidArgument when a named implementation cannot take them.
     """
     if impl == "auto":
-        if unsupported_reason("flashinfer", fmt, dtype, device) is None:
+        if fmt is not None and unsupported_reason("flashinfer", fmt, dtype, device) is None:
             return "flashinfer"
         interpreted = device.type != "cuda"
         if interpreted and os.environ.get("TRITON_INTERPRET", "0") != "1":

@@ -57,7 +57,7 @@ def rope_partner(head_dim: int, rope: RopeStyle = "half") -> torch.Tensor:
 
 def calibrate_key_smoothing(
     keys: torch.Tensor,
-    alpha: float = 1.0,
+    alpha: float = 0.75,
     rope: RopeStyle = "half",
     queries: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -65,13 +65,14 @@ def calibrate_key_smoothing(
 
     ``s = amax|K|^alpha / amax|Q|^(1 - alpha)`` per (KV head, channel), with
     the amaxes taken over the samples and tied across RoPE pairs (see the
-    module docstring); without ``queries`` the query term is 1. ``alpha=1``
-    (the default) equalises the key channels' ranges, which minimises the
-    INT4 error of ``q . k`` when queries stay in 16-bit; lower it when the
-    query is quantized too (FP8 queries), as SmoothQuant does. Queries
-    ``[tokens, q_heads, head_dim]`` are reduced over each KV head's group.
-    Scales are normalised to geometric mean 1 per head (only their ratios
-    matter); a channel that is zero in every sample gets scale 1.
+    module docstring); without ``queries`` the query term is 1. ``alpha``
+    trades the keys' INT4 error against the amplification of the query's
+    outlier channels: on synthetic keys with a few channels 20x larger
+    (``tests/attention/test_quant_accuracy.py``), 0.75 (the default) did
+    best without a rotation and 0.5 with ``key_rotation="hadamard"``.
+    Queries ``[tokens, q_heads, head_dim]`` are reduced over each KV head's
+    group. Scales are normalised to geometric mean 1 per head (only their
+    ratios matter); a channel that is zero in every sample gets scale 1.
     Returns float32 ``[kv_heads, head_dim]``.
     """
     if keys.dim() != 3:

@@ -7,7 +7,9 @@ size 4, a few sequences of up to 30 tokens with random page assignment.
 
 Tolerances: the kernels compute in float32 for float32 queries; output and
 LSE must match the float64 reference within 1e-5, and decode must give the
-same result for any number of splits within 1e-6.
+same result for any number of splits within 1e-6. Every format runs with
+the block-major pool; the per-layer pool runs for one format of each kind
+(the kernels see only strides, which the write test checks for all).
 """
 
 from __future__ import annotations
@@ -107,8 +109,10 @@ def _decode_case(fmt, layout="block", dim=16, seq_lens=SEQ_LENS, seed=0, **pool_
     return spec, pool, table, dec
 
 
-@pytest.mark.parametrize("layout", ["block", "layer"])
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(
+    "fmt,layout",
+    [(f, "block") for f in FORMATS] + [(f, "layer") for f in ("fp16", "fp8_e4m3", "int4")],
+)
 def test_decode_equals_reference_for_any_split_count(fmt, layout):
     spec, pool, _, dec = _decode_case(fmt, layout)
     layer = pool.layer(1)
@@ -150,7 +154,7 @@ def test_non_power_of_two_head_dim(fmt):
     assert max_err(got[0], want[0]) <= TOL and max_err(got[1], want[1]) <= TOL
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "fp8_e4m3", "int4"])
+@pytest.mark.parametrize("fmt", ["bf16", "int4"])
 def test_vmem_layout_one_page_per_sequence(fmt):
     """The vmem backend's layout: each sequence is one page of page_size = max_seq_len."""
     lens = [5, 30, 17]
@@ -163,7 +167,7 @@ def test_vmem_layout_one_page_per_sequence(fmt):
     assert dec.block_table.shape == (3, 1)
     q = randq(3, 6, 16, seed=10)
     want = ref.decode(q.double(), layer, dec)
-    for splits in (1, 4):
+    for splits in (1, 3):
         got = tk.decode(q, layer, dec, num_splits=splits)
         assert max_err(got[0], want[0]) <= TOL and max_err(got[1], want[1]) <= TOL
     pre = build_layout(max_len, table, np.array(lens), np.array([5, 2, 17]), (0, 1, 2), DEV, spec)

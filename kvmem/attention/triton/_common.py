@@ -123,15 +123,13 @@ def store_as(ptrs, x, mask):
         tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
 
 
+#: (mantissa bits, exponent bias) of each fp8 format code.
+FP8_BITS: dict[int, tuple[int, int]] = {FMT_E4M3: (3, 7), FMT_E5M2: (2, 15)}
+
+
 @triton.jit
-def fp8_encode(y, FMT: tl.constexpr):
-    """uint8 fp8 code of fp32 ``y`` (already within the format's range), RNE."""
-    if FMT == 1:
-        MAN: tl.constexpr = 3
-        BIAS: tl.constexpr = 7
-    else:
-        MAN: tl.constexpr = 2
-        BIAS: tl.constexpr = 15
+def fp8_encode(y, MAN: tl.constexpr, BIAS: tl.constexpr):
+    """uint8 fp8 code (``MAN`` mantissa bits, exponent ``BIAS``) of fp32 ``y`` in range, RNE."""
     bits = y.to(tl.uint32, bitcast=True)
     sign = (bits >> 31).to(tl.int32)
     a = tl.abs(y)

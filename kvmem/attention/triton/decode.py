@@ -80,7 +80,7 @@ def _decode_split_kernel(
     VS, svs_p, svs_s, svs_h, svs_g,
     VZ, svz_p, svz_s, svz_h, svz_g,
     SM, ssm_h, ssm_d,
-    BT, sbt_b, SEQ_LENS,
+    BT, sbt_b, sbt_p, SEQ_LENS,
     Out, so_b, so_h, so_s, so_d,
     L, sl_b, sl_h, sl_s,
     qk_scale, out_scale, PAGE_SIZE, NUM_SPLITS,
@@ -128,7 +128,7 @@ def _decode_split_kernel(
     for t0 in range(start, end, BLOCK_N):
         toks = t0 + tl.arange(0, BLOCK_N)
         tmask = toks < end
-        page = tl.load(bt_row + toks // PAGE_SIZE, mask=tmask, other=0).to(tl.int64)
+        page = tl.load(bt_row + (toks // PAGE_SIZE) * sbt_p, mask=tmask, other=0).to(tl.int64)
         slot = toks % PAGE_SIZE
         k_row = page * sk_p + slot * sk_s + kvh * sk_h
         if FP8_Q:
@@ -261,6 +261,8 @@ def launch_decode(
         out_scale *= E4M3_WIDEN
     if q_scale is not None:
         qk_scale /= E4M3_WIDEN  # raw fp8 K codes in the FP8 dot
+    o_str: tuple[int, ...]
+    l_str: tuple[int, ...]
     if splits == 1:
         o_part, l_part = out, lse
         o_str = (out.stride(0), out.stride(1), 0, out.stride(2))
@@ -279,7 +281,7 @@ def launch_decode(
         *_kv_args(layer, "k"),
         *_kv_args(layer, "v"),
         sm, *((sm.stride(0), sm.stride(1)) if smooth is not None else (0, 0)),
-        bt, bt.stride(0), layout.seq_lens,
+        bt, bt.stride(0), bt.stride(1), layout.seq_lens,
         o_part, *o_str,
         l_part, *l_str,
         qk_scale, out_scale, layer.page_size, splits,

@@ -50,7 +50,7 @@ def _prefill_kernel(
     VS, svs_p, svs_s, svs_h, svs_g,
     VZ, svz_p, svz_s, svz_h, svz_g,
     SM, ssm_h, ssm_d,
-    BT, sbt_b, SEQ_LENS, QSL,
+    BT, sbt_b, sbt_p, SEQ_LENS, QSL,
     Out, so_t, so_h, so_d,
     L, sl_t, sl_h,
     qk_scale, out_scale, PAGE_SIZE,
@@ -100,7 +100,7 @@ def _prefill_kernel(
     for t0 in range(0, hi, BLOCK_N):
         toks = t0 + tl.arange(0, BLOCK_N)
         tmask = toks < hi
-        page = tl.load(bt_row + toks // PAGE_SIZE, mask=tmask, other=0).to(tl.int64)
+        page = tl.load(bt_row + (toks // PAGE_SIZE) * sbt_p, mask=tmask, other=0).to(tl.int64)
         slot = toks % PAGE_SIZE
         ka, kb = kv_tile(
             K, KS, KZ, page * sk_p + slot * sk_s + kvh * sk_h,
@@ -178,7 +178,7 @@ def launch_prefill(
         *_kv_args(layer, "k"),
         *_kv_args(layer, "v"),
         sm, *((sm.stride(0), sm.stride(1)) if smooth is not None else (0, 0)),
-        bt, bt.stride(0), layout.seq_lens, layout.query_start_loc,
+        bt, bt.stride(0), bt.stride(1), layout.seq_lens, layout.query_start_loc,
         out, *out.stride(),
         lse, *lse.stride(),
         qk_scale, out_scale, layer.page_size,

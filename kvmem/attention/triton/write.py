@@ -15,6 +15,7 @@ import triton.language as tl
 
 from kvmem.attention.triton._common import (
     FMT_INT4,
+    FP8_BITS,
     INTERPRET,
     bf16_rne,
     fmt_code,
@@ -38,6 +39,7 @@ def _write_kernel(
     PAGE_SIZE, HEADS, NROWS,
     D: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr, FMT: tl.constexpr, FP8_MAX: tl.constexpr,
+    FP8_MAN: tl.constexpr, FP8_BIAS: tl.constexpr,
     MAX_ZERO: tl.constexpr, HAS_SMOOTH: tl.constexpr,
 ):
     # one row per (token, head, group); float and fp8 formats have one group of D channels
@@ -95,7 +97,7 @@ def _write_kernel(
         else:
             y = tl.math.div_rn(x, tl.load(S + h * ss_h, mask=rm, other=1.0)[:, None])
             y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
-            tl.store(dst, fp8_encode(y, FMT), mask=m)
+            tl.store(dst, fp8_encode(y, FP8_MAN, FP8_BIAS), mask=m)
 
 
 def _parts(layer: LayerKV, which: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -128,6 +130,7 @@ def launch_write(
     if n == 0:
         return
     codes, scale, zero = _parts(layer, which)
+    code = fmt_code(fmt)
     g = spec.group_size or spec.head_dim
     ng = spec.head_dim // g
     sm = smooth if smooth is not None else x
@@ -147,8 +150,10 @@ def launch_write(
         NG=ng,
         BLOCK_R=block_r,
         BLOCK_C=next_pow2(g // 2) if fmt_code(fmt) == FMT_INT4 else next_pow2(spec.head_dim),
-        FMT=fmt_code(fmt),
+        FMT=code,
         FP8_MAX=FP8_MAX.get(fmt.name, 0.0),
+        FP8_MAN=FP8_BITS.get(code, (0, 0))[0],
+        FP8_BIAS=FP8_BITS.get(code, (0, 0))[1],
         MAX_ZERO=INT4_MAX_ZERO,
         HAS_SMOOTH=smooth is not None and fmt_code(fmt) == FMT_INT4,
         num_warps=1 if INTERPRET else 4,
