@@ -53,7 +53,7 @@ MAX_SPLITS = 64
 
 
 def choose_num_splits(
-    batch_size: int, num_kv_heads: int, max_seq_len: int, sms: int, waves: int = 2
+    batch_size: int, num_kv_heads: int, max_seq_len: int, sms: int, waves: int = 4
 ) -> int:
     """Splits per sequence so that short and long batches both fill the device.
 
