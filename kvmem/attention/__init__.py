@@ -10,7 +10,8 @@ Every function takes ``impl=`` to pick an implementation:
   for fp16/bf16/fp8 KV on a GPU, with the extra installed; its ``write_kv``
   and ``merge_states`` are the Triton ones;
 - ``"auto"`` (the default): FlashInfer when it can take these inputs (format,
-  dtype, device), else Triton when it can, else the reference. On CPU, auto
+  dtype, device, and the layer's storage: fp8 scales must be one per
+  tensor), else Triton when it can, else the reference. On CPU, auto
   picks the (slow) Triton interpreter only while ``TRITON_INTERPRET=1`` is
   in the environment; otherwise it picks the reference.
 
@@ -115,7 +116,10 @@ def _module(impl: str, layer: LayerKV, x: torch.Tensor, writes: bool = False) ->
         return reference
     if name == "triton" or writes:
         return _triton()
-    return _flashinfer()
+    fi = _flashinfer()
+    if impl == "auto" and fi.layer_reason(layer) is not None:
+        return _triton()  # e.g. fp8 scales that differ per KV head
+    return fi
 
 
 def write_kv(

@@ -73,24 +73,52 @@ def unsupported_reason(fmt: KVFormat, dtype: torch.dtype, device: torch.device) 
     return None
 
 
-def _kv(layer: LayerKV) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """K/V as FlashInfer takes them, and the scalar fp8 scales (1.0 for floats)."""
+_scale_cache: dict[tuple[int, int, int, int], tuple[float, float] | None] = {}
+
+
+def _scalar_scales(layer: LayerKV) -> tuple[float, float] | None:
+    """The layer's fp8 (k, v) scales if each is one value for every KV head, else None.
+
+    Cached on the scale tensors' versions, so a decode step does not sync
+    the device per layer to read them.
+    """
+    ks, vs = layer.k_scale, layer.v_scale
+    assert ks is not None and vs is not None
+    key = (ks.data_ptr(), ks._version, vs.data_ptr(), vs._version)
+    if key not in _scale_cache:
+        kl, vl = ks.reshape(-1).tolist(), vs.reshape(-1).tolist()
+        same = min(kl) == max(kl) and min(vl) == max(vl)
+        if len(_scale_cache) > 4096:
+            _scale_cache.clear()
+        _scale_cache[key] = (float(kl[0]), float(vl[0])) if same else None
+    return _scale_cache[key]
+
+
+def layer_reason(layer: LayerKV) -> str | None:
+    """Why FlashInfer cannot read this layer's storage (None when it can)."""
     k, v = layer.k, layer.v
     if k.stride() != v.stride() or k.stride()[1:] != (k.shape[2] * k.shape[3], k.shape[3], 1):
-        raise InvalidArgument(
+        return (
             "FlashInfer needs K and V with equal strides and each page's "
             "[page_size, heads, head_dim] block contiguous"
         )
+    if layer.spec.fmt.kind == "fp8" and _scalar_scales(layer) is None:
+        return "FlashInfer takes one fp8 scale per tensor; this layer's differ per KV head"
+    return None
+
+
+def _kv(layer: LayerKV) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """K/V as FlashInfer takes them, and the scalar fp8 scales (1.0 for floats)."""
+    why = layer_reason(layer)
+    if why:
+        raise InvalidArgument(why)
     fmt = layer.spec.fmt
     if fmt.kind != "fp8":
-        return k, v, 1.0, 1.0
-    assert fmt.float8_dtype is not None and layer.k_scale is not None and layer.v_scale is not None
-    ks, vs = layer.k_scale.tolist(), layer.v_scale.tolist()
-    if min(ks) != max(ks) or min(vs) != max(vs):
-        raise InvalidArgument(
-            "FlashInfer takes one fp8 scale per tensor; this layer's differ per KV head"
-        )
-    return k.view(fmt.float8_dtype), v.view(fmt.float8_dtype), float(ks[0]), float(vs[0])
+        return layer.k, layer.v, 1.0, 1.0
+    assert fmt.float8_dtype is not None
+    scales = _scalar_scales(layer)
+    assert scales is not None
+    return layer.k.view(fmt.float8_dtype), layer.v.view(fmt.float8_dtype), scales[0], scales[1]
 
 
 def _check(layer: LayerKV, layout: BatchLayout, q: torch.Tensor) -> None:

@@ -97,3 +97,18 @@ def test_triton_options_reach_the_kernel(monkeypatch):
     with pytest.raises(InvalidArgument, match="fp8_e4m3"):
         att.decode(randq(1, 6, 16, 7), pool.layer(1), dec, impl="triton", fp8_query=True)
     assert DEV.type in ("cpu", "cuda")
+
+
+def test_flashinfer_layer_check_follows_the_scales():
+    from kvmem.attention import flashinfer as fi
+
+    spec, pool = make_pool("fp8_e4m3")  # per-head scales that differ
+    assert "per KV head" in (fi.layer_reason(pool.layer(1)) or "")
+    pool.set_fp8_scales(1, torch.tensor(0.5), torch.tensor(0.25))  # now one per tensor
+    assert fi.layer_reason(pool.layer(1)) is None
+    _, fp16 = make_pool("fp16")
+    assert fi.layer_reason(fp16.layer(1)) is None
+    import dataclasses
+
+    odd = dataclasses.replace(fp16.layer(1), v=fp16.layer(1).v.transpose(1, 2))
+    assert "contiguous" in (fi.layer_reason(odd) or "")

@@ -287,3 +287,24 @@ def test_bad_inputs_name_the_problem():
     lay64 = layout_of(spec64, PS, np.zeros((1, 2), np.int32), [5], [1])
     with pytest.raises(InvalidArgument, match="fp64 KV format"):
         tk.decode(randq(1, 6, 16, 0), pool64.layer(1), lay64)
+
+
+def test_layer_with_scalar_fp8_scales():
+    """A LayerKV built by another backend may hold one fp8 scale per tensor as a 0-dim tensor."""
+    import dataclasses
+
+    spec, pool = make_pool("fp8_e5m2")
+    scalar = {"k_scale": torch.tensor(0.05, device=DEV), "v_scale": torch.tensor(0.02, device=DEV)}
+    layer = dataclasses.replace(pool.layer(1), **scalar)
+    lens = [9, 14]
+    table = random_table(np.random.default_rng(21), pool.num_pages, lens, PS)
+    lay = layout_of(spec, PS, table, lens, lens)
+    k, v = randq(23, 2, 16, 22), randq(23, 2, 16, 23)
+    tk.write_kv(layer, lay, k, v)
+    codes = layer.k.clone()
+    ref.write_kv(layer, lay, k, v)
+    assert torch.equal(codes, layer.k)
+    dec = layout_of(spec, PS, table, lens, [1, 1])
+    q = randq(2, 6, 16, 24)
+    got, want = tk.decode(q, layer, dec, num_splits=2), ref.decode(q.double(), layer, dec)
+    assert max_err(got[0], want[0]) <= TOL and max_err(got[1], want[1]) <= TOL

@@ -214,8 +214,8 @@ def _kv_args(layer: LayerKV, which: str) -> list[object]:
         t = getattr(layer, f"{which}_{part}")
         if t is None:
             out += [codes, 0, 0, 0, 0]
-        elif t.dim() == 1:
-            out += [t, 0, 0, t.stride(0), 0]
+        elif t.dim() <= 1:  # fp8: per KV head [heads], or one scalar for all
+            out += [t, 0, 0, t.stride(0) if t.dim() else 0, 0]
         else:
             out += [t, *t.stride()]
     return out
@@ -289,7 +289,7 @@ def launch_decode(
         BLOCK_H=next_pow2(group) if INTERPRET else max(16, next_pow2(group)),
         BLOCK_N=block_n, G=g, NG=d // g, FMT=code, CDT=cdt, PREC=dot_precision(cdt),
         HAS_SMOOTH=smooth is not None, FP8_Q=q_scale is not None,
-        num_warps=4, num_stages=2,
+        num_warps=4, num_stages=2, enable_fp_fusion=True,
     )
     if splits > 1:
         block_s, block_d = next_pow2(splits), next_pow2(d)
@@ -303,6 +303,6 @@ def launch_decode(
             lse, *lse.stride(),
             splits, hq,
             D=d, BLOCK_HM=block_hm, BLOCK_D=block_d, BLOCK_S=block_s,
-            num_warps=1 if INTERPRET else 4,
+            num_warps=1 if INTERPRET else 4, enable_fp_fusion=True,
         )
     return out, lse

@@ -57,5 +57,6 @@ def launch_merge(
         _merge_kernel[(triton.cdiv(n, block_r),)](
             va, sa, vb, sb, vo, so, n,
             D=d, BLOCK_R=block_r, BLOCK_D=next_pow2(d), num_warps=1 if INTERPRET else 4,
+            enable_fp_fusion=True,
         )
     return vo.view(v_a.shape), so.view(s_a.shape)

@@ -185,6 +185,6 @@ def launch_prefill(
         GROUP=group, D=d, DH=halves(d, fmt),
         BLOCK_M=block_m, BLOCK_H=block_h, BLOCK_N=block_n, G=g, NG=d // g, FMT=code,
         CDT=cdt, PREC=dot_precision(cdt), HAS_SMOOTH=smooth is not None,
-        num_warps=warps, num_stages=2,
+        num_warps=warps, num_stages=2, enable_fp_fusion=True,
     )
     return out, lse

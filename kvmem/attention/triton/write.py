@@ -110,10 +110,10 @@ def _parts(layer: LayerKV, which: str) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 def _strides4(t: torch.Tensor) -> tuple[int, int, int, int]:
-    """Strides of a [pages, slots, heads, x] tensor; per-head [heads] tensors give (0, 0, s, 0)."""
+    """Strides of a [pages, slots, heads, x] tensor; per-head [heads] ones give (0, 0, s, 0)."""
     if t.dim() == 4:
         return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
-    return 0, 0, t.stride(0), 0
+    return 0, 0, t.stride(0) if t.dim() else 0, 0
 
 
 def launch_write(
@@ -157,4 +157,5 @@ def launch_write(
         MAX_ZERO=INT4_MAX_ZERO,
         HAS_SMOOTH=smooth is not None and fmt_code(fmt) == FMT_INT4,
         num_warps=1 if INTERPRET else 4,
+        enable_fp_fusion=False,  # codes must equal the reference quantizer's, bit for bit
     )
