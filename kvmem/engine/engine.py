@@ -90,8 +90,9 @@ class Engine:
     """A reference continuous-batching LLM engine over a kvmem allocator.
 
     Build it from a model (default: the ``tiny`` random preset), or from an
-    executor (the scheduling benchmark's simulated one). Keyword overrides
-    are applied to ``config``::
+    executor (the scheduling benchmark's simulated one). The allocator is
+    built from ``config`` unless one is given (its spec must be the
+    model's). Keyword overrides are applied to ``config``::
 
         eng = Engine(random_model("tiny"), backend="paged", kv_format="fp8")
         [c] = eng.generate(["Hello"], SamplingParams(max_tokens=8))
@@ -105,6 +106,7 @@ class Engine:
         tokenizer: Tokenizer | None = None,
         executor: Executor | None = None,
         clock: Clock | None = None,
+        allocator: KVAllocator | None = None,
         **overrides: Any,
     ) -> None:
         try:
@@ -133,12 +135,15 @@ class Engine:
             config.chunked_prefill,
             config.preemption,
         )
-        options = dict(config.backend_options)
-        options.setdefault("device", config.device)
-        spec = executor.kv_spec(config.kv_format)
-        self.allocator: KVAllocator = create_allocator(
-            config.backend, spec, num_tokens=config.num_kv_tokens, **options
-        )
+        self._owns_allocator = allocator is None
+        if allocator is None:
+            options = dict(config.backend_options)
+            options.setdefault("device", config.device)
+            spec = executor.kv_spec(config.kv_format)
+            allocator = create_allocator(
+                config.backend, spec, num_tokens=config.num_kv_tokens, **options
+            )
+        self.allocator: KVAllocator = allocator
         if config.preemption == "swap":
             self._check_swap()
         self.kv_capacity_tokens = self.allocator.stats().capacity_tokens
@@ -161,7 +166,8 @@ class Engine:
         try:
             self.allocator.swap_out([])
         except NotImplementedError as e:
-            self.allocator.close()
+            if self._owns_allocator:
+                self.allocator.close()
             raise SwapUnavailable(
                 f"preemption='swap' is unavailable for backend {self.config.backend!r}: {e}"
             ) from None
@@ -445,8 +451,14 @@ class Engine:
                 if r is not None:
                     done[o.request_id] = r
 
-        pairs = zip(prompts, plist, strict=True)
-        ids = [self.add_request(p, sp, on_output=track) for p, sp in pairs]
+        ids: list[str] = []
+        try:
+            for p, sp in zip(prompts, plist, strict=True):
+                ids.append(self.add_request(p, sp, on_output=track))
+        except KVError:
+            for i in ids:
+                self.abort(i)
+            raise
         while any(i not in done for i in ids):
             self.step()
         return [self._completion(done[i]) for i in ids]
