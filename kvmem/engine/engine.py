@@ -79,6 +79,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 256
     chunked_prefill: bool = True
     preemption: str = "recompute"
+    watermark: float = 0.01
     max_model_len: int | None = None
     attention_impl: str = "auto"
     seed: int = 0
@@ -134,6 +135,7 @@ class Engine:
             config.max_num_batched_tokens,
             config.chunked_prefill,
             config.preemption,
+            config.watermark,
         )
         self._owns_allocator = allocator is None
         if allocator is None:

@@ -50,15 +50,22 @@ class SchedulerConfig:
     ``max_num_seqs`` caps requests holding KV (running); ``max_num_batched_tokens``
     is the per-step token budget; with ``chunked_prefill=False`` a prompt is
     only scheduled whole (the unchunked baseline: make the budget at least
-    the longest prompt).
+    the longest prompt). A waiting request is admitted only if its whole
+    remaining prompt fits with ``watermark`` (a fraction of the KV capacity)
+    to spare, unless nothing is running: headroom for running requests'
+    decodes, so admissions do not immediately force preemptions (vLLM's
+    watermark, 1%).
     """
 
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 256
     chunked_prefill: bool = True
     preemption: str = "recompute"
+    watermark: float = 0.01
 
     def __post_init__(self) -> None:
+        if not 0 <= self.watermark < 1:
+            raise InvalidArgument(f"watermark must be in [0, 1), got {self.watermark!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -121,6 +128,7 @@ class Scheduler:
         self.swapped: list[Request] = []
         self.num_preemptions = 0
         self._preemptive = type(policy).preempts is not Policy.preempts
+        self._watermark = int(config.watermark * allocator.stats().capacity_tokens)
         self._seq = 0
 
     # ------------------------------------------------------------- membership
@@ -304,10 +312,13 @@ class Scheduler:
                 r.num_computed = cached
                 r.metrics.num_cached_tokens += cached
             n = min(r.num_to_compute, budget)
-            fits = cfg.chunked_prefill or n == r.num_to_compute
+            fits = cfg.chunked_prefill or n == r.num_to_compute  # unchunked: wait for room
+            if fits and self.running and self._watermark:
+                need = r.num_to_compute + self._watermark
+                fits = self.allocator.can_reserve({r.request_id: need})
             try:
                 if not fits:
-                    raise OutOfKVMemory("budget")  # unchunked: wait for a step with room
+                    raise OutOfKVMemory("no room to admit")
                 self.allocator.reserve(r.request_id, n)
             except OutOfKVMemory:
                 self._release(r)
