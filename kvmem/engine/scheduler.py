@@ -186,9 +186,7 @@ class Scheduler:
     def _victim(self, r: Request, scheduled: set[int]) -> Request:
         """The running request not yet in the batch with the largest key (``r`` included)."""
         cands = [
-            x
-            for x in self.running
-            if x is r or (id(x) not in scheduled and x.swap_handle is None)
+            x for x in self.running if x is r or (id(x) not in scheduled and x.swap_handle is None)
         ]
         return max(cands, key=self.policy.key)
 
@@ -301,7 +299,7 @@ class Scheduler:
                 continue
             if not r.registered:
                 try:
-                    cached = self.allocator.add(r.request_id, r.token_ids)
+                    cached = self.allocator.add(r.request_id, r.token_ids, cache_salt=r.cache_salt)
                 except OutOfKVMemory:
                     break
                 except KVError as e:

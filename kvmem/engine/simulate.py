@@ -83,8 +83,6 @@ class SimulatedExecutor(Executor):
         return torch.zeros(sum(1 for c in chunks if c.samples), 1)
 
 
-
-
 @dataclass(frozen=True)
 class TraceRequest:
     """One request of a replayed trace: when it arrives and how long it is."""
