@@ -127,7 +127,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.swapped: list[Request] = []
         self.num_preemptions = 0
-        self._preemptive = type(policy).preempts is not Policy.preempts
+        self._kv_epoch = 0  # counts releases: free KV only grows when one happens
+        self._blocked: dict[str, int] = {}  # request id -> epoch its admission failed in
         self._watermark = int(config.watermark * allocator.stats().capacity_tokens)
         self._seq = 0
 
@@ -149,6 +150,7 @@ class Scheduler:
         for q in (self.running, self.waiting, self.swapped):
             if request in q:
                 q.remove(request)
+        self._blocked.pop(request.request_id, None)
         self._release(request)
 
     def _release(self, r: Request) -> None:
@@ -159,6 +161,7 @@ class Scheduler:
         if r.registered:
             self.allocator.free(r.request_id)
             r.registered = False
+            self._kv_epoch += 1
         r.num_computed = 0
 
     # -------------------------------------------------------------- preemption
@@ -264,7 +267,7 @@ class Scheduler:
         out = SchedulerOutput()
         cfg = self.config
         self._poll_swaps(out)
-        if self._preemptive:
+        if self.policy.can_preempt:
             self._priority_preempt(out)
         budget = cfg.max_num_batched_tokens
         scheduled: set[int] = set()
@@ -297,6 +300,8 @@ class Scheduler:
                     break
                 seats -= 1
                 continue
+            if self._blocked.get(r.request_id) == self._kv_epoch:
+                break  # it did not fit, and no KV has been released since
             if not r.registered:
                 try:
                     cached = self.allocator.add(r.request_id, r.token_ids, cache_salt=r.cache_salt)
@@ -320,7 +325,10 @@ class Scheduler:
                 self.allocator.reserve(r.request_id, n)
             except OutOfKVMemory:
                 self._release(r)
+                if cfg.chunked_prefill or n == r.num_to_compute:
+                    self._blocked[r.request_id] = self._kv_epoch
                 break
+            self._blocked.pop(r.request_id, None)
             self.waiting.remove(r)
             r.status = RequestStatus.RUNNING
             self.running.append(r)
