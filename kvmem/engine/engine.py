@@ -62,7 +62,8 @@ class EngineConfig:
     """Everything the engine is built from, besides the model.
 
     ``backend`` and ``backend_options`` go to :func:`kvmem.create_allocator`
-    (with ``num_tokens=num_kv_tokens`` and ``device``); ``policy`` and
+    (with ``num_tokens=num_kv_tokens`` and ``device``, by default the
+    model's); ``policy`` and
     ``policy_options`` to :func:`~kvmem.engine.policies.make_policy`.
     ``max_model_len`` defaults to the model's context. ``detokenize=False``
     skips text (and stop strings) for replay benchmarks.
@@ -72,7 +73,7 @@ class EngineConfig:
     backend_options: Mapping[str, Any] = field(default_factory=dict)
     kv_format: str = "auto"
     num_kv_tokens: int = 16384
-    device: str = "cpu"
+    device: str | None = None
     policy: str = "fcfs"
     policy_options: Mapping[str, Any] = field(default_factory=dict)
     max_num_seqs: int = 32
@@ -140,7 +141,7 @@ class Engine:
         self._owns_allocator = allocator is None
         if allocator is None:
             options = dict(config.backend_options)
-            options.setdefault("device", config.device)
+            options.setdefault("device", config.device or executor.device)
             spec = executor.kv_spec(config.kv_format)
             allocator = create_allocator(
                 config.backend, spec, num_tokens=config.num_kv_tokens, **options
