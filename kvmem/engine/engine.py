@@ -165,6 +165,22 @@ class Engine:
         self.generation_tokens = 0
         self._first_step_time: float | None = None
 
+    @classmethod
+    def from_pretrained(
+        cls, path: str, dtype: torch.dtype | None = None, **overrides: Any
+    ) -> Engine:
+        """An engine on a local checkpoint directory (config.json, safetensors, tokenizer.json).
+
+        The tokenizer is the directory's ``tokenizer.json`` when there is one,
+        else the byte tokenizer; nothing is fetched from the network.
+        """
+        from kvmem.engine.tokenizer import load_tokenizer
+        from kvmem.engine.weights import load_model
+
+        model = load_model(path, dtype=dtype)
+        tok = load_tokenizer(path, tuple(model.config.eos_token_ids))
+        return cls(model, tokenizer=tok, **overrides)
+
     def _check_swap(self) -> None:
         try:
             self.allocator.swap_out([])
