@@ -513,6 +513,16 @@ class Engine:
         while not stop():
             self.step()
 
+    def serve_forever(self, stop: threading.Event, idle_sleep: float = 0.002) -> None:
+        """Step until ``stop`` is set, sleeping ``idle_sleep`` s when there is nothing to do.
+
+        Meant for a background thread (a server's), while other threads call
+        ``add_request``, ``abort`` and ``set_priority``.
+        """
+        while not stop.is_set():
+            if not self.step() and not self.has_unfinished():
+                stop.wait(idle_sleep)
+
     @staticmethod
     def _completion(r: Request) -> Completion:
         return Completion(
