@@ -190,29 +190,44 @@ class Channel:
             self._failure = err
         return self._failure
 
+    def _peer_failure(
+        self, e: BaseException, what: str, peer: int | None, timeout: float
+    ) -> PeerFailure:
+        """Record (first one wins) and return the PeerFailure for a gloo error."""
+        text = str(e)
+        who = f"rank {peer}" if peer is not None else "a peer"
+        if "Timed out" in text or "Application timeout" in text:
+            why = f"{who} did not answer within {timeout:g} s"
+        elif "closed by peer" in text or "reset by peer" in text or "Broken pipe" in text:
+            why = f"{who} closed its connection (did the process die?)"
+        else:
+            why = f"{who}: {text.splitlines()[0] if text else type(e).__name__}"
+        return self._fail(PeerFailure(f"rank {self.rank}: {what}: {why}"))
+
     def _wait(self, work: Any, timeout: float, what: str, peer: int | None) -> None:
         try:
             work.wait(timedelta(seconds=timeout))
         except RuntimeError as e:
-            text = str(e)
-            who = f"rank {peer}" if peer is not None else "a peer"
-            if "Timed out" in text:
-                why = f"{who} did not answer within {timeout:g} s"
-            elif "closed by peer" in text or "reset by peer" in text:
-                why = f"{who} closed its connection (did the process die?)"
-            else:
-                why = f"{who}: {text.splitlines()[0] if text else type(e).__name__}"
-            raise self._fail(PeerFailure(f"rank {self.rank}: {what}: {why}")) from None
+            raise self._peer_failure(e, what, peer, timeout) from None
+
+    def _start(self, op: Callable[..., Any], args: tuple, what: str, peer: int | None) -> Any:
+        """Post a gloo send or recv, ``op(*args)``; a closed connection is a PeerFailure."""
+        try:
+            return op(*args)
+        except RuntimeError as e:
+            raise self._peer_failure(e, what, peer, self.timeout) from None
 
     # --------------------------------------------------------------- sends
     def _post(self, dst: int, tag: int, kind: int, payload: torch.Tensor | None) -> list[Any]:
         """Post header (and payload) sends to ``dst``; returns the works to wait on."""
         n = 0 if payload is None else int(payload.numel())
         hdr = _header(kind, n)
+        what = "sending"
         with self._send_locks[dst]:
-            works = [(self.pg.send([hdr], dst, tag), hdr)]
+            works = [(self._start(self.pg.send, ([hdr], dst, tag), what, dst), hdr)]
             if payload is not None:
-                works.append((self.pg.send([payload], dst, tag), payload))
+                w = self._start(self.pg.send, ([payload], dst, tag), what, dst)
+                works.append((w, payload))
         return works
 
     def _recv_payload(self, src: int, tag: int, hdr: torch.Tensor, what: str) -> Payload:
@@ -220,7 +235,8 @@ class Channel:
         if n == 0:
             return None, []
         buf = torch.empty(n, dtype=torch.uint8)
-        self._wait(self.pg.recv([buf], src, tag), self.timeout, what, src)
+        w = self._start(self.pg.recv, ([buf], src, tag), what, src)
+        self._wait(w, self.timeout, what, src)
         return decode(buf)
 
     # -------------------------------------------------------------- caller
@@ -239,7 +255,8 @@ class Channel:
             self.traffic.messages += 1
         for src in requests:
             hdr = torch.empty(2, dtype=torch.int64)
-            headers[src] = (self.pg.recv([hdr], src, TAG_REPLY), hdr)
+            w = self._start(self.pg.recv, ([hdr], src, TAG_REPLY), "receiving", src)
+            headers[src] = (w, hdr)
         return Pending(sends, headers, time.perf_counter())
 
     def finish_sends(self, pending: Pending) -> None:
@@ -300,9 +317,9 @@ class Channel:
         try:
             while True:
                 hdr = torch.empty(2, dtype=torch.int64)
-                w = self.pg.recv_anysource([hdr], TAG_REQUEST)
+                w = self._start(self.pg.recv_anysource, ([hdr], TAG_REQUEST), "serving", None)
                 self._wait(w, self._idle_wait, "serving", None)
-                src = int(w.source_rank())
+                src = int(w._source_rank())
                 kind = int(hdr[0])
                 if kind == STOP:
                     break

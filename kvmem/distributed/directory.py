@@ -102,7 +102,7 @@ class PlacementDirectory:
             left = list(free)
             chosen: list[int] = []
             for i in range(count):
-                order = self._order(owner, first_index + i, holders, policy, left)
+                order = self._order(owner, first_index + i, [*holders, *chosen], policy, left)
                 if i == 0 and prefer is not None:
                     order = [prefer] + [r for r in order if r != prefer]
                 r = next(r for r in order if left[r] > 0)
