@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 
 import tests.conformance.test_contract as contract
-from dist_harness import run_world
-import dist_workers as w
+from tests.distributed import dist_workers as w
+from tests.distributed.dist_harness import run_world
 
 pytestmark = pytest.mark.timeout(120)
 TOL = 1e-5  # fp32, against the single-process paged backend with the reference kernels
