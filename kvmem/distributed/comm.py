@@ -90,25 +90,19 @@ def _pad(n: int) -> int:
 
 def encode(meta: Any, tensors: list[torch.Tensor]) -> torch.Tensor:
     """One uint8 tensor holding ``meta`` (pickled) and the bytes of ``tensors``."""
-    cpu = [t.detach().to("cpu").contiguous() for t in tensors]
-    specs = [(str(t.dtype).removeprefix("torch."), tuple(t.shape)) for t in cpu]
+    cpu = [t.detach().to("cpu").contiguous().reshape(-1) for t in tensors]
+    specs = [(str(t.dtype).removeprefix("torch."), tuple(t.shape)) for t in tensors]
     head = pickle.dumps((meta, specs), protocol=pickle.HIGHEST_PROTOCOL)
-    sizes = [t.numel() * t.element_size() for t in cpu]
-    total = _pad(8 + len(head)) + sum(_pad(s) for s in sizes)
-    buf = torch.zeros(total, dtype=torch.uint8)
-    buf[:8] = torch.tensor([len(head)], dtype=torch.int64).view(torch.uint8)
-    buf[8 : 8 + len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
-    off = _pad(8 + len(head))
-    for t, s in zip(cpu, sizes, strict=True):
-        if s:
-            buf[off : off + s] = t.reshape(-1).view(torch.uint8)
-        off += _pad(s)
-    return buf
+    parts = [len(head).to_bytes(8, "little"), head, bytes(_pad(8 + len(head)) - 8 - len(head))]
+    for t in cpu:
+        raw = t.view(torch.uint8).numpy().tobytes()
+        parts += [raw, bytes(_pad(len(raw)) - len(raw))]
+    return torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8)
 
 
 def decode(buf: torch.Tensor) -> Payload:
     """Inverse of :func:`encode`; the tensors are views into ``buf``."""
-    n = int(buf[:8].view(torch.int64).item())
+    n = int.from_bytes(buf[:8].numpy().tobytes(), "little")
     meta, specs = pickle.loads(buf[8 : 8 + n].numpy().tobytes())
     off = _pad(8 + n)
     out: list[torch.Tensor] = []
@@ -171,7 +165,7 @@ class Channel:
         self._failure: PeerFailure | None = None
         self._stop = threading.Event()
         self._replies: queue.Queue[tuple[int, Any, torch.Tensor] | None] = queue.Queue()
-        self._threads: list[threading.Thread] = []
+        self._threads: dict[str, threading.Thread] = {}
         self._handler: Handler | None = None
 
     # ------------------------------------------------------------ failures
@@ -310,7 +304,7 @@ class Channel:
         ):
             t = threading.Thread(target=target, name=f"kvmem-{name}-{self.rank}", daemon=True)
             t.start()
-            self._threads.append(t)
+            self._threads[name] = t
 
     def _serve(self) -> None:
         assert self._handler is not None
@@ -363,25 +357,26 @@ class Channel:
                 except PeerFailure:
                     return
 
-    # ------------------------------------------------------------ shutdown
-    def stop(self, all_quiet: Callable[[], None]) -> None:
-        """Stop the threads once every rank is quiet.
+    def barrier(self, what: str) -> None:
+        """A gloo barrier over the group (its own slots: safe beside the server's receive)."""
+        work = self._start(self.pg.barrier, (), what, None)
+        self._wait(work, self.timeout, what, None)
 
-        ``all_quiet`` must return only when no rank will send another
-        request (a barrier); it is called after this rank's heartbeat has
-        stopped. Then each rank stops its successor's server.
-        """
+    # ------------------------------------------------------------ shutdown
+    def stop(self) -> None:
+        """Collective: stop this rank's heartbeat, meet every rank at a gloo barrier (after it
+        no rank sends another request), then stop the servers, each rank its successor's."""
         if self.size == 1 or not self._threads:
             return
         self._stop.set()
-        self._threads[2].join(self.timeout + self.heartbeat)
+        self._threads["heartbeat"].join(self.timeout + self.heartbeat)
         self.check()
-        all_quiet()
-        self.check()
-        for w, _ in self._post((self.rank + 1) % self.size, TAG_REQUEST, STOP, None):
-            self._wait(w, self.timeout, "stopping", (self.rank + 1) % self.size)
-        for t in self._threads[:2]:
-            t.join(self.timeout)
+        self.barrier("closing")
+        nxt = (self.rank + 1) % self.size
+        for w, _ in self._post(nxt, TAG_REQUEST, STOP, None):
+            self._wait(w, self.timeout, "stopping", nxt)
+        self._threads["server"].join(self.timeout)
+        self._threads["completer"].join(self.timeout)
         self._threads.clear()
 
 

@@ -298,10 +298,10 @@ class ShardedAllocator(KVAllocator):
         self.directory.record(s.handle, [b.rank for b in s.blocks])
 
     # ------------------------------------------------------------ interface
-    def add(self, seq_id: Hashable, token_ids: Sequence[int], **kwargs: Any) -> int:
+    def add(self, seq_id: Hashable, token_ids: Sequence[int], cache_salt: Hashable = None) -> int:
         """Register a sequence this rank owns; returns 0 (no prefix caching across ranks).
 
-        Keyword options of other backends (``cache_salt``) are accepted and ignored.
+        ``cache_salt`` is accepted and has no effect: nothing is shared by prefix.
         """
         self._check()
         if seq_id in self._seqs:
@@ -644,27 +644,26 @@ class ShardedAllocator(KVAllocator):
         self._closed = True
         try:
             if self.channel is not None and self.channel.failure is None:
-                self._barrier("closing", bounded=False)
-                self.channel.stop(lambda: self._barrier("quiet", bounded=True))
+                self._barrier("closing")
+                self.channel.stop()
                 if self._own_group:
                     dist.destroy_process_group(self._pg)
         finally:
             self._seqs.clear()
             self.local.close()
 
-    def _barrier(self, name: str, bounded: bool) -> None:
-        """Wait until every rank has arrived at ``name`` (liveness-checked; bounded: timeout)."""
+    def _barrier(self, name: str) -> None:
+        """Wait until every rank has arrived at ``name``; a dead or stopped peer is reported.
+
+        Unbounded on purpose (the others may have work left); liveness comes
+        from the heartbeat, which records a PeerFailure that is raised here.
+        """
         assert self.channel is not None
         try:
             self.directory.store.add(f"barrier/{name}", 1)
-            t0, pause = time.monotonic(), 0.002
+            pause = 0.002
             while int(self.directory.store.add(f"barrier/{name}", 0)) < self.world_size:
                 self.channel.check()
-                if bounded and time.monotonic() - t0 > self.timeout:
-                    raise PeerFailure(
-                        f"rank {self.rank}: not every rank reached {name!r} "
-                        f"within {self.timeout:g} s"
-                    )
                 time.sleep(pause)
                 pause = min(0.1, pause * 2)
         except RuntimeError as e:  # the store (on rank 0) is gone

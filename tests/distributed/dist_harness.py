@@ -1,6 +1,7 @@
 """Run a function on N gloo ranks (spawned processes on 127.0.0.1) and collect what each returns.
 
-Each rank initialises the default process group on a free port, calls
+Each rank (a forked process, spawned where fork is missing) initialises
+the default process group on a free port, calls
 ``fn(rank, world_size, *args)`` and reports its result (or its traceback);
 a rank that does not report within ``deadline`` seconds is killed and
 reported as ``None``. Ranks exit with ``os._exit`` so that no teardown can
@@ -65,7 +66,9 @@ def run_world(
     Stops waiting once the ranks in ``need`` (default: all) have reported.
     """
     need_set = set(range(world) if need is None else need)
-    ctx = mp.get_context("spawn")
+    # fork: the ranks start in milliseconds from the already-imported test process
+    # (torch uses one thread in them); spawn where fork does not exist
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     q = ctx.Queue()
     port = free_port()
     procs = [
