@@ -115,11 +115,10 @@ def serve(alloc: kvmem.KVAllocator, spec: kvmem.KVSpec, world: int, args: argpar
         print(f"  {span:<16} {tokens:<18} on rank {r} ({owner})")
     st = alloc.stats()
     print(f"group: {st.used_tokens} of {st.capacity_tokens} token slots in use")
-    steps = max(prof.calls, 1)
-    print(
-        f"decode: {1e3 * (prof.send_s + prof.local_s + prof.gather_s + prof.merge_s) / steps:.2f} ms"
-        f" and {(prof.bytes_sent + prof.bytes_received) / steps:.0f} bytes per layer-step"
-    )
+    calls = max(prof.calls, 1)
+    ms = 1e3 * (prof.send_s + prof.local_s + prof.gather_s + prof.merge_s) / calls
+    sent = (prof.bytes_sent + prof.bytes_received) / calls
+    print(f"decode: {ms:.2f} ms and {sent:.0f} bytes per layer and step")
     print(f"last step vs dense attention over all {context} tokens: max |error| = {err:.2e}")
     alloc.free("seq")
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import pickle
 import queue
 import threading
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -141,7 +140,6 @@ class Pending:
 
     sends: list[tuple[int, Any, torch.Tensor]]
     headers: dict[int, tuple[Any, torch.Tensor]]
-    posted_at: float
 
 
 class Channel:
@@ -251,7 +249,7 @@ class Channel:
             hdr = torch.empty(2, dtype=torch.int64)
             w = self._start(self.pg.recv, ([hdr], src, TAG_REPLY), "receiving", src)
             headers[src] = (w, hdr)
-        return Pending(sends, headers, time.perf_counter())
+        return Pending(sends, headers)
 
     def finish_sends(self, pending: Pending) -> None:
         """Wait until every request of ``pending`` was taken by its server."""

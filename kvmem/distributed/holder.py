@@ -305,11 +305,6 @@ class Holder:
             out, lse = self._attend(layer, seqs, views, table, q, scale)
             return out, lse, time.perf_counter() - t0
 
-    def held_new(self, handle: int, p0: int, p1: int) -> tuple[int, int]:
-        """Local index range of the positions in ``[p0, p1)`` of ``handle`` held here."""
-        v = self._views.get(handle, _View())
-        return self._held_range(np.asarray(v.idx, dtype=np.int64), p0, p1)
-
     def _held(self, idx: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(index in ``idx`` of each position's block, whether that block is held here)."""
         blk = positions // self.rblock_size

@@ -221,9 +221,43 @@ def four_ranks_long_context(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
+# ---------------------------------------------------------------- every rank an owner
+def three_owners_at_once(rank: int, world: int) -> dict[str, Any]:
+    """Each rank owns a sequence spread over all ranks; all run attention at the same time."""
+    alloc = make(64, placement="spread")
+    m = Mirror(alloc, seed=10 + rank)
+    sid = f"seq-{rank}"
+    m.add(sid, list(range(40)))
+    dist.barrier()  # start together: requests cross in every direction
+    for n in (16, 24):
+        m.run(sid, n)
+    for t in range(12):
+        m.run(sid, 1, token=t)
+    m.fork(sid, "kid")
+    m.run("kid", 1, token=99)
+    m.run(sid, 1, token=98)
+    extra = alloc.stats().extra
+    out = {
+        "placement": alloc.placement_of(sid),
+        "max_err": m.max_err,
+        "lent_borrowed": (extra["lent_tokens"], extra["borrowed_tokens"]),
+    }
+    dist.barrier()  # every rank still holds its rBlocks: check against every holder
+    alloc.check_integrity()
+    dist.barrier()
+    m.free(sid)
+    m.free("kid")
+    dist.barrier()
+    out["group_empty"] = group_is_empty(alloc)
+    out["local_used"] = alloc.local.stats().used_tokens + alloc.holder.held_blocks
+    alloc.close()
+    return out
+
+
 # ---------------------------------------------------------------- faults
 def rank_fails(rank: int, world: int, how: str, timeout: float) -> dict[str, Any]:
-    """Rank 1 dies (``how="die"``) or stops (``"stop"``) mid-run; rank 0 must fail cleanly."""
+    """Rank 1 dies (``how="die"``) or stops (``"stop"``) mid-run and rank 0 must fail cleanly;
+    or rank 0, the owner, dies (``"owner_dies"``) while rank 1 waits in ``close``."""
     alloc = make(32, timeout=timeout)
     out: dict[str, Any] = {}
     if rank == 0:
@@ -232,6 +266,18 @@ def rank_fails(rank: int, world: int, how: str, timeout: float) -> dict[str, Any
         m.run("s", 48)  # rBlocks on both ranks
         out["placement"] = alloc.placement_of("s")
     dist.barrier()
+    if how == "owner_dies":
+        if rank == 0:
+            time.sleep(0.5)
+            os._exit(3)
+        t0 = time.monotonic()
+        try:
+            alloc.close()
+            out["error"] = None
+        except PeerFailure as e:
+            out["error"] = str(e)
+        out["elapsed"] = time.monotonic() - t0
+        return out
     if rank == 1:
         if how == "die":
             os._exit(3)

@@ -56,6 +56,21 @@ def test_four_ranks_serve_three_times_one_ranks_capacity():
     assert r0["spread_err"] <= TOL and r0["spread_empty"]
 
 
+def test_three_owners_borrow_from_each_other_at_once():
+    res = run_world(w.three_owners_at_once, 3, deadline=90)
+    for r in res:
+        assert sorted(set(r["placement"])) == [0, 1, 2]  # spread over every rank
+        assert r["max_err"] <= TOL
+        assert r["lent_borrowed"][0] > 0 and r["lent_borrowed"][1] > 0
+        assert r["group_empty"] and r["local_used"] == 0
+
+
+def test_a_follower_waiting_in_close_learns_that_the_owner_died():
+    timeout = 3.0
+    r1 = run_world(w.rank_fails, 2, "owner_dies", timeout, deadline=60, need=(1,))[1]
+    assert r1["error"] is not None and r1["elapsed"] < timeout + 3.0
+
+
 @pytest.mark.parametrize("how", ["die", "stop"])
 def test_a_failed_rank_gives_a_clear_error_within_the_timeout(how):
     timeout = 3.0
