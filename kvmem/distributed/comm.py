@@ -177,7 +177,8 @@ class Channel:
         if self._failure is not None:
             raise self._failure
 
-    def _fail(self, err: PeerFailure) -> PeerFailure:
+    def record_failure(self, err: PeerFailure) -> PeerFailure:
+        """Keep ``err`` unless a failure was recorded before; return the one kept."""
         if self._failure is None:
             self._failure = err
         return self._failure
@@ -194,7 +195,7 @@ class Channel:
             why = f"{who} closed its connection (did the process die?)"
         else:
             why = f"{who}: {text.splitlines()[0] if text else type(e).__name__}"
-        return self._fail(PeerFailure(f"rank {self.rank}: {what}: {why}"))
+        return self.record_failure(PeerFailure(f"rank {self.rank}: {what}: {why}"))
 
     def _wait(self, work: Any, timeout: float, what: str, peer: int | None) -> None:
         try:

@@ -17,14 +17,49 @@ sees ``OutOfKVMemory`` and may retry.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, Literal
 
+from kvmem.distributed.comm import PeerFailure
 from kvmem.errors import InvalidArgument
 
 Placement = Literal["local_first", "spread"]
 PLACEMENTS: tuple[Placement, ...] = ("local_first", "spread")
+
+
+class GuardedStore:
+    """A store whose failures (its host, rank 0 of the default group, is gone) are PeerFailure.
+
+    ``on_failure`` may replace the error (to keep the first failure seen).
+    """
+
+    _OPS = ("set", "get", "add", "multi_get", "check", "delete_key", "wait")
+
+    def __init__(
+        self, store: Any, rank: int, on_failure: Callable[[PeerFailure], PeerFailure] | None = None
+    ) -> None:
+        self._store = store
+        self._rank = rank
+        self._on_failure = on_failure
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in self._OPS:
+            raise AttributeError(name)
+        op = getattr(self._store, name)
+
+        def call(*args: Any) -> Any:
+            try:
+                return op(*args)
+            except RuntimeError as e:
+                text = str(e).splitlines()[0] if str(e) else type(e).__name__
+                err = PeerFailure(
+                    f"rank {self._rank}: the directory store failed (did rank 0, its host, die?): "
+                    f"{text}"
+                )
+                raise (self._on_failure(err) if self._on_failure else err) from None
+
+        return call
 
 
 class PlacementDirectory:
@@ -150,4 +185,4 @@ class PlacementDirectory:
         return [int(x) for x in self.store.get(key).decode().split(",")]
 
 
-__all__ = ["PLACEMENTS", "Placement", "PlacementDirectory"]
+__all__ = ["PLACEMENTS", "GuardedStore", "Placement", "PlacementDirectory"]

@@ -74,7 +74,12 @@ from kvmem.allocator import (
     register_backend,
 )
 from kvmem.distributed.comm import Channel, PeerFailure, Traffic
-from kvmem.distributed.directory import PLACEMENTS, Placement, PlacementDirectory
+from kvmem.distributed.directory import (
+    PLACEMENTS,
+    GuardedStore,
+    Placement,
+    PlacementDirectory,
+)
 from kvmem.distributed.holder import Holder
 from kvmem.errors import DuplicateSequence, IntegrityError, InvalidArgument, KVError, OutOfKVMemory
 from kvmem.layout import BatchLayout, build_layout
@@ -222,10 +227,12 @@ class ShardedAllocator(KVAllocator):
         if self._pg is not None:
             n = next(_instances.setdefault(self._pg.group_name, itertools.count()))
             store = dist.PrefixStore(f"kvmem.sharded.{n}/", store)
-        self.directory = PlacementDirectory(store, self.world_size)
+        on_failure = self.channel.record_failure if self.channel else None
+        guarded = GuardedStore(store, self.rank, on_failure)
+        self.directory = PlacementDirectory(guarded, self.world_size)
         try:
             self.directory.register(self.rank, self.holder.capacity_blocks, self.timeout)
-        except RuntimeError as e:
+        except PeerFailure as e:
             self.local.close()
             raise PeerFailure(
                 f"rank {self.rank}: not every rank built its sharded allocator within "
@@ -659,15 +666,12 @@ class ShardedAllocator(KVAllocator):
         from the heartbeat, which records a PeerFailure that is raised here.
         """
         assert self.channel is not None
-        try:
-            self.directory.store.add(f"barrier/{name}", 1)
-            pause = 0.002
-            while int(self.directory.store.add(f"barrier/{name}", 0)) < self.world_size:
-                self.channel.check()
-                time.sleep(pause)
-                pause = min(0.1, pause * 2)
-        except RuntimeError as e:  # the store (on rank 0) is gone
-            raise PeerFailure(f"rank {self.rank}: the directory store failed: {e}") from None
+        self.directory.store.add(f"barrier/{name}", 1)
+        pause = 0.002
+        while int(self.directory.store.add(f"barrier/{name}", 0)) < self.world_size:
+            self.channel.check()
+            time.sleep(pause)
+            pause = min(0.1, pause * 2)
 
     # ------------------------------------------------------------ for attention
     def traffic(self) -> Traffic:
