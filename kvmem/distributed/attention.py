@@ -93,8 +93,13 @@ def attend(
     t1 = time.perf_counter()
     partials: list[tuple[int, np.ndarray, torch.Tensor, torch.Tensor]] = []
     if alloc.rank in seqs:
-        qi, (qq, kk, vv) = parts(alloc.rank)
-        out_l, lse_l, _ = alloc.holder.attend(layer, seqs[alloc.rank], qq, kk, vv, scale)
+        try:
+            qi, (qq, kk, vv) = parts(alloc.rank)
+            out_l, lse_l, _ = alloc.holder.attend(layer, seqs[alloc.rank], qq, kk, vv, scale)
+        except BaseException:
+            if pending is not None:  # keep the channel in step: take the replies, drop them
+                alloc.channel.collect(pending, raise_errors=False)
+            raise
         partials.append((alloc.rank, qi, out_l, lse_l))
     t2 = time.perf_counter()
     remote_s = 0.0

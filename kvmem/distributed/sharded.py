@@ -276,17 +276,19 @@ class ShardedAllocator(KVAllocator):
         remote = {r: (m, list(t)) for r, (m, t) in requests.items() if r != self.rank}
         pending = self.channel.post(remote) if remote and self.channel else None
         out: dict[int, Any] = {}
-        if self.rank in requests:
-            meta, tensors = requests[self.rank]
-            try:
-                out[self.rank] = self.holder.handle(self.rank, meta, list(tensors))
-            except PeerFailure:
-                raise
-            except KVError as e:
-                out[self.rank] = e
-        if pending is not None:
-            assert self.channel is not None
-            out.update(self.channel.collect(pending, raise_errors=False))
+        try:
+            if self.rank in requests:
+                meta, tensors = requests[self.rank]
+                try:
+                    out[self.rank] = self.holder.handle(self.rank, meta, list(tensors))
+                except PeerFailure:
+                    raise
+                except KVError as e:
+                    out[self.rank] = e
+        finally:  # the replies are always taken, so the channel stays in step
+            if pending is not None:
+                assert self.channel is not None
+                out.update(self.channel.collect(pending, raise_errors=False))
         return out
 
     def _call(self, rank: int, meta: Any, tensors: Sequence[torch.Tensor] = ()) -> Any:

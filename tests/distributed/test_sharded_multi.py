@@ -7,11 +7,17 @@ by their ``timeout`` (10 s here, 3 s in the fault tests).
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 import tests.conformance.test_contract as contract
 from tests.distributed import dist_workers as w
-from tests.distributed.dist_harness import run_world
+from tests.distributed.dist_harness import free_port, run_world
 
 pytestmark = pytest.mark.timeout(120)
 TOL = 1e-5  # fp32, against the single-process paged backend with the reference kernels
@@ -94,3 +100,21 @@ def test_conformance_contract_on_two_ranks():
     assert r0["failed"] == {}
     assert r0["passed"] == names
     assert r1["allocators"] == r0["allocators"] > 0
+
+
+def test_the_example_serves_a_sequence_longer_than_one_rank_under_torchrun():
+    root = Path(__file__).resolve().parents[2]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+        str(root / "examples" / "distributed_decode.py"),
+        "--capacity", "64", "--rblock", "16", "--chunk", "32", "--steps", "4", "--timeout", "20",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=100, env=env, cwd=root)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout
+    assert "one sequence of 100 tokens" in out and "(1.56x one rank's capacity)" in out
+    assert "on rank 0 (owner)" in out and "on rank 1 (lent)" in out
+    err = float(re.search(r"max \|error\| = (\S+)", out).group(1))
+    assert err < 1e-5
