@@ -353,7 +353,10 @@ class ShardedAllocator(KVAllocator):
             s.reserved = max(s.reserved, target)
             return
         first = len(s.blocks) - cow
-        prefer = s.blocks[first].rank if cow else None
+        # the shared rBlock is the one the next KV entry goes to; with slots
+        # reserved ahead before a fork it is not the last one held
+        cow_idx = s.num_computed // self.rblock_size
+        prefer = s.blocks[cow_idx].rank if cow else None
         holders = [b.rank for b in s.blocks]
         ranks = self.directory.plan(
             self.rank, first, new + cow, holders, self.placement, prefer=prefer
@@ -363,7 +366,7 @@ class ShardedAllocator(KVAllocator):
         placed = self._place(s, ranks[cow:])
         if cow:
             try:
-                self._copy_on_write(s, first, ranks[0])
+                self._copy_on_write(s, cow_idx, ranks[0])
             except KVError:
                 self._unplace(s.handle, self._per_rank(len(s.blocks), ranks[cow:]))
                 self.directory.give(ranks[0], 1)
