@@ -35,7 +35,9 @@ def make_layout(spec, pool, rng, seq_lens, q_lens):
         table[i, :n] = perm[start : start + n]
         start += n
     ids = tuple(range(len(seq_lens)))
-    return build_layout(PS, table, np.array(seq_lens), np.array(q_lens), ids, torch.device("cpu"), spec)
+    return build_layout(
+        PS, table, np.array(seq_lens), np.array(q_lens), ids, torch.device("cpu"), spec
+    )
 
 
 def fill(spec, pool, rng, seq_lens, kv_heads, dim):
@@ -61,8 +63,13 @@ def test_decode_and_chunked_prefill_equal_dense_float64(q_heads, kv_heads):
 
     # decode: the last token of each sequence
     dec = build_layout(
-        PS, lay_all.block_table.numpy(), np.array(seq_lens), np.ones(4), lay_all.seq_ids,
-        torch.device("cpu"), spec,
+        PS,
+        lay_all.block_table.numpy(),
+        np.array(seq_lens),
+        np.ones(4),
+        lay_all.seq_ids,
+        torch.device("cpu"),
+        spec,
     )
     q = torch.randn(4, q_heads, dim, generator=g, dtype=torch.float64)
     out, lse = ref.decode(q, layer, dec)
@@ -74,13 +81,18 @@ def test_decode_and_chunked_prefill_equal_dense_float64(q_heads, kv_heads):
     # chunked prefill: the last q_len tokens of each sequence are the new chunk
     q_lens = [1, 3, 5, 30]
     pre = build_layout(
-        PS, lay_all.block_table.numpy(), np.array(seq_lens), np.array(q_lens), lay_all.seq_ids,
-        torch.device("cpu"), spec,
+        PS,
+        lay_all.block_table.numpy(),
+        np.array(seq_lens),
+        np.array(q_lens),
+        lay_all.seq_ids,
+        torch.device("cpu"),
+        spec,
     )
     q = torch.randn(sum(q_lens), q_heads, dim, generator=g, dtype=torch.float64)
     out, lse = ref.prefill(q, layer, pre)
     qs = q.split(q_lens)
-    for b, (n, m) in enumerate(zip(seq_lens, q_lens)):
+    for b, (n, m) in enumerate(zip(seq_lens, q_lens, strict=True)):
         o, s = dense(qs[b], ks[b], vs[b], torch.arange(n - m, n))
         r0 = sum(q_lens[:b])
         assert torch.allclose(out[r0 : r0 + m], o, atol=1e-10, rtol=0)
@@ -90,8 +102,9 @@ def test_decode_and_chunked_prefill_equal_dense_float64(q_heads, kv_heads):
 @pytest.mark.parametrize("fmt", ["fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "int4"])
 def test_quantized_formats_store_what_the_quantizer_gives(fmt):
     dim, heads = 16, 2
-    spec = KVSpec(1, heads, dim, dtype=torch.float32, kv_format=fmt,
-                  group_size=8 if fmt == "int4" else None)
+    spec = KVSpec(
+        1, heads, dim, dtype=torch.float32, kv_format=fmt, group_size=8 if fmt == "int4" else None
+    )
     pool = PagePool(spec, 16, PS)
     if spec.fmt.kind == "fp8":
         pool.set_fp8_scales(0, torch.tensor([0.02, 0.05]), torch.tensor([0.03, 0.01]))
@@ -119,7 +132,9 @@ def test_slot_minus_one_is_skipped():
     spec = KVSpec(1, 1, 8, dtype=torch.float64)
     pool = PagePool(spec, 4, PS)
     lay = make_layout(spec, pool, np.random.default_rng(2), [2], [2])
-    lay = type(lay)(**{**lay.__dict__, "slot_mapping": torch.tensor([-1, lay.slot_mapping[1].item()])})
+    lay = type(lay)(
+        **{**lay.__dict__, "slot_mapping": torch.tensor([-1, lay.slot_mapping[1].item()])}
+    )
     ones = torch.ones(2, 1, 8, dtype=torch.float64)
     ref.write_kv(pool.layer(0), lay, ones * 7, ones * 3)
     k = pool.layer(0).k.flatten(0, 1)
@@ -149,10 +164,10 @@ def test_merge_states_with_empty_partials():
     v = torch.randn(3, 2, 8, dtype=torch.float64)
     s = torch.randn(3, 2, dtype=torch.float64)
     empty_v, empty_s = torch.zeros_like(v), torch.full_like(s, -math.inf)
-    o, l = ref.merge_states(v, s, empty_v, empty_s)
-    assert torch.equal(o, v) and torch.equal(l, s)
-    o, l = ref.merge_states(empty_v, empty_s, empty_v, empty_s)
-    assert torch.equal(o, empty_v) and torch.isneginf(l).all()
+    o, lse = ref.merge_states(v, s, empty_v, empty_s)
+    assert torch.equal(o, v) and torch.equal(lse, s)
+    o, lse = ref.merge_states(empty_v, empty_s, empty_v, empty_s)
+    assert torch.equal(o, empty_v) and torch.isneginf(lse).all()
 
 
 def test_bad_inputs_name_the_problem():
