@@ -214,7 +214,9 @@ async def _serve(
         params = req.sampling_params(max_tokens)
         stream = state.runner.submit(ids, params, priority=req.priority)
     except InvalidRequest as e:
-        raise APIError(400, str(e), code="invalid_value") from None
+        word = str(e).split(" ", 1)[0]
+        param = word if word in type(req).model_fields else None
+        raise APIError(400, str(e), param=param, code="invalid_value") from None
     except QueueFull as e:
         raise APIError(429, str(e), type="rate_limit_error", code="queue_full",
                        headers={"Retry-After": str(e.retry_after)}) from None

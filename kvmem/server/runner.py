@@ -253,6 +253,8 @@ class AsyncEngine:
         s = self._streams.get(request_id)
         if s is None:
             return
+        if self.metrics:
+            self.metrics.disconnected.inc()
         self._close(s, "abort", time.perf_counter())
         self.engine.abort(request_id)
         self._wake.set()
