@@ -104,8 +104,8 @@ def create_app(
         return Response(status_code=200)
 
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {
+    async def models() -> JSONResponse:
+        return JSONResponse({
             "object": "list",
             "data": [
                 {
@@ -118,7 +118,7 @@ def create_app(
                     "max_model_len": runner.engine.max_model_len,
                 }
             ],
-        }
+        })
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -148,6 +148,13 @@ def build_app(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """``kvmem serve``: serve until interrupted; 2 on bad options."""
+    try:
+        return _run(args)
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down gracefully and re-raised it
+        return 0
+
+
+def _run(args: argparse.Namespace) -> int:
     from kvmem.server.launch import serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
