@@ -93,7 +93,7 @@ class ModelConfig:
         model_type = str(cfg.get("model_type", ""))
         bias = bool(cfg.get("attention_bias", model_type == "qwen2"))
         rope = dict(cfg.get("rope_parameters") or {})  # transformers >= 5 keeps theta here
-        theta = float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0)))
+        theta = float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0)
         scaling = cfg.get("rope_scaling")
         if scaling is None and rope.get("rope_type", "default") != "default":
             scaling = rope

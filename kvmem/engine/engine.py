@@ -79,6 +79,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 256
     chunked_prefill: bool = True
     preemption: str = "recompute"
+    watermark: float = 0.01
     max_model_len: int | None = None
     attention_impl: str = "auto"
     seed: int = 0
@@ -134,6 +135,7 @@ class Engine:
             config.max_num_batched_tokens,
             config.chunked_prefill,
             config.preemption,
+            config.watermark,
         )
         self._owns_allocator = allocator is None
         if allocator is None:
@@ -186,8 +188,14 @@ class Engine:
         arrival_time: float | None = None,
         on_output: OutputCallback | None = None,
         output_len_hint: int | None = None,
+        cache_salt: Hashable = None,
     ) -> str:
         """Queue a request; return its id. Thread-safe.
+
+        ``tenant`` is who the ``fair`` policy accounts the request to;
+        ``cache_salt`` keeps its prefix-cache entries apart from other
+        salts' (pass the tenant to isolate tenants); ``output_len_hint`` is
+        the true output length, for oracle predictors in trace replays.
 
         Raises :class:`InvalidRequest` (nothing queued, nothing else
         affected) for an empty prompt, token ids outside the vocabulary, a
@@ -236,6 +244,7 @@ class Engine:
                 arrival_time=self.clock.now() if arrival_time is None else float(arrival_time),
                 output_len_hint=output_len_hint,
                 on_output=on_output,
+                cache_salt=cache_salt,
             )
             req.metrics.arrival_time = req.arrival_time
             req.metrics.num_prompt_tokens = len(ids)

@@ -93,6 +93,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class Rotary(nn.Module):
     """Cos/sin tables for every position up to ``max_position_embeddings``."""
 
+    cos: torch.Tensor
+    sin: torch.Tensor
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         inv, scale = rope_inv_freq(cfg)

@@ -36,6 +36,11 @@ class Policy(ABC):
 
     name: str = "policy"
 
+    @property
+    def can_preempt(self) -> bool:
+        """Whether :meth:`preempts` can ever be true (the scheduler skips the check if not)."""
+        return False
+
     @abstractmethod
     def key(self, request: Request) -> tuple[float, ...]:
         """Sort key: smaller keys are served first."""
@@ -96,6 +101,11 @@ class ISRTF(Policy):
         """Predicted remaining tokens, then arrival."""
         return (self.remaining(request), request.arrival_time, request.seq_no)
 
+    @property
+    def can_preempt(self) -> bool:
+        """Only with ``preempt_ratio``."""
+        return self.preempt_ratio is not None
+
     def preempts(self, waiting: Request, running: Request) -> bool:
         """Only with ``preempt_ratio``: a much shorter job displaces a long one."""
         if self.preempt_ratio is None:
@@ -128,6 +138,11 @@ class Fair(Policy):
         """Higher priority first, then the tenant with least service, then arrival."""
         c = self.counters.get(request.tenant, 0.0)
         return (-request.priority, c, request.arrival_time, request.seq_no)
+
+    @property
+    def can_preempt(self) -> bool:
+        """Priorities preempt."""
+        return True
 
     def preempts(self, waiting: Request, running: Request) -> bool:
         """A strictly higher priority preempts."""

@@ -120,6 +120,8 @@ class Request:
     #: The true output length when known (a replayed trace): only oracle predictors read it.
     output_len_hint: int | None = None
     on_output: OutputCallback | None = None
+    #: Prefix-cache namespace: prompts with different salts never share KV.
+    cache_salt: Hashable = None
     token_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
     status: RequestStatus = RequestStatus.WAITING

@@ -50,15 +50,22 @@ class SchedulerConfig:
     ``max_num_seqs`` caps requests holding KV (running); ``max_num_batched_tokens``
     is the per-step token budget; with ``chunked_prefill=False`` a prompt is
     only scheduled whole (the unchunked baseline: make the budget at least
-    the longest prompt).
+    the longest prompt). A waiting request is admitted only if its whole
+    remaining prompt fits with ``watermark`` (a fraction of the KV capacity)
+    to spare, unless nothing is running: headroom for running requests'
+    decodes, so admissions do not immediately force preemptions (vLLM's
+    watermark, 1%).
     """
 
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 256
     chunked_prefill: bool = True
     preemption: str = "recompute"
+    watermark: float = 0.01
 
     def __post_init__(self) -> None:
+        if not 0 <= self.watermark < 1:
+            raise InvalidArgument(f"watermark must be in [0, 1), got {self.watermark!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -120,7 +127,9 @@ class Scheduler:
         self.running: list[Request] = []
         self.swapped: list[Request] = []
         self.num_preemptions = 0
-        self._preemptive = type(policy).preempts is not Policy.preempts
+        self._kv_epoch = 0  # counts releases: free KV only grows when one happens
+        self._blocked: dict[str, int] = {}  # request id -> epoch its admission failed in
+        self._watermark = int(config.watermark * allocator.stats().capacity_tokens)
         self._seq = 0
 
     # ------------------------------------------------------------- membership
@@ -141,6 +150,7 @@ class Scheduler:
         for q in (self.running, self.waiting, self.swapped):
             if request in q:
                 q.remove(request)
+        self._blocked.pop(request.request_id, None)
         self._release(request)
 
     def _release(self, r: Request) -> None:
@@ -151,6 +161,7 @@ class Scheduler:
         if r.registered:
             self.allocator.free(r.request_id)
             r.registered = False
+            self._kv_epoch += 1
         r.num_computed = 0
 
     # -------------------------------------------------------------- preemption
@@ -178,9 +189,7 @@ class Scheduler:
     def _victim(self, r: Request, scheduled: set[int]) -> Request:
         """The running request not yet in the batch with the largest key (``r`` included)."""
         cands = [
-            x
-            for x in self.running
-            if x is r or (id(x) not in scheduled and x.swap_handle is None)
+            x for x in self.running if x is r or (id(x) not in scheduled and x.swap_handle is None)
         ]
         return max(cands, key=self.policy.key)
 
@@ -258,7 +267,7 @@ class Scheduler:
         out = SchedulerOutput()
         cfg = self.config
         self._poll_swaps(out)
-        if self._preemptive:
+        if self.policy.can_preempt:
             self._priority_preempt(out)
         budget = cfg.max_num_batched_tokens
         scheduled: set[int] = set()
@@ -291,9 +300,11 @@ class Scheduler:
                     break
                 seats -= 1
                 continue
+            if self._blocked.get(r.request_id) == self._kv_epoch:
+                break  # it did not fit, and no KV has been released since
             if not r.registered:
                 try:
-                    cached = self.allocator.add(r.request_id, r.token_ids)
+                    cached = self.allocator.add(r.request_id, r.token_ids, cache_salt=r.cache_salt)
                 except OutOfKVMemory:
                     break
                 except KVError as e:
@@ -304,14 +315,20 @@ class Scheduler:
                 r.num_computed = cached
                 r.metrics.num_cached_tokens += cached
             n = min(r.num_to_compute, budget)
-            fits = cfg.chunked_prefill or n == r.num_to_compute
+            fits = cfg.chunked_prefill or n == r.num_to_compute  # unchunked: wait for room
+            if fits and self.running and self._watermark:
+                need = r.num_to_compute + self._watermark
+                fits = self.allocator.can_reserve({r.request_id: need})
             try:
                 if not fits:
-                    raise OutOfKVMemory("budget")  # unchunked: wait for a step with room
+                    raise OutOfKVMemory("no room to admit")
                 self.allocator.reserve(r.request_id, n)
             except OutOfKVMemory:
                 self._release(r)
+                if cfg.chunked_prefill or n == r.num_to_compute:
+                    self._blocked[r.request_id] = self._kv_epoch
                 break
+            self._blocked.pop(r.request_id, None)
             self.waiting.remove(r)
             r.status = RequestStatus.RUNNING
             self.running.append(r)

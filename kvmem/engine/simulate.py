@@ -9,16 +9,22 @@ trace use ``ignore_eos`` and stop at their trace length).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from kvmem.allocator import KVAllocator
 from kvmem.engine.clock import SimClock
 from kvmem.engine.executor import Executor
+from kvmem.engine.request import Request, SamplingParams
 from kvmem.engine.scheduler import ScheduledChunk
 from kvmem.spec import KVSpec
+
+if TYPE_CHECKING:
+    from kvmem.engine.engine import Engine
 
 
 @dataclass(frozen=True)
@@ -77,4 +83,57 @@ class SimulatedExecutor(Executor):
         return torch.zeros(sum(1 for c in chunks if c.samples), 1)
 
 
-__all__ = ["CostModel", "SimulatedExecutor"]
+@dataclass(frozen=True)
+class TraceRequest:
+    """One request of a replayed trace: when it arrives and how long it is."""
+
+    arrival: float
+    prompt_len: int
+    output_len: int
+    tenant: str = "default"
+    priority: int = 0
+
+
+def replay(
+    engine: Engine,
+    clock: SimClock,
+    trace: Sequence[TraceRequest],
+    seed: int = 0,
+    on_step: Callable[[], None] | None = None,
+) -> list[Request]:
+    """Feed ``trace`` to ``engine`` at its arrival times; step until all finish; return them.
+
+    Prompts are random token ids (no accidental prefix sharing); outputs
+    run to exactly ``output_len`` tokens (``ignore_eos``), which the
+    requests also carry as ``output_len_hint`` for oracle predictors. When
+    the engine is idle the clock jumps to the next arrival.
+    """
+    rng = np.random.default_rng(seed)
+    order = sorted(range(len(trace)), key=lambda i: trace[i].arrival)
+    ids: list[str] = []
+    i = 0
+    while i < len(order) or engine.has_unfinished():
+        while i < len(order) and trace[order[i]].arrival <= clock.now():
+            t = trace[order[i]]
+            ids.append(
+                engine.add_request(
+                    rng.integers(0, 32000, t.prompt_len).tolist(),
+                    SamplingParams(max_tokens=t.output_len, ignore_eos=True),
+                    tenant=t.tenant,
+                    priority=t.priority,
+                    arrival_time=t.arrival,
+                    output_len_hint=t.output_len,
+                )
+            )
+            i += 1
+        if not engine.has_unfinished():
+            clock.advance_to(trace[order[i]].arrival)
+            continue
+        engine.step()
+        if on_step is not None:
+            on_step()
+    done = {r.request_id: r for r in engine.finished}
+    return [done[x] for x in ids]
+
+
+__all__ = ["CostModel", "SimulatedExecutor", "TraceRequest", "replay"]

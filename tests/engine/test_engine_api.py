@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from conftest import PROMPTS
+from engine_helpers import PROMPTS
 
 from kvmem import InvalidArgument, KVError
 from kvmem.engine import Engine, InvalidRequest, SamplingParams, random_model

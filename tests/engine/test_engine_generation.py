@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import PROMPTS, run_checked
+from engine_helpers import PROMPTS, run_checked
 
 from kvmem import KVError, create_allocator
 from kvmem.backends.paged import PagedAllocator
