@@ -212,7 +212,8 @@ async def _serve(
     max_tokens = _budget(req, len(ids), state)
     try:
         params = req.sampling_params(max_tokens)
-        stream = state.runner.submit(ids, params, priority=req.priority)
+        stream = state.runner.submit(ids, params, priority=req.priority,
+                                     tenant=req.user or "default")
     except InvalidRequest as e:
         word = str(e).split(" ", 1)[0]
         param = word if word in type(req).model_fields else None

@@ -129,6 +129,7 @@ def build_engine(args: argparse.Namespace) -> Built:
         max_model_len=args.max_model_len,
         attention_impl=args.attention_impl,
         seed=args.seed,
+        finished_history=1024,  # a long-running server keeps only recent finished requests
     )
     return Built(Engine(model, config, tokenizer=tokenizer), name, model_dir)
 

@@ -6,7 +6,8 @@ Fields that benchmark clients send are accepted: ``ignore_eos``,
 ``stop_token_ids``, ``top_k``, ``repetition_penalty`` (1.0 only),
 ``stream_options.include_usage``, ``min_tokens`` (0 only), vLLM's
 ``return_token_ids`` (each choice then carries the generated ``token_ids``)
-and ``priority`` (read by the ``fair`` policy). Features the engine does
+and ``priority``; ``user`` names the request's tenant (the ``fair`` policy
+shares the engine between tenants and preempts by priority). Features the engine does
 not have (``n > 1``, ``best_of``, ``logprobs``, ``echo``, ``suffix``,
 penalties, tools) are refused with a 400 that names the field, never
 silently ignored.

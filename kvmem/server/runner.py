@@ -104,9 +104,11 @@ class AsyncEngine:
         self._thread.start()
 
     async def stop(self) -> None:
-        """Abort every request, stop the thread and wait for it."""
-        for rid in list(self._streams):
-            self.abort(rid)
+        """End every request (its stream gets an ``abort``), stop the thread and wait for it."""
+        for rid, s in list(self._streams.items()):
+            s.queue.put_nowait(RequestOutput(rid, [], "", True, "abort",
+                                             "the server is shutting down"))
+            self._abort(rid, disconnected=False)
         self._stop = True
         self._wake.set()
         if self._thread is not None:
@@ -249,11 +251,17 @@ class AsyncEngine:
         return s
 
     def abort(self, request_id: str) -> None:
-        """Abort a request whose client went away: its KV is freed now or after the current step."""
+        """Abort a request whose client went away: its KV is freed now or after the current step.
+
+        A no-op for a request that has finished.
+        """
+        self._abort(request_id, disconnected=True)
+
+    def _abort(self, request_id: str, disconnected: bool) -> None:
         s = self._streams.get(request_id)
         if s is None:
             return
-        if self.metrics:
+        if self.metrics and disconnected:
             self.metrics.disconnected.inc()
         self._close(s, "abort", time.perf_counter())
         self.engine.abort(request_id)

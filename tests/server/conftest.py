@@ -18,6 +18,9 @@ torch.set_num_threads(1)
 
 MODEL = "kvmem-tiny"
 
+#: One client for the tests' synchronous calls (``httpx.get`` builds a client, ~0.1 s, per call).
+HTTP = httpx.Client(timeout=60)
+
 
 @pytest.fixture(scope="session")
 def tiny_model():
@@ -55,6 +58,6 @@ def metric(text: str, name: str) -> float:
 
 def get_metric(url: str, name: str) -> float:
     """Scrape ``url``/metrics and read one metric."""
-    r = httpx.get(f"{url}/metrics")
+    r = HTTP.get(f"{url}/metrics")
     assert r.status_code == 200
     return metric(r.text, name)

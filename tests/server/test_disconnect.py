@@ -6,7 +6,8 @@ import asyncio
 import time
 
 import httpx
-from conftest import MODEL, get_metric
+import pytest
+from conftest import HTTP, MODEL, get_metric
 
 N_STREAMS = 20
 N_BLOCKING = 4
@@ -63,7 +64,7 @@ def test_clients_dropping_mid_stream_free_their_kv(make_server):
     assert freed_in < 1.0
     assert get_metric(srv.url, "request_client_disconnects_total") == N_STREAMS
     assert get_metric(srv.url, "num_aborted_requests_total") == N_STREAMS
-    r = httpx.post(f"{srv.url}/v1/completions", json={"model": MODEL, "prompt": "still here",
+    r = HTTP.post(f"{srv.url}/v1/completions", json={"model": MODEL, "prompt": "still here",
                                                        "max_tokens": 3})
     assert r.status_code == 200
 
@@ -82,3 +83,25 @@ def test_non_streaming_client_that_times_out_is_aborted(make_server):
     asyncio.run(run())
     assert _wait_freed(srv.url, 1.0) < 1.0
     assert get_metric(srv.url, "num_aborted_requests_total") == N_BLOCKING
+
+
+def test_stopping_the_server_ends_open_streams_and_frees_kv(tiny_model):
+    from kvmem.engine import Engine
+    from kvmem.server import AsyncEngine, ServerThread, create_app
+
+    engine = Engine(tiny_model, num_kv_tokens=4096)
+    srv = ServerThread(create_app(AsyncEngine(engine), MODEL)).start()
+    body = {"model": MODEL, "prompt": "never ends", "max_tokens": 2000, "ignore_eos": True,
+            "stream": True}
+    with httpx.Client(timeout=30) as client, \
+            client.stream("POST", f"{srv.url}/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: {")
+        t0 = time.perf_counter()
+        srv.stop()
+        assert time.perf_counter() - t0 < 10
+        with pytest.raises(httpx.HTTPError):  # the stream was cut, not finished
+            for line in lines:
+                assert line != "data: [DONE]"
+    assert engine.allocator.stats().used_tokens == 0
+    assert not engine.has_unfinished()

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import httpx
 import pytest
-from conftest import MODEL
+from conftest import HTTP, MODEL
 
 CTX = 2048  # the tiny preset's context
-KV = 1024  # the pool of the server below: smaller than the context, so both limits are reachable
+KV = 512  # the pool of the server below: smaller than the context, so both limits are reachable
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +75,7 @@ CASES = [
 @pytest.mark.parametrize("name,path,body,status,param,words", CASES, ids=[c[0] for c in CASES])
 def test_bad_request_is_a_clear_4xx(url, name, path, body, status, param, words):
     kw = {"content": body} if isinstance(body, bytes) else {"json": body}
-    r = httpx.post(f"{url}/v1/{path}", headers={"content-type": "application/json"}, **kw)
+    r = HTTP.post(f"{url}/v1/{path}", headers={"content-type": "application/json"}, **kw)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}
@@ -85,21 +84,21 @@ def test_bad_request_is_a_clear_4xx(url, name, path, body, status, param, words)
 
 
 def test_unknown_route_and_method_are_json_errors(url):
-    r = httpx.get(f"{url}/v1/nothing")
+    r = HTTP.get(f"{url}/v1/nothing")
     assert r.status_code == 404 and "message" in r.json()["error"]
-    r = httpx.get(f"{url}/v1/completions")
+    r = HTTP.get(f"{url}/v1/completions")
     assert r.status_code == 405 and "message" in r.json()["error"]
 
 
 def test_server_keeps_serving_after_bad_requests(url):
     for _, path, body, *_ in CASES:  # every bad request again, then good ones
         kw = {"content": body} if isinstance(body, bytes) else {"json": body}
-        httpx.post(f"{url}/v1/{path}", headers={"content-type": "application/json"}, **kw)
+        HTTP.post(f"{url}/v1/{path}", headers={"content-type": "application/json"}, **kw)
     near_full = ok_completion(prompt="y" * (KV - 40), max_tokens=40, ignore_eos=True)
-    r = httpx.post(f"{url}/v1/completions", json=near_full, timeout=60)
+    r = HTTP.post(f"{url}/v1/completions", json=near_full, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 40
-    r = httpx.post(f"{url}/v1/chat/completions", json=ok_chat())
+    r = HTTP.post(f"{url}/v1/chat/completions", json=ok_chat())
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
-    assert httpx.get(f"{url}/health").status_code == 200
-    m = httpx.get(f"{url}/metrics").text
+    assert HTTP.get(f"{url}/health").status_code == 200
+    m = HTTP.get(f"{url}/metrics").text
     assert 'kvmem:request_rejected_total{model_name="kvmem-tiny",status="400"}' in m

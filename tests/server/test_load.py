@@ -9,7 +9,7 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import MODEL, get_metric
+from conftest import HTTP, MODEL, get_metric
 from sse import stream_completion
 
 from kvmem.engine import ByteTokenizer
@@ -61,7 +61,7 @@ def test_200_concurrent_streams_complete_or_get_429(make_server):
         r = results[i]
         assert int(r.headers["retry-after"]) >= 1
         assert r.error["code"] == "queue_full" and r.error["type"] == "rate_limit_error"
-    page = httpx.get(f"{srv.url}/metrics").text
+    page = HTTP.get(f"{srv.url}/metrics").text
     assert get_metric(srv.url, "kv_cache_used_tokens") == 0
     for name in ("num_requests_running", "num_requests_waiting", "server_requests_in_flight",
                  "server_queue_size"):

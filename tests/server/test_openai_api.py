@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import httpx
 import openai
 import pytest
-from conftest import MODEL
+from conftest import HTTP, MODEL
 
 from kvmem.engine import Engine, SamplingParams
 from kvmem.server import ChatTemplate
@@ -122,10 +121,10 @@ def test_seeded_sampling_repeats_and_stop_strings_cut(client, reference):
 def test_request_id_header_is_used_and_echoed(server):
     body = {"model": MODEL, "prompt": "hi", "max_tokens": 2, "logprobs": None,
             "repetition_penalty": 1.0}
-    r = httpx.post(f"{server.url}/v1/completions", json=body, headers={"x-request-id": "abc-1"})
+    r = HTTP.post(f"{server.url}/v1/completions", json=body, headers={"x-request-id": "abc-1"})
     assert r.status_code == 200, r.text
     assert r.json()["id"] == "cmpl-abc-1" and r.headers["x-request-id"] == "abc-1"
 
 
 def test_health(server):
-    assert httpx.get(f"{server.url}/health").status_code == 200
+    assert HTTP.get(f"{server.url}/health").status_code == 200

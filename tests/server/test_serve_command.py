@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+from conftest import HTTP
 from safetensors.torch import save_file
 
 from kvmem.engine import preset, random_model
@@ -66,15 +67,16 @@ def test_checkpoint_dir_is_served_with_its_name_and_chat_template(tmp_path):
     assert eng.max_model_len == 512 and eng.config.kv_format == "fp8_e4m3"
     assert eng.allocator.stats().page_size == 8
     with ServerThread(app) as srv:
-        models = httpx.get(f"{srv.url}/v1/models").json()["data"]
+        models = HTTP.get(f"{srv.url}/v1/models").json()["data"]
         assert [m["id"] for m in models] == ["my-llama"] and models[0]["max_model_len"] == 512
         msgs = [{"role": "user", "content": "Hi"}]
-        r = httpx.post(f"{srv.url}/v1/chat/completions",
-                       json={"model": "my-llama", "messages": msgs, "max_tokens": 3})
+        r = HTTP.post(f"{srv.url}/v1/chat/completions",
+                       json={"model": "my-llama", "messages": msgs, "max_tokens": 3,
+                             "user": "tenant-a", "priority": 2})
         assert r.status_code == 200, r.text
         rendered = "<s>[USER] Hi\n[ASSISTANT] "
         assert r.json()["usage"]["prompt_tokens"] == len(rendered.encode())
-        big = httpx.post(f"{srv.url}/v1/completions",
+        big = HTTP.post(f"{srv.url}/v1/completions",
                          json={"model": "my-llama", "prompt": "x", "max_tokens": 600})
         assert big.status_code == 400 and "512" in big.json()["error"]["message"]
 
@@ -108,13 +110,13 @@ def test_python_dash_m_serves_until_interrupted():
         while True:
             assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
             try:
-                if httpx.get(f"{url}/health").status_code == 200:
+                if HTTP.get(f"{url}/health").status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             assert time.monotonic() < deadline, "the server did not come up"
             time.sleep(0.2)
-        r = httpx.post(f"{url}/v1/completions",
+        r = HTTP.post(f"{url}/v1/completions",
                        json={"model": "kvmem-tiny", "prompt": "Hi", "max_tokens": 5,
                              "ignore_eos": True})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
