@@ -14,14 +14,43 @@ KV freed at once. In Python::
     app = create_app(AsyncEngine(Engine(), max_queue=64), "kvmem-tiny")
     with ServerThread(app) as srv:  # a free port on 127.0.0.1
         print(srv.url)
+
+The names below load on first use, so ``kvmem.server.cli`` (the ``serve``
+sub-command's options) imports without the ``server`` extra installed.
 """
 
-from kvmem.server.app import create_app
-from kvmem.server.chat import ChatTemplate
-from kvmem.server.launch import ServerThread, serve
-from kvmem.server.metrics import ServerMetrics
-from kvmem.server.protocol import APIError
-from kvmem.server.runner import AsyncEngine, QueueFull, RequestStream
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kvmem.server.app import create_app
+    from kvmem.server.chat import ChatTemplate
+    from kvmem.server.launch import ServerThread, serve
+    from kvmem.server.metrics import ServerMetrics
+    from kvmem.server.protocol import APIError
+    from kvmem.server.runner import AsyncEngine, QueueFull, RequestStream
+
+_EXPORTS = {
+    "APIError": "protocol",
+    "AsyncEngine": "runner",
+    "ChatTemplate": "chat",
+    "QueueFull": "runner",
+    "RequestStream": "runner",
+    "ServerMetrics": "metrics",
+    "ServerThread": "launch",
+    "create_app": "app",
+    "serve": "launch",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kvmem.server' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"kvmem.server.{module}"), name)
+
 
 __all__ = [
     "APIError",

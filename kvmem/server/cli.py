@@ -156,6 +156,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        print(f"kvmem serve needs the server extra (pip install 'kvmem[server]'): {e}",
+              file=sys.stderr)
+        return 2
     from kvmem.server.launch import serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")

@@ -129,3 +129,9 @@ def test_python_dash_m_serves_until_interrupted():
             raise
     assert rc == 0
     assert "Traceback" not in (proc.stdout.read() if proc.stdout else "")
+
+
+def test_without_the_server_extra_serve_says_what_to_install(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if not installed
+    assert main(["--port", "1"]) == 2
+    assert "kvmem[server]" in capsys.readouterr().err
