@@ -20,6 +20,10 @@ from kvmem.engine.tokenizer import ByteTokenizer, Tokenizer
 from kvmem.errors import KVError
 from kvmem.formats import FORMAT_NAMES
 
+_DESCRIPTION = (
+    "Serve the kvmem engine over the OpenAI HTTP API (/v1/completions, /v1/chat/completions, "
+    "/v1/models, /health, /metrics)."
+)
 _DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16}
 
@@ -64,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``serve`` to a parser's sub-commands (its handler is :func:`run`)."""
     p = subparsers.add_parser("serve", help="serve an OpenAI-compatible HTTP API over the engine",
-                              description=__doc__.splitlines()[0])
+                              description=_DESCRIPTION)
     add_arguments(p)
     p.set_defaults(fn=run)
     return p
@@ -187,7 +191,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m kvmem.server [options]``: the ``serve`` command on its own."""
-    p = argparse.ArgumentParser(prog="python -m kvmem.server", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m kvmem.server", description=_DESCRIPTION)
     add_arguments(p)
     return run(p.parse_args(argv))
 
