@@ -274,6 +274,7 @@ def plot(rates: list[float], rows: list[dict[str, float]], args: argparse.Namesp
     ax.plot(xs, [r["request_goodput"] for r in rows], "s--", label="goodput (SLO met)")
     if offline_rps:
         ax.axhline(offline_rps, color="C7", lw=1, ls=":", label="offline engine")
+    ax.set_ylim(0, 1.15 * max([offline_rps or 0.0, *(r["request_throughput"] for r in rows)]))
     ax.set_title("requests/s served")
     ax.set_ylabel("req/s")
     ax.legend(fontsize=8)
@@ -395,6 +396,7 @@ def main() -> None:
     args.num_prompts = args.num_prompts or 100
     args.model_desc = Path(args.model).name if args.model else f"{args.preset} preset"
 
+    load_before = os.getloadavg()[0]
     proc = None
     if args.url:
         url = args.url.rstrip("/")
@@ -444,6 +446,8 @@ def main() -> None:
         "output_len": args.output_len, "num_prompts": args.num_prompts,
         "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms,
         "rates": [r if math.isfinite(r) else "inf" for r in args.rates],
+        # other processes on a shared machine move every latency here: record how busy it was
+        "loadavg_1min_before": load_before, "loadavg_1min_after": os.getloadavg()[0],
         "max_output_throughput": max(r["output_throughput"] for r in rows),
         "offline_output_throughput": offline,
         "server_vs_offline_throughput": (rows[-1]["output_throughput"] / offline
