@@ -62,7 +62,8 @@ class EngineConfig:
     """Everything the engine is built from, besides the model.
 
     ``backend`` and ``backend_options`` go to :func:`kvmem.create_allocator`
-    (with ``num_tokens=num_kv_tokens`` and ``device``); ``policy`` and
+    (with ``num_tokens=num_kv_tokens`` and ``device``, by default the
+    model's); ``policy`` and
     ``policy_options`` to :func:`~kvmem.engine.policies.make_policy`.
     ``max_model_len`` defaults to the model's context. ``detokenize=False``
     skips text (and stop strings) for replay benchmarks.
@@ -72,7 +73,7 @@ class EngineConfig:
     backend_options: Mapping[str, Any] = field(default_factory=dict)
     kv_format: str = "auto"
     num_kv_tokens: int = 16384
-    device: str = "cpu"
+    device: str | None = None
     policy: str = "fcfs"
     policy_options: Mapping[str, Any] = field(default_factory=dict)
     max_num_seqs: int = 32
@@ -140,7 +141,7 @@ class Engine:
         self._owns_allocator = allocator is None
         if allocator is None:
             options = dict(config.backend_options)
-            options.setdefault("device", config.device)
+            options.setdefault("device", config.device or executor.device)
             spec = executor.kv_spec(config.kv_format)
             allocator = create_allocator(
                 config.backend, spec, num_tokens=config.num_kv_tokens, **options
@@ -163,6 +164,22 @@ class Engine:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self._first_step_time: float | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str, dtype: torch.dtype | None = None, **overrides: Any
+    ) -> Engine:
+        """An engine on a local checkpoint directory (config.json, safetensors, tokenizer.json).
+
+        The tokenizer is the directory's ``tokenizer.json`` when there is one,
+        else the byte tokenizer; nothing is fetched from the network.
+        """
+        from kvmem.engine.tokenizer import load_tokenizer
+        from kvmem.engine.weights import load_model
+
+        model = load_model(path, dtype=dtype)
+        tok = load_tokenizer(path, tuple(model.config.eos_token_ids))
+        return cls(model, tokenizer=tok, **overrides)
 
     def _check_swap(self) -> None:
         try:
@@ -495,6 +512,16 @@ class Engine:
         stop = until or (lambda: not self.has_unfinished())
         while not stop():
             self.step()
+
+    def serve_forever(self, stop: threading.Event, idle_sleep: float = 0.002) -> None:
+        """Step until ``stop`` is set, sleeping ``idle_sleep`` s when there is nothing to do.
+
+        Meant for a background thread (a server's), while other threads call
+        ``add_request``, ``abort`` and ``set_priority``.
+        """
+        while not stop.is_set():
+            if not self.step() and not self.has_unfinished():
+                stop.wait(idle_sleep)
 
     @staticmethod
     def _completion(r: Request) -> Completion:

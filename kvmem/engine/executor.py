@@ -26,6 +26,8 @@ class Executor(ABC):
     max_model_len: int
     vocab_size: int
     eos_token_ids: tuple[int, ...] = ()
+    #: Where the KV should live (the model's device).
+    device: torch.device = torch.device("cpu")
 
     @abstractmethod
     def kv_spec(self, kv_format: str = "auto", **options: object) -> KVSpec:
@@ -49,6 +51,7 @@ class ModelExecutor(Executor):
         self.max_model_len = cfg.max_position_embeddings
         self.vocab_size = cfg.vocab_size
         self.eos_token_ids = tuple(cfg.eos_token_ids)
+        self.device = model.device
 
     def kv_spec(self, kv_format: str = "auto", **options: object) -> KVSpec:
         """The model's KV shape in ``kv_format``."""

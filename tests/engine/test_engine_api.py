@@ -92,9 +92,7 @@ def test_submit_and_abort_from_another_thread_while_stepping(model):
 
     def loop():
         try:
-            while not stop.is_set():
-                if not eng.step():
-                    time.sleep(0.001)
+            eng.serve_forever(stop)
         except BaseException as e:  # surfaced below
             errors.append(e)
 

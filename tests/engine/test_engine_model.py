@@ -103,3 +103,20 @@ def test_byte_tokenizer_streams_multibyte_text_whole():
     parts = [dec.feed([i]) for i in ids]
     assert "".join(parts) + dec.flush() == "héllo ✓"
     assert all("\ufffd" not in p for p in parts)
+
+
+def test_engine_from_a_checkpoint_directory_with_tokenizer_json(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from kvmem.engine import Engine, HFTokenizer, SamplingParams
+
+    _, model = hf_pair("llama", tmp_path)
+    vocab = {"[UNK]": 0, "hello": 1, "world": 2, "kv": 3, "cache": 4}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    eng = Engine.from_pretrained(str(tmp_path), num_kv_tokens=512)
+    assert isinstance(eng.tokenizer, HFTokenizer)
+    assert eng.tokenizer.encode("hello kv cache") == [1, 3, 4]
+    [c] = eng.generate(["hello world"], SamplingParams(max_tokens=5, ignore_eos=True))
+    assert c.prompt_token_ids == [1, 2] and len(c.output_token_ids) == 5
