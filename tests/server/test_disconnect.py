@@ -57,16 +57,20 @@ def test_clients_dropping_mid_stream_free_their_kv(make_server):
             assert await asyncio.to_thread(get_metric, srv.url, "num_requests_running") \
                 == N_STREAMS
             # the engine is busy with 20 requests: the event loop still answers at once
+            worst = 0.0
             for _ in range(5):
                 t0 = time.perf_counter()
                 assert (await client.get(f"{srv.url}/health")).status_code == 200
-                assert time.perf_counter() - t0 < 0.5
+                worst = max(worst, time.perf_counter() - t0)
+            assert worst < 0.5
+            print(f"/health under load: {worst * 1000:.1f} ms at worst")
             drop.set()
             assert all(c == 3 for c in await asyncio.gather(*tasks))
             return await asyncio.to_thread(_wait_freed, srv.url, 1.0)
 
     freed_in = asyncio.run(run())
     assert freed_in < 1.0
+    print(f"KV of {N_STREAMS} dropped streams freed {freed_in * 1000:.0f} ms after they left")
     assert get_metric(srv.url, "request_client_disconnects_total") == N_STREAMS
     assert get_metric(srv.url, "num_aborted_requests_total") == N_STREAMS
     r = HTTP.post(f"{srv.url}/v1/completions", json={"model": MODEL, "prompt": "still here",
