@@ -1,4 +1,4 @@
-"""The ``kvmem`` command: ``demo``, ``bench``, ``info``."""
+"""The ``kvmem`` command: ``demo``, ``serve``, ``bench``, ``info``."""
 
 from __future__ import annotations
 
@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     b.set_defaults(fn=_bench)
     i = sub.add_parser("info", help="versions, backends, formats, devices")
     i.set_defaults(fn=_info)
+    from kvmem.server.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
     args = ap.parse_args(argv)
     return int(args.fn(args))
 
