@@ -1,0 +1,54 @@
+"""A model of what KV each sequence should hold, to check any backend's data path.
+
+Every token's K row is filled with one number derived from the token ids up
+to and including it, and its V row with minus that number. Two sequences with
+the same prefix therefore expect the same KV for it, which is exactly what a
+prefix cache or a fork may share; any slot mix-up shows as a wrong number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import torch
+
+from kvmem import KVAllocator
+from kvmem.attention import reference
+
+
+def token_values(tokens: Sequence[int]) -> list[float]:
+    """The KV marker of each position of ``tokens``."""
+    out, h = [], 17
+    for t in tokens:
+        h = (h * 1_000_003 + t + 1) % 16_777_213
+        out.append(float(h))
+    return out
+
+
+def write_step(alloc: KVAllocator, batch: list[tuple[Hashable, int]], tokens: dict) -> None:
+    """Lay out ``batch``, check every sequence's existing KV, write the new KV, commit."""
+    lay = alloc.layout(batch)
+    spec = alloc.spec
+    rows = []
+    for b, (sid, n) in enumerate(batch):
+        done = int(lay.seq_lens[b]) - n
+        check_kv(alloc, lay, b, tokens[sid][:done])
+        rows += token_values(tokens[sid])[done : done + n]
+    vals = torch.tensor(rows, dtype=torch.float32)[:, None, None]
+    k = vals.expand(-1, spec.num_kv_heads, spec.head_dim)
+    for i in range(spec.num_layers):
+        reference.write_kv(alloc.layer(i), lay, k + i, -k - i)
+    for sid, n in batch:
+        alloc.commit(sid, n)
+
+
+def check_kv(alloc: KVAllocator, lay, b: int, tokens: Sequence[int]) -> None:
+    """Assert that sequence ``b`` of ``lay`` holds the KV of ``tokens`` in every layer."""
+    if not tokens:
+        return
+    pages = lay.kv_indices[int(lay.kv_indptr[b]) : int(lay.kv_indptr[b + 1])]
+    expect = torch.tensor(token_values(tokens), dtype=torch.float64)
+    for i in range(alloc.spec.num_layers):
+        k, v = reference.gather_kv(alloc.layer(i), pages, len(tokens), torch.float64)
+        assert torch.equal(k[:, 0, 0], expect + i), f"layer {i} K of {lay.seq_ids[b]!r} is wrong"
+        assert torch.equal(v[:, -1, -1], -expect - i), f"layer {i} V of {lay.seq_ids[b]!r} is wrong"

@@ -1,0 +1,192 @@
+"""Random add/append/reserve/commit/fork/free sequences on every in-process backend.
+
+After every step ``check_integrity`` must hold; every step that writes KV
+first checks that the sequence's existing KV is intact (see kvmodel); a
+failed reserve must change nothing; and when all sequences are freed no page
+is left in use.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, Phase, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
+
+from kvmem import KVSpec, OutOfKVMemory
+from tests.conformance.kvmodel import check_kv, write_step
+from tests.conftest import make_allocator
+
+PREFIXES = [[7] * 9, [3, 1, 4, 1, 5, 9, 2, 6]]  # shared prompt heads, to hit the prefix cache
+CAPACITY = 48
+
+
+def snapshot(alloc):
+    return alloc.stats(), {s: alloc.seq_info(s) for s in alloc.seq_ids()}
+
+
+def machine_for(kind: str) -> type[RuleBasedStateMachine]:
+    class AllocatorMachine(RuleBasedStateMachine):
+        seqs = Bundle("seqs")
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.alloc = make_allocator(kind, KVSpec(2, 1, 4, dtype=torch.float32), CAPACITY)
+            self.tokens: dict[int, list[int]] = {}
+            self.next_id = 0
+
+        def _new_id(self) -> int:
+            self.next_id += 1
+            return self.next_id
+
+        @rule(
+            target=seqs,
+            prefix=st.sampled_from([0, 1, None]),
+            tail=st.lists(st.integers(0, 5), min_size=1, max_size=12),
+        )
+        def add(self, prefix, tail):
+            sid = self._new_id()
+            toks = (PREFIXES[prefix] if prefix is not None else []) + tail
+            cached = self.alloc.add(sid, toks)
+            assert 0 <= cached < len(toks)
+            self.tokens[sid] = toks
+            assert self.alloc.seq_info(sid).num_computed == cached
+            event("prefix cache hit" if cached else "prefix cache miss")
+            if cached and self.alloc.can_reserve({sid: 1}):
+                # cached KV must be the KV of these very tokens
+                self.alloc.reserve(sid, 1)
+                check_kv(self.alloc, self.alloc.layout([(sid, 1)]), 0, toks[:cached])
+            return sid
+
+        @rule(sid=seqs, toks=st.lists(st.integers(0, 5), min_size=1, max_size=3))
+        def append(self, sid, toks):
+            self.alloc.append(sid, toks)
+            self.tokens[sid] += toks
+
+        @rule(sid=seqs, n=st.integers(1, 24))
+        def reserve(self, sid, n):
+            fits = self.alloc.can_reserve({sid: n})
+            before = snapshot(self.alloc)
+            try:
+                self.alloc.reserve(sid, n)
+            except OutOfKVMemory:
+                event("reserve: out of memory")
+                assert not fits
+                assert snapshot(self.alloc) == before
+            else:
+                assert fits
+                info = self.alloc.seq_info(sid)
+                assert info.capacity >= info.num_computed + n
+
+        @rule(sid=seqs, tok=st.integers(0, 5))
+        def decode(self, sid, tok):
+            """An engine's decode step: the sampled token, one slot, its KV."""
+            info = self.alloc.seq_info(sid)
+            if info.swapped:
+                return
+            if info.num_tokens == info.num_computed:
+                self.alloc.append(sid, [tok])
+                self.tokens[sid].append(tok)
+            try:
+                self.alloc.reserve(sid, 1)
+            except OutOfKVMemory:
+                event("decode: out of memory")
+                return
+            write_step(self.alloc, [(sid, 1)], self.tokens)
+
+        @rule(data=st.data())
+        def step(self, data):
+            ready = []
+            for sid in self.tokens:
+                info = self.alloc.seq_info(sid)
+                room = min(info.capacity, info.num_tokens) - info.num_computed
+                if room > 0 and not info.swapped:
+                    ready.append((sid, room))
+            if not ready:
+                return
+            picked = data.draw(
+                st.lists(st.sampled_from(ready), min_size=1, unique_by=lambda r: r[0])
+            )
+            batch = [(sid, data.draw(st.integers(1, room))) for sid, room in picked]
+            write_step(self.alloc, batch, self.tokens)
+
+        @rule(target=seqs, parent=seqs)
+        def fork(self, parent):
+            if self.alloc.seq_info(parent).swapped:
+                return parent
+            child = self._new_id()
+            self.alloc.fork(parent, child)
+            self.tokens[child] = list(self.tokens[parent])
+            return child
+
+        @rule(sid=consumes(seqs))
+        def free(self, sid):
+            self.alloc.free(sid)
+            del self.tokens[sid]
+
+        @invariant()
+        def integrity(self):
+            self.alloc.check_integrity()
+            st_ = self.alloc.stats()
+            assert st_.used_tokens + st_.free_tokens == st_.capacity_tokens
+            assert 0 <= st_.filled_tokens <= st_.used_tokens
+
+        def teardown(self):
+            for sid in list(self.tokens):
+                self.alloc.free(sid)
+            self.alloc.check_integrity()
+            assert self.alloc.stats().used_tokens == 0, "pages leaked after freeing everything"
+            self.alloc.close()
+
+    AllocatorMachine.__name__ = f"AllocatorMachine_{kind}"
+    return AllocatorMachine
+
+
+def test_random_operation_sequences(backend):
+    run_state_machine_as_test(
+        machine_for(backend),
+        settings=settings(
+            max_examples=80,
+            stateful_step_count=50,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+        ),
+    )
+
+
+def test_machine_finds_a_planted_leak():
+    """The machine is able to fail: a backend that forgets to release pages is caught."""
+    from kvmem.backends.paged import PagedAllocator
+
+    class Leaky(PagedAllocator):
+        def free(self, seq_id):
+            s = self._get(seq_id)
+            del self._seqs[seq_id]
+            self._free_rows.append(s.row)  # pages never released
+
+    import kvmem.allocator as reg
+
+    reg._REGISTRY["leaky-test"] = Leaky
+    try:
+        with pytest.raises(Exception):  # noqa: B017 - any failure of the machine will do
+            run_state_machine_as_test(
+                machine_for("leaky-test"),
+                settings=settings(
+                    max_examples=30,
+                    stateful_step_count=30,
+                    deadline=None,
+                    suppress_health_check=list(HealthCheck),
+                    database=None,
+                    phases=[Phase.generate],
+                ),
+            )
+    finally:
+        del reg._REGISTRY["leaky-test"]

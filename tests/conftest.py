@@ -1,0 +1,52 @@
+"""Shared fixtures: build any registered backend small enough for tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from kvmem import KVAllocator, KVSpec, available_backends, create_allocator
+
+#: Constructor options per backend, for small test allocators. A backend
+#: that needs options beyond num_tokens/device adds its entry here.
+BACKEND_OPTIONS: dict[str, dict[str, Any]] = {
+    "paged": {"page_size": 4},
+}
+
+#: Backends the shared suite does not build in-process (they need a process group).
+MULTIPROCESS_BACKENDS = {"sharded"}
+
+
+def conformance_backends() -> list[str]:
+    """Registered backends the in-process conformance suite runs on."""
+    return [b for b in available_backends() if b not in MULTIPROCESS_BACKENDS]
+
+
+def make_allocator(kind: str, spec: KVSpec, num_tokens: int, **options: Any) -> KVAllocator:
+    """A small allocator of ``kind`` on the CPU."""
+    opts = {**BACKEND_OPTIONS.get(kind, {}), **options}
+    return create_allocator(kind, spec, num_tokens=num_tokens, device="cpu", **opts)
+
+
+@pytest.fixture(params=conformance_backends())
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each in-process backend in turn."""
+    return str(request.param)
+
+
+@pytest.fixture
+def spec() -> KVSpec:
+    """A small fp32 spec: 2 layers, 2 KV heads, head dim 8."""
+    return KVSpec(2, 2, 8, dtype=torch.float32)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip GPU tests where CUDA is absent."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
