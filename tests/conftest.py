@@ -13,6 +13,7 @@ from kvmem import KVAllocator, KVSpec, available_backends, create_allocator
 #: that needs options beyond num_tokens/device adds its entry here.
 BACKEND_OPTIONS: dict[str, dict[str, Any]] = {
     "paged": {"page_size": 4},
+    "grouped": {"page_size": 4, "max_group_pages": 4},
 }
 
 #: Backends the shared suite does not build in-process (they need a process group).
