@@ -206,6 +206,7 @@ class PagedAllocator(KVAllocator):
         """The sequence, its swap (if one is in flight) finished first."""
         if self._closed:
             raise KVError("allocator is closed")
+        self._swapper.reap()
         s = self._seqs.get(seq_id)
         if s is not None and s.transfer is not None:
             self._swapper.settle(s.transfer)
@@ -293,6 +294,7 @@ class PagedAllocator(KVAllocator):
         """
         if self._closed:
             raise KVError("allocator is closed")
+        self._swapper.reap()  # finished swap-ins publish their pages to the cache
         if seq_id in self._seqs:
             raise DuplicateSequence(f"sequence {seq_id!r} is already registered")
         toks = check_tokens(token_ids)
@@ -827,7 +829,9 @@ class PagedAllocator(KVAllocator):
                 raise IntegrityError(f"host copy of unknown sequence {sid!r}")
             if copy.valid > s.num_computed:
                 raise IntegrityError(f"{sid!r}: host copy claims more KV than the sequence has")
-            want = "parked" if s.parked else None if s.swapped or s.transfer else "resident"
+            want: Tier | None = "parked" if s.parked else None if s.swapped else "resident"
+            if s.transfer is not None:
+                want = None  # pinned while copying
             if host.tier(sid) != want:
                 raise IntegrityError(f"{sid!r}: host copy in tier {host.tier(sid)}, not {want}")
 

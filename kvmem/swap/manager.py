@@ -170,7 +170,8 @@ class SwapManager:
         return n
 
     def settle(self, t: Transfer) -> None:
-        """Wait for ``t`` (not raising its error) and run ``on_done`` of it and all before it."""
+        """Wait for ``t`` (not raising its error); run ``on_done`` of it, all before it, and
+        any later transfer already done."""
         t._wait(None)
         self.reap()
 

@@ -58,7 +58,13 @@ def check_kv(alloc: KVAllocator, lay, b: int, tokens: Sequence[int]) -> None:
 def kv_digest(alloc: KVAllocator, lay, b: int, length: int) -> str:
     """SHA-256 of every stored byte of the first ``length`` KV entries of sequence ``b`` of
     ``lay``: codes, per-token int4 scales and zeros, and the per-layer fp8 scales."""
-    pages = lay.kv_indices[int(lay.kv_indptr[b]) : int(lay.kv_indptr[b + 1])].long()
+    pages = lay.kv_indices[int(lay.kv_indptr[b]) : int(lay.kv_indptr[b + 1])]
+    return pages_digest(alloc, pages, length)
+
+
+def pages_digest(alloc: KVAllocator, pages: torch.Tensor, length: int) -> str:
+    """:func:`kv_digest` of the first ``length`` slots of ``pages``."""
+    pages = pages.long()
     h = hashlib.sha256()
     for i in range(alloc.spec.num_layers):
         layer = alloc.layer(i)
