@@ -20,10 +20,12 @@ A sequence that needs pages gets them, in this order of preference:
    given, which follow its last page;
 2. pages right after its last page, if free (growing in place);
 3. a new block of ``2^k`` pages, ``2^k`` the smallest power of two at least
-   ``max(pages needed, pages held)`` and at most ``max_group_pages``:
+   ``max(pages needed, pages held, min_group_pages)`` and at most
+   ``max_group_pages``:
    a growing sequence's groups double in size, so a sequence of n pages
    lies in O(log n) runs; the unused rest of the block becomes its group;
-4. the groups of other sequences (largest first), then nothing is left.
+4. the back half of the largest group of another sequence (or what it
+   needs, if more), the unused rest becoming its group.
 
 Group pages are free: they count as free capacity and any sequence takes
 them when nothing else is left, so grouping never causes OutOfKVMemory.
@@ -47,9 +49,10 @@ from kvmem.spec import KVSpec
 class BuddyPages:
     """Free pages as buddy blocks plus per-owner groups (see the module docstring)."""
 
-    def __init__(self, num_pages: int, max_group_pages: int) -> None:
+    def __init__(self, num_pages: int, max_group_pages: int, min_group_pages: int = 1) -> None:
         self.num_pages = num_pages
         self.max_group = max_group_pages
+        self.min_group = min(min_group_pages, max_group_pages)
         self._top = num_pages.bit_length() - 1
         self._blocks: list[set[int]] = [set() for _ in range(self._top + 1)]
         self._order: dict[int, int] = {}  # start page of each free block -> its order
@@ -150,7 +153,7 @@ class BuddyPages:
         return pages
 
     def _group_size(self, need: int, held: int) -> int:
-        want = max(need, held, 1)
+        want = max(need, held, self.min_group)
         return min(1 << (want - 1).bit_length(), self.max_group)
 
     # --------------------------------------------------------------- FreePages
@@ -182,9 +185,15 @@ class BuddyPages:
             m = min(need, 1 << k)
             out += range(p, p + m)
             self._set_group(owner, p + m, p + (1 << k))
-        while len(out) < n:
+        while len(out) < n:  # split the largest group: its owner keeps the front half
             victim = max(self._groups, key=lambda o: self._groups[o][1] - self._groups[o][0])
-            out += self._take_group(victim, n - len(out), from_end=True)
+            start, end = self._groups[victim]
+            need = n - len(out)
+            size = self._group_size(need, held + len(out))
+            chunk = self._take_group(victim, max(need, min(size, (end - start) // 2)), True)
+            out += chunk[:need]
+            if len(chunk) > need:
+                self._set_group(owner, chunk[need], chunk[-1] + 1)
         return out
 
     def put(self, page: int, cached: bool) -> None:
@@ -223,11 +232,13 @@ class BuddyPages:
                     raise IntegrityError(f"free block {p} of order {k} is malformed")
                 if k < self._top and self._order.get(p ^ (1 << k)) == k:
                     raise IntegrityError(f"free buddies {p} and {p ^ (1 << k)} not merged")
+                if not seen.isdisjoint(range(p, p + (1 << k))):
+                    raise IntegrityError(f"free block {p} of order {k} overlaps another")
                 seen.update(range(p, p + (1 << k)))
         if len(self._order) != sum(len(s) for s in self._blocks):
             raise IntegrityError("free block index out of sync")
         for start, end in self._groups.values():
-            if not 0 <= start < end <= self.num_pages or seen & set(range(start, end)):
+            if not 0 <= start < end <= self.num_pages or not seen.isdisjoint(range(start, end)):
                 raise IntegrityError(f"group [{start}, {end}) is malformed or overlaps")
             seen.update(range(start, end))
         if len(seen) != len(self):
@@ -239,25 +250,28 @@ class GroupedAllocator(PagedAllocator):
     """FastSwitch-style KV: paged KV whose pages come in contiguous, buddy-allocated runs.
 
     Options: those of the paged backend (``swap_mode="runs"`` by default:
-    one copy per run) plus ``max_group_pages`` (a power of two, default
-    256: the largest block a growing sequence is given at once).
+    one copy per run) plus ``max_group_pages`` (default 256: the largest
+    block a growing sequence is given at once) and ``min_group_pages``
+    (default 4: the smallest), both powers of two.
     """
 
-    def __init__(self, spec: KVSpec, *, max_group_pages: int = 256, **options: Any) -> None:
-        if (
-            isinstance(max_group_pages, bool)
-            or not isinstance(max_group_pages, int)
-            or max_group_pages <= 0
-            or max_group_pages & (max_group_pages - 1)
-        ):
-            raise InvalidArgument(
-                f"max_group_pages must be a power of two, got {max_group_pages!r}"
-            )
+    def __init__(
+        self,
+        spec: KVSpec,
+        *,
+        max_group_pages: int = 256,
+        min_group_pages: int = 4,
+        **options: Any,
+    ) -> None:
+        for name, v in (("max_group_pages", max_group_pages), ("min_group_pages", min_group_pages)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v & (v - 1):
+                raise InvalidArgument(f"{name} must be a power of two, got {v!r}")
         self.max_group_pages = max_group_pages
+        self.min_group_pages = min_group_pages
         super().__init__(spec, **options)
 
     def _make_free_pages(self) -> FreePages:
-        return BuddyPages(self.num_pages, self.max_group_pages)
+        return BuddyPages(self.num_pages, self.max_group_pages, self.min_group_pages)
 
 
 __all__ = ["BuddyPages", "GroupedAllocator"]
