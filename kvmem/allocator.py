@@ -166,12 +166,14 @@ class KVAllocator(ABC):
     device: torch.device
 
     @abstractmethod
-    def add(self, seq_id: SeqId, token_ids: Sequence[int], **kwargs: Any) -> int:
+    def add(self, seq_id: SeqId, token_ids: Sequence[int], cache_salt: Hashable = None) -> int:
         """Register a sequence with its prompt; return how many leading tokens already have KV.
 
         A prefix-caching backend may report cached tokens: those count as
         computed, and their slots are held. The last token is never reported
         cached, so the caller always has at least one token to run.
+        ``cache_salt`` separates cache namespaces (a tenant, an adapter):
+        prompts with different salts never share KV.
         Raises DuplicateSequence, InvalidArgument.
         """
 
@@ -254,7 +256,7 @@ class KVAllocator(ABC):
 
 
 A = TypeVar("A", bound=type[KVAllocator])
-_REGISTRY: dict[str, type[KVAllocator]] = {}
+_REGISTRY: dict[str, Callable[..., KVAllocator]] = {}
 _DISCOVERED = False
 
 

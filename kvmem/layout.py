@@ -101,21 +101,25 @@ def build_layout(
     seq_ids: tuple[Hashable, ...],
     device: torch.device,
     spec: Any = None,
+    zero_padded: bool = False,
 ) -> BatchLayout:
     """Build a :class:`BatchLayout` from dense page rows, vectorised.
 
     ``table`` is int32 [B, W], row b holding at least ``ceil(seq_lens[b] /
     page_size)`` valid page ids; ``seq_lens`` and ``query_lens`` are int [B].
+    ``zero_padded`` promises that every entry past those is already 0, which
+    saves a pass. ``table`` may be modified.
     """
     b = len(seq_ids)
     seq_lens = seq_lens.astype(np.int32, copy=False)
     query_lens = query_lens.astype(np.int32, copy=False)
     num_pages = (seq_lens + page_size - 1) // page_size
     max_pages = int(num_pages.max()) if b else 0
-    dense = np.ascontiguousarray(table[:, :max_pages], dtype=np.int32)
+    dense = table[:, :max_pages] if table.dtype == np.int32 else table[:, :max_pages].astype(np.int32)
     valid = np.arange(max_pages, dtype=np.int32)[None, :] < num_pages[:, None]
     kv_indices = dense[valid]
-    dense[~valid] = 0
+    if not zero_padded:
+        dense[~valid] = 0
     kv_indptr = np.zeros(b + 1, dtype=np.int32)
     np.cumsum(num_pages, out=kv_indptr[1:])
     last = seq_lens - (num_pages - 1) * page_size

@@ -69,7 +69,10 @@ def _layer_parts(spec: KVSpec, page_size: int) -> list[tuple[str, torch.dtype, t
     """(name, dtype, per-page shape) of every part of one layer's page region."""
     fmt = spec.fmt
     codes = (page_size, spec.num_kv_heads, spec.code_dim)
-    parts = [("k", fmt.storage_dtype, codes), ("v", fmt.storage_dtype, codes)]
+    parts: list[tuple[str, torch.dtype, tuple[int, ...]]] = [
+        ("k", fmt.storage_dtype, codes),
+        ("v", fmt.storage_dtype, codes),
+    ]
     if fmt.kind == "int4":
         meta = (page_size, spec.num_kv_heads, spec.num_groups)
         parts += [(n, torch.float16, meta) for n in ("k_scale", "k_zero", "v_scale", "v_zero")]

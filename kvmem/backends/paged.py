@@ -206,7 +206,6 @@ class PagedAllocator(KVAllocator):
         """The sequence, its swap (if one is in flight) finished first."""
         if self._closed:
             raise KVError("allocator is closed")
-        self._swapper.reap()
         s = self._seqs.get(seq_id)
         if s is not None and s.transfer is not None:
             self._swapper.settle(s.transfer)
@@ -214,16 +213,22 @@ class PagedAllocator(KVAllocator):
         return s
 
     def _get(self, seq_id: Hashable) -> _Seq:
-        s = self._lookup(seq_id)
-        if s is None:
-            raise raise_unknown(seq_id)
+        s = self._seqs.get(seq_id)
+        if s is None or s.transfer is not None:
+            s = self._lookup(seq_id)
+            if s is None:
+                raise raise_unknown(seq_id)
         return s
 
     def _resident(self, seq_id: Hashable) -> _Seq:
         s = self._get(seq_id)
         if s.swapped:
-            raise InvalidArgument(f"sequence {seq_id!r} is swapped out; swap it in first")
+            raise self._swapped_error(seq_id)
         return s
+
+    @staticmethod
+    def _swapped_error(seq_id: Hashable) -> InvalidArgument:
+        return InvalidArgument(f"sequence {seq_id!r} is swapped out; swap it in first")
 
     def _take_row(self) -> int:
         if not self._free_rows:
@@ -287,11 +292,7 @@ class PagedAllocator(KVAllocator):
 
     # --------------------------------------------------------------- interface
     def add(self, seq_id: Hashable, token_ids: Sequence[int], cache_salt: Hashable = None) -> int:
-        """Register a sequence; share the longest cached prefix of full pages.
-
-        ``cache_salt`` separates cache namespaces (a tenant, a LoRA adapter):
-        prompts with different salts never share pages.
-        """
+        """Register a sequence; share the longest cached prefix of full pages."""
         if self._closed:
             raise KVError("allocator is closed")
         self._swapper.reap()  # finished swap-ins publish their pages to the cache
@@ -326,12 +327,26 @@ class PagedAllocator(KVAllocator):
     def append(self, seq_id: Hashable, token_ids: Sequence[int]) -> None:
         """Add known tokens whose KV is still to be written."""
         s = self._get(seq_id)
-        s.tokens.extend(check_tokens(token_ids))
+        if len(token_ids) == 1 and type(token_ids[0]) is int and token_ids[0] >= 0:
+            s.tokens.append(token_ids[0])
+        else:
+            s.tokens.extend(check_tokens(token_ids))
 
     def reserve(self, seq_id: Hashable, num_tokens: int) -> None:
         """Ensure slots for the next ``num_tokens`` KV entries (all or nothing)."""
-        s = self._resident(seq_id)
-        check_count("num_tokens", num_tokens)
+        s = self._get(seq_id)
+        if s.swapped:
+            raise self._swapped_error(seq_id)
+        if type(num_tokens) is not int or num_tokens <= 0:
+            check_count("num_tokens", num_tokens)
+        target = s.num_computed + num_tokens
+        if target <= s.reserved:
+            return
+        if target <= len(s.blocks) * self.page_size and (
+            self._ref[s.blocks[s.num_computed // self.page_size]] == 1
+        ):
+            s.reserved = target  # fits in pages already held, none shared: the common step
+            return
         new, cow = self._needed(s, num_tokens)
         if not self._ensure_free(new + cow):
             raise OutOfKVMemory(
@@ -349,7 +364,7 @@ class PagedAllocator(KVAllocator):
             start = len(s.blocks)
             s.blocks.extend(self._take(s, new, s.blocks[-1] if s.blocks else None))
             self._set_row(s, start)
-        s.reserved = max(s.reserved, s.num_computed + num_tokens)
+        s.reserved = target
 
     def can_reserve(self, requests: Mapping[Hashable, int]) -> bool:
         """Whether every ``reserve(seq, n)`` of ``requests`` fits at once.
@@ -371,13 +386,13 @@ class PagedAllocator(KVAllocator):
         rows = np.empty(b, dtype=np.int64)
         seq_lens = np.empty(b, dtype=np.int32)
         qlens = np.empty(b, dtype=np.int32)
-        seen: set[Hashable] = set()
+        seqs = self._seqs
         for i, (sid, n) in enumerate(batch):
-            s = self._resident(sid)
-            check_count("num_new_tokens", n)
-            if sid in seen:
-                raise InvalidArgument(f"sequence {sid!r} appears twice in the batch")
-            seen.add(sid)
+            s = seqs.get(sid)
+            if s is None or s.swapped or s.transfer is not None:
+                s = self._resident(sid)
+            if type(n) is not int or n <= 0:
+                check_count("num_new_tokens", n)
             end = s.num_computed + n
             if end > s.reserved:
                 raise InvalidArgument(
@@ -387,20 +402,28 @@ class PagedAllocator(KVAllocator):
             rows[i] = s.row
             seq_lens[i] = end
             qlens[i] = n
+        ids = tuple(sid for sid, _ in batch)
+        if len(set(ids)) != b:
+            raise InvalidArgument("a sequence appears twice in the batch")
+        max_pages = -(-int(seq_lens.max()) // self.page_size)
         return build_layout(
             self.page_size,
-            self._table[rows],
+            self._table[rows, :max_pages],
             seq_lens,
             qlens,
-            tuple(sid for sid, _ in batch),
+            ids,
             self.device,
             self.spec,
+            zero_padded=True,
         )
 
     def commit(self, seq_id: Hashable, num_tokens: int) -> None:
         """Mark ``num_tokens`` more KV entries written; publish pages that filled up."""
-        s = self._resident(seq_id)
-        check_count("num_tokens", num_tokens)
+        s = self._get(seq_id)
+        if s.swapped:
+            raise self._swapped_error(seq_id)
+        if type(num_tokens) is not int or num_tokens <= 0:
+            check_count("num_tokens", num_tokens)
         end = s.num_computed + num_tokens
         if end > s.reserved:
             raise InvalidArgument(
@@ -460,6 +483,7 @@ class PagedAllocator(KVAllocator):
         del self._seqs[seq_id]
         for b in reversed(s.blocks):
             self._release(b)
+        self._table[s.row, : len(s.blocks)] = 0
         s.blocks = []
         self._free_rows.append(s.row)
         self._free.forget(s)
@@ -619,6 +643,7 @@ class PagedAllocator(KVAllocator):
             for b in s.blocks:
                 self._held[b] = self._held.get(b, 0) + 1
             done.append((sid, s, s.blocks, before.get(sid), first))
+            self._table[s.row, : len(s.blocks)] = 0
             s.blocks = []
             s.swapped, s.parked = True, park
             self._free.forget(s)
@@ -684,6 +709,7 @@ class PagedAllocator(KVAllocator):
             else:
                 for b in reversed(s.blocks):
                     self._release(b)
+                self._table[s.row, : len(s.blocks)] = 0
                 s.blocks = []
                 s.swapped, s.parked = True, parked
                 self._free.forget(s)
@@ -783,7 +809,8 @@ class PagedAllocator(KVAllocator):
                 raise IntegrityError(f"{sid!r}: more KV than tokens")
             if self.prefix_caching and len(s.hashes) != s.num_computed // ps:
                 raise IntegrityError(f"{sid!r}: {len(s.hashes)} page keys")
-            if s.row in rows or list(self._table[s.row, : len(s.blocks)]) != s.blocks:
+            row = self._table[s.row]
+            if s.row in rows or list(row[: len(s.blocks)]) != s.blocks or row[len(s.blocks) :].any():
                 raise IntegrityError(f"{sid!r}: block table row out of sync")
             rows.add(s.row)
         if refs != self._ref:

@@ -254,7 +254,7 @@ def test_random_operation_sequences(backend):
     run_state_machine_as_test(
         machine_for(backend),
         settings=settings(
-            max_examples=80,
+            max_examples=150,
             stateful_step_count=50,
             deadline=None,
             suppress_health_check=list(HealthCheck),

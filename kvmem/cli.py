@@ -1,0 +1,75 @@
+"""The ``kvmem`` command: ``demo``, ``bench``, ``info``."""
+
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from kvmem.demo import run
+
+    figs = run(backend=args.backend, num_requests=args.requests, num_tokens=args.kv_tokens,
+               seed=args.seed)
+    Console().print(
+        f"served {figs['requests']} requests, {figs['tokens']} tokens of KV in {figs['steps']} "
+        f"steps ({figs['preempted']} preemptions); prefix-cache hit rate "
+        f"{figs['prefix_hit_rate']:.0%}; "
+        f"KV in use after the run: {figs['used_after']} slots"
+    )
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    root = Path(__file__).resolve().parent.parent / "bench"
+    script = root / f"{args.name}.py"
+    if not script.exists():
+        names = sorted(p.stem for p in root.glob("*.py") if p.stem not in ("common", "__init__"))
+        print(f"no benchmark {args.name!r}; in a source checkout: {', '.join(names) or 'none'}",
+              file=sys.stderr)
+        return 2
+    sys.argv = [str(script), *args.rest]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    import kvmem
+    from kvmem.formats import FORMAT_NAMES
+
+    c = Console()
+    c.print(f"kvmem {kvmem.__version__}, torch {torch.__version__}")
+    c.print(f"backends: {', '.join(kvmem.available_backends())}")
+    c.print(f"kv formats: {', '.join(FORMAT_NAMES)}")
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    c.print(f"CUDA device: {cuda}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``kvmem`` and ``python -m kvmem``."""
+    ap = argparse.ArgumentParser(prog="kvmem", description="KV-cache memory for LLM serving")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="replay a synthetic workload and show KV usage")
+    d.add_argument("--backend", default="paged")
+    d.add_argument("--requests", type=int, default=48)
+    d.add_argument("--kv-tokens", type=int, default=4096)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(fn=_demo)
+    b = sub.add_parser("bench", help="run bench/<name>.py from a source checkout")
+    b.add_argument("name")
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(fn=_bench)
+    i = sub.add_parser("info", help="versions, backends, formats, devices")
+    i.set_defaults(fn=_info)
+    args = ap.parse_args(argv)
+    return int(args.fn(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

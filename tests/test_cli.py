@@ -1,0 +1,35 @@
+"""The kvmem command line."""
+
+import subprocess
+import sys
+
+from kvmem.cli import main
+
+
+def test_demo_serves_every_request_and_frees_all_kv(capsys):
+    assert main(["demo", "--requests", "12", "--kv-tokens", "1024"]) == 0
+    out = capsys.readouterr().out
+    assert "served 12 requests" in out and "0 slots" in out
+
+
+def test_info_lists_backends(capsys):
+    assert main(["info"]) == 0
+    assert "paged" in capsys.readouterr().out
+
+
+def test_unknown_benchmark_is_an_error(capsys):
+    assert main(["bench", "no-such-bench"]) == 2
+    assert "no benchmark" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point():
+    r = subprocess.run([sys.executable, "-m", "kvmem", "info"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "backends" in r.stdout
+
+
+def test_readme_example_runs():
+    r = subprocess.run([sys.executable, "examples/quickstart.py"], capture_output=True, text=True,
+                       timeout=120, env={"PYTHONPATH": ".", "PATH": ""})
+    assert r.returncode == 0, r.stderr
+    assert "torch.Size([1, 8, 64]) 112 slots in use" in r.stdout
