@@ -21,11 +21,13 @@ A sequence that needs pages gets them, in this order of preference:
 2. pages right after its last page, if free (growing in place);
 3. a new block of ``2^k`` pages, ``2^k`` the smallest power of two at least
    ``max(pages needed, pages held, min_group_pages)`` and at most
-   ``max_group_pages``:
-   a growing sequence's groups double in size, so a sequence of n pages
-   lies in O(log n) runs; the unused rest of the block becomes its group;
-4. the back half of the largest group of another sequence (or what it
-   needs, if more), the unused rest becoming its group.
+   ``max_group_pages``: a growing sequence's groups double in size, so a
+   sequence of n pages lies in O(log n) runs; the unused rest of the block
+   becomes its group;
+4. when no free block is that large (a busy pool), the longer of: the
+   longest run of free pages (up to ``2^k``; neighbouring blocks that are
+   not buddies still hold consecutive pages), and the back half of the
+   largest group of another sequence (or what it needs, if more).
 
 Group pages are free: they count as free capacity and any sequence takes
 them when nothing else is left, so grouping never causes OutOfKVMemory.
@@ -89,20 +91,30 @@ class BuddyPages:
             k += 1
         self._add(p, k)
 
-    def _alloc_block(self, k: int) -> tuple[int, int] | None:
-        """(start, order) of a block of order ``k``, else of the largest smaller one."""
+    def _alloc_block(self, k: int) -> int | None:
+        """Start of a free block of order ``k``, split from the smallest larger one if need be."""
         j = next((j for j in range(k, self._top + 1) if self._blocks[j]), None)
         if j is None:
-            j = next((j for j in range(k - 1, -1, -1) if self._blocks[j]), None)
-            if j is None:
-                return None
-            k = j
+            return None
         p = min(self._blocks[j])
         self._remove(p, j)
         while j > k:
             j -= 1
             self._add(p + (1 << j), j)
-        return p, k
+        return p
+
+    def _longest_run(self) -> tuple[int, int]:
+        """(start, length) of the longest run of free pages in the blocks (adjacent blocks
+        that are not buddies do not merge, but their pages are still consecutive)."""
+        best = (0, 0)
+        start = end = -1
+        for p in sorted(self._order):
+            if p != end:
+                start = p
+            end = p + (1 << self._order[p])
+            if end - start > best[1]:
+                best = (start, end - start)
+        return best
 
     def _block_of(self, page: int) -> tuple[int, int] | None:
         """(start, order) of the free block holding ``page``, if any."""
@@ -178,23 +190,28 @@ class BuddyPages:
         while len(out) < n:
             need = n - len(out)
             size = self._group_size(need, held + len(out))
-            got = self._alloc_block(size.bit_length() - 1)
-            if got is None:
-                break
-            p, k = got
-            m = min(need, 1 << k)
-            out += range(p, p + m)
-            self._set_group(owner, p + m, p + (1 << k))
-        while len(out) < n:  # split the largest group: its owner keeps the front half
-            victim = max(self._groups, key=lambda o: self._groups[o][1] - self._groups[o][0])
-            start, end = self._groups[victim]
-            need = n - len(out)
-            size = self._group_size(need, held + len(out))
-            chunk = self._take_group(victim, max(need, min(size, (end - start) // 2)), True)
-            out += chunk[:need]
-            if len(chunk) > need:
-                self._set_group(owner, chunk[need], chunk[-1] + 1)
+            p = self._alloc_block(size.bit_length() - 1)
+            if p is not None:
+                got = list(range(p, p + size))
+            else:  # no block that large: the longest free run, or half the largest group
+                start, length = self._longest_run() if self._order else (0, 0)
+                victim = max(self._groups, key=self._group_len, default=None)
+                vlen = self._group_len(victim) if victim is not None else 0
+                steal = min(vlen, max(need, min(size, vlen // 2)))
+                if length >= steal:
+                    got = list(range(start, start + min(size, length)))
+                    for q in got:
+                        self._claim(q)
+                else:  # its owner keeps the front half
+                    got = self._take_group(victim, steal, from_end=True)
+            out += got[:need]
+            if len(got) > need:
+                self._set_group(owner, got[need], got[-1] + 1)
         return out
+
+    def _group_len(self, owner: object) -> int:
+        g = self._groups[owner]
+        return g[1] - g[0]
 
     def put(self, page: int, cached: bool) -> None:
         """A freed page rejoins the buddy blocks (cached or not) and merges."""
