@@ -42,7 +42,7 @@ def write_random(alloc: KVAllocator, sid: Hashable, n: int, seed: int) -> None:
     for i in range(spec.num_layers):
         k = torch.randn(n, spec.num_kv_heads, spec.head_dim, generator=g) * 3
         v = torch.randn(n, spec.num_kv_heads, spec.head_dim, generator=g) * 3
-        reference.write_kv(alloc.layer(i), lay, k, v)
+        reference.write_kv(alloc.layer(i), lay, k.to(alloc.device), v.to(alloc.device))
     alloc.commit(sid, n)
 
 
