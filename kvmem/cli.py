@@ -1,4 +1,4 @@
-"""The ``kvmem`` command: ``demo``, ``bench``, ``info``."""
+"""The ``kvmem`` command: ``demo``, ``serve``, ``bench``, ``info``."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ from rich.console import Console
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from kvmem.demo import run
+    from kvmem.engine.demo import run
 
     figs = run(backend=args.backend, num_requests=args.requests, num_tokens=args.kv_tokens,
-               seed=args.seed)
+               seed=args.seed, kv_format=args.kv_format, policy=args.policy, chunk=args.chunk,
+               preset=args.preset)
+    print()
     Console().print(
-        f"served {figs['requests']} requests, {figs['tokens']} tokens of KV in {figs['steps']} "
+        f"served {figs['requests']} requests, {figs['tokens']} tokens in {figs['steps']} "
         f"steps ({figs['preempted']} preemptions); prefix-cache hit rate "
         f"{figs['prefix_hit_rate']:.0%}; "
         f"KV in use after the run: {figs['used_after']} slots"
@@ -55,8 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``kvmem`` and ``python -m kvmem``."""
     ap = argparse.ArgumentParser(prog="kvmem", description="KV-cache memory for LLM serving")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="replay a synthetic workload and show KV usage")
+    d = sub.add_parser("demo", help="generate for a stream of requests and show KV usage")
     d.add_argument("--backend", default="paged")
+    d.add_argument("--kv-format", default="auto")
+    d.add_argument("--policy", default="fcfs")
+    d.add_argument("--chunk", type=int, default=64, help="token budget per step")
+    d.add_argument("--preset", default="tiny", help="random-weight model size")
     d.add_argument("--requests", type=int, default=48)
     d.add_argument("--kv-tokens", type=int, default=4096)
     d.add_argument("--seed", type=int, default=0)
@@ -67,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     b.set_defaults(fn=_bench)
     i = sub.add_parser("info", help="versions, backends, formats, devices")
     i.set_defaults(fn=_info)
+    from kvmem.server.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
     args = ap.parse_args(argv)
     return int(args.fn(args))
 

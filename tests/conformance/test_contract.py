@@ -223,3 +223,25 @@ def test_closed_allocator_refuses_work(backend, spec):
     a.close()
     with pytest.raises(KVError):
         a.add("t", [1])
+
+
+def test_fork_after_reserving_ahead_copies_the_right_page(backend, spec):
+    """The parent holds slots beyond its KV when forked; both then write on."""
+    with make_allocator(backend, spec, 256) as a:
+        tokens = {"p": list(range(1, 10))}
+        a.add("p", tokens["p"])
+        grow(a, "p", tokens, 9)
+        a.reserve("p", 20)  # reserved ahead, past the shared page
+        a.fork("p", "c")
+        tokens["c"] = list(tokens["p"])
+        a.reserve("p", 40)  # grows past the reservation: copies the shared page, keeps the rest
+        for sid, t in (("p", 7), ("c", 8), ("p", 9)):
+            tokens[sid].append(t)
+            a.append(sid, [t])
+            grow(a, sid, tokens, 1)
+        for sid in ("p", "c"):
+            tokens[sid].append(1)
+            a.append(sid, [1])
+            a.reserve(sid, 1)
+            check_kv(a, a.layout([(sid, 1)]), 0, tokens[sid][:-1])
+        a.check_integrity()

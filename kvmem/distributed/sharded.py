@@ -1,0 +1,711 @@
+"""The sharded backend: one sequence's KV split into rBlocks over the ranks of a process group.
+
+Every rank of the group builds a :class:`ShardedAllocator` (collectively, in
+the same order) and may own sequences; each rank also holds rBlocks for the
+others. A sequence's KV is cut into rBlocks of ``rblock_size`` tokens::
+
+    positions  0         R         2R        3R        4R
+               [ rBlk 0 ][ rBlk 1 ][ rBlk 2 ][ rBlk 3 ][ rBlk 4 ] ...
+    rank         0         0         0         2         2          (owner: rank 0)
+                 \\___ owner's own memory ___/ \\__ lent by rank 2 __/
+
+``reserve`` places each new rBlock through the placement directory
+(:mod:`kvmem.distributed.directory`): on the owner while it has room, then
+on a *lender*, a rank with free capacity. Space is taken in the directory
+before any rBlock is placed, so when no rank has room the call raises
+``OutOfKVMemory`` having changed nothing anywhere, and no data moves to a
+lender that has no room. ``free`` releases the rBlocks on every rank that
+holds them. ``fork`` shares rBlocks (copy-on-write at rBlock granularity:
+the first ``reserve`` that would write into a shared, partly filled rBlock
+copies it). ``commit``, ``append`` and the counts need no messages.
+
+Attention over a sharded sequence is :func:`kvmem.distributed.decode` /
+:func:`~kvmem.distributed.prefill`: the owner sends the new tokens' queries
+(and each new token's K/V to the rank holding its slot) to the ranks
+holding the sequence, each computes a partial output and LSE over its rBlocks
+with kvmem's kernels, and the owner merges them with ``merge_states``. A
+decode step exchanges one request and one reply with each holder rank,
+whatever the context length.
+
+``layout`` returns this rank's part, as every backend's layout describes
+the memory of the rank that calls it: rows over the rBlocks held here,
+``seq_lens`` counting the KV held here, and ``slot_mapping`` -1 for new
+tokens whose slot lies on another rank.
+
+``stats`` describes the group's memory (capacity and free come from the
+directory) and this rank's sequences (filled, reserved, num_seqs), in
+tokens; ``page_size`` is ``rblock_size``, the unit of allocation. ``extra``
+adds this rank's own figures (``lent_tokens``, ``borrowed_tokens``, ...).
+
+Without an initialised ``torch.distributed`` (or in a group of one) the
+allocator runs as a world of one: same code, no threads, an in-memory
+directory.
+
+Faults: every wait on another rank is bounded by ``timeout`` seconds (see
+:mod:`kvmem.distributed.comm`); a rank that dies is reported as soon as its
+connection closes, one that stops answering after ``timeout``, both as
+:class:`PeerFailure`, after which the allocator refuses every call.
+``close`` is collective: a rank with nothing to do may call it at once and
+keeps serving the others until all of them have called it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from kvmem.allocator import (
+    KVAllocator,
+    KVStats,
+    SeqInfo,
+    SwapHandle,
+    check_count,
+    check_tokens,
+    create_allocator,
+    raise_unknown,
+    register_backend,
+)
+from kvmem.distributed.comm import Channel, PeerFailure, Traffic
+from kvmem.distributed.directory import (
+    PLACEMENTS,
+    GuardedStore,
+    Placement,
+    PlacementDirectory,
+)
+from kvmem.distributed.holder import Holder
+from kvmem.errors import DuplicateSequence, IntegrityError, InvalidArgument, KVError, OutOfKVMemory
+from kvmem.layout import BatchLayout, build_layout
+from kvmem.spec import KVSpec
+from kvmem.storage import LayerKV
+
+_HANDLE_BITS = 40
+_instances: dict[str, itertools.count[int]] = {}
+
+
+class _Block:
+    """One rBlock of this rank's sequences: where it lies and how many of them share it."""
+
+    __slots__ = ("rank", "refs")
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.refs = 1
+
+
+class _Seq:
+    """A sequence this rank owns."""
+
+    __slots__ = ("handle", "tokens", "num_computed", "reserved", "blocks")
+
+    def __init__(self, handle: int, tokens: list[int]) -> None:
+        self.handle = handle
+        self.tokens = tokens
+        self.num_computed = 0
+        self.reserved = 0
+        self.blocks: list[_Block] = []
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def failed_ranks(results: Mapping[int, Any]) -> set[int]:
+    """Ranks whose result is an error."""
+    return {r for r, v in results.items() if isinstance(v, KVError)}
+
+
+@dataclasses.dataclass
+class StepProfile:
+    """Where distributed attention spent its time and bytes, summed over calls.
+
+    ``send_s``: posting and handing over the requests (queries, new K/V);
+    ``local_s``: this rank's own partial attention (overlaps the remote ones);
+    ``gather_s``: waiting for and receiving the holders' partials;
+    ``merge_s``: merging the partials; ``remote_s``: the holders' own compute,
+    as they report it (the largest per call). Bytes count requests sent and
+    replies received by this rank.
+    """
+
+    calls: int = 0
+    send_s: float = 0.0
+    local_s: float = 0.0
+    gather_s: float = 0.0
+    merge_s: float = 0.0
+    remote_s: float = 0.0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    messages: int = 0
+
+    def reset(self) -> None:
+        """Zero every figure."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, f.default)
+
+
+@register_backend("sharded")
+class ShardedAllocator(KVAllocator):
+    """DistAttention-style KV sharded over a torch.distributed group (Infinite-LLM rBlocks).
+
+    Options: ``num_tokens`` or ``num_bytes`` (this rank's capacity),
+    ``device``, ``page_size`` (of the local backend), ``rblock_size``
+    (tokens per rBlock, a multiple of the local page size; default 4
+    pages), ``local_backend`` (any registered backend, default ``"paged"``)
+    and ``local_options`` for it, ``group`` (a gloo process group for this
+    allocator's messages; default: a new one over the whole world),
+    ``timeout`` (seconds, bounds every wait on another rank; default 30),
+    ``heartbeat`` (seconds between liveness messages; default timeout / 3,
+    at most 5), ``placement`` (``"local_first"`` or ``"spread"``, see
+    :meth:`PlacementDirectory.plan`), ``attention_impl`` (passed to
+    :mod:`kvmem.attention`).
+
+    On CUDA devices the KV and the kernels are on the device and messages
+    travel through host memory over gloo (not run yet: no GPU here).
+    """
+
+    def __init__(
+        self,
+        spec: KVSpec,
+        *,
+        num_tokens: int | None = None,
+        num_bytes: int | None = None,
+        device: torch.device | str = "cpu",
+        page_size: int = 16,
+        rblock_size: int | None = None,
+        local_backend: str = "paged",
+        local_options: Mapping[str, Any] | None = None,
+        group: Any = None,
+        timeout: float = 30.0,
+        heartbeat: float | None = None,
+        placement: Placement = "local_first",
+        attention_impl: str = "auto",
+    ) -> None:
+        if placement not in PLACEMENTS:
+            raise InvalidArgument(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+        if local_backend == "sharded":
+            raise InvalidArgument("the local backend of a sharded allocator cannot be sharded")
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+            raise InvalidArgument(f"timeout must be a positive number of seconds, got {timeout!r}")
+        opts = {"page_size": page_size, **(local_options or {})}
+        local = create_allocator(
+            local_backend, spec, num_tokens=num_tokens, num_bytes=num_bytes, device=device, **opts
+        )
+        try:
+            rb = (
+                4 * local.page_size
+                if rblock_size is None
+                else check_count("rblock_size", rblock_size)
+            )
+            self.holder = Holder(local, rb, attention_impl)
+        except BaseException:
+            local.close()
+            raise
+        self.spec = spec
+        self.local = local
+        self.page_size = local.page_size
+        self.device = local.device
+        self.rblock_size = rb
+        self.placement: Placement = placement
+        self.timeout = float(timeout)
+        self.attention_impl = attention_impl
+        self.profile = StepProfile()
+        self._seqs: dict[Hashable, _Seq] = {}
+        self._closed = False
+        self._own_group = False
+        self._pg, self.channel = self._connect(group, heartbeat)
+        self.rank = self.channel.rank if self.channel else 0
+        self.world_size = self.channel.size if self.channel else 1
+        self._handles = itertools.count(self.rank << _HANDLE_BITS)
+        store = self._pg.get_group_store() if self._pg is not None else dist.HashStore()
+        if self._pg is not None:
+            n = next(_instances.setdefault(self._pg.group_name, itertools.count()))
+            store = dist.PrefixStore(f"kvmem.sharded.{n}/", store)
+        on_failure = self.channel.record_failure if self.channel else None
+        guarded = GuardedStore(store, self.rank, on_failure)
+        self.directory = PlacementDirectory(guarded, self.world_size)
+        try:
+            self.directory.register(self.rank, self.holder.capacity_blocks, self.timeout)
+        except PeerFailure as e:
+            self.local.close()
+            raise PeerFailure(
+                f"rank {self.rank}: not every rank built its sharded allocator within "
+                f"{self.timeout:g} s ({e})"
+            ) from None
+        if self.channel:
+            self.channel.start(self.holder.handle)
+
+    def _connect(self, group: Any, heartbeat: float | None) -> tuple[Any, Channel | None]:
+        if group is None:
+            if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+                return None, None
+            group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout))
+            self._own_group = True
+        if group.size() == 1:
+            return None, None
+        return group, Channel(group, self.timeout, heartbeat)
+
+    # ------------------------------------------------------------ helpers
+    def _check(self) -> None:
+        if self._closed:
+            raise KVError("allocator is closed")
+        if self.channel is not None:
+            self.channel.check()
+
+    def _get(self, seq_id: Hashable) -> _Seq:
+        self._check()
+        s = self._seqs.get(seq_id)
+        if s is None:
+            raise raise_unknown(seq_id)
+        return s
+
+    def _call_many(
+        self, requests: Mapping[int, tuple[Any, Sequence[torch.Tensor]]]
+    ) -> dict[int, Any]:
+        """Run each ``{rank: (meta, tensors)}`` request (this rank's directly); results or errors.
+
+        Every request runs even if another fails; a KVError is returned in
+        place of that rank's result. PeerFailure is raised.
+        """
+        remote = {r: (m, list(t)) for r, (m, t) in requests.items() if r != self.rank}
+        pending = self.channel.post(remote) if remote and self.channel else None
+        out: dict[int, Any] = {}
+        try:
+            if self.rank in requests:
+                meta, tensors = requests[self.rank]
+                try:
+                    out[self.rank] = self.holder.handle(self.rank, meta, list(tensors))
+                except PeerFailure:
+                    raise
+                except KVError as e:
+                    out[self.rank] = e
+        finally:  # the replies are always taken, so the channel stays in step
+            if pending is not None:
+                assert self.channel is not None
+                out.update(self.channel.collect(pending, raise_errors=False))
+        return out
+
+    def _call(self, rank: int, meta: Any, tensors: Sequence[torch.Tensor] = ()) -> Any:
+        res = self._call_many({rank: (meta, tensors)})[rank]
+        if isinstance(res, KVError):
+            raise res
+        return res
+
+    def _give_back(self, results: Mapping[int, Any]) -> None:
+        """Return to the directory the rBlocks that "drop"/"cow" results say were released."""
+        for r, res in results.items():
+            if not isinstance(res, KVError):
+                self.directory.give(r, int(res[0]))
+
+    def _record(self, s: _Seq) -> None:
+        self.directory.record(s.handle, [b.rank for b in s.blocks])
+
+    # ------------------------------------------------------------ interface
+    def add(self, seq_id: Hashable, token_ids: Sequence[int], cache_salt: Hashable = None) -> int:
+        """Register a sequence this rank owns; returns 0 (no prefix caching across ranks).
+
+        ``cache_salt`` is accepted and has no effect: nothing is shared by prefix.
+        """
+        self._check()
+        if seq_id in self._seqs:
+            raise DuplicateSequence(f"sequence {seq_id!r} is already registered")
+        self._seqs[seq_id] = _Seq(next(self._handles), check_tokens(token_ids))
+        return 0
+
+    def append(self, seq_id: Hashable, token_ids: Sequence[int]) -> None:
+        """Add known tokens whose KV is still to be written."""
+        s = self._get(seq_id)
+        s.tokens.extend(check_tokens(token_ids))
+
+    def _needed(self, s: _Seq, n: int) -> tuple[int, bool]:
+        target = s.num_computed + n
+        if target <= s.reserved:
+            return 0, False
+        new = max(0, _ceil_div(target, self.rblock_size) - len(s.blocks))
+        idx = s.num_computed // self.rblock_size
+        return new, idx < len(s.blocks) and s.blocks[idx].refs > 1
+
+    def _out_of_memory(self, seq_id: Hashable, need: int) -> OutOfKVMemory:
+        free = self.directory.free()
+        per = ", ".join(f"rank {r}: {f}" for r, f in enumerate(free))
+        return OutOfKVMemory(
+            f"sequence {seq_id!r} needs {need} more rBlocks of {self.rblock_size} tokens; "
+            f"free rBlocks: {per}"
+        )
+
+    def reserve(self, seq_id: Hashable, num_tokens: int) -> None:
+        """Ensure slots for the next ``num_tokens`` KV entries, borrowing from other ranks.
+
+        All or nothing: space for every new rBlock is taken in the directory
+        first; if the group is short, OutOfKVMemory and nothing changed.
+        """
+        s = self._get(seq_id)
+        check_count("num_tokens", num_tokens)
+        new, cow = self._needed(s, num_tokens)
+        target = s.num_computed + num_tokens
+        if new + cow == 0:
+            s.reserved = max(s.reserved, target)
+            return
+        first = len(s.blocks) - cow
+        # the shared rBlock is the one the next KV entry goes to; with slots
+        # reserved ahead before a fork it is not the last one held
+        cow_idx = s.num_computed // self.rblock_size
+        prefer = s.blocks[cow_idx].rank if cow else None
+        holders = [b.rank for b in s.blocks]
+        ranks = self.directory.plan(
+            self.rank, first, new + cow, holders, self.placement, prefer=prefer
+        )
+        if ranks is None:
+            raise self._out_of_memory(seq_id, new + cow)
+        placed = self._place(s, ranks[cow:])
+        if cow:
+            try:
+                self._copy_on_write(s, cow_idx, ranks[0])
+            except KVError:
+                self._unplace(s.handle, self._per_rank(len(s.blocks), ranks[cow:]))
+                self.directory.give(ranks[0], 1)
+                raise
+        s.blocks.extend(placed)
+        s.reserved = max(s.reserved, target)
+        self._record(s)
+
+    def _copy_on_write(self, s: _Seq, idx: int, dst: int) -> None:
+        """Give ``s`` a private copy of its shared rBlock ``idx`` on rank ``dst`` (space taken)."""
+        old = s.blocks[idx]
+        nslots = s.num_computed - idx * self.rblock_size
+        if dst == old.rank:
+            released = self._call(dst, ("cow", s.handle, idx, nslots))[0]
+            self.directory.give(dst, released)
+        else:
+            _, parts = self._call(old.rank, ("read", s.handle, idx, nslots))
+            self._call(dst, ("place", s.handle, [idx]), parts)
+            try:
+                released = self._call(old.rank, ("drop", s.handle, [idx]))[0]
+            except KVError:
+                self._call(dst, ("drop", s.handle, [idx]))  # its space is the caller's to return
+                raise
+            self.directory.give(old.rank, released)
+        old.refs -= 1
+        s.blocks[idx] = _Block(dst)
+
+    @staticmethod
+    def _per_rank(start: int, ranks: Sequence[int]) -> dict[int, list[int]]:
+        per: dict[int, list[int]] = {}
+        for i, r in enumerate(ranks):
+            per.setdefault(r, []).append(start + i)
+        return per
+
+    def _place(self, s: _Seq, ranks: Sequence[int]) -> list[_Block]:
+        """Place rBlocks ``len(s.blocks) ..`` of ``s`` on ``ranks`` (space already taken).
+
+        Returns the new blocks, not yet attached to ``s``; on failure every
+        placed one is dropped, all the space is returned, and the error raised.
+        """
+        per = self._per_rank(len(s.blocks), ranks)
+        res = self._call_many({r: (("place", s.handle, idxs), []) for r, idxs in per.items()})
+        failed = {r: e for r, e in res.items() if isinstance(e, KVError)}
+        if failed:
+            self._unplace(s.handle, {r: i for r, i in per.items() if r not in failed})
+            for r in failed:
+                self.directory.give(r, len(per[r]))
+            raise next(iter(failed.values()))
+        return [_Block(r) for r in ranks]
+
+    def _unplace(self, handle: int, per: Mapping[int, list[int]]) -> None:
+        """Drop rBlocks ``{rank: [index, ...]}`` just placed for ``handle``; return their space."""
+        self._give_back(self._call_many({r: (("drop", handle, i), []) for r, i in per.items()}))
+
+    def can_reserve(self, requests: Mapping[Hashable, int]) -> bool:
+        """Whether every ``reserve(seq, n)`` of ``requests`` fits in the group's free rBlocks."""
+        total = 0
+        for sid, n in requests.items():
+            check_count("num_tokens", n)
+            new, cow = self._needed(self._get(sid), n)
+            total += new + cow
+        self._check()
+        return total <= sum(self.directory.free())
+
+    def layout(self, batch: Sequence[tuple[Hashable, int]]) -> BatchLayout:
+        """This rank's part of the batch: its rBlocks of each sequence and its new-token slots.
+
+        ``seq_lens`` counts the KV of each sequence held on this rank (up to
+        and including the new tokens); ``slot_mapping`` is -1 for new tokens
+        whose slot lies on another rank; ``query_start_loc`` spans every new
+        token. In a world of one this is the whole sequence.
+        """
+        self._check()
+        if not batch:
+            raise InvalidArgument("layout of an empty batch")
+        seen: set[Hashable] = set()
+        rows: list[np.ndarray] = []
+        seq_lens, local_new, masks, qlens = [], [], [], []
+        with self.holder.lock:
+            for sid, n in batch:
+                s = self._get(sid)
+                check_count("num_new_tokens", n)
+                if sid in seen:
+                    raise InvalidArgument(f"sequence {sid!r} appears twice in the batch")
+                seen.add(sid)
+                p0, p1 = s.num_computed, s.num_computed + n
+                if p1 > s.reserved:
+                    raise InvalidArgument(
+                        f"sequence {sid!r}: {n} new tokens need {p1} reserved slots, "
+                        f"{s.reserved} are; call reserve first"
+                    )
+                rows.append(self.holder.row(s.handle))
+                seq_lens.append(int(self.holder.visible(s.handle, np.array([p1 - 1]))[0]))
+                mask = self.holder.held_mask(s.handle, p0, p1)
+                masks.append(mask)
+                local_new.append(int(mask.sum()))
+                qlens.append(n)
+        width = max([len(r) for r in rows] + [1])
+        table = np.zeros((len(rows), width), dtype=np.int32)
+        for i, r in enumerate(rows):
+            table[i, : len(r)] = r
+        ids = tuple(sid for sid, _ in batch)
+        lens, new = np.asarray(seq_lens), np.asarray(local_new)
+        lay = build_layout(self.page_size, table, lens, new, ids, self.device, self.spec)
+        if local_new == qlens:
+            return lay
+        here = torch.from_numpy(np.concatenate(masks)).to(self.device)
+        slots = torch.full((sum(qlens),), -1, dtype=torch.int64, device=self.device)
+        slots[here] = lay.slot_mapping
+        qsl = np.zeros(len(qlens) + 1, dtype=np.int32)
+        np.cumsum(qlens, out=qsl[1:])
+        return dataclasses.replace(
+            lay,
+            slot_mapping=slots,
+            query_start_loc=torch.from_numpy(qsl).to(self.device),
+            max_query_len=max(qlens),
+        )
+
+    def commit(self, seq_id: Hashable, num_tokens: int) -> None:
+        """Record that ``num_tokens`` more KV entries are written (no messages)."""
+        s = self._get(seq_id)
+        check_count("num_tokens", num_tokens)
+        end = s.num_computed + num_tokens
+        if end > s.reserved:
+            raise InvalidArgument(
+                f"sequence {seq_id!r}: commit to {end} tokens beyond the {s.reserved} reserved"
+            )
+        if end > len(s.tokens):
+            raise InvalidArgument(
+                f"sequence {seq_id!r}: commit to {end} tokens but only {len(s.tokens)} are known; "
+                "append them first"
+            )
+        s.num_computed = end
+
+    def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
+        """The child shares the parent's rBlocks that hold KV, copy-on-write, on the same ranks."""
+        p = self._get(parent_id)
+        if child_id in self._seqs:
+            raise DuplicateSequence(f"sequence {child_id!r} is already registered")
+        c = _Seq(next(self._handles), list(p.tokens))
+        nb = _ceil_div(p.num_computed, self.rblock_size)
+        c.blocks = p.blocks[:nb]
+        c.num_computed = c.reserved = p.num_computed
+        ranks = {b.rank for b in c.blocks}
+        res = self._call_many({r: (("fork", p.handle, c.handle, nb), []) for r in ranks})
+        failed = [e for e in res.values() if isinstance(e, KVError)]
+        if failed:
+            self._call_many(
+                {r: (("drop", c.handle, None), []) for r in res if r not in failed_ranks(res)}
+            )
+            raise failed[0]
+        for b in c.blocks:
+            b.refs += 1
+        self._seqs[child_id] = c
+        if c.blocks:
+            self._record(c)
+
+    def free(self, seq_id: Hashable) -> None:
+        """Release the sequence's rBlocks on every rank that holds them."""
+        s = self._get(seq_id)
+        ranks = {b.rank for b in s.blocks}
+        res = self._call_many({r: (("drop", s.handle, None), []) for r in ranks})
+        self._give_back(res)
+        failed = [e for e in res.values() if isinstance(e, KVError)]
+        if failed:
+            raise failed[0]
+        for b in s.blocks:
+            b.refs -= 1
+        if s.blocks:
+            self.directory.record(s.handle, [])
+        del self._seqs[seq_id]
+
+    def swap_out(self, seq_ids: Iterable[Hashable]) -> SwapHandle:
+        """Not available in the sharded backend: raises NotImplementedError."""
+        raise NotImplementedError("the sharded backend does not swap; use recompute")
+
+    def swap_in(self, seq_ids: Iterable[Hashable]) -> SwapHandle:
+        """Not available in the sharded backend: raises NotImplementedError."""
+        raise NotImplementedError("the sharded backend does not swap; use recompute")
+
+    def layer(self, i: int) -> LayerKV:
+        """The KV storage of layer ``i`` on this rank."""
+        self._check()
+        return self.local.layer(i)
+
+    def seq_info(self, seq_id: Hashable) -> SeqInfo:
+        """Counts of one sequence this rank owns."""
+        s = self._get(seq_id)
+        return SeqInfo(len(s.tokens), s.num_computed, s.reserved, False)
+
+    def seq_ids(self) -> list[Hashable]:
+        """Every sequence this rank owns."""
+        return list(self._seqs)
+
+    def placement_of(self, seq_id: Hashable) -> list[int]:
+        """The rank holding each rBlock of a sequence this rank owns, in position order."""
+        return [b.rank for b in self._get(seq_id).blocks]
+
+    def stats(self) -> KVStats:
+        """The group's capacity and free rBlocks, this rank's sequences (see the module doc)."""
+        self._check()
+        r = self.rblock_size
+        caps, free = self.directory.capacities, self.directory.free()
+        filled: dict[int, int] = {}
+        own: dict[int, _Block] = {}
+        for s in self._seqs.values():
+            for i, b in enumerate(s.blocks):
+                own[id(b)] = b
+                f = min(r, max(0, s.num_computed - i * r))
+                filled[id(b)] = max(filled.get(id(b), 0), f)
+        with self.holder.lock:
+            held = self.holder.held_blocks
+            lent = self.holder.lent_blocks(self.rank, _HANDLE_BITS)
+        borrowed = sum(1 for b in own.values() if b.rank != self.rank)
+        return KVStats(
+            page_size=r,
+            bytes_per_token=self.spec.bytes_per_token,
+            capacity_tokens=sum(caps) * r,
+            used_tokens=(sum(caps) - sum(free)) * r,
+            filled_tokens=sum(filled.values()),
+            reserved_tokens=sum(s.reserved - s.num_computed for s in self._seqs.values()),
+            cached_tokens=0,
+            free_tokens=sum(free) * r,
+            swapped_tokens=0,
+            num_seqs=len(self._seqs),
+            num_swapped_seqs=0,
+            extra={
+                "rank": self.rank,
+                "world_size": self.world_size,
+                "local_capacity_tokens": caps[self.rank] * r,
+                "local_used_tokens": held * r,
+                "local_free_tokens": free[self.rank] * r,
+                "lent_tokens": lent * r,
+                "borrowed_tokens": borrowed * r,
+            },
+        )
+
+    def check_integrity(self) -> None:
+        """Check this rank's sequences against every holder's view and the directory.
+
+        Exact while no other rank is in the middle of a reserve or free.
+        """
+        self._check()
+        r = self.rblock_size
+        refs: dict[int, int] = {}
+        blocks: dict[int, _Block] = {}
+        expect: dict[int, dict[int, list[int]]] = {}
+        for sid, s in self._seqs.items():
+            if not 0 <= s.num_computed <= s.reserved <= len(s.blocks) * r:
+                raise IntegrityError(f"{sid!r}: counts out of order")
+            if len(s.blocks) != _ceil_div(s.reserved, r):
+                raise IntegrityError(f"{sid!r}: {len(s.blocks)} rBlocks for {s.reserved} slots")
+            if s.num_computed > len(s.tokens):
+                raise IntegrityError(f"{sid!r}: more KV than tokens")
+            for i, b in enumerate(s.blocks):
+                refs[id(b)] = refs.get(id(b), 0) + 1
+                blocks[id(b)] = b
+                expect.setdefault(b.rank, {}).setdefault(s.handle, []).append(i)
+            if self.directory.lookup(s.handle) != [b.rank for b in s.blocks]:
+                raise IntegrityError(f"{sid!r}: the directory's placement differs")
+        if any(blocks[k].refs != n for k, n in refs.items()):
+            raise IntegrityError("rBlock share counts do not match the sequences")
+        self.holder.check()
+        handles = [s.handle for s in self._seqs.values()]
+        ranks = set(range(self.world_size)) if self.channel else {self.rank}
+        views = self._call_many({k: (("views", handles), []) for k in ranks})
+        checks = self._call_many({k: (("check",), []) for k in ranks - {self.rank}})
+        for v in itertools.chain(views.values(), checks.values()):
+            if isinstance(v, KVError):
+                raise v
+        free, caps = self.directory.free(), self.directory.capacities
+        for k in ranks:
+            held_views, held = views[k][0]
+            for h in handles:
+                if held_views[h] != expect.get(k, {}).get(h, []):
+                    raise IntegrityError(f"rank {k} holds rBlocks {held_views[h]} of handle {h}")
+            if free[k] != caps[k] - held:
+                raise IntegrityError(
+                    f"rank {k}: the directory says {free[k]} rBlocks free; "
+                    f"it holds {held} of {caps[k]}"
+                )
+
+    def close(self) -> None:
+        """Collective: serve the other ranks until all of them close, then release everything."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.channel is not None and self.channel.failure is None:
+                self._barrier("closing")
+                self.channel.stop()
+                if self._own_group:
+                    dist.destroy_process_group(self._pg)
+        finally:
+            self._seqs.clear()
+            self.local.close()
+
+    def _barrier(self, name: str) -> None:
+        """Wait until every rank has arrived at ``name``; a dead or stopped peer is reported.
+
+        Unbounded on purpose (the others may have work left); liveness comes
+        from the heartbeat, which records a PeerFailure that is raised here.
+        """
+        assert self.channel is not None
+        self.directory.store.add(f"barrier/{name}", 1)
+        pause = 0.002
+        while int(self.directory.store.add(f"barrier/{name}", 0)) < self.world_size:
+            self.channel.check()
+            time.sleep(pause)
+            pause = min(0.1, pause * 2)
+
+    # ------------------------------------------------------------ for attention
+    def traffic(self) -> Traffic:
+        """Bytes and messages this rank's calls have sent and received so far."""
+        return self.channel.traffic if self.channel else Traffic()
+
+    def attention_plan(
+        self, batch: Sequence[tuple[Hashable, int]]
+    ) -> list[tuple[int, int, int, list[int]]]:
+        """``(handle, p0, p1, rank of each rBlock)`` per sequence, checked for attention."""
+        self._check()
+        if not batch:
+            raise InvalidArgument("attention over an empty batch")
+        out = []
+        seen: set[Hashable] = set()
+        for sid, n in batch:
+            s = self._get(sid)
+            check_count("num_new_tokens", n)
+            if sid in seen:
+                raise InvalidArgument(f"sequence {sid!r} appears twice in the batch")
+            seen.add(sid)
+            p0, p1 = s.num_computed, s.num_computed + n
+            if p1 > s.reserved:
+                raise InvalidArgument(
+                    f"sequence {sid!r}: {n} new tokens need {p1} reserved slots, "
+                    f"{s.reserved} are; call reserve first"
+                )
+            out.append((s.handle, p0, p1, [b.rank for b in s.blocks]))
+        return out
+
+
+__all__ = ["ShardedAllocator", "StepProfile"]

@@ -1,0 +1,582 @@
+"""The continuous-batching engine: requests in, tokens out, KV through one allocator.
+
+::
+
+    add_request ──► inbox ──► step():  drain inbox (adds, aborts, priorities)
+                                       scheduler.schedule()   reserve / preempt
+                                       executor.execute()     one forward, mixed batch
+                                       allocator.commit()     KV now written
+                                       sample, stop checks, allocator.append()
+                                       finished ──► allocator.free()
+                                       stream RequestOutputs to callbacks
+
+Threads: ``step`` may run in a background thread while ``add_request``,
+``abort`` and ``set_priority`` are called from another (a server's event
+loop). Those calls only touch a locked inbox that ``step`` drains at its
+start and end; ``abort`` also drains it at once when no step is running, so
+an aborted request's KV is freed immediately or at the end of the step in
+flight. Everything else (``metrics``) takes the step lock.
+
+Works with every registered backend and KV format: memory is reached only
+through :class:`~kvmem.allocator.KVAllocator` methods.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from kvmem.allocator import KVAllocator, create_allocator
+from kvmem.engine.clock import Clock, WallClock
+from kvmem.engine.errors import InvalidRequest, SwapUnavailable
+from kvmem.engine.executor import Executor, ModelExecutor
+from kvmem.engine.metrics import EngineMetrics
+from kvmem.engine.model import LlamaModel
+from kvmem.engine.policies import make_policy
+from kvmem.engine.request import (
+    Completion,
+    OutputCallback,
+    Request,
+    RequestOutput,
+    RequestStatus,
+    SamplingParams,
+)
+from kvmem.engine.sampling import sample
+from kvmem.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
+from kvmem.engine.tokenizer import ByteTokenizer, IncrementalDecoder, Tokenizer
+from kvmem.errors import InvalidArgument, KVError
+
+log = logging.getLogger(__name__)
+_Pending = list[tuple[Request, RequestOutput]]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine is built from, besides the model.
+
+    ``backend`` and ``backend_options`` go to :func:`kvmem.create_allocator`
+    (with ``num_tokens=num_kv_tokens`` and ``device``, by default the
+    model's); ``policy`` and
+    ``policy_options`` to :func:`~kvmem.engine.policies.make_policy`.
+    ``max_model_len`` defaults to the model's context. ``detokenize=False``
+    skips text (and stop strings) for replay benchmarks.
+    """
+
+    backend: str = "paged"
+    backend_options: Mapping[str, Any] = field(default_factory=dict)
+    kv_format: str = "auto"
+    num_kv_tokens: int = 16384
+    device: str | None = None
+    policy: str = "fcfs"
+    policy_options: Mapping[str, Any] = field(default_factory=dict)
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 256
+    chunked_prefill: bool = True
+    preemption: str = "recompute"
+    watermark: float = 0.01
+    max_model_len: int | None = None
+    attention_impl: str = "auto"
+    seed: int = 0
+    detokenize: bool = True
+    finished_history: int = 100_000
+
+
+class Engine:
+    """A reference continuous-batching LLM engine over a kvmem allocator.
+
+    Build it from a model (default: the ``tiny`` random preset), or from an
+    executor (the scheduling benchmark's simulated one). The allocator is
+    built from ``config`` unless one is given (its spec must be the
+    model's). Keyword overrides are applied to ``config``::
+
+        eng = Engine(random_model("tiny"), backend="paged", kv_format="fp8")
+        [c] = eng.generate(["Hello"], SamplingParams(max_tokens=8))
+    """
+
+    def __init__(
+        self,
+        model: LlamaModel | None = None,
+        config: EngineConfig | None = None,
+        *,
+        tokenizer: Tokenizer | None = None,
+        executor: Executor | None = None,
+        clock: Clock | None = None,
+        allocator: KVAllocator | None = None,
+        **overrides: Any,
+    ) -> None:
+        try:
+            config = replace(config or EngineConfig(), **overrides)
+        except TypeError as e:
+            raise InvalidArgument(f"unknown engine option: {e}") from None
+        self.config = config
+        if executor is None:
+            if model is None:
+                from kvmem.engine.weights import random_model
+
+                model = random_model("tiny", seed=config.seed)
+            executor = ModelExecutor(model, config.attention_impl)
+        self.executor = executor
+        self.clock: Clock = clock or WallClock()
+        self.tokenizer: Tokenizer = tokenizer or ByteTokenizer()
+        self.eos_token_ids = tuple(executor.eos_token_ids) or tuple(self.tokenizer.eos_token_ids)
+        ctx = executor.max_model_len
+        if config.max_model_len is not None and not 0 < config.max_model_len <= ctx:
+            raise InvalidArgument(f"max_model_len must be in 1..{ctx}, got {config.max_model_len}")
+        self.max_model_len = config.max_model_len or ctx
+        self.policy = make_policy(config.policy, **dict(config.policy_options))
+        sched_cfg = SchedulerConfig(
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            config.chunked_prefill,
+            config.preemption,
+            config.watermark,
+        )
+        self._owns_allocator = allocator is None
+        if allocator is None:
+            options = dict(config.backend_options)
+            options.setdefault("device", config.device or executor.device)
+            spec = executor.kv_spec(config.kv_format)
+            allocator = create_allocator(
+                config.backend, spec, num_tokens=config.num_kv_tokens, **options
+            )
+        self.allocator: KVAllocator = allocator
+        if config.preemption == "swap":
+            self._check_swap()
+        self.kv_capacity_tokens = self.allocator.stats().capacity_tokens
+        self.scheduler = Scheduler(self.allocator, self.policy, sched_cfg)
+        self._generator = torch.Generator().manual_seed(config.seed)
+        self._requests: dict[str, Request] = {}
+        self._ids: set[str] = set()
+        self._inbox: list[tuple[str, Any]] = []
+        self._inbox_lock = threading.Lock()
+        self._step_lock = threading.RLock()
+        self._counter = itertools.count()
+        self.finished: deque[Request] = deque(maxlen=config.finished_history)
+        self.num_steps = 0
+        self.num_aborted = 0
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self._first_step_time: float | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str, dtype: torch.dtype | None = None, **overrides: Any
+    ) -> Engine:
+        """An engine on a local checkpoint directory (config.json, safetensors, tokenizer.json).
+
+        The tokenizer is the directory's ``tokenizer.json`` when there is one,
+        else the byte tokenizer; nothing is fetched from the network.
+        """
+        from kvmem.engine.tokenizer import load_tokenizer
+        from kvmem.engine.weights import load_model
+
+        model = load_model(path, dtype=dtype)
+        tok = load_tokenizer(path, tuple(model.config.eos_token_ids))
+        return cls(model, tokenizer=tok, **overrides)
+
+    def _check_swap(self) -> None:
+        try:
+            self.allocator.swap_out([])
+        except NotImplementedError as e:
+            if self._owns_allocator:
+                self.allocator.close()
+            raise SwapUnavailable(
+                f"preemption='swap' is unavailable for backend {self.config.backend!r}: {e}"
+            ) from None
+        except KVError:
+            pass  # an empty swap may be refused; the backend does implement it
+
+    # ------------------------------------------------------------------ input
+    def add_request(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        tenant: Hashable = "default",
+        priority: int = 0,
+        arrival_time: float | None = None,
+        on_output: OutputCallback | None = None,
+        output_len_hint: int | None = None,
+        cache_salt: Hashable = None,
+    ) -> str:
+        """Queue a request; return its id. Thread-safe.
+
+        ``tenant`` is who the ``fair`` policy accounts the request to;
+        ``cache_salt`` keeps its prefix-cache entries apart from other
+        salts' (pass the tenant to isolate tenants); ``output_len_hint`` is
+        the true output length, for oracle predictors in trace replays.
+
+        Raises :class:`InvalidRequest` (nothing queued, nothing else
+        affected) for an empty prompt, token ids outside the vocabulary, a
+        prompt that leaves no room for output within ``max_model_len``, or a
+        prompt larger than the whole KV capacity.
+        """
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequest(f"params must be SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            try:
+                ids = [int(t) for t in prompt]
+            except (TypeError, ValueError):
+                raise InvalidRequest("a prompt is a string or a sequence of token ids") from None
+        if not ids:
+            raise InvalidRequest("the prompt is empty")
+        vocab = self.executor.vocab_size
+        if self.config.detokenize and (min(ids) < 0 or max(ids) >= vocab):
+            raise InvalidRequest(f"prompt token ids must be in 0..{vocab - 1}")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequest(
+                f"the prompt has {len(ids)} tokens; the model's context is {self.max_model_len} "
+                "and must leave room for at least one generated token"
+            )
+        if len(ids) > self.kv_capacity_tokens:
+            raise InvalidRequest(
+                f"the prompt has {len(ids)} tokens, more than the whole KV capacity "
+                f"({self.kv_capacity_tokens} tokens)"
+            )
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise InvalidRequest(f"priority must be an int, got {priority!r}")
+        with self._inbox_lock:
+            rid = request_id if request_id is not None else f"req-{next(self._counter)}"
+            if not isinstance(rid, str) or not rid:
+                raise InvalidRequest("request_id must be a non-empty string")
+            if rid in self._ids:
+                raise InvalidRequest(f"request id {rid!r} is already in the engine")
+            req = Request(
+                request_id=rid,
+                prompt_token_ids=ids,
+                params=params,
+                tenant=tenant,
+                priority=priority,
+                arrival_time=self.clock.now() if arrival_time is None else float(arrival_time),
+                output_len_hint=output_len_hint,
+                on_output=on_output,
+                cache_salt=cache_salt,
+            )
+            req.metrics.arrival_time = req.arrival_time
+            req.metrics.num_prompt_tokens = len(ids)
+            if params.seed is not None:
+                req.generator = torch.Generator().manual_seed(params.seed)
+            if self.config.detokenize:
+                req.decoder = IncrementalDecoder(self.tokenizer)
+            self._ids.add(rid)
+            self._inbox.append(("add", req))
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """End a request and free its KV (now, or when the step in flight ends). Thread-safe.
+
+        Returns False if no such request is in the engine.
+        """
+        with self._inbox_lock:
+            if request_id not in self._ids:
+                return False
+            self._inbox.append(("abort", request_id))
+        if self._step_lock.acquire(blocking=False):
+            try:
+                outputs: _Pending = []
+                self._drain(outputs)
+                self._deliver(outputs)
+            finally:
+                self._step_lock.release()
+        return True
+
+    def set_priority(self, request_id: str, priority: int) -> bool:
+        """Change a request's priority from the next step on (``fair`` preempts on it)."""
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise InvalidRequest(f"priority must be an int, got {priority!r}")
+        with self._inbox_lock:
+            if request_id not in self._ids:
+                return False
+            self._inbox.append(("priority", (request_id, priority)))
+        return True
+
+    def _drain(self, outputs: _Pending) -> None:
+        with self._inbox_lock:
+            inbox, self._inbox = self._inbox, []
+        for kind, arg in inbox:
+            if kind == "add":
+                self._requests[arg.request_id] = arg
+                self.scheduler.add(arg)
+            elif kind == "abort":
+                r = self._requests.get(arg)
+                if r is not None and not r.finished:
+                    self.num_aborted += 1
+                    self._finish(r, "abort", outputs, [])
+            else:
+                rid, prio = arg
+                if rid in self._requests:
+                    self._requests[rid].priority = prio
+
+    # ------------------------------------------------------------------- step
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step and one forward pass; return (and stream) the outputs."""
+        with self._step_lock:
+            outputs: _Pending = []
+            self._drain(outputs)
+            plan = self.scheduler.schedule()
+            for r, reason, err in plan.ended:
+                self._finish(r, reason, outputs, [], None, err)
+            if plan.chunks:
+                self._run(plan.chunks, outputs)
+            self._drain(outputs)
+        self._deliver(outputs)
+        return [o for _, o in outputs]
+
+    def _run(self, chunks: list[ScheduledChunk], outputs: _Pending) -> None:
+        now = self.clock.now()
+        if self._first_step_time is None:
+            self._first_step_time = now
+        for c in chunks:
+            if c.request.metrics.first_scheduled_time is None:
+                c.request.metrics.first_scheduled_time = now
+        logits = self.executor.execute(chunks, self.allocator)
+        self.num_steps += 1
+        samplers: list[Request] = []
+        for c in chunks:
+            r = c.request
+            self.allocator.commit(r.request_id, c.num_tokens)
+            r.num_computed += c.num_tokens
+            r.metrics.num_computed_tokens += c.num_tokens
+            if not c.is_decode:
+                self.prompt_tokens += c.num_tokens
+                self.policy.on_served(r, c.num_tokens, 0)
+            if c.samples:
+                samplers.append(r)
+        if not samplers:
+            return
+        toks = sample(
+            logits,
+            [r.params for r in samplers],
+            [r.generator or self._generator for r in samplers],
+        )
+        t = self.clock.now()
+        for r, tok in zip(samplers, toks, strict=True):
+            r.token_ids.append(tok)
+            r.metrics.token_times.append(t)
+            self.generation_tokens += 1
+            self.policy.on_served(r, 0, 1)
+            reason = self._stop_reason(r, tok)
+            text, stopped = self._advance_text(r, tok, final=reason is not None)
+            if stopped:
+                reason = "stop"
+            if reason is None:
+                self.allocator.append(r.request_id, [tok])
+                outputs.append((r, RequestOutput(r.request_id, [tok], text)))
+            else:
+                self._finish(r, reason, outputs, [tok], text)
+
+    def _stop_reason(self, r: Request, tok: int) -> str | None:
+        p = r.params
+        if (not p.ignore_eos and tok in self.eos_token_ids) or tok in p.stop_token_ids:
+            return "stop"
+        if r.num_output_tokens >= p.max_tokens or r.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _advance_text(self, r: Request, tok: int | None, final: bool) -> tuple[str, bool]:
+        """Decode ``tok``; return the text now safe to stream and whether a stop string matched.
+
+        Text that could be the start of a stop string is held back until it
+        is known not to be one; a matched stop string and all after it are cut.
+        """
+        if r.decoder is None:
+            return "", False
+        old = len(r.text)
+        if tok is not None:
+            r.text += r.decoder.feed([tok])
+        if final:
+            r.text += r.decoder.flush()
+        stopped = False
+        for s in r.params.stop:
+            i = r.text.find(s, max(0, old - len(s) + 1))
+            if i >= 0:
+                r.text = r.text[:i]
+                stopped = True
+        hold = 0
+        if not (final or stopped):
+            for s in r.params.stop:
+                for k in range(min(len(s) - 1, len(r.text)), hold, -1):
+                    if r.text.endswith(s[:k]):
+                        hold = k
+                        break
+        end = len(r.text) - hold
+        new = r.text[r.emitted : end] if end > r.emitted else ""
+        r.emitted = max(r.emitted, end)
+        return new, stopped
+
+    def _finish(
+        self,
+        r: Request,
+        reason: str,
+        outputs: _Pending,
+        toks: list[int],
+        text: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        self.scheduler.remove(r)
+        if text is None:
+            text, _ = self._advance_text(r, None, final=True)
+        r.status = RequestStatus.FINISHED
+        r.finish_reason = reason
+        r.metrics.finish_time = self.clock.now()
+        self._requests.pop(r.request_id, None)
+        with self._inbox_lock:
+            self._ids.discard(r.request_id)
+        self.finished.append(r)
+        outputs.append((r, RequestOutput(r.request_id, toks, text, True, reason, error)))
+
+    @staticmethod
+    def _deliver(outputs: _Pending) -> None:
+        for r, o in outputs:
+            if r.on_output is None:
+                continue
+            try:
+                r.on_output(o)
+            except Exception:
+                log.exception("output callback of request %s raised", o.request_id)
+
+    def _lookup(self, rid: str) -> Request | None:
+        r = self._requests.get(rid)
+        if r is None:
+            for f in reversed(self.finished):
+                if f.request_id == rid:
+                    return f
+        return r
+
+    # ------------------------------------------------------------ conveniences
+    def has_unfinished(self) -> bool:
+        """True while any request is queued or running."""
+        with self._inbox_lock:
+            return bool(self._ids)
+
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[Completion]:
+        """Run ``prompts`` to completion (stepping the engine here); results in prompt order."""
+        plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise InvalidRequest(f"{len(plist)} sampling params for {len(prompts)} prompts")
+        done: dict[str, Request] = {}
+
+        def track(o: RequestOutput) -> None:
+            if o.finished:
+                r = self._lookup(o.request_id)
+                if r is not None:
+                    done[o.request_id] = r
+
+        ids: list[str] = []
+        try:
+            for p, sp in zip(prompts, plist, strict=True):
+                ids.append(self.add_request(p, sp, on_output=track))
+        except KVError:
+            for i in ids:
+                self.abort(i)
+            raise
+        while any(i not in done for i in ids):
+            self.step()
+        return [self._completion(done[i]) for i in ids]
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        **kwargs: Any,
+    ) -> Iterator[RequestOutput]:
+        """Add one request and yield its outputs as steps run (stepping the engine here)."""
+        box: deque[RequestOutput] = deque()
+        self.add_request(prompt, params, on_output=box.append, **kwargs)
+        while True:
+            if not box:
+                self.step()
+            while box:
+                o = box.popleft()
+                yield o
+                if o.finished:
+                    return
+
+    def run(self, until: Callable[[], bool] | None = None) -> None:
+        """Step until ``until()`` is true (default: until no request is left)."""
+        stop = until or (lambda: not self.has_unfinished())
+        while not stop():
+            self.step()
+
+    def serve_forever(self, stop: threading.Event, idle_sleep: float = 0.002) -> None:
+        """Step until ``stop`` is set, sleeping ``idle_sleep`` s when there is nothing to do.
+
+        Meant for a background thread (a server's), while other threads call
+        ``add_request``, ``abort`` and ``set_priority``.
+        """
+        while not stop.is_set():
+            if not self.step() and not self.has_unfinished():
+                stop.wait(idle_sleep)
+
+    @staticmethod
+    def _completion(r: Request) -> Completion:
+        return Completion(
+            r.request_id,
+            list(r.prompt_token_ids),
+            r.output_token_ids,
+            r.text,
+            r.finish_reason,
+            r.metrics,
+        )
+
+    # ----------------------------------------------------------------- metrics
+    def metrics(self) -> EngineMetrics:
+        """A snapshot of queues, KV memory and throughput. Thread-safe."""
+        with self._step_lock:
+            s = self.allocator.stats()
+            now = self.clock.now()
+            sched = self.scheduler
+            span = now - self._first_step_time if self._first_step_time is not None else 0.0
+            return EngineMetrics(
+                time=now,
+                num_running=len(sched.running),
+                num_waiting=len(sched.waiting),
+                num_swapped=len(sched.swapped),
+                num_finished=len(self.finished),
+                num_aborted=self.num_aborted,
+                num_steps=self.num_steps,
+                num_preemptions=sched.num_preemptions,
+                prompt_tokens=self.prompt_tokens,
+                generation_tokens=self.generation_tokens,
+                tokens_per_s=self.generation_tokens / span if span > 0 else 0.0,
+                kv_capacity_tokens=s.capacity_tokens,
+                kv_used_tokens=s.used_tokens,
+                kv_usage=s.usage,
+                kv_cached_tokens=s.cached_tokens,
+                kv_swapped_tokens=s.swapped_tokens,
+                prefix_cache_hit_rate=s.prefix_hit_rate,
+            )
+
+    def request(self, request_id: str) -> Request | None:
+        """A live or recently finished request's state (its ``metrics`` included)."""
+        with self._step_lock:
+            return self._lookup(request_id)
+
+    def close(self) -> None:
+        """Release the allocator's memory."""
+        with self._step_lock:
+            self.allocator.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["Engine", "EngineConfig"]

@@ -1,0 +1,90 @@
+"""Metrics: per request (arrival, first token, every token, finish, preemptions) and per engine.
+
+Times are in the engine clock's seconds (wall time, or simulated time in
+the scheduling benchmark). Both records are plain objects that the server
+and the benchmarks read directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RequestMetrics:
+    """Timeline of one request.
+
+    ``token_times[i]`` is when output token ``i`` was sampled; ``ttft`` is
+    ``token_times[0] - arrival_time``; ``tbt`` are the gaps between
+    consecutive tokens; ``jct`` (job completion time) is ``finish_time -
+    arrival_time``.
+    """
+
+    arrival_time: float = 0.0
+    first_scheduled_time: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    finish_time: float | None = None
+    num_preemptions: int = 0
+    num_prompt_tokens: int = 0
+    #: Prompt tokens found in the prefix cache, summed over every admission.
+    num_cached_tokens: int = 0
+    #: Tokens whose KV was computed, recomputation after preemption included.
+    num_computed_tokens: int = 0
+
+    @property
+    def first_token_time(self) -> float | None:
+        """When the first output token was sampled."""
+        return self.token_times[0] if self.token_times else None
+
+    @property
+    def ttft(self) -> float | None:
+        """Time to first token."""
+        t = self.first_token_time
+        return None if t is None else t - self.arrival_time
+
+    @property
+    def tbt(self) -> list[float]:
+        """Times between consecutive output tokens."""
+        t = self.token_times
+        return [b - a for a, b in zip(t, t[1:], strict=False)]
+
+    @property
+    def jct(self) -> float | None:
+        """Job completion time: arrival to finish."""
+        return None if self.finish_time is None else self.finish_time - self.arrival_time
+
+    @property
+    def queue_time(self) -> float | None:
+        """Arrival to first scheduled."""
+        t = self.first_scheduled_time
+        return None if t is None else t - self.arrival_time
+
+
+@dataclass(frozen=True)
+class EngineMetrics:
+    """A snapshot of the engine: queues, KV memory, counters and throughput."""
+
+    time: float
+    num_running: int
+    num_waiting: int
+    num_swapped: int
+    num_finished: int
+    num_aborted: int
+    num_steps: int
+    num_preemptions: int
+    prompt_tokens: int  # KV entries computed for prompts (recomputation included)
+    generation_tokens: int
+    tokens_per_s: float  # generated tokens per second since the first step
+    kv_capacity_tokens: int
+    kv_used_tokens: int
+    kv_usage: float  # fraction of capacity held by sequences
+    kv_cached_tokens: int
+    kv_swapped_tokens: int
+    prefix_cache_hit_rate: float
+
+    def as_dict(self) -> dict[str, float]:
+        """The fields as a flat dict (for JSON and Prometheus)."""
+        return {k: float(v) for k, v in self.__dict__.items()}
+
+
+__all__ = ["EngineMetrics", "RequestMetrics"]

@@ -1,0 +1,183 @@
+"""Requests: sampling parameters, per-request state, and what the engine streams out."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+
+from kvmem.engine.errors import InvalidRequest
+from kvmem.engine.metrics import RequestMetrics
+from kvmem.engine.tokenizer import IncrementalDecoder
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop.
+
+    ``temperature == 0`` is greedy (``top_p``/``top_k`` then do nothing).
+    ``top_k <= 0`` and ``top_p == 1`` switch those filters off. ``seed``
+    gives the request its own random stream, so its samples do not depend on
+    what else is in the batch. Generation stops at ``max_tokens``, at an EOS
+    token (unless ``ignore_eos``), at any of ``stop_token_ids``, or when the
+    text contains one of ``stop`` (the text is cut before it).
+    """
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        mt = self.max_tokens
+        if isinstance(mt, bool) or not isinstance(mt, int) or mt <= 0:
+            raise InvalidRequest(f"max_tokens must be a positive int, got {mt!r}")
+        t = self.temperature
+        if not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise InvalidRequest(f"temperature must be a finite number >= 0, got {t!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+            raise InvalidRequest(f"top_k must be an int, got {self.top_k!r}")
+        seed = self.seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise InvalidRequest(f"seed must be an int or None, got {self.seed!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if any(not isinstance(s, str) or not s for s in stops):
+            raise InvalidRequest("stop strings must be non-empty strings")
+        object.__setattr__(self, "stop", stops)
+
+    @property
+    def greedy(self) -> bool:
+        """True when sampling is argmax."""
+        return self.temperature == 0
+
+
+class RequestStatus(Enum):
+    """Where a request is in the engine."""
+
+    WAITING = "waiting"  # queued, or preempted by recompute: holds no KV
+    RUNNING = "running"  # holds KV on the device
+    SWAPPED = "swapped"  # preempted by swap: KV in host memory
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """One step's news for one request, as streamed to callbacks and iterators.
+
+    ``finish_reason`` is ``"stop"`` (EOS, stop token or string), ``"length"``
+    (max_tokens, the model's context, or the whole KV capacity), ``"abort"``,
+    or ``"error"`` (then ``error`` says why); None while running.
+    """
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished request, as :meth:`Engine.generate` returns it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    metrics: RequestMetrics
+
+
+OutputCallback = Callable[[RequestOutput], None]
+
+
+@dataclass(eq=False)
+class Request:
+    """The engine's state of one request (tokens, KV progress, scheduling fields, metrics).
+
+    ``token_ids`` is the prompt followed by the generated tokens;
+    ``num_computed`` of them have KV written in the allocator.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    tenant: Hashable = "default"
+    priority: int = 0
+    arrival_time: float = 0.0
+    #: The true output length when known (a replayed trace): only oracle predictors read it.
+    output_len_hint: int | None = None
+    on_output: OutputCallback | None = None
+    #: Prefix-cache namespace: prompts with different salts never share KV.
+    cache_salt: Hashable = None
+    token_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    registered: bool = False  # known to the allocator
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None
+    decoder: IncrementalDecoder | None = None
+    text: str = ""  # output text decoded so far
+    emitted: int = 0  # characters of ``text`` already streamed out
+    swap_handle: Any = None
+    seq_no: int = 0  # arrival order tie-break
+    #: Scheduler-owned: predicted remaining output tokens and when it was predicted.
+    predicted_remaining: float = 0.0
+    predicted_at: int = 0
+    metrics: RequestMetrics = field(default_factory=RequestMetrics)
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Tokens of the prompt."""
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus generated tokens."""
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Tokens generated so far."""
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        """The generated tokens."""
+        return self.token_ids[len(self.prompt_token_ids) :]
+
+    @property
+    def num_to_compute(self) -> int:
+        """Known tokens whose KV is not written yet (1 for a decode)."""
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        """True once the request has left the engine."""
+        return self.status is RequestStatus.FINISHED
+
+
+__all__ = [
+    "Completion",
+    "OutputCallback",
+    "Request",
+    "RequestOutput",
+    "RequestStatus",
+    "SamplingParams",
+]

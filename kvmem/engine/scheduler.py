@@ -1,0 +1,341 @@
+"""The scheduler: which requests run this step, how many tokens each, who is preempted.
+
+Each step forms one batch under a token budget (Sarathi-Serve's stall-free
+batching)::
+
+    budget = max_num_batched_tokens
+    1. running decodes, 1 token each              (never stalled by prefills)
+    2. running prefills, a chunk each             (what the budget leaves)
+    3. waiting requests, admitted in policy order (a first chunk each)
+
+    step k:   [d d d d | prefill A 0..250 ]          budget 256
+    step k+1: [d d d d | prefill A 250..500 ]        decodes keep their pace
+    step k+2: [d d d d d | prefill A 500..600 | B 0..150 ]
+
+Memory comes only from the allocator: ``add`` (which reports prefix-cache
+hits, skipped rather than recomputed), ``reserve`` before a chunk runs, and
+``free``. When ``reserve`` raises OutOfKVMemory, the running request with
+the largest policy key that is not yet in this step's batch is preempted,
+possibly the requester itself:
+
+- ``recompute``: ``free`` it; it waits, and on readmission ``add`` finds
+  its full pages in the prefix cache unless they were evicted meanwhile;
+- ``swap``: ``swap_out``; readmission ``swap_in`` runs while other
+  requests compute, and the request rejoins once its handle is done.
+
+A policy that preempts (priorities in ``fair``, ``isrtf`` with a ratio) may
+also displace running requests for a better waiting one when seats or KV
+are short. A request that alone exceeds the whole KV capacity ends with
+finish reason ``"length"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+from kvmem.allocator import KVAllocator
+from kvmem.engine.errors import SwapUnavailable
+from kvmem.engine.policies import Policy
+from kvmem.engine.request import Request, RequestStatus
+from kvmem.errors import InvalidArgument, KVError, OutOfKVMemory
+
+PREEMPTION_MODES = ("recompute", "swap")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Batch limits and the preemption mode.
+
+    ``max_num_seqs`` caps requests holding KV (running); ``max_num_batched_tokens``
+    is the per-step token budget; with ``chunked_prefill=False`` a prompt is
+    only scheduled whole (the unchunked baseline: make the budget at least
+    the longest prompt). A waiting request is admitted only if its whole
+    remaining prompt fits with ``watermark`` (a fraction of the KV capacity)
+    to spare, unless nothing is running: headroom for running requests'
+    decodes, so admissions do not immediately force preemptions (vLLM's
+    watermark, 1%).
+    """
+
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 256
+    chunked_prefill: bool = True
+    preemption: str = "recompute"
+    watermark: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.watermark < 1:
+            raise InvalidArgument(f"watermark must be in [0, 1), got {self.watermark!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise InvalidArgument(f"{name} must be a positive int, got {v!r}")
+        if self.preemption not in PREEMPTION_MODES:
+            raise InvalidArgument(
+                f"unknown preemption mode {self.preemption!r}; known: {', '.join(PREEMPTION_MODES)}"
+            )
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """``num_tokens`` tokens of ``request`` starting at token ``start`` run this step."""
+
+    request: Request
+    start: int
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether the chunk reaches the last known token (its logits give the next token)."""
+        return self.start + self.num_tokens == self.request.num_tokens
+
+    @property
+    def is_decode(self) -> bool:
+        """One token that the model generated (not part of a prompt or a recomputation)."""
+        r = self.request
+        return self.num_tokens == 1 and self.start == r.num_tokens - 1 and r.num_output_tokens > 0
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's plan."""
+
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+    #: Requests the scheduler ended, with the finish reason and error text (or None).
+    ended: list[tuple[Request, str, str | None]] = field(default_factory=list)
+
+    @property
+    def num_decode_tokens(self) -> int:
+        """Decode rows in the batch."""
+        return sum(1 for c in self.chunks if c.is_decode)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        """Prompt (and recomputation) rows in the batch."""
+        return sum(c.num_tokens for c in self.chunks if not c.is_decode)
+
+
+class Scheduler:
+    """Forms batches over the waiting, running and swapped requests."""
+
+    def __init__(self, allocator: KVAllocator, policy: Policy, config: SchedulerConfig) -> None:
+        self.allocator = allocator
+        self.policy = policy
+        self.config = config
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.swapped: list[Request] = []
+        self.num_preemptions = 0
+        self._kv_epoch = 0  # counts releases: free KV only grows when one happens
+        self._blocked: dict[str, int] = {}  # request id -> epoch its admission failed in
+        self._watermark = int(config.watermark * allocator.stats().capacity_tokens)
+        self._seq = 0
+
+    # ------------------------------------------------------------- membership
+    def requests(self) -> list[Request]:
+        """Every request in the scheduler."""
+        return self.running + self.waiting + self.swapped
+
+    def add(self, request: Request) -> None:
+        """Queue a new request."""
+        self._seq += 1
+        request.seq_no = self._seq
+        request.status = RequestStatus.WAITING
+        self.policy.on_arrival(request, self.requests())
+        self.waiting.append(request)
+
+    def remove(self, request: Request) -> None:
+        """Take a request out (finished or aborted) and release its KV."""
+        for q in (self.running, self.waiting, self.swapped):
+            if request in q:
+                q.remove(request)
+        self._blocked.pop(request.request_id, None)
+        self._release(request)
+
+    def _release(self, r: Request) -> None:
+        if r.swap_handle is not None:
+            with contextlib.suppress(Exception):  # the KV is being dropped anyway
+                r.swap_handle.wait()
+            r.swap_handle = None
+        if r.registered:
+            self.allocator.free(r.request_id)
+            r.registered = False
+            self._kv_epoch += 1
+        r.num_computed = 0
+
+    # -------------------------------------------------------------- preemption
+    def _preempt(self, r: Request, out: SchedulerOutput) -> None:
+        self.running.remove(r)
+        r.metrics.num_preemptions += 1
+        self.num_preemptions += 1
+        out.preempted.append(r)
+        if self.config.preemption == "swap":
+            try:
+                r.swap_handle = self.allocator.swap_out([r.request_id])
+                r.status = RequestStatus.SWAPPED
+                self.swapped.append(r)
+                return
+            except NotImplementedError as e:
+                raise SwapUnavailable(
+                    f"swap is unavailable for this backend ({e}); use preemption='recompute'"
+                ) from None
+            except OutOfKVMemory:
+                pass  # host pool full: fall back to recompute
+        self._release(r)
+        r.status = RequestStatus.WAITING
+        self.waiting.append(r)
+
+    def _victim(self, r: Request, scheduled: set[int]) -> Request:
+        """The running request not yet in the batch with the largest key (``r`` included)."""
+        cands = [
+            x for x in self.running if x is r or (id(x) not in scheduled and x.swap_handle is None)
+        ]
+        return max(cands, key=self.policy.key)
+
+    def _reserve(self, r: Request, n: int, scheduled: set[int], out: SchedulerOutput) -> bool:
+        """Reserve ``n`` slots for ``r``, preempting as needed; False if ``r`` lost its seat."""
+        while True:
+            try:
+                self.allocator.reserve(r.request_id, n)
+                return True
+            except OutOfKVMemory:
+                victim = self._victim(r, scheduled)
+                if victim is r and all(x is r for x in self.running):
+                    self.running.remove(r)
+                    out.ended.append((r, "length", None))
+                    return False
+                self._preempt(victim, out)
+                if victim is r:
+                    return False
+
+    def _priority_preempt(self, out: SchedulerOutput) -> None:
+        """Let better waiting requests displace running ones when seats or KV are short."""
+        queue = sorted(self.waiting + self.swapped, key=self.policy.key)
+        if not queue:
+            return
+        seats = self.config.max_num_seqs - len(self.running)
+        free = self.allocator.stats().free_tokens
+        for w in queue:
+            need = w.num_to_compute
+            if self.config.chunked_prefill:
+                need = min(need, self.config.max_num_batched_tokens)
+            need += self.allocator.page_size
+            while seats <= 0 or free < need:
+                victims = [x for x in self.running if x.swap_handle is None]
+                if not victims:
+                    return
+                victim = max(victims, key=self.policy.key)
+                if not self.policy.preempts(w, victim):
+                    return
+                self._preempt(victim, out)
+                seats += 1
+                free = self.allocator.stats().free_tokens
+            seats -= 1
+            free -= need
+
+    # ---------------------------------------------------------------- swap-in
+    def _poll_swaps(self, out: SchedulerOutput) -> None:
+        for r in list(self.running):
+            h = r.swap_handle
+            if h is not None and h.done():
+                r.swap_handle = None
+                try:
+                    h.wait()
+                except KVError as e:
+                    self.running.remove(r)
+                    out.ended.append((r, "error", f"swap-in failed: {e}"))
+
+    def _swap_in(self, r: Request) -> bool:
+        if r.swap_handle is not None:  # its swap-out must land first
+            r.swap_handle.wait()
+            r.swap_handle = None
+        try:
+            r.swap_handle = self.allocator.swap_in([r.request_id])
+        except OutOfKVMemory:
+            return False
+        except NotImplementedError as e:
+            raise SwapUnavailable(f"swap is unavailable for this backend ({e})") from None
+        self.swapped.remove(r)
+        r.status = RequestStatus.RUNNING
+        self.running.append(r)
+        return True
+
+    # --------------------------------------------------------------- schedule
+    def schedule(self) -> SchedulerOutput:
+        """Plan one step: reserve KV for every chunk in the returned batch."""
+        out = SchedulerOutput()
+        cfg = self.config
+        self._poll_swaps(out)
+        if self.policy.can_preempt:
+            self._priority_preempt(out)
+        budget = cfg.max_num_batched_tokens
+        scheduled: set[int] = set()
+        ready = sorted((r for r in self.running if r.swap_handle is None), key=self.policy.key)
+        decodes = [r for r in ready if r.num_to_compute == 1]
+        prefills = [r for r in ready if r.num_to_compute > 1]
+        for r in decodes + prefills:
+            if budget <= 0:
+                break
+            if r.status is not RequestStatus.RUNNING or r not in self.running:
+                continue  # preempted as a victim earlier in this loop
+            n = min(r.num_to_compute, budget)
+            if not cfg.chunked_prefill and n < r.num_to_compute:
+                continue
+            if self._reserve(r, n, scheduled, out):
+                out.chunks.append(ScheduledChunk(r, r.num_computed, n))
+                scheduled.add(id(r))
+                budget -= n
+        self._admit(budget, scheduled, out)
+        return out
+
+    def _admit(self, budget: int, scheduled: set[int], out: SchedulerOutput) -> None:
+        cfg = self.config
+        seats = cfg.max_num_seqs - len(self.running)
+        for r in sorted(self.waiting + self.swapped, key=self.policy.key):
+            if seats <= 0 or budget <= 0:
+                break
+            if r.status is RequestStatus.SWAPPED:
+                if not self._swap_in(r):
+                    break
+                seats -= 1
+                continue
+            if self._blocked.get(r.request_id) == self._kv_epoch:
+                break  # it did not fit, and no KV has been released since
+            if not r.registered:
+                try:
+                    cached = self.allocator.add(r.request_id, r.token_ids, cache_salt=r.cache_salt)
+                except OutOfKVMemory:
+                    break
+                except KVError as e:
+                    self.waiting.remove(r)
+                    out.ended.append((r, "error", str(e)))
+                    continue
+                r.registered = True
+                r.num_computed = cached
+                r.metrics.num_cached_tokens += cached
+            n = min(r.num_to_compute, budget)
+            fits = cfg.chunked_prefill or n == r.num_to_compute  # unchunked: wait for room
+            if fits and self.running and self._watermark:
+                need = r.num_to_compute + self._watermark
+                fits = self.allocator.can_reserve({r.request_id: need})
+            try:
+                if not fits:
+                    raise OutOfKVMemory("no room to admit")
+                self.allocator.reserve(r.request_id, n)
+            except OutOfKVMemory:
+                self._release(r)
+                if cfg.chunked_prefill or n == r.num_to_compute:
+                    self._blocked[r.request_id] = self._kv_epoch
+                break
+            self._blocked.pop(r.request_id, None)
+            self.waiting.remove(r)
+            r.status = RequestStatus.RUNNING
+            self.running.append(r)
+            out.chunks.append(ScheduledChunk(r, r.num_computed, n))
+            scheduled.add(id(r))
+            budget -= n
+            seats -= 1
+
+
+__all__ = ["PREEMPTION_MODES", "ScheduledChunk", "Scheduler", "SchedulerConfig", "SchedulerOutput"]
