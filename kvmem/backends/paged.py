@@ -809,8 +809,8 @@ class PagedAllocator(KVAllocator):
                 raise IntegrityError(f"{sid!r}: more KV than tokens")
             if self.prefix_caching and len(s.hashes) != s.num_computed // ps:
                 raise IntegrityError(f"{sid!r}: {len(s.hashes)} page keys")
-            row = self._table[s.row]
-            if s.row in rows or list(row[: len(s.blocks)]) != s.blocks or row[len(s.blocks) :].any():
+            row, n = self._table[s.row], len(s.blocks)
+            if s.row in rows or list(row[:n]) != s.blocks or row[n:].any():
                 raise IntegrityError(f"{sid!r}: block table row out of sync")
             rows.add(s.row)
         if refs != self._ref:
