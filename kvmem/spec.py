@@ -20,6 +20,10 @@ class KVSpec:
     the number of channels that share one int4 scale and zero (default:
     ``head_dim``); ``fp8_scale`` says whether fp8 scales are calibrated per
     tensor or per KV head (storage keeps one scale per head either way).
+    ``key_rotation="hadamard"`` (int4 only, power-of-two ``head_dim``) stores
+    keys rotated by a normalised Hadamard matrix after smoothing, and rotates
+    queries the same way, so ``q . k`` is unchanged (see
+    :mod:`kvmem.attention.smoothing`).
 
     Example, Llama-3-8B in fp16: 32 layers x 8 heads x 128 dims x 2 (K, V) x
     2 bytes = 131072 bytes per token.
@@ -32,6 +36,7 @@ class KVSpec:
     kv_format: str = "auto"
     group_size: int | None = None
     fp8_scale: Literal["tensor", "head"] = "tensor"
+    key_rotation: Literal["none", "hadamard"] = "none"
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim"):
@@ -51,6 +56,17 @@ class KVSpec:
             raise InvalidArgument(f"group_size applies to int4 only, not {fmt.name}")
         if self.fp8_scale not in ("tensor", "head"):
             raise InvalidArgument(f"fp8_scale must be 'tensor' or 'head', got {self.fp8_scale!r}")
+        if self.key_rotation not in ("none", "hadamard"):
+            raise InvalidArgument(
+                f"key_rotation must be 'none' or 'hadamard', got {self.key_rotation!r}"
+            )
+        if self.key_rotation == "hadamard":
+            if fmt.kind != "int4":
+                raise InvalidArgument(f"key_rotation applies to int4 only, not {fmt.name}")
+            if self.head_dim & (self.head_dim - 1):
+                raise InvalidArgument(
+                    f"a Hadamard key rotation needs a power-of-two head_dim, got {self.head_dim}"
+                )
 
     @property
     def fmt(self) -> KVFormat:

@@ -17,7 +17,9 @@ adds ``k_scale, k_zero, v_scale, v_zero`` parts of ``[page_size, heads,
 groups]`` fp16. Parts start on 16-byte boundaries.
 
 FP8 scales are per layer and per KV head, float32 ``[heads]``, kept in
-small separate tensors (1.0 until calibrated).
+small separate tensors (1.0 until calibrated). INT4 pools likewise keep
+per-layer key smoothing scales, float32 ``[heads, head_dim]`` (1.0 until
+set with :meth:`PagePool.set_key_smoothing`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ class LayerKV:
     ``k_scale``/``v_scale`` are float32 ``[heads]`` for fp8 and fp16
     ``[num_pages, page_size, heads, groups]`` for int4; ``k_zero``/``v_zero``
     are int4 only. All are None where the format has no such part.
+
+    ``k_smooth`` (int4 only, optional) holds per-channel key smoothing scales,
+    float32 ``[heads, head_dim]``: keys are stored as ``K / k_smooth`` and
+    queries read them as ``Q * k_smooth``, so ``q . k`` is unchanged (see
+    :mod:`kvmem.attention.smoothing`). None means no smoothing.
     """
 
     spec: KVSpec
@@ -54,6 +61,7 @@ class LayerKV:
     v_scale: torch.Tensor | None = None
     k_zero: torch.Tensor | None = None
     v_zero: torch.Tensor | None = None
+    k_smooth: torch.Tensor | None = None
 
     @property
     def num_pages(self) -> int:
@@ -127,6 +135,11 @@ class PagePool:
             if spec.fmt.kind == "fp8"
             else None
         )
+        self.key_smoothing = (
+            torch.ones(spec.num_layers, heads, spec.head_dim, device=self.device)
+            if spec.fmt.kind == "int4"
+            else None
+        )
         self._layers = [self._make_layer(i, per_buffer) for i in range(spec.num_layers)]
 
     def _make_layer(self, i: int, per_buffer: int) -> LayerKV:
@@ -140,6 +153,8 @@ class PagePool:
         if self.fp8_scales is not None:
             views["k_scale"] = self.fp8_scales[i, 0]
             views["v_scale"] = self.fp8_scales[i, 1]
+        if self.key_smoothing is not None:
+            views["k_smooth"] = self.key_smoothing[i]
         return LayerKV(self.spec, self.page_size, i, **views)
 
     @property
@@ -165,6 +180,26 @@ class PagePool:
         self.layer(layer)
         self.fp8_scales[layer, 0] = k_scale
         self.fp8_scales[layer, 1] = v_scale
+
+    def set_key_smoothing(self, layer: int, scales: torch.Tensor) -> None:
+        """Set layer ``layer``'s int4 key smoothing scales, float32 [heads, head_dim] or [head_dim].
+
+        Set them before any KV of the layer is written: keys already stored
+        were divided by the old scales and would be read with the new ones.
+        """
+        if self.key_smoothing is None:
+            raise InvalidArgument(f"format {self.spec.kv_format} has no key smoothing (int4 only)")
+        self.layer(layer)
+        s = torch.as_tensor(scales, dtype=torch.float32, device=self.device)
+        want = (self.spec.num_kv_heads, self.spec.head_dim)
+        if s.shape not in (want, want[1:]):
+            raise InvalidArgument(
+                f"key smoothing scales must have shape {list(want)} or [{want[1]}], "
+                f"got {list(s.shape)}"
+            )
+        if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+            raise InvalidArgument("key smoothing scales must be finite and positive")
+        self.key_smoothing[layer] = s
 
     def copy_pages(self, src: list[int], dst: list[int]) -> None:
         """Copy pages ``src[i]`` onto ``dst[i]`` for every layer (copy-on-write)."""

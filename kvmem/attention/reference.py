@@ -11,6 +11,11 @@ head ``h`` to KV head ``h // (num_q_heads // num_kv_heads)``.
 Every kernel returns ``(out, lse)``: ``out`` in the query dtype, ``lse`` the
 natural-log log-sum-exp of the scaled scores per (token, head), in float32
 (float64 for float64 queries).
+
+INT4 layers with key smoothing or a Hadamard key rotation
+(:mod:`kvmem.attention.smoothing`) store ``(k / s) @ R``; ``write_kv``
+transforms the keys and ``prefill``/``decode`` the queries the same way, so
+the scores are those of the untransformed ``q . k``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import math
 
 import torch
 
+from kvmem.attention.smoothing import transform_keys, transform_queries
 from kvmem.errors import InvalidArgument
 from kvmem.formats import dequantize_fp8, dequantize_int4, quantize_fp8, quantize_int4
 from kvmem.layout import BatchLayout
@@ -78,7 +84,7 @@ def write_kv(layer: LayerKV, layout: BatchLayout, k: torch.Tensor, v: torch.Tens
     keep = slots >= 0
     slots = slots[keep]
     page, off = slots // layer.page_size, slots % layer.page_size
-    _store(layer, "k", k[keep], page, off)
+    _store(layer, "k", transform_keys(layer, k[keep]), page, off)
     _store(layer, "v", v[keep], page, off)
 
 
@@ -128,6 +134,8 @@ def prefill(
     """Causal attention of each sequence's new tokens over its cached prefix and themselves."""
     check_inputs(layer, layout, q, None)
     wd = _work(q.dtype)
+    out_dtype = q.dtype
+    q = transform_queries(layer, q.to(wd))
     sm = scale if scale is not None else 1.0 / math.sqrt(layer.spec.head_dim)
     out = torch.empty(q.shape, dtype=wd, device=q.device)
     lse = torch.empty(q.shape[:2], dtype=wd, device=q.device)
@@ -139,7 +147,7 @@ def prefill(
         q0, q1 = qsl[b], qsl[b + 1]
         pos = torch.arange(lens[b] - (q1 - q0), lens[b], device=q.device)
         out[q0:q1], lse[q0:q1] = _attend(q[q0:q1].to(wd), k.to(q.device), v.to(q.device), pos, sm)
-    return out.to(q.dtype), lse
+    return out.to(out_dtype), lse
 
 
 def decode(
