@@ -36,3 +36,10 @@ class IntegrityError(KVError):
 
 class DriverError(KVError):
     """A memory driver call failed; the message carries the driver's own text."""
+
+
+class OutOfHostMemory(OutOfKVMemory):
+    """The host (swap) pool cannot take the KV, even after evicting what may be evicted.
+
+    Nothing was changed: the sequences stay where they were.
+    """

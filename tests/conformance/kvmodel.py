@@ -8,6 +8,7 @@ prefix cache or a fork may share; any slot mix-up shows as a wrong number.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Hashable, Sequence
 
 import torch
@@ -52,3 +53,27 @@ def check_kv(alloc: KVAllocator, lay, b: int, tokens: Sequence[int]) -> None:
         k, v = reference.gather_kv(alloc.layer(i), pages, len(tokens), torch.float64)
         assert torch.equal(k[:, 0, 0], expect + i), f"layer {i} K of {lay.seq_ids[b]!r} is wrong"
         assert torch.equal(v[:, -1, -1], -expect - i), f"layer {i} V of {lay.seq_ids[b]!r} is wrong"
+
+
+def kv_digest(alloc: KVAllocator, lay, b: int, length: int) -> str:
+    """SHA-256 of every stored byte of the first ``length`` KV entries of sequence ``b`` of
+    ``lay``: codes, per-token int4 scales and zeros, and the per-layer fp8 scales."""
+    pages = lay.kv_indices[int(lay.kv_indptr[b]) : int(lay.kv_indptr[b + 1])]
+    return pages_digest(alloc, pages, length)
+
+
+def pages_digest(alloc: KVAllocator, pages: torch.Tensor, length: int) -> str:
+    """:func:`kv_digest` of the first ``length`` slots of ``pages``."""
+    pages = pages.long()
+    h = hashlib.sha256()
+    for i in range(alloc.spec.num_layers):
+        layer = alloc.layer(i)
+        for name in ("k", "v", "k_scale", "v_scale", "k_zero", "v_zero"):
+            t = getattr(layer, name)
+            if t is None:
+                continue
+            if t.dim() == 4:  # per page and slot: the sequence's first ``length`` slots
+                t = t[pages].flatten(0, 1)[:length]
+            h.update(name.encode())
+            h.update(t.contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

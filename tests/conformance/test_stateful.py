@@ -1,12 +1,17 @@
-"""Random add/append/reserve/commit/fork/free sequences on every in-process backend.
+"""Random add/append/reserve/commit/fork/free/swap sequences on every in-process backend.
 
 After every step ``check_integrity`` must hold; every step that writes KV
 first checks that the sequence's existing KV is intact (see kvmodel); a
 failed reserve must change nothing; and when all sequences are freed no page
-is left in use.
+is left in use. On backends that swap, sequences are swapped out and back in
+(several at a time, waiting on or polling the handle): every byte of their
+KV and scales must come back (digests), a swap-in without room must raise
+OutOfKVMemory and change nothing, and a swapped sequence holds no KV slots.
 """
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
@@ -17,12 +22,13 @@ from hypothesis.stateful import (
     RuleBasedStateMachine,
     consumes,
     invariant,
+    multiple,
     rule,
     run_state_machine_as_test,
 )
 
-from kvmem import KVSpec, OutOfKVMemory
-from tests.conformance.kvmodel import check_kv, write_step
+from kvmem import InvalidArgument, KVAllocator, KVSpec, OutOfKVMemory, SwapHandle
+from tests.conformance.kvmodel import check_kv, kv_digest, write_step
 from tests.conftest import make_allocator
 
 PREFIXES = [[7] * 9, [3, 1, 4, 1, 5, 9, 2, 6]]  # shared prompt heads, to hit the prefix cache
@@ -31,6 +37,27 @@ CAPACITY = 48
 
 def snapshot(alloc):
     return alloc.stats(), {s: alloc.seq_info(s) for s in alloc.seq_ids()}
+
+
+def supports_swap(alloc: KVAllocator) -> bool:
+    """Whether the backend swaps (a backend without swap raises NotImplementedError)."""
+    try:
+        alloc.swap_out([]).wait(timeout=10)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def finish(handle: SwapHandle, how: str) -> None:
+    """Wait for a swap, blocking or by polling ``done()``."""
+    if how == "poll":
+        deadline = time.monotonic() + 10
+        while not handle.done():
+            assert time.monotonic() < deadline, "swap did not finish"
+            time.sleep(1e-4)
+        handle.wait(timeout=0)
+    else:
+        handle.wait(timeout=10)
 
 
 def machine_for(kind: str) -> type[RuleBasedStateMachine]:
@@ -42,6 +69,8 @@ def machine_for(kind: str) -> type[RuleBasedStateMachine]:
             self.alloc = make_allocator(kind, KVSpec(2, 1, 4, dtype=torch.float32), CAPACITY)
             self.tokens: dict[int, list[int]] = {}
             self.next_id = 0
+            self.swaps = supports_swap(self.alloc)
+            self.on_host: dict[int, tuple[str, int]] = {}  # swapped out: (KV digest, num_computed)
 
         def _new_id(self) -> int:
             self.next_id += 1
@@ -68,11 +97,21 @@ def machine_for(kind: str) -> type[RuleBasedStateMachine]:
 
         @rule(sid=seqs, toks=st.lists(st.integers(0, 5), min_size=1, max_size=3))
         def append(self, sid, toks):
-            self.alloc.append(sid, toks)
+            if sid in self.on_host:  # allowed, or refused without a change
+                before = snapshot(self.alloc)
+                try:
+                    self.alloc.append(sid, toks)
+                except InvalidArgument:
+                    assert snapshot(self.alloc) == before
+                    return
+            else:
+                self.alloc.append(sid, toks)
             self.tokens[sid] += toks
 
         @rule(sid=seqs, n=st.integers(1, 24))
         def reserve(self, sid, n):
+            if sid in self.on_host:
+                return
             fits = self.alloc.can_reserve({sid: n})
             before = snapshot(self.alloc)
             try:
@@ -121,16 +160,76 @@ def machine_for(kind: str) -> type[RuleBasedStateMachine]:
         @rule(target=seqs, parent=seqs)
         def fork(self, parent):
             if self.alloc.seq_info(parent).swapped:
-                return parent
+                return multiple()  # nothing new (returning the parent would list it twice)
             child = self._new_id()
             self.alloc.fork(parent, child)
             self.tokens[child] = list(self.tokens[parent])
             return child
 
+        @rule(
+            sids=st.lists(seqs, min_size=1, max_size=3, unique=True),
+            how=st.sampled_from(["wait", "poll"]),
+        )
+        def swap_out(self, sids, how):
+            sids = [s for s in sids if s not in self.on_host]
+            if not self.swaps or not sids:
+                return
+            digests = {}
+            for sid in sids:
+                try:  # room for one more entry, to lay the sequence out and read its KV
+                    self.alloc.reserve(sid, 1)
+                except OutOfKVMemory:
+                    return
+                n = self.alloc.seq_info(sid).num_computed
+                digests[sid] = (kv_digest(self.alloc, self.alloc.layout([(sid, 1)]), 0, n), n)
+            before = snapshot(self.alloc)
+            try:
+                handle = self.alloc.swap_out(sids)
+            except OutOfKVMemory:  # the host pool is full: nothing moved
+                event("swap_out: host pool full")
+                assert snapshot(self.alloc) == before
+                return
+            finish(handle, how)
+            event(f"swap_out of {len(sids)}")
+            self.on_host.update(digests)
+            for sid in sids:
+                info = self.alloc.seq_info(sid)
+                assert info.swapped and info.num_computed == digests[sid][1]
+            st_ = self.alloc.stats()
+            assert st_.num_swapped_seqs == len(self.on_host)
+            assert st_.swapped_tokens == sum(n for _, n in self.on_host.values())
+
+        @rule(data=st.data(), how=st.sampled_from(["wait", "poll"]))
+        def swap_in(self, data, how):
+            if not self.on_host:
+                return
+            sids = data.draw(
+                st.lists(st.sampled_from(sorted(self.on_host)), min_size=1, max_size=3, unique=True)
+            )
+            before = snapshot(self.alloc)
+            try:
+                handle = self.alloc.swap_in(sids)
+            except OutOfKVMemory:
+                event("swap_in: out of memory")
+                assert snapshot(self.alloc) == before
+                assert all(self.alloc.seq_info(s).swapped for s in sids)
+                return
+            finish(handle, how)
+            event(f"swap_in of {len(sids)}")
+            for sid in sids:
+                digest, n = self.on_host.pop(sid)
+                info = self.alloc.seq_info(sid)
+                assert not info.swapped and info.num_computed == n
+                assert info.capacity >= n + 1, "swap_in must restore the reservation"
+                lay = self.alloc.layout([(sid, 1)])
+                assert kv_digest(self.alloc, lay, 0, n) == digest, f"KV of {sid} changed"
+                check_kv(self.alloc, lay, 0, self.tokens[sid][:n])
+
         @rule(sid=consumes(seqs))
         def free(self, sid):
             self.alloc.free(sid)
             del self.tokens[sid]
+            self.on_host.pop(sid, None)
 
         @invariant()
         def integrity(self):
@@ -144,6 +243,7 @@ def machine_for(kind: str) -> type[RuleBasedStateMachine]:
                 self.alloc.free(sid)
             self.alloc.check_integrity()
             assert self.alloc.stats().used_tokens == 0, "pages leaked after freeing everything"
+            assert self.alloc.stats().swapped_tokens == 0, "host KV leaked after freeing everything"
             self.alloc.close()
 
     AllocatorMachine.__name__ = f"AllocatorMachine_{kind}"
