@@ -58,8 +58,9 @@ def decode_heavy(steps: int, batch: int, seed: int) -> dict[str, float]:
     prompts = iter(
         [(rng.integers(0, 32000, p).tolist(), o) for p, o in trace_lengths(steps * 4 + batch, seed)]
     )
-    alloc = create_allocator("paged", LLAMA3_8B, num_tokens=4 * 1024 * 1024, page_size=PAGE,
-                             device="meta")
+    alloc = create_allocator(
+        "paged", LLAMA3_8B, num_tokens=4 * 1024 * 1024, page_size=PAGE, device="meta"
+    )
     running: dict[int, int] = {}  # seq -> output tokens still to generate
     prefill: dict[int, int] = {}
     next_id = 0
@@ -177,8 +178,11 @@ def plot(figs: dict[str, float], path: Path) -> None:
     a.bar(["measured", "target"], [figs["us_per_seq_step"], 5.0], color=["C0", "C7"])
     a.set_ylabel("µs per sequence-step")
     a.set_title(f"paged allocator, batch {figs['batch']}")
-    b.bar(["kvmem paged", "unbounded cache"],
-          [figs["prefix_hit_rate"], figs["prefix_hit_rate_unbounded"]], color=["C0", "C7"])
+    b.bar(
+        ["kvmem paged", "unbounded cache"],
+        [figs["prefix_hit_rate"], figs["prefix_hit_rate_unbounded"]],
+        color=["C0", "C7"],
+    )
     b.set_ylim(0, 1)
     b.set_title("prefix-cache hit rate")
     fig.tight_layout()
@@ -192,8 +196,9 @@ def main() -> None:
     args = ap.parse_args()
     steps, reqs = (300, 600) if args.quick else (3000, 5000)
     figs = {**decode_heavy(steps, 256, args.seed), **prefix_workload(reqs, args.seed)}
-    print_table("bench/alloc.py: paged backend", ["figure", "value"],
-                [[k, v] for k, v in figs.items()])
+    print_table(
+        "bench/alloc.py: paged backend", ["figure", "value"], [[k, v] for k, v in figs.items()]
+    )
     path = save_results("alloc", figs)
     plot(figs, path.with_suffix(".png"))
     console.print(f"wrote {path} and {path.with_suffix('.png')}")

@@ -102,7 +102,12 @@ class Case:
         rows = self.table[start : start + n].copy()
         lens = np.full(n, self.context)
         return build_layout(
-            self.pool.page_size, rows, lens, np.full(n, q_len), tuple(range(n)), self.device,
+            self.pool.page_size,
+            rows,
+            lens,
+            np.full(n, q_len),
+            tuple(range(n)),
+            self.device,
             self.spec,
         )
 
@@ -113,8 +118,14 @@ class Case:
     def queries(self, n: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Random queries [n, q_heads, head_dim]."""
         g = torch.Generator(device=self.device).manual_seed(2)
-        return torch.randn(n, self.hq, self.spec.head_dim, device=self.device, generator=g,
-                           dtype=dtype or qdtype(self.fmt))
+        return torch.randn(
+            n,
+            self.hq,
+            self.spec.head_dim,
+            device=self.device,
+            generator=g,
+            dtype=dtype or qdtype(self.fmt),
+        )
 
 
 # ------------------------------------------------------------------------------------- GPU
@@ -261,21 +272,25 @@ def run_cpu() -> dict[str, Any]:
     runs = [(f, "block") for f in FORMATS + ["fp32"]] + [("fp16", "layer"), ("int4", "layer")]
     for fmt, layout in progress(runs, desc="kernels"):
         t0 = time.perf_counter()
-        case = Case(fmt, 2, 24, cpu, layout=layout, layers=2, heads=heads, page=8,
-                    per_head_scales=True)
+        case = Case(
+            fmt, 2, 24, cpu, layout=layout, layers=2, heads=heads, page=8, per_head_scales=True
+        )
         # writer: same codes as the reference writer
         lay = case.layout(24)
         kv = torch.randn(2, 48, heads[1], heads[2])
         tk.write_kv(case.layer, lay, kv[0], kv[1])
         got = [t.clone() for t in (case.layer.k, case.layer.v)]
         ref.write_kv(case.layer, lay, kv[0], kv[1])
-        codes_equal &= all(torch.equal(a, b) for a, b in zip(got, (case.layer.k, case.layer.v),
-                                                             strict=True))
+        codes_equal &= all(
+            torch.equal(a, b) for a, b in zip(got, (case.layer.k, case.layer.v), strict=True)
+        )
         dec = case.layout(1)
         q = case.queries(2, torch.float32)
         want = ref.decode(q.double(), case.layer, dec)
-        errs = [max(_err(o, want[0]), _err(s, want[1]))
-                for o, s in (tk.decode(q, case.layer, dec, num_splits=n) for n in (1, 3))]
+        errs = [
+            max(_err(o, want[0]), _err(s, want[1]))
+            for o, s in (tk.decode(q, case.layer, dec, num_splits=n) for n in (1, 3))
+        ]
         pre = case.layout(10)
         qp = case.queries(20, torch.float32)
         want = ref.prefill(qp.double(), case.layer, pre)
@@ -286,8 +301,11 @@ def run_cpu() -> dict[str, Any]:
         worst["decode"] = max(worst["decode"], *errs)
         worst["prefill"] = max(worst["prefill"], perr)
         rows.append([fmt, layout, max(errs), perr, time.perf_counter() - t0])
-    print_table("Triton (interpreter) vs float64 reference, fp32 queries",
-                ["format", "pool", "decode max err", "prefill max err", "s"], rows)
+    print_table(
+        "Triton (interpreter) vs float64 reference, fp32 queries",
+        ["format", "pool", "decode max err", "prefill max err", "s"],
+        rows,
+    )
     figs["write_codes_equal_reference"] = bool(codes_equal)
     figs["decode_max_err"] = worst["decode"]
     figs["prefill_max_err"] = worst["prefill"]
@@ -311,8 +329,13 @@ def accuracy() -> dict[str, float]:
     n, nq, hkv, hq, d = 1024, 32, 2, 8, 128
     cpu = torch.device("cpu")
 
-    def attend(fmt: str, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor,
-               smooth: torch.Tensor | None = None) -> torch.Tensor:
+    def attend(
+        fmt: str,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        q: torch.Tensor,
+        smooth: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         spec = KVSpec(1, hkv, d, dtype=torch.float16, kv_format=fmt)
         pool = PagePool(spec, n // PS, PS)
         if spec.fmt.kind == "fp8":
@@ -347,8 +370,11 @@ def accuracy() -> dict[str, float]:
     out["acc_outlier_int4_smoothed_cosine"] = cos_rel(
         attend("int4", ko, v, q, calibrate_key_smoothing(ko[:256])), base
     )[0]
-    print_table("accuracy vs fp16 attention (d=128, 1024 tokens)", ["figure", "value"],
-                [[k_, v_] for k_, v_ in out.items()])
+    print_table(
+        "accuracy vs fp16 attention (d=128, 1024 tokens)",
+        ["figure", "value"],
+        [[k_, v_] for k_, v_ in out.items()],
+    )
     return out
 
 

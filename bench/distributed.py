@@ -311,8 +311,15 @@ def plot(figs: dict[str, Any], path: Path) -> None:
     a.tick_params(axis="x", rotation=20)
     for i, n in enumerate(names):
         pts = figs["curves"][n]
-        b.plot([p["context"] for p in pts], [p["bytes"] for p in pts], "o-", color=f"C{i}",
-               label=n, ms=9 - 2 * i, lw=2.5 - 0.5 * i)
+        b.plot(
+            [p["context"] for p in pts],
+            [p["bytes"] for p in pts],
+            "o-",
+            color=f"C{i}",
+            label=n,
+            ms=9 - 2 * i,
+            lw=2.5 - 0.5 * i,
+        )
     b.set_xlabel("context (tokens)")
     b.set_ylabel("bytes per decode step (all layers)")
     b.set_title(f"bytes/step growth, 4 ranks: {figs['bytes_per_step_growth']:.3f}")
@@ -352,8 +359,16 @@ def main() -> None:
         r = res[name]
         p = r["points"][-1]
         rows.append(
-            [name, r["longest"], int(p["bytes"]), p["send_ms"], p["local_ms"], p["gather_ms"],
-             p["merge_ms"], r["max_err"]]
+            [
+                name,
+                r["longest"],
+                int(p["bytes"]),
+                p["send_ms"],
+                p["local_ms"],
+                p["gather_ms"],
+                p["merge_ms"],
+                r["max_err"],
+            ]
         )
     print_table(
         f"{args.capacity} KV tokens per rank; per decode step at the longest context (ms)",

@@ -325,15 +325,26 @@ def main() -> None:
     figs.update(replay_fragmentation(reqs, args.max_seq_len, sample_every=5))
     figs.update(replay_budget(reqs[:n_budget], args.max_seq_len, budget, max_steps=20_000))
     rows = [
-        [name, figs[f"{name}_used_frac"], figs[f"{name}_reserved_frac"],
-         figs[f"{name}_never_frac"], figs[f"{name}_max_batch"],
-         figs.get(f"{name}_max_batch_vs_static", 1.0)]
+        [
+            name,
+            figs[f"{name}_used_frac"],
+            figs[f"{name}_reserved_frac"],
+            figs[f"{name}_never_frac"],
+            figs[f"{name}_max_batch"],
+            figs.get(f"{name}_max_batch_vs_static", 1.0),
+        ]
         for name in CONFIGS
     ]
     print_table(
         f"bench/fragmentation.py: {source}, {len(reqs)} requests, Llama-3-8B KV",
-        ["allocator", "used", "reserved", "never used", f"batch in {args.budget_gib:g} GiB",
-         "vs static"],
+        [
+            "allocator",
+            "used",
+            "reserved",
+            "never used",
+            f"batch in {args.budget_gib:g} GiB",
+            "vs static",
+        ],
         rows,
     )
     path = save_results("fragmentation", figs)

@@ -91,8 +91,10 @@ def make_requests(args: argparse.Namespace, n: int, rng: random.Random) -> list[
         with path.open() as f:
             rows = [(int(r["ContextTokens"]), int(r["GeneratedTokens"])) for r in csv.DictReader(f)]
         cap_in, cap_out = args.max_input_len, args.max_output_len
-        lengths = [(min(max(1, p), cap_in), min(max(1, o), cap_out))
-                   for p, o in (rng.choice(rows) for _ in range(n))]
+        lengths = [
+            (min(max(1, p), cap_in), min(max(1, o), cap_out))
+            for p, o in (rng.choice(rows) for _ in range(n))
+        ]
     else:
         r = args.range_ratio
 
@@ -107,11 +109,19 @@ def make_requests(args: argparse.Namespace, n: int, rng: random.Random) -> list[
 
 
 # -------------------------------------------------------------------- client
-async def send(client: httpx.AsyncClient, url: str, model: str, prompt: str,
-               max_tokens: int) -> Result:
+async def send(
+    client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int
+) -> Result:
     """One streaming completion, timed."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     res = Result(ok=False)
     start = time.perf_counter()
     last = start
@@ -154,8 +164,9 @@ def _metric(text: str, name: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-async def _watch(client: httpx.AsyncClient, url: str, peak: dict[str, float],
-                 stop: asyncio.Event) -> None:
+async def _watch(
+    client: httpx.AsyncClient, url: str, peak: dict[str, float], stop: asyncio.Event
+) -> None:
     """Sample /metrics for peak KV usage and queue length until ``stop``."""
     while not stop.is_set():
         try:
@@ -169,8 +180,14 @@ async def _watch(client: httpx.AsyncClient, url: str, peak: dict[str, float],
         with_timeout.cancel()
 
 
-async def run_rate(url: str, model: str, reqs: list[tuple[str, int]], rate: float,
-                   seed: int, max_concurrency: int | None) -> dict[str, Any]:
+async def run_rate(
+    url: str,
+    model: str,
+    reqs: list[tuple[str, int]],
+    rate: float,
+    seed: int,
+    max_concurrency: int | None,
+) -> dict[str, Any]:
     """Send ``reqs`` at ``rate`` requests/s (Poisson); return the results and the wall time."""
     rng = np.random.default_rng(seed)
     limits = httpx.Limits(max_connections=len(reqs) + 8, max_keepalive_connections=len(reqs) + 8)
@@ -220,12 +237,16 @@ def summarize(run: dict[str, Any], slo_ttft: float, slo_tpot: float) -> dict[str
 
     def stats(name: str, xs: list[float]) -> dict[str, float]:
         a = np.asarray(xs, dtype=float) * 1000 if xs else np.zeros(1)
-        return {f"mean_{name}_ms": float(a.mean()), f"median_{name}_ms": float(np.median(a)),
-                f"p99_{name}_ms": float(np.percentile(a, 99))}
+        return {
+            f"mean_{name}_ms": float(a.mean()),
+            f"median_{name}_ms": float(np.median(a)),
+            f"p99_{name}_ms": float(np.percentile(a, 99)),
+        }
 
     tpots = [t for r in ok if (t := r.tpot) is not None]
-    good = [r for r in ok if r.ttft <= slo_ttft / 1000
-            and (r.tpot is None or r.tpot <= slo_tpot / 1000)]
+    good = [
+        r for r in ok if r.ttft <= slo_ttft / 1000 and (r.tpot is None or r.tpot <= slo_tpot / 1000)
+    ]
     return {
         "completed": len(ok),
         "failed": len(res) - len(ok),
@@ -246,8 +267,13 @@ def summarize(run: dict[str, Any], slo_ttft: float, slo_tpot: float) -> dict[str
     }
 
 
-def plot(rates: list[float], rows: list[dict[str, float]], args: argparse.Namespace,
-         offline_rps: float | None, path: Path) -> None:
+def plot(
+    rates: list[float],
+    rows: list[dict[str, float]],
+    args: argparse.Namespace,
+    offline_rps: float | None,
+    path: Path,
+) -> None:
     """TTFT, TPOT and throughput/goodput against the offered rate."""
     import matplotlib
 
@@ -259,8 +285,10 @@ def plot(rates: list[float], rows: list[dict[str, float]], args: argparse.Namesp
     xs = [r if math.isfinite(r) else top for r in rates]
     labels = [f"{r:g}" if math.isfinite(r) else "inf" for r in rates]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, key, title in ((axes[0], "ttft", "time to first token"),
-                           (axes[1], "tpot", "time per output token")):
+    for ax, key, title in (
+        (axes[0], "ttft", "time to first token"),
+        (axes[1], "tpot", "time per output token"),
+    ):
         ax.plot(xs, [r[f"median_{key}_ms"] for r in rows], "o-", label="median")
         ax.plot(xs, [r[f"p99_{key}_ms"] for r in rows], "s--", label="P99")
         slo = args.slo_ttft_ms if key == "ttft" else args.slo_tpot_ms
@@ -283,8 +311,11 @@ def plot(rates: list[float], rows: list[dict[str, float]], args: argparse.Namesp
         ax.set_xticks(xs, labels)
         ax.minorticks_off()
         ax.set_xlabel("offered request rate (req/s)")
-    fig.suptitle(f"kvmem serve, {args.model_desc}: {args.num_prompts} requests per rate, "
-                 f"{args.input_len}/{args.output_len} tokens in/out", fontsize=10)
+    fig.suptitle(
+        f"kvmem serve, {args.model_desc}: {args.num_prompts} requests per rate, "
+        f"{args.input_len}/{args.output_len} tokens in/out",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -299,15 +330,36 @@ def _free_port() -> int:
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str]:
     """``python -m kvmem.server`` on a free port; returns once /health answers."""
     port = _free_port()
-    cmd = [sys.executable, "-m", "kvmem.server", "--port", str(port), "--log-level", "warning",
-           "--threads", str(args.server_threads), "--backend", args.backend,
-           "--kv-format", args.kv_format, "--policy", args.policy,
-           "--num-kv-tokens", str(args.num_kv_tokens), "--max-num-seqs", str(args.max_num_seqs),
-           "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-           "--max-queue", str(args.max_queue)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kvmem.server",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--threads",
+        str(args.server_threads),
+        "--backend",
+        args.backend,
+        "--kv-format",
+        args.kv_format,
+        "--policy",
+        args.policy,
+        "--num-kv-tokens",
+        str(args.num_kv_tokens),
+        "--max-num-seqs",
+        str(args.max_num_seqs),
+        "--max-num-batched-tokens",
+        str(args.max_num_batched_tokens),
+        "--max-queue",
+        str(args.max_queue),
+    ]
     cmd += ["--model", args.model] if args.model else ["--preset", args.preset]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH",
-                                                                                   "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -325,8 +377,9 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str
         time.sleep(0.2)
 
 
-def offline_throughput(args: argparse.Namespace,
-                       reqs: list[tuple[str, int]]) -> tuple[float, float]:
+def offline_throughput(
+    args: argparse.Namespace, reqs: list[tuple[str, int]]
+) -> tuple[float, float]:
     """(output tokens/s, requests/s) of the same engine run in-process, all requests at once.
 
     The baseline for the server's throughput at the highest rate: what HTTP,
@@ -343,14 +396,21 @@ def offline_throughput(args: argparse.Namespace,
         tok = load_tokenizer(args.model, model.config.eos_token_ids)
     else:
         model, tok = random_model(args.preset, seed=0), None
-    eng = Engine(model, tokenizer=tok, backend=args.backend, kv_format=args.kv_format,
-                 policy=args.policy, num_kv_tokens=args.num_kv_tokens,
-                 max_num_seqs=args.max_num_seqs,
-                 max_num_batched_tokens=args.max_num_batched_tokens)
+    eng = Engine(
+        model,
+        tokenizer=tok,
+        backend=args.backend,
+        kv_format=args.kv_format,
+        policy=args.policy,
+        num_kv_tokens=args.num_kv_tokens,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+    )
     with console.status("offline engine baseline"):
         t0 = time.perf_counter()
-        done = eng.generate([p for p, _ in reqs],
-                            [SamplingParams(max_tokens=o, ignore_eos=True) for _, o in reqs])
+        done = eng.generate(
+            [p for p, _ in reqs], [SamplingParams(max_tokens=o, ignore_eos=True) for _, o in reqs]
+        )
         dt = time.perf_counter() - t0
     eng.close()
     return sum(len(c.output_token_ids) for c in done) / dt, len(done) / dt
@@ -366,8 +426,12 @@ def main() -> None:
     ap.add_argument("--url", help="benchmark this running server instead of starting one")
     ap.add_argument("--model", help="checkpoint directory for the started server")
     ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--rates", type=_rates, default=None,
-                    help="comma-separated request rates (req/s); 'inf' sends all at once")
+    ap.add_argument(
+        "--rates",
+        type=_rates,
+        default=None,
+        help="comma-separated request rates (req/s); 'inf' sends all at once",
+    )
     ap.add_argument("--num-prompts", type=int, default=None, help="requests per rate")
     ap.add_argument("--dataset", choices=("random", "azure-conv"), default="random")
     ap.add_argument("--input-len", type=int, default=128)
@@ -410,8 +474,7 @@ def main() -> None:
         rows = []
         for i, rate in enumerate(args.rates):
             reqs = make_requests(args, args.num_prompts, rng)
-            run = asyncio.run(run_rate(url, model, reqs, rate, args.seed + i,
-                                       args.max_concurrency))
+            run = asyncio.run(run_rate(url, model, reqs, rate, args.seed + i, args.max_concurrency))
             rows.append(summarize(run, args.slo_ttft_ms, args.slo_tpot_ms))
     finally:
         if proc is not None:
@@ -424,34 +487,54 @@ def main() -> None:
     offline, offline_rps = offline_throughput(args, reqs) if not args.url else (None, None)
 
     labels = [f"{r:g}" if math.isfinite(r) else "inf" for r in args.rates]
-    shown = [("completed", "completed"), ("failed", "failed"),
-             ("request_throughput", "req/s"), ("output_throughput", "output tok/s"),
-             ("request_goodput", "goodput req/s"), ("median_ttft_ms", "TTFT p50 ms"),
-             ("p99_ttft_ms", "TTFT p99 ms"), ("median_tpot_ms", "TPOT p50 ms"),
-             ("p99_tpot_ms", "TPOT p99 ms"), ("median_itl_ms", "ITL p50 ms"),
-             ("median_e2el_ms", "E2EL p50 ms"), ("peak_kv_usage", "peak KV usage"),
-             ("preemptions", "preemptions")]
-    print_table(f"bench/serve.py: {args.model_desc}, {args.backend}/{args.kv_format}/"
-                f"{args.policy}, {args.num_prompts} requests per rate; goodput SLO: TTFT <= "
-                f"{args.slo_ttft_ms:g} ms, TPOT <= {args.slo_tpot_ms:g} ms",
-                ["offered req/s", *labels], [[name, *(row[k] for row in rows)]
-                                             for k, name in shown])
+    shown = [
+        ("completed", "completed"),
+        ("failed", "failed"),
+        ("request_throughput", "req/s"),
+        ("output_throughput", "output tok/s"),
+        ("request_goodput", "goodput req/s"),
+        ("median_ttft_ms", "TTFT p50 ms"),
+        ("p99_ttft_ms", "TTFT p99 ms"),
+        ("median_tpot_ms", "TPOT p50 ms"),
+        ("p99_tpot_ms", "TPOT p99 ms"),
+        ("median_itl_ms", "ITL p50 ms"),
+        ("median_e2el_ms", "E2EL p50 ms"),
+        ("peak_kv_usage", "peak KV usage"),
+        ("preemptions", "preemptions"),
+    ]
+    print_table(
+        f"bench/serve.py: {args.model_desc}, {args.backend}/{args.kv_format}/"
+        f"{args.policy}, {args.num_prompts} requests per rate; goodput SLO: TTFT <= "
+        f"{args.slo_ttft_ms:g} ms, TPOT <= {args.slo_tpot_ms:g} ms",
+        ["offered req/s", *labels],
+        [[name, *(row[k] for row in rows)] for k, name in shown],
+    )
     if offline is not None:
-        console.print(f"offline engine on the same requests: {offline:.4g} output tok/s; the "
-                      f"server at rate {labels[-1]} reaches "
-                      f"{rows[-1]['output_throughput'] / offline:.2f}x of it")
+        console.print(
+            f"offline engine on the same requests: {offline:.4g} output tok/s; the "
+            f"server at rate {labels[-1]} reaches "
+            f"{rows[-1]['output_throughput'] / offline:.2f}x of it"
+        )
     figures: dict[str, Any] = {
-        "model": args.model_desc, "backend": args.backend, "kv_format": args.kv_format,
-        "policy": args.policy, "dataset": args.dataset, "input_len": args.input_len,
-        "output_len": args.output_len, "num_prompts": args.num_prompts,
-        "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms,
+        "model": args.model_desc,
+        "backend": args.backend,
+        "kv_format": args.kv_format,
+        "policy": args.policy,
+        "dataset": args.dataset,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "num_prompts": args.num_prompts,
+        "slo_ttft_ms": args.slo_ttft_ms,
+        "slo_tpot_ms": args.slo_tpot_ms,
         "rates": [r if math.isfinite(r) else "inf" for r in args.rates],
         # other processes on a shared machine move every latency here: record how busy it was
-        "loadavg_1min_before": load_before, "loadavg_1min_after": os.getloadavg()[0],
+        "loadavg_1min_before": load_before,
+        "loadavg_1min_after": os.getloadavg()[0],
         "max_output_throughput": max(r["output_throughput"] for r in rows),
         "offline_output_throughput": offline,
-        "server_vs_offline_throughput": (rows[-1]["output_throughput"] / offline
-                                         if offline else None),
+        "server_vs_offline_throughput": (
+            rows[-1]["output_throughput"] / offline if offline else None
+        ),
         "max_request_goodput": max(r["request_goodput"] for r in rows),
     }
     for rate, row in zip(args.rates, rows, strict=True):

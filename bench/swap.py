@@ -190,8 +190,11 @@ def copy_modes(size: str, reps: int, seed: int, warm: int, quick: bool) -> dict[
             ("paged_runs", runs["paged"], "runs", lb),
             ("grouped", runs["grouped"], "runs", lb),
         ):
-            if quick and name == "perblock_kv" or layout == "layer" and (
-                name == "perblock_kv" or quick and name == "perblock"
+            if (
+                quick
+                and name == "perblock_kv"
+                or layout == "layer"
+                and (name == "perblock_kv" or quick and name == "perblock")
             ):
                 continue
             d2h = CopyPlan(d, h, r, unit, mode, nb)  # type: ignore[arg-type]
@@ -245,8 +248,15 @@ def through_allocator(reps: int, seed: int) -> dict[str, float]:
     tokens = SIZES["2K"]
     figs: dict[str, float] = {}
     for kind, mode in (("paged", "per_block"), ("grouped", "runs")):
-        a = create_allocator(kind, SPEC, num_tokens=2 * tokens + 1024, page_size=PAGE,
-                             host_num_tokens=tokens, swap_mode=mode, swap_reuse=False)
+        a = create_allocator(
+            kind,
+            SPEC,
+            num_tokens=2 * tokens + 1024,
+            page_size=PAGE,
+            host_num_tokens=tokens,
+            swap_mode=mode,
+            swap_reuse=False,
+        )
         for b in a.pool.buffers:  # type: ignore[attr-defined]
             b.fill_(1)
         rng = random.Random(seed)
@@ -288,8 +298,14 @@ def multi_turn(convs: int, seed: int) -> dict[str, float]:
     figs: dict[str, float] = {}
     expected_on_host = expected_total = 0
     for reuse in (True, False):
-        a = create_allocator("grouped", SPEC, num_tokens=longest + 256, page_size=PAGE,
-                             host_num_tokens=longest + 256, swap_reuse=reuse)
+        a = create_allocator(
+            "grouped",
+            SPEC,
+            num_tokens=longest + 256,
+            page_size=PAGE,
+            host_num_tokens=longest + 256,
+            swap_reuse=reuse,
+        )
         for b in a.pool.buffers:  # type: ignore[attr-defined]
             b.fill_(1)
         t_out = 0.0
@@ -373,10 +389,12 @@ def gpu_overlap(size: str, seed: int) -> dict[str, float]:
     perblock = CopyPlan(d, h, runs, lb, "per_block", True)
     figs: dict[str, float] = {}
     for _ in range(2):
-        figs[f"gpu_{size}_d2h_limit_gbps"] = dev.numel() / elapsed(
-            lambda: host.copy_(dev, non_blocking=True), side) / 1e9
-        figs[f"gpu_{size}_h2d_limit_gbps"] = dev.numel() / elapsed(
-            lambda: dev.copy_(host, non_blocking=True), side) / 1e9
+        figs[f"gpu_{size}_d2h_limit_gbps"] = (
+            dev.numel() / elapsed(lambda: host.copy_(dev, non_blocking=True), side) / 1e9
+        )
+        figs[f"gpu_{size}_h2d_limit_gbps"] = (
+            dev.numel() / elapsed(lambda: dev.copy_(host, non_blocking=True), side) / 1e9
+        )
         figs[f"gpu_{size}_d2h_grouped_gbps"] = dev.numel() / elapsed(grouped.run, side) / 1e9
         figs[f"gpu_{size}_d2h_perblock_gbps"] = dev.numel() / elapsed(perblock.run, side) / 1e9
         alone = elapsed(decode, torch.cuda.current_stream())
@@ -389,9 +407,11 @@ def gpu_overlap(size: str, seed: int) -> dict[str, float]:
     torch.cuda.synchronize()
     figs[f"gpu_{size}_decode_slowdown_during_swap"] = a0.elapsed_time(a1) / 1e3 / alone
     figs["gpu_grouped_frac_of_pinned_bw"] = (
-        figs[f"gpu_{size}_d2h_grouped_gbps"] / figs[f"gpu_{size}_d2h_limit_gbps"])
+        figs[f"gpu_{size}_d2h_grouped_gbps"] / figs[f"gpu_{size}_d2h_limit_gbps"]
+    )
     figs["gpu_grouped_vs_perblock_speedup"] = (
-        figs[f"gpu_{size}_d2h_grouped_gbps"] / figs[f"gpu_{size}_d2h_perblock_gbps"])
+        figs[f"gpu_{size}_d2h_grouped_gbps"] / figs[f"gpu_{size}_d2h_perblock_gbps"]
+    )
     return figs
 
 
@@ -401,9 +421,14 @@ def headline(figs: dict[str, Any], size: str) -> dict[str, float]:
     f = {k.removeprefix(f"{size}_"): v for k, v in figs.items() if k.startswith(f"{size}_")}
     out = {"headline_size": float(SIZES[size])}
     for k in (
-        "grouped_vs_perblock_speedup", "grouped_vs_perblock_kv_speedup",
-        "grouped_vs_paged_runs_speedup", "grouped_frac_of_limit", "perblock_frac_of_limit",
-        "layer_over_block_grouped", "layer_over_block_paged_runs", "layer_over_block_perblock",
+        "grouped_vs_perblock_speedup",
+        "grouped_vs_perblock_kv_speedup",
+        "grouped_vs_paged_runs_speedup",
+        "grouped_frac_of_limit",
+        "perblock_frac_of_limit",
+        "layer_over_block_grouped",
+        "layer_over_block_paged_runs",
+        "layer_over_block_perblock",
     ):
         if k in f:
             out[k] = f[k]
@@ -422,14 +447,18 @@ def plot(figs: dict[str, Any], sizes: list[str], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 4))
-    modes = [m for m in ("perblock_kv", "perblock", "paged_runs", "grouped")
-             if f"{sizes[0]}_block_{m}_ms" in figs]
+    modes = [
+        m
+        for m in ("perblock_kv", "perblock", "paged_runs", "grouped")
+        if f"{sizes[0]}_block_{m}_ms" in figs
+    ]
     x = np.arange(len(sizes))
     w = 0.8 / (len(modes) + 1)
     for i, m in enumerate(modes):
         a.bar(x + i * w, [figs[f"{s}_block_{m}_ms"] for s in sizes], w, label=m)
-    a.bar(x + len(modes) * w, [figs[f"{s}_limit_ms"] for s in sizes], w, label="one copy",
-          color="C7")
+    a.bar(
+        x + len(modes) * w, [figs[f"{s}_limit_ms"] for s in sizes], w, label="one copy", color="C7"
+    )
     a.set_xticks(x + 0.4 - w / 2, sizes)
     a.set_yscale("log")
     a.set_ylabel("swap out + in, ms")
@@ -438,18 +467,26 @@ def plot(figs: dict[str, Any], sizes: list[str], path: Path) -> None:
     h = sizes[-1] if "8K" not in sizes else "8K"
     both = [m for m in modes if f"{h}_layer_{m}_ms" in figs]
     for i, lay in enumerate(("block", "layer")):
-        b.bar(np.arange(len(both)) + i * 0.35, [figs[f"{h}_{lay}_{m}_ms"] for m in both], 0.35,
-              label=f"{lay} layout")
+        b.bar(
+            np.arange(len(both)) + i * 0.35,
+            [figs[f"{h}_{lay}_{m}_ms"] for m in both],
+            0.35,
+            label=f"{lay} layout",
+        )
     b.set_xticks(np.arange(len(both)) + 0.17, both)
     b.set_ylabel("ms")
     b.set_title(f"storage layouts, {h} tokens")
     b.legend(fontsize=7)
-    c.bar(["without reuse", "with reuse"],
-          [figs["multiturn_out_bytes_noreuse"] / GIB, figs["multiturn_out_bytes_reuse"] / GIB],
-          color=["C7", "C0"])
+    c.bar(
+        ["without reuse", "with reuse"],
+        [figs["multiturn_out_bytes_noreuse"] / GIB, figs["multiturn_out_bytes_reuse"] / GIB],
+        color=["C7", "C0"],
+    )
     c.set_ylabel("GiB copied to host")
-    c.set_title(f"multi-turn: {figs['reuse_bytes_saved_frac']:.0%} saved "
-                f"(on host: {figs['reuse_expected_frac']:.0%})")
+    c.set_title(
+        f"multi-turn: {figs['reuse_bytes_saved_frac']:.0%} saved "
+        f"(on host: {figs['reuse_expected_frac']:.0%})"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -458,19 +495,30 @@ def main() -> None:
     global DEVICE
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="2K and 8K only, fewer repetitions")
-    ap.add_argument("--max-gib", type=float, default=12.0,
-                    help="memory budget: sizes whose device + host copies exceed it are skipped")
+    ap.add_argument(
+        "--max-gib",
+        type=float,
+        default=12.0,
+        help="memory budget: sizes whose device + host copies exceed it are skipped",
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(1)
     DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-    sizes = [s for s in (["2K", "8K"] if args.quick else list(SIZES))
-             if 2 * SIZES[s] * SPEC.bytes_per_token <= args.max_gib * GIB]
+    sizes = [
+        s
+        for s in (["2K", "8K"] if args.quick else list(SIZES))
+        if 2 * SIZES[s] * SPEC.bytes_per_token <= args.max_gib * GIB
+    ]
     warm = 150 if args.quick else 400
     headline_size = "8K" if "8K" in sizes else sizes[-1]
-    figs: dict[str, Any] = {"page_size": PAGE, "bytes_per_page": PAGE * SPEC.bytes_per_token,
-                              "torch_threads": torch.get_num_threads(), "quick": args.quick,
-                              "device": DEVICE}
+    figs: dict[str, Any] = {
+        "page_size": PAGE,
+        "bytes_per_page": PAGE * SPEC.bytes_per_token,
+        "torch_threads": torch.get_num_threads(),
+        "quick": args.quick,
+        "device": DEVICE,
+    }
     for size in sizes:  # quick: most repetitions where the targets are checked
         reps = 7 if not args.quick else 6 if size == headline_size else 3
         figs.update(copy_modes(size, reps, args.seed, warm, args.quick))

@@ -45,8 +45,12 @@ KIB = 1024
 SPEC = KVSpec(32, 1, 64, dtype=torch.float16)  # 256 bytes per token per layer
 
 
-def driver_latency(make: type[VMemDriver] | Any, page_bytes: int, pages: int, reps: int,
-                   ) -> dict[str, float]:
+def driver_latency(
+    make: type[VMemDriver] | Any,
+    page_bytes: int,
+    pages: int,
+    reps: int,
+) -> dict[str, float]:
     """Mean µs per page of first map, unmap and re-map (median over rounds)."""
     first, unmap, remap = [], [], []
     for _ in range(reps):
@@ -83,16 +87,29 @@ def driver_latency(make: type[VMemDriver] | Any, page_bytes: int, pages: int, re
 def make_alloc(kind: str, batch: int, max_len: int) -> Any:
     num_tokens = batch * max_len
     if kind == "paged":
-        return create_allocator("paged", SPEC, num_tokens=num_tokens, page_size=16,
-                                prefix_caching=False)
+        return create_allocator(
+            "paged", SPEC, num_tokens=num_tokens, page_size=16, prefix_caching=False
+        )
     # pages backed when created, as cuMemCreate does: mapping is then the only driver cost
-    return create_allocator("vmem", SPEC, num_tokens=num_tokens, page_bytes=4 * KIB,
-                            max_seqs=batch, max_seq_len=max_len, map_ahead=kind == "vmem_ahead",
-                            driver=HostDriver(prealloc=True))
+    return create_allocator(
+        "vmem",
+        SPEC,
+        num_tokens=num_tokens,
+        page_bytes=4 * KIB,
+        max_seqs=batch,
+        max_seq_len=max_len,
+        map_ahead=kind == "vmem_ahead",
+        driver=HostDriver(prealloc=True),
+    )
 
 
-def decode_run(kind: str, batch: int, prompt: int, steps: int, gap_s: float,
-               ) -> tuple[list[float], float]:
+def decode_run(
+    kind: str,
+    batch: int,
+    prompt: int,
+    steps: int,
+    gap_s: float,
+) -> tuple[list[float], float]:
     """Seconds per allocator-side decode step for one fresh allocator, and groups mapped ahead."""
     a = make_alloc(kind, batch, prompt + steps + 64)
     sids = list(range(batch))
@@ -123,8 +140,14 @@ def decode_run(kind: str, batch: int, prompt: int, steps: int, gap_s: float,
     return out, ahead
 
 
-def decode_overhead(batch: int, prompt: int, steps: int, reps: int, gap_s: float, suffix: str,
-                    ) -> dict[str, float]:
+def decode_overhead(
+    batch: int,
+    prompt: int,
+    steps: int,
+    reps: int,
+    gap_s: float,
+    suffix: str,
+) -> dict[str, float]:
     """Median step per allocator kind over interleaved rounds; figure names end in ``suffix``."""
     kinds = ["paged", "vmem_ahead", "vmem_sync"]
     times: dict[str, list[float]] = {k: [] for k in kinds}
@@ -167,9 +190,12 @@ def plot(figs: dict[str, Any], path: Path) -> None:
     w = 0.8 / len(gaps)
     for i, g in enumerate(gaps):
         suffix = f"_gap{g:g}ms" if g else ""
-        b.bar(np.arange(3) + (i - (len(gaps) - 1) / 2) * w,
-              [figs[f"{n}_step_us{suffix}"] for n in names], w,
-              label=f"{g:g} ms gap" if g else "back to back")
+        b.bar(
+            np.arange(3) + (i - (len(gaps) - 1) / 2) * w,
+            [figs[f"{n}_step_us{suffix}"] for n in names],
+            w,
+            label=f"{g:g} ms gap" if g else "back to back",
+        )
     b.set_xticks(np.arange(3), names)
     b.set_ylabel(f"µs per allocator step (batch {figs['batch']})")
     b.set_title("decode-step cost")
@@ -186,17 +212,25 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=200)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--gaps-ms", default=None,
-                    help="pauses between steps standing in for the forward pass, comma list "
-                    "(default 0,2,10; 0,5 with --quick)")
+    ap.add_argument(
+        "--gaps-ms",
+        default=None,
+        help="pauses between steps standing in for the forward pass, comma list "
+        "(default 0,2,10; 0,5 with --quick)",
+    )
     args = ap.parse_args()
     steps = args.steps or (100 if args.quick else 180)  # 4 KiB pages: vm.max_map_count caps it
     reps = args.reps or (3 if args.quick else 9)
     gaps = [float(g) for g in (args.gaps_ms or ("0,5" if args.quick else "0,2,10")).split(",")]
-    figs: dict[str, Any] = {"batch": args.batch, "prompt": args.prompt, "steps": steps,
-                            "reps": reps, "gaps_ms": gaps,
-                            "tokens_per_page": 4 * KIB // SPEC.bytes_per_token_layer,
-                            "layers": SPEC.num_layers}
+    figs: dict[str, Any] = {
+        "batch": args.batch,
+        "prompt": args.prompt,
+        "steps": steps,
+        "reps": reps,
+        "gaps_ms": gaps,
+        "tokens_per_page": 4 * KIB // SPEC.bytes_per_token_layer,
+        "layers": SPEC.num_layers,
+    }
     for label, pb, pages in (("4k", 4 * KIB, 1024), ("64k", 64 * KIB, 256), ("2m", 2 << 20, 32)):
         for k, v in driver_latency(HostDriver, pb, pages, reps).items():
             figs[f"host_{label}_{k}"] = v
@@ -215,23 +249,34 @@ def main() -> None:
     for g in gaps:
         suffix = f"_gap{g:g}ms" if g else ""
         figs.update(decode_overhead(args.batch, args.prompt, steps, reps, g / 1e3, suffix))
-    rows = [[f"host {s} page", figs[f"host_{s}_first_map_us"], figs[f"host_{s}_map_us"],
-             figs[f"host_{s}_unmap_us"]] for s in ("4k", "64k", "2m")]
+    rows = [
+        [
+            f"host {s} page",
+            figs[f"host_{s}_first_map_us"],
+            figs[f"host_{s}_map_us"],
+            figs[f"host_{s}_unmap_us"],
+        ]
+        for s in ("4k", "64k", "2m")
+    ]
     print_table("driver: µs per page", ["", "first map", "map", "unmap"], rows)
     header = [""]
     for g in gaps:
         header += [f"{g:g} ms gap" if g else "back to back", "overhead"]
     table = []
-    for name, label in (("paged", "paged"), ("vmem_ahead", "vmem, map ahead"),
-                        ("vmem_sync", "vmem, no map ahead")):
+    for name, label in (
+        ("paged", "paged"),
+        ("vmem_ahead", "vmem, map ahead"),
+        ("vmem_sync", "vmem, no map ahead"),
+    ):
         row: list[Any] = [label]
         for g in gaps:
             suffix = f"_gap{g:g}ms" if g else ""
             over = 0.0 if name == "paged" else figs[f"{name}_overhead{suffix}"]
             row += [figs[f"{name}_step_us{suffix}"], over]
         table.append(row)
-    print_table(f"allocator decode step, batch {args.batch} (median µs; overhead vs paged)",
-                header, table)
+    print_table(
+        f"allocator decode step, batch {args.batch} (median µs; overhead vs paged)", header, table
+    )
     path = save_results("vmem", figs)
     plot(figs, path.with_suffix(".png"))
     console.print(f"wrote {path} and {path.with_suffix('.png')}")

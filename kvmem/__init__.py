@@ -20,6 +20,7 @@ from kvmem.errors import (
     IntegrityError,
     InvalidArgument,
     KVError,
+    OutOfHostMemory,
     OutOfKVMemory,
     UnknownSequence,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "KVSpec",
     "KVStats",
     "LayerKV",
+    "OutOfHostMemory",
     "OutOfKVMemory",
     "PagePool",
     "SeqInfo",

@@ -294,7 +294,9 @@ def create_allocator(kind: str, spec: KVSpec, **options: Any) -> KVAllocator:
     """Build the backend registered as ``kind`` (``"paged"``, ``"vmem"``, ...)."""
     _discover()
     if kind not in _REGISTRY:
-        raise InvalidArgument(f"unknown backend {kind!r}; available: {', '.join(sorted(_REGISTRY))}")
+        raise InvalidArgument(
+            f"unknown backend {kind!r}; available: {', '.join(sorted(_REGISTRY))}"
+        )
     if not isinstance(spec, KVSpec):
         raise InvalidArgument(f"spec must be a KVSpec, got {type(spec).__name__}")
     return _REGISTRY[kind](spec, **options)
@@ -343,5 +345,3 @@ def check_tokens(token_ids: Sequence[int]) -> list[int]:
 def raise_unknown(seq_id: SeqId) -> UnknownSequence:
     """The error for an unregistered sequence."""
     return UnknownSequence(f"unknown sequence {seq_id!r}")
-
-

@@ -14,9 +14,16 @@ from rich.console import Console
 def _demo(args: argparse.Namespace) -> int:
     from kvmem.engine.demo import run
 
-    figs = run(backend=args.backend, num_requests=args.requests, num_tokens=args.kv_tokens,
-               seed=args.seed, kv_format=args.kv_format, policy=args.policy, chunk=args.chunk,
-               preset=args.preset)
+    figs = run(
+        backend=args.backend,
+        num_requests=args.requests,
+        num_tokens=args.kv_tokens,
+        seed=args.seed,
+        kv_format=args.kv_format,
+        policy=args.policy,
+        chunk=args.chunk,
+        preset=args.preset,
+    )
     print()
     Console().print(
         f"served {figs['requests']} requests, {figs['tokens']} tokens in {figs['steps']} "
@@ -32,8 +39,10 @@ def _bench(args: argparse.Namespace) -> int:
     script = root / f"{args.name}.py"
     if not script.exists():
         names = sorted(p.stem for p in root.glob("*.py") if p.stem not in ("common", "__init__"))
-        print(f"no benchmark {args.name!r}; in a source checkout: {', '.join(names) or 'none'}",
-              file=sys.stderr)
+        print(
+            f"no benchmark {args.name!r}; in a source checkout: {', '.join(names) or 'none'}",
+            file=sys.stderr,
+        )
         return 2
     sys.argv = [str(script), *args.rest]
     runpy.run_path(str(script), run_name="__main__")

@@ -140,7 +140,9 @@ def _fp8(fmt: str) -> KVFormat:
     return f
 
 
-def quantize_fp8(x: torch.Tensor, scale: torch.Tensor | float, fmt: str = "fp8_e4m3") -> torch.Tensor:
+def quantize_fp8(
+    x: torch.Tensor, scale: torch.Tensor | float, fmt: str = "fp8_e4m3"
+) -> torch.Tensor:
     """FP8 codes (uint8) of ``x`` [..., H, D]: ``sat(x / scale)`` rounded to nearest even."""
     f = _fp8(fmt)
     assert f.float8_dtype is not None
@@ -195,9 +197,7 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 def _check_group(d: int, group_size: int) -> int:
     if group_size <= 0 or d % group_size or group_size % 2:
-        raise InvalidArgument(
-            f"int4 group_size {group_size} must be even and divide head_dim {d}"
-        )
+        raise InvalidArgument(f"int4 group_size {group_size} must be even and divide head_dim {d}")
     return d // group_size
 
 
@@ -223,7 +223,9 @@ def quantize_int4(
     scale = scale.clamp(_FP16_MIN_NORMAL, _FP16_MAX)
     scale16 = scale.to(torch.float16)
     up = scale16.to(scale.dtype) < scale
-    scale16 = torch.where(up, torch.nextafter(scale16, torch.full_like(scale16, torch.inf)), scale16)
+    scale16 = torch.where(
+        up, torch.nextafter(scale16, torch.full_like(scale16, torch.inf)), scale16
+    )
     s = scale16.to(xg.dtype)
     zero16 = (-lo / s).to(torch.float16)
     codes = torch.round(xg / s[..., None] + zero16.to(xg.dtype)[..., None]).clamp(0, 15)

@@ -115,7 +115,9 @@ def build_layout(
     query_lens = query_lens.astype(np.int32, copy=False)
     num_pages = (seq_lens + page_size - 1) // page_size
     max_pages = int(num_pages.max()) if b else 0
-    dense = table[:, :max_pages] if table.dtype == np.int32 else table[:, :max_pages].astype(np.int32)
+    dense = (
+        table[:, :max_pages] if table.dtype == np.int32 else table[:, :max_pages].astype(np.int32)
+    )
     valid = np.arange(max_pages, dtype=np.int32)[None, :] < num_pages[:, None]
     kv_indices = dense[valid]
     if not zero_padded:

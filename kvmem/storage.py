@@ -126,7 +126,9 @@ class PagePool:
         self.layer_bytes = layer_page_bytes(spec, page_size)
         per_buffer = spec.num_layers if layout == "block" else 1
         self.buffers: list[torch.Tensor] = [
-            torch.zeros(num_pages, per_buffer * self.layer_bytes, dtype=torch.uint8, device=self.device)
+            torch.zeros(
+                num_pages, per_buffer * self.layer_bytes, dtype=torch.uint8, device=self.device
+            )
             for _ in range(spec.num_layers // per_buffer)
         ]
         heads = spec.num_kv_heads

@@ -23,13 +23,19 @@ def test_unknown_benchmark_is_an_error(capsys):
 
 
 def test_python_dash_m_entry_point():
-    r = subprocess.run([sys.executable, "-m", "kvmem", "info"], capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "kvmem", "info"], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0 and "backends" in r.stdout
 
 
 def test_readme_example_runs():
-    r = subprocess.run([sys.executable, "examples/quickstart.py"], capture_output=True, text=True,
-                       timeout=120, env={"PYTHONPATH": ".", "PATH": ""})
+    r = subprocess.run(
+        [sys.executable, "examples/quickstart.py"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": ".", "PATH": ""},
+    )
     assert r.returncode == 0, r.stderr
     assert "torch.Size([1, 8, 64]) 112 slots in use" in r.stdout

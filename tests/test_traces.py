@@ -19,7 +19,9 @@ def test_loads_both_formats_with_arrival_offsets(tmp_path):
     assert [(p, o) for _, p, o in got] == [(374, 44), (396, 109)]
     assert got[0][0] == 0.0 and got[1][0] == pytest.approx(50.995169 - 46.68059, abs=1e-6)
     arxiv = tmp_path / "b.csv"
-    arxiv.write_text("num_prefill_tokens,num_decode_tokens,num_total_tokens,pd_ratio\n3772,54,3826,69.8\n")
+    arxiv.write_text(
+        "num_prefill_tokens,num_decode_tokens,num_total_tokens,pd_ratio\n3772,54,3826,69.8\n"
+    )
     assert traces.load_trace(arxiv) == [(0.0, 3772, 54)]
     assert traces.load_trace(azure, limit=1) == got[:1]
     bad = tmp_path / "c.csv"
@@ -48,8 +50,9 @@ def test_synthetic_lengths_match_the_real_trace(kind):
     if path is None:
         pytest.skip(f"{traces.TRACE_FILES[kind]} is not present")
     real = np.array([(p, o) for _, p, o in traces.load_trace(path)], dtype=float)
-    synth = np.array([(p, o) for _, p, o in traces.synthetic_trace(kind, 50_000, seed=1)],
-                     dtype=float)
+    synth = np.array(
+        [(p, o) for _, p, o in traces.synthetic_trace(kind, 50_000, seed=1)], dtype=float
+    )
     for col in range(2):
         for stat in (np.mean, np.median, lambda x: np.percentile(x, 90)):
             r, s = stat(real[:, col]), stat(synth[:, col])

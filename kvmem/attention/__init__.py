@@ -88,9 +88,7 @@ def unsupported_reason(
     raise InvalidArgument(f"unknown attention implementation {impl!r}; known: {', '.join(IMPLS)}")
 
 
-def resolve_impl(
-    impl: str, fmt: KVFormat | None, dtype: torch.dtype, device: torch.device
-) -> str:
+def resolve_impl(impl: str, fmt: KVFormat | None, dtype: torch.dtype, device: torch.device) -> str:
     """The implementation ``impl`` names for these inputs (``"auto"`` resolved).
 
     Raises InvalidArgument when a named implementation cannot take them.

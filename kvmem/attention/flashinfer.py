@@ -176,18 +176,34 @@ class PagedAttention:
                 ws, "NHD", use_tensor_cores=hq // hkv >= 4
             )
             self._wrapper.plan(
-                layout.kv_indptr, layout.kv_indices, layout.kv_last_page_len,
-                hq, hkv, d, layout.page_size,
-                pos_encoding_mode="NONE", q_data_type=q.dtype, kv_data_type=kv_dtype,
+                layout.kv_indptr,
+                layout.kv_indices,
+                layout.kv_last_page_len,
+                hq,
+                hkv,
+                d,
+                layout.page_size,
+                pos_encoding_mode="NONE",
+                q_data_type=q.dtype,
+                kv_data_type=kv_dtype,
                 sm_scale=sm * k_scale,
             )
         else:
             self._wrapper = _fi.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD")
             self._wrapper.plan(
-                layout.query_start_loc, layout.kv_indptr, layout.kv_indices,
-                layout.kv_last_page_len, hq, hkv, d, layout.page_size,
-                causal=True, pos_encoding_mode="NONE", q_data_type=q.dtype,
-                kv_data_type=kv_dtype, sm_scale=sm * k_scale,
+                layout.query_start_loc,
+                layout.kv_indptr,
+                layout.kv_indices,
+                layout.kv_last_page_len,
+                hq,
+                hkv,
+                d,
+                layout.page_size,
+                causal=True,
+                pos_encoding_mode="NONE",
+                q_data_type=q.dtype,
+                kv_data_type=kv_dtype,
+                sm_scale=sm * k_scale,
             )
         self._sm_scale = sm
 

@@ -36,7 +36,7 @@ def _work(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_inputs(layer: LayerKV, layout: BatchLayout, x: torch.Tensor, heads: int | None) -> None:
-    """Raise InvalidArgument unless ``x`` [tokens, heads, head_dim] fits ``layer`` and ``layout``."""
+    """Raise InvalidArgument unless ``x`` [tokens, heads, head_dim] fits the layer and layout."""
     spec = layer.spec
     if layout.spec is not None and layout.spec != spec:
         raise InvalidArgument("the layout was made for a different KVSpec than this layer's")
@@ -58,7 +58,9 @@ def check_inputs(layer: LayerKV, layout: BatchLayout, x: torch.Tensor, heads: in
         )
 
 
-def _store(layer: LayerKV, which: str, x: torch.Tensor, page: torch.Tensor, off: torch.Tensor) -> None:
+def _store(
+    layer: LayerKV, which: str, x: torch.Tensor, page: torch.Tensor, off: torch.Tensor
+) -> None:
     fmt = layer.spec.fmt
     codes = getattr(layer, which)
     if fmt.kind == "float":
@@ -91,7 +93,7 @@ def write_kv(layer: LayerKV, layout: BatchLayout, k: torch.Tensor, v: torch.Tens
 def gather_kv(
     layer: LayerKV, pages: torch.Tensor, length: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dequantized K and V ``[length, kv_heads, head_dim]`` of the first ``length`` slots of ``pages``.
+    """Dequantized K and V ``[length, kv_heads, head_dim]`` in the first ``length`` slots.
 
     Reads those slots only, never the rest of a page: a page may be larger
     than the memory behind it (the vmem backend's pages are whole virtual

@@ -105,8 +105,16 @@ class _Seq:
     """Per-sequence state: tokens, pages, counts."""
 
     __slots__ = (
-        "tokens", "blocks", "hashes", "num_computed", "reserved", "row", "root",
-        "swapped", "parked", "transfer",
+        "tokens",
+        "blocks",
+        "hashes",
+        "num_computed",
+        "reserved",
+        "row",
+        "root",
+        "swapped",
+        "parked",
+        "transfer",
     )
 
     def __init__(self, tokens: list[int], row: int, root: int) -> None:

@@ -64,8 +64,9 @@ def create_app(
             model_name, runner.engine.allocator.stats().bytes_per_token
         )
         runner.metrics = metrics
-    state = ServerState(runner, metrics, model_name, chat_template or ChatTemplate(),
-                        created=int(time.time()))
+    state = ServerState(
+        runner, metrics, model_name, chat_template or ChatTemplate(), created=int(time.time())
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -87,38 +88,46 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         err = APIError(exc.status_code, str(exc.detail), code=str(exc.status_code))
-        return JSONResponse(err.body(), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return JSONResponse(
+            err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None)
+        )
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        err = APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error",
-                       code="internal_error")
+        err = APIError(
+            500,
+            f"internal error: {type(exc).__name__}: {exc}",
+            type="server_error",
+            code="internal_error",
+        )
         return JSONResponse(err.body(), status_code=500)
 
     @app.get("/health")
     async def health() -> Response:
         if not runner.alive:
-            raise APIError(503, "the engine is not running", type="server_error",
-                           code="engine_dead")
+            raise APIError(
+                503, "the engine is not running", type="server_error", code="engine_dead"
+            )
         return Response(status_code=200)
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
-        return JSONResponse({
-            "object": "list",
-            "data": [
-                {
-                    "id": model_name,
-                    "object": "model",
-                    "created": state.created,
-                    "owned_by": "kvmem",
-                    "root": model_name,
-                    "parent": None,
-                    "max_model_len": runner.engine.max_model_len,
-                }
-            ],
-        })
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": model_name,
+                        "object": "model",
+                        "created": state.created,
+                        "owned_by": "kvmem",
+                        "root": model_name,
+                        "parent": None,
+                        "max_model_len": runner.engine.max_model_len,
+                    }
+                ],
+            }
+        )
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -135,9 +144,7 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        req: ChatCompletionRequest = parse_body(
-            ChatCompletionRequest, await _body(request, state)
-        )
+        req: ChatCompletionRequest = parse_body(ChatCompletionRequest, await _body(request, state))
         _check_model(req.model, model_name)
         text = state.chat_template.render(req.messages, req.add_generation_prompt)
         ids = runner.engine.tokenizer.encode(text)
@@ -149,29 +156,41 @@ def create_app(
 async def _body(request: Request, state: ServerState) -> bytes:
     body = await request.body()
     if len(body) > state.max_body_bytes:
-        raise APIError(413, f"the request body is larger than {state.max_body_bytes} bytes",
-                       code="body_too_large")
+        raise APIError(
+            413,
+            f"the request body is larger than {state.max_body_bytes} bytes",
+            code="body_too_large",
+        )
     return body
 
 
 def _check_model(name: str | None, served: str) -> None:
     if name is not None and name != served:
-        raise APIError(404, f"The model `{name}` does not exist; this server serves `{served}`.",
-                       param="model", code="model_not_found")
+        raise APIError(
+            404,
+            f"The model `{name}` does not exist; this server serves `{served}`.",
+            param="model",
+            code="model_not_found",
+        )
 
 
-def _budget(req: CompletionRequest | ChatCompletionRequest, n_prompt: int,
-            state: ServerState) -> int:
+def _budget(
+    req: CompletionRequest | ChatCompletionRequest, n_prompt: int, state: ServerState
+) -> int:
     """The request's max_tokens, checked against the model's context and the KV pool."""
     eng = state.runner.engine
     ctx, kv = eng.max_model_len, eng.kv_capacity_tokens
     limit = min(ctx, kv)
     asked = req.requested_max_tokens()
-    param = "max_completion_tokens" if isinstance(req, ChatCompletionRequest) and \
-        req.max_completion_tokens is not None else "max_tokens"
+    param = (
+        "max_completion_tokens"
+        if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None
+        else "max_tokens"
+    )
     if asked is not None and asked < 1:
-        raise APIError(400, f"{param} must be at least 1, got {asked}", param=param,
-                       code="invalid_value")
+        raise APIError(
+            400, f"{param} must be at least 1, got {asked}", param=param, code="invalid_value"
+        )
     if n_prompt == 0:
         raise APIError(400, "the prompt is empty", param="prompt", code="invalid_value")
     where = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
@@ -180,7 +199,8 @@ def _budget(req: CompletionRequest | ChatCompletionRequest, n_prompt: int,
             400,
             f"This model's maximum context length is {ctx} tokens and the KV pool holds {kv}; "
             f"the {where} has {n_prompt} tokens, which leaves no room for output.",
-            param=where, code="context_length_exceeded",
+            param=where,
+            code="context_length_exceeded",
         )
     max_tokens = asked if asked is not None else limit - n_prompt
     if n_prompt + max_tokens > ctx:
@@ -189,7 +209,8 @@ def _budget(req: CompletionRequest | ChatCompletionRequest, n_prompt: int,
             f"This model's maximum context length is {ctx} tokens. However, you requested "
             f"{n_prompt + max_tokens} tokens ({n_prompt} in the {where}, {max_tokens} for the "
             f"completion). Please reduce the length of the {where} or completion.",
-            param=param, code="context_length_exceeded",
+            param=param,
+            code="context_length_exceeded",
         )
     if n_prompt + max_tokens > kv:
         raise APIError(
@@ -197,7 +218,8 @@ def _budget(req: CompletionRequest | ChatCompletionRequest, n_prompt: int,
             f"The request needs up to {n_prompt + max_tokens} tokens of KV ({n_prompt} in the "
             f"{where}, {max_tokens} for the completion), more than the server's whole KV pool "
             f"({kv} tokens). Please reduce the length of the {where} or completion.",
-            param=param, code="kv_capacity_exceeded",
+            param=param,
+            code="kv_capacity_exceeded",
         )
     return max_tokens
 
@@ -212,15 +234,21 @@ async def _serve(
     max_tokens = _budget(req, len(ids), state)
     try:
         params = req.sampling_params(max_tokens)
-        stream = state.runner.submit(ids, params, priority=req.priority,
-                                     tenant=req.user or "default")
+        stream = state.runner.submit(
+            ids, params, priority=req.priority, tenant=req.user or "default"
+        )
     except InvalidRequest as e:
         word = str(e).split(" ", 1)[0]
         param = word if word in type(req).model_fields else None
         raise APIError(400, str(e), param=param, code="invalid_value") from None
     except QueueFull as e:
-        raise APIError(429, str(e), type="rate_limit_error", code="queue_full",
-                       headers={"Retry-After": str(e.retry_after)}) from None
+        raise APIError(
+            429,
+            str(e),
+            type="rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": str(e.retry_after)},
+        ) from None
     except EngineDead as e:
         raise APIError(503, str(e), type="server_error", code="engine_dead") from None
 
@@ -234,8 +262,12 @@ async def _serve(
         fmt = _Formatter(rid, state.model_name, chat, req.return_token_ids, len(ids))
         if req.stream:
             gen = _sse(stream, fmt, req.include_usage())
-            return _AbortingStream(abort, gen, media_type="text/event-stream",
-                                   headers={**headers, "Cache-Control": "no-cache"})
+            return _AbortingStream(
+                abort,
+                gen,
+                media_type="text/event-stream",
+                headers={**headers, "Cache-Control": "no-cache"},
+            )
         outs = await _until_done_or_disconnect(stream, request.receive)
     except BaseException:
         abort()
@@ -275,8 +307,9 @@ async def _until_done_or_disconnect(
 class _AbortingStream(StreamingResponse):
     """A StreamingResponse that aborts its request however the response ends (disconnects too)."""
 
-    def __init__(self, on_close: Callable[[], None], content: AsyncIterator[str],
-                 **kw: Any) -> None:
+    def __init__(
+        self, on_close: Callable[[], None], content: AsyncIterator[str], **kw: Any
+    ) -> None:
         super().__init__(content, **kw)
         self._on_close = on_close
 
@@ -297,38 +330,56 @@ class _Formatter:
         self.obj = "chat.completion" if chat else "text_completion"
 
     def usage(self, n_out: int) -> dict[str, int]:
-        return {"prompt_tokens": self.n_prompt, "completion_tokens": n_out,
-                "total_tokens": self.n_prompt + n_out}
+        return {
+            "prompt_tokens": self.n_prompt,
+            "completion_tokens": n_out,
+            "total_tokens": self.n_prompt + n_out,
+        }
 
     def full(self, outs: list[RequestOutput]) -> dict[str, Any]:
         last = outs[-1]
         if last.finish_reason in ("error", "abort"):
-            raise APIError(500, f"the request failed: {last.error or last.finish_reason}",
-                           type="server_error", code="request_failed")
+            raise APIError(
+                500,
+                f"the request failed: {last.error or last.finish_reason}",
+                type="server_error",
+                code="request_failed",
+            )
         text = "".join(o.new_text for o in outs)
         toks = [t for o in outs for t in o.new_token_ids]
-        choice: dict[str, Any] = {"index": 0, "logprobs": None,
-                                  "finish_reason": last.finish_reason}
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": last.finish_reason}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text
         if self.token_ids:
             choice["token_ids"] = toks
-        return {"id": self.rid, "object": self.obj, "created": self.created,
-                "model": self.model, "choices": [choice], "usage": self.usage(len(toks))}
+        return {
+            "id": self.rid,
+            "object": self.obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": self.usage(len(toks)),
+        }
 
-    def chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None,
-              with_usage: bool) -> str:
-        c: dict[str, Any] = {"id": self.rid, "object": self.obj + ".chunk" if self.chat
-                             else self.obj, "created": self.created, "model": self.model,
-                             "choices": choices}
+    def chunk(
+        self, choices: list[dict[str, Any]], usage: dict[str, int] | None, with_usage: bool
+    ) -> str:
+        c: dict[str, Any] = {
+            "id": self.rid,
+            "object": self.obj + ".chunk" if self.chat else self.obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
         if with_usage:
             c["usage"] = usage
         return f"data: {json.dumps(c, separators=(',', ':'))}\n\n"
 
-    def delta(self, text: str, toks: list[int], finish: str | None,
-              role: bool = False) -> dict[str, Any]:
+    def delta(
+        self, text: str, toks: list[int], finish: str | None, role: bool = False
+    ) -> dict[str, Any]:
         ch: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
         if self.chat:
             d: dict[str, Any] = {"role": "assistant"} if role else {}

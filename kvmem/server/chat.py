@@ -51,8 +51,9 @@ class ChatTemplate:
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 
             def raise_exception(message: str) -> None:
-                raise APIError(400, f"the chat template refused the messages: {message}",
-                               param="messages")
+                raise APIError(
+                    400, f"the chat template refused the messages: {message}", param="messages"
+                )
 
             env.globals["raise_exception"] = raise_exception
             self._compiled = env.from_string(template)
@@ -77,8 +78,9 @@ class ChatTemplate:
         if template is None:
             return cls()
         try:
-            return cls(str(template), _token_text(cfg.get("bos_token")),
-                       _token_text(cfg.get("eos_token")))
+            return cls(
+                str(template), _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token"))
+            )
         except ImportError:
             log.warning("jinja2 is not installed: using the default chat template")
             return cls()
@@ -88,8 +90,10 @@ class ChatTemplate:
         if self._compiled is None:
             text = "".join(f"<|{m.role}|>\n{m.text()}\n" for m in messages)
             return text + ("<|assistant|>\n" if add_generation_prompt else "")
-        msgs = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                for m in messages]
+        msgs = [
+            {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+            for m in messages
+        ]
         try:
             return str(
                 self._compiled.render(

@@ -24,51 +24,87 @@ _DESCRIPTION = (
     "Serve the kvmem engine over the OpenAI HTTP API (/v1/completions, /v1/chat/completions, "
     "/v1/models, /health, /metrics)."
 )
-_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
-           "float16": torch.float16}
+_DTYPES = {
+    "auto": None,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``kvmem serve``."""
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", metavar="DIR",
-                     help="a local Llama/Mistral/Qwen2 checkpoint (config.json + *.safetensors)")
-    src.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                     help="a random-weight model of this size (default: tiny)")
+    src.add_argument(
+        "--model",
+        metavar="DIR",
+        help="a local Llama/Mistral/Qwen2 checkpoint (config.json + *.safetensors)",
+    )
+    src.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="a random-weight model of this size (default: tiny)",
+    )
     p.add_argument("--served-model-name", help="the model name clients send (default: derived)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="auto",
-                   help="compute dtype (auto: the checkpoint's, float32 for presets)")
+    p.add_argument(
+        "--dtype",
+        choices=sorted(_DTYPES),
+        default="auto",
+        help="compute dtype (auto: the checkpoint's, float32 for presets)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random weights and default sampling seed")
     p.add_argument("--backend", default="paged", help="KV backend: paged, vmem, grouped, ...")
-    p.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="an extra backend option, e.g. page_size=16 (repeatable)")
+    p.add_argument(
+        "--backend-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra backend option, e.g. page_size=16 (repeatable)",
+    )
     p.add_argument("--kv-format", choices=FORMAT_NAMES, default="auto", help="KV cache format")
     p.add_argument("--num-kv-tokens", type=int, default=16384, help="KV pool capacity in tokens")
-    p.add_argument("--policy", choices=("fcfs", "isrtf", "fair"), default="fcfs",
-                   help="scheduling policy")
+    p.add_argument(
+        "--policy", choices=("fcfs", "isrtf", "fair"), default="fcfs", help="scheduling policy"
+    )
     p.add_argument("--preemption", choices=("recompute", "swap"), default="recompute")
     p.add_argument("--max-num-seqs", type=int, default=64, help="requests per batch")
-    p.add_argument("--max-num-batched-tokens", type=int, default=512,
-                   help="token budget per step (chunked prefill)")
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="context length (default: the model's)")
-    p.add_argument("--max-queue", type=int, default=256,
-                   help="admitted requests allowed to wait for their first token; more get 429")
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=512,
+        help="token budget per step (chunked prefill)",
+    )
+    p.add_argument(
+        "--max-model-len", type=int, default=None, help="context length (default: the model's)"
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="admitted requests allowed to wait for their first token; more get 429",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--attention-impl", default="auto",
-                   help="attention kernels: auto, reference, ...")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--attention-impl", default="auto", help="attention kernels: auto, reference, ..."
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--log-level", default="info",
-                   choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument(
+        "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
+    )
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``serve`` to a parser's sub-commands (its handler is :func:`run`)."""
-    p = subparsers.add_parser("serve", help="serve an OpenAI-compatible HTTP API over the engine",
-                              description=_DESCRIPTION)
+    p = subparsers.add_parser(
+        "serve",
+        help="serve an OpenAI-compatible HTTP API over the engine",
+        description=_DESCRIPTION,
+    )
     add_arguments(p)
     p.set_defaults(fn=run)
     return p
@@ -165,8 +201,10 @@ def _run(args: argparse.Namespace) -> int:
         import prometheus_client  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as e:
-        print(f"kvmem serve needs the server extra (pip install 'kvmem[server]'): {e}",
-              file=sys.stderr)
+        print(
+            f"kvmem serve needs the server extra (pip install 'kvmem[server]'): {e}",
+            file=sys.stderr,
+        )
         return 2
     from kvmem.server.launch import serve
 
@@ -182,8 +220,13 @@ def _run(args: argparse.Namespace) -> int:
     eng = state.runner.engine
     logging.getLogger("kvmem.server").info(
         "serving %s on http://%s:%d (backend %s, kv format %s, %d KV tokens, policy %s)",
-        state.model_name, args.host, args.port, eng.config.backend, eng.config.kv_format,
-        eng.kv_capacity_tokens, eng.config.policy,
+        state.model_name,
+        args.host,
+        args.port,
+        eng.config.backend,
+        eng.config.kv_format,
+        eng.kv_capacity_tokens,
+        eng.config.policy,
     )
     serve(app, args.host, args.port, args.log_level)
     return 0

@@ -43,7 +43,9 @@ class ServerThread:
         self.host, self.port = self.sock.getsockname()[:2]
         self.server = uvicorn.Server(_config(app, host, self.port, log_level))
         self._thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.sock]}, name="kvmem-http",
+            target=self.server.run,
+            kwargs={"sockets": [self.sock]},
+            name="kvmem-http",
             daemon=True,
         )
 

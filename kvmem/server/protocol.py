@@ -110,8 +110,9 @@ class _SamplingRequest(_Strict):
         if self.min_tokens:
             raise APIError(400, "min_tokens is not supported (must be 0)", param="min_tokens")
         if self.stream_options is not None and not self.stream:
-            raise APIError(400, "stream_options is only allowed with stream=true",
-                           param="stream_options")
+            raise APIError(
+                400, "stream_options is only allowed with stream=true", param="stream_options"
+            )
 
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         """The engine's SamplingParams (raises the engine's InvalidRequest on bad values)."""
@@ -198,7 +199,8 @@ class ChatMessage(_Strict):
         for part in c:
             if part.type != "text" or part.text is None:
                 raise APIError(
-                    400, f"content parts of type {part.type!r} are not supported; only text",
+                    400,
+                    f"content parts of type {part.type!r} are not supported; only text",
                     param="messages",
                 )
             out.append(part.text)
@@ -219,8 +221,11 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def requested_max_tokens(self) -> int | None:
         """``max_completion_tokens``, else the deprecated ``max_tokens`` (None: to the context)."""
-        return self.max_completion_tokens if self.max_completion_tokens is not None \
+        return (
+            self.max_completion_tokens
+            if self.max_completion_tokens is not None
             else self.max_tokens
+        )
 
     def check_supported(self) -> None:
         """Refuse (400) what the engine cannot do."""
@@ -231,8 +236,9 @@ class ChatCompletionRequest(_SamplingRequest):
             raise APIError(400, "tools are not supported by this server", param="tools")
         rf = self.response_format
         if rf is not None and rf.get("type", "text") != "text":
-            raise APIError(400, "only response_format type 'text' is supported",
-                           param="response_format")
+            raise APIError(
+                400, "only response_format type 'text' is supported", param="response_format"
+            )
 
 
 def parse_body(model: type[_SamplingRequest], body: bytes) -> Any:
@@ -249,8 +255,9 @@ def _validation_error(e: ValidationError) -> APIError:
     errs = e.errors()
     first = errs[0]
     if first["type"] == "json_invalid":
-        return APIError(400, f"the request body is not valid JSON: {first['msg']}",
-                        code="invalid_json")
+        return APIError(
+            400, f"the request body is not valid JSON: {first['msg']}", code="invalid_json"
+        )
     if first["type"] == "model_type" and not first["loc"]:
         return APIError(400, "the request body must be a JSON object", code="invalid_json")
     loc = first["loc"]

@@ -106,8 +106,9 @@ class AsyncEngine:
     async def stop(self) -> None:
         """End every request (its stream gets an ``abort``), stop the thread and wait for it."""
         for rid, s in list(self._streams.items()):
-            s.queue.put_nowait(RequestOutput(rid, [], "", True, "abort",
-                                             "the server is shutting down"))
+            s.queue.put_nowait(
+                RequestOutput(rid, [], "", True, "abort", "the server is shutting down")
+            )
             self._abort(rid, disconnected=False)
         self._stop = True
         self._wake.set()
@@ -237,7 +238,11 @@ class AsyncEngine:
 
         try:
             self.engine.add_request(
-                prompt_token_ids, params, request_id=rid, tenant=tenant, priority=priority,
+                prompt_token_ids,
+                params,
+                request_id=rid,
+                tenant=tenant,
+                priority=priority,
                 on_output=on_output,
             )
         except Exception:

@@ -27,8 +27,13 @@ from triton.runtime.jit import JITFunction
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 _TYPES = {
-    torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.uint8: "u8",
-    torch.int32: "i32", torch.int64: "i64", torch.float8_e4m3fn: "fp8e4nv",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+    torch.uint8: "u8",
+    torch.int32: "i32",
+    torch.int64: "i64",
+    torch.float8_e4m3fn: "fp8e4nv",
 }
 _launches: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = []
 
@@ -66,9 +71,16 @@ def record_launches() -> None:
     tk.unusable_reason = lambda device: None  # type: ignore[attr-defined]
     tk.INTERPRET = True  # lets the FP8-query guard pass on CPU
     cpu = torch.device("cpu")
-    cases = [("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32),
-             ("fp8_e4m3", torch.float16), ("fp8_e5m2", torch.bfloat16), ("int4", torch.float16),
-             ("fp16", torch.float32), ("int4", torch.bfloat16)]
+    cases = [
+        ("fp16", torch.float16),
+        ("bf16", torch.bfloat16),
+        ("fp32", torch.float32),
+        ("fp8_e4m3", torch.float16),
+        ("fp8_e5m2", torch.bfloat16),
+        ("int4", torch.float16),
+        ("fp16", torch.float32),
+        ("int4", torch.bfloat16),
+    ]
     for fmt, dt in cases:
         spec = KVSpec(1, 8, 128, dtype=dt, kv_format=fmt)
         layer = PagePool(spec, 8, 16).layer(0)
@@ -114,8 +126,10 @@ def main() -> None:
             except Exception as e:  # report every failure, then exit non-zero
                 failed += 1
                 print(f"FAIL {fn.__name__} sm_{cc} {consts}\n{str(e)[-2000:]}")
-    print(f"compiled {done} kernel variants for sm_{targets}, {failed} failed, "
-          f"{time.perf_counter() - t0:.0f} s")
+    print(
+        f"compiled {done} kernel variants for sm_{targets}, {failed} failed, "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
     raise SystemExit(1 if failed else 0)
 
 

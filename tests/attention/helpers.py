@@ -32,8 +32,13 @@ def make_pool(
     if fmt == "int4" and group_size is None:
         group_size = 8
     spec = KVSpec(
-        num_layers, kv_heads, dim, dtype=torch.float32, kv_format=fmt,
-        group_size=group_size if fmt == "int4" else None, key_rotation=key_rotation,  # type: ignore[arg-type]
+        num_layers,
+        kv_heads,
+        dim,
+        dtype=torch.float32,
+        kv_format=fmt,
+        group_size=group_size if fmt == "int4" else None,
+        key_rotation=key_rotation,  # type: ignore[arg-type]
     )
     pool = PagePool(spec, num_pages, page_size, device=DEV, layout=layout)  # type: ignore[arg-type]
     if spec.fmt.kind == "fp8":
@@ -61,8 +66,13 @@ def layout_of(
 ) -> BatchLayout:
     """A BatchLayout on the test device."""
     return build_layout(
-        page_size, table, np.array(seq_lens), np.array(q_lens),
-        tuple(range(len(seq_lens))), DEV, spec,
+        page_size,
+        table,
+        np.array(seq_lens),
+        np.array(q_lens),
+        tuple(range(len(seq_lens))),
+        DEV,
+        spec,
     )
 
 

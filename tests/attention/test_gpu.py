@@ -93,8 +93,12 @@ def test_per_layer_pool_and_vmem_layout_on_gpu():
     lens = [4096, 100, 2000]
     vt = np.array([[3], [0], [2]], np.int32)
     full = build_layout(4096, vt.copy(), np.array(lens), np.array(lens), (0, 1, 2), dev, vspec)
-    tk.write_kv(vpool.layer(0), full, torch.randn(sum(lens), HKV, D, device=dev),
-                torch.randn(sum(lens), HKV, D, device=dev))
+    tk.write_kv(
+        vpool.layer(0),
+        full,
+        torch.randn(sum(lens), HKV, D, device=dev),
+        torch.randn(sum(lens), HKV, D, device=dev),
+    )
     dec = build_layout(4096, vt.copy(), np.array(lens), np.ones(3), (0, 1, 2), dev, vspec)
     q = torch.randn(3, HQ, D, device=dev)
     got = tk.decode(q, vpool.layer(0), dec)

@@ -41,8 +41,11 @@ TOL = 1e-5
 
 
 def _storage(layer):  # every tensor the writer fills
-    return [t for t in (layer.k, layer.v, layer.k_scale, layer.k_zero, layer.v_scale, layer.v_zero)
-            if t is not None and t.dim() == 4]
+    return [
+        t
+        for t in (layer.k, layer.v, layer.k_scale, layer.k_zero, layer.v_scale, layer.v_zero)
+        if t is not None and t.dim() == 4
+    ]
 
 
 @pytest.mark.parametrize("layout", ["block", "layer"])
@@ -95,8 +98,15 @@ def test_fp8_encoder_matches_torch_on_grid_ties_and_subnormals(fmt):
     layer = pool.layer(1)
     tk.write_kv(layer, lay, x.to(DEV), x.to(DEV))
     got = layer.k.flatten(0, 1)[:n, 0].cpu()
-    want = x[:, 0].clamp(-{"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}[fmt],
-                         {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}[fmt]).to(f8).view(torch.uint8)
+    want = (
+        x[:, 0]
+        .clamp(
+            -{"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}[fmt],
+            {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}[fmt],
+        )
+        .to(f8)
+        .view(torch.uint8)
+    )
     assert torch.equal(got, want)
 
 

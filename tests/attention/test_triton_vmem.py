@@ -21,8 +21,16 @@ TOL = 1e-5
 @pytest.mark.parametrize("fmt", ["fp16", "int4"])
 def test_triton_prefill_and_decode_read_only_mapped_kv(fmt):
     spec = KVSpec(1, 2, 16, dtype=torch.float32, kv_format=fmt)
-    a = create_allocator("vmem", spec, num_tokens=2048, device="cpu", page_bytes=4096,
-                         max_seqs=4, max_seq_len=4096, map_ahead=False)
+    a = create_allocator(
+        "vmem",
+        spec,
+        num_tokens=2048,
+        device="cpu",
+        page_bytes=4096,
+        max_seqs=4,
+        max_seq_len=4096,
+        map_ahead=False,
+    )
     g = torch.Generator().manual_seed(1)
     lens = {"a": 23, "b": 70}
     for sid, n in lens.items():

@@ -33,8 +33,14 @@ TB = SPEC.bytes_per_token_layer
 
 
 def vmem(spec: KVSpec = SPEC, **opts) -> VMemAllocator:
-    opts = {"num_tokens": 4096, "max_seqs": 8, "max_seq_len": 4096, "page_bytes": 4 * KIB,
-            "map_ahead": False, **opts}
+    opts = {
+        "num_tokens": 4096,
+        "max_seqs": 8,
+        "max_seq_len": 4096,
+        "page_bytes": 4 * KIB,
+        "map_ahead": False,
+        **opts,
+    }
     a = create_allocator("vmem", spec, device="cpu", **opts)
     assert isinstance(a, VMemAllocator)
     return a
@@ -56,8 +62,15 @@ def mapped_ranges() -> list[tuple[int, int]]:
 def assert_kv(a: VMemAllocator, sid, toks) -> None:
     """The sequence's written KV is that of ``toks`` (read through a one-page layout)."""
     assert a.seq_info(sid).num_computed == len(toks)
-    lay = build_layout(a.page_size, np.array([[a.slot(sid)]]), np.array([len(toks)]),
-                       np.array([1]), (sid,), a.device, a.spec)
+    lay = build_layout(
+        a.page_size,
+        np.array([[a.slot(sid)]]),
+        np.array([len(toks)]),
+        np.array([1]),
+        (sid,),
+        a.device,
+        a.spec,
+    )
     check_kv(a, lay, 0, toks)
 
 
@@ -170,8 +183,9 @@ def test_sdpa_over_the_contiguous_view_matches_dense_attention():
         reference.write_kv(a.layer(0), one, k1, v1)
         dec, _ = reference.decode(q[0, :, :1].transpose(0, 1), a.layer(0), one)
         kk, vv = a.kv_view(sid, 0, n + 1)
-        sd = F.scaled_dot_product_attention(q[:, :, :1], kk.transpose(0, 1)[None],
-                                            vv.transpose(0, 1)[None])
+        sd = F.scaled_dot_product_attention(
+            q[:, :, :1], kk.transpose(0, 1)[None], vv.transpose(0, 1)[None]
+        )
         assert torch.allclose(dec, sd[0].transpose(0, 1), atol=1e-5, rtol=0)
     with pytest.raises(InvalidArgument):
         a.kv_view("a", 0, 10_000)
@@ -185,8 +199,11 @@ def test_layer_views_do_not_overlap(fmt):
     a.add("s", [1] * 40)
     a.reserve("s", 40)
     slot = a.slot("s")
-    names = [n for n in ("k", "v", "k_scale", "k_zero", "v_scale", "v_zero")
-             if getattr(a.layer(0), n) is not None and getattr(a.layer(0), n).dim() == 4]
+    names = [
+        n
+        for n in ("k", "v", "k_scale", "k_zero", "v_scale", "v_zero")
+        if getattr(a.layer(0), n) is not None and getattr(a.layer(0), n).dim() == 4
+    ]
     for li in range(2):
         lay = a.layer(li)
         assert lay.k.shape == (8, a.max_seq_len, 2, spec.code_dim)
@@ -464,8 +481,16 @@ def test_an_allocator_dropped_without_close_is_released():
 
 def test_meta_device_keeps_the_books_without_memory():
     spec = KVSpec(32, 8, 128, dtype=torch.float16)  # Llama-3-8B
-    a = create_allocator("vmem", spec, num_bytes=64 << 30, device="meta", max_seqs=256,
-                         max_seq_len=8192, page_bytes=2 << 20, map_ahead=False)
+    a = create_allocator(
+        "vmem",
+        spec,
+        num_bytes=64 << 30,
+        device="meta",
+        max_seqs=256,
+        max_seq_len=8192,
+        page_bytes=2 << 20,
+        map_ahead=False,
+    )
     a.add("s", [1] * 1500)
     a.reserve("s", 1500)
     ex = a.stats().extra
@@ -504,8 +529,15 @@ def test_cuda_driver_maps_and_unmaps_device_pages():
 def test_vmem_on_cuda_decodes_and_serves_sdpa():
     pytest.importorskip("cuda")
     spec = KVSpec(2, 2, 64, dtype=torch.float16)
-    a = create_allocator("vmem", spec, num_tokens=1 << 16, device="cuda", max_seqs=8,
-                         max_seq_len=8192, map_ahead=True)
+    a = create_allocator(
+        "vmem",
+        spec,
+        num_tokens=1 << 16,
+        device="cuda",
+        max_seqs=8,
+        max_seq_len=8192,
+        map_ahead=True,
+    )
     tokens = {"a": [1] * 700, "b": [2] * 50}
     for sid in tokens:
         a.add(sid, tokens[sid])

@@ -105,10 +105,26 @@ def test_conformance_contract_on_two_ranks():
 def test_the_example_serves_a_sequence_longer_than_one_rank_under_torchrun():
     root = Path(__file__).resolve().parents[2]
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
         str(root / "examples" / "distributed_decode.py"),
-        "--capacity", "64", "--rblock", "16", "--chunk", "32", "--steps", "4", "--timeout", "20",
+        "--capacity",
+        "64",
+        "--rblock",
+        "16",
+        "--chunk",
+        "32",
+        "--steps",
+        "4",
+        "--timeout",
+        "20",
     ]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=100, env=env, cwd=root)

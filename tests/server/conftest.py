@@ -37,8 +37,13 @@ def make_server(tiny_model) -> Iterator[ServerFactory]:
     started: list[ServerThread] = []
 
     def make(max_queue: int = 256, **engine_options: Any) -> ServerThread:
-        opts = {"num_kv_tokens": 4096, "max_num_seqs": 64, "max_num_batched_tokens": 512,
-                "backend_options": {"page_size": 16}, **engine_options}
+        opts = {
+            "num_kv_tokens": 4096,
+            "max_num_seqs": 64,
+            "max_num_batched_tokens": 512,
+            "backend_options": {"page_size": 16},
+            **engine_options,
+        }
         runner = AsyncEngine(Engine(tiny_model, **opts), max_queue=max_queue)
         srv = ServerThread(create_app(runner, MODEL)).start()
         started.append(srv)

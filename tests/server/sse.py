@@ -25,8 +25,12 @@ class Streamed:
 
 async def stream_completion(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Streamed:
     """POST a streaming completion and read it to the end."""
-    body = {"stream": True, "return_token_ids": True, "stream_options": {"include_usage": True},
-            **body}
+    body = {
+        "stream": True,
+        "return_token_ids": True,
+        "stream_options": {"include_usage": True},
+        **body,
+    }
     async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
         out = Streamed(r.status_code, dict(r.headers))
         if r.status_code != 200:
@@ -36,7 +40,7 @@ async def stream_completion(client: httpx.AsyncClient, url: str, body: dict[str,
             if not line:
                 continue
             assert line.startswith("data: "), line
-            data = line[len("data: "):]
+            data = line[len("data: ") :]
             assert not out.done, "data after [DONE]"
             if data == "[DONE]":
                 out.done = True

@@ -24,10 +24,18 @@ def test_directory_without_template_uses_the_default(tmp_path):
 
 
 def test_named_templates_and_special_tokens(tmp_path):
-    cfg = {"chat_template": [{"name": "tool_use", "template": "T"},
-                             {"name": "default", "template": "{{ bos_token }}"
-                              "{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}"}],
-           "bos_token": {"content": "<s>"}, "eos_token": "</s>"}
+    cfg = {
+        "chat_template": [
+            {"name": "tool_use", "template": "T"},
+            {
+                "name": "default",
+                "template": "{{ bos_token }}"
+                "{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}",
+            },
+        ],
+        "bos_token": {"content": "<s>"},
+        "eos_token": "</s>",
+    }
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
     assert ChatTemplate.from_dir(tmp_path).render(MSGS) == "<s>S</s>U</s>"
 
@@ -35,7 +43,8 @@ def test_named_templates_and_special_tokens(tmp_path):
 def test_jinja_file_and_raise_exception_is_a_400(tmp_path):
     (tmp_path / "chat_template.jinja").write_text(
         "{% if messages[0].role == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
-        "{{ messages[0].content }}")
+        "{{ messages[0].content }}"
+    )
     t = ChatTemplate.from_dir(tmp_path)
     assert t.render(MSGS[1:]) == "U"
     with pytest.raises(APIError) as e:

@@ -17,8 +17,10 @@ def _wait_freed(url: str, limit: float) -> float:
     """Seconds until /metrics shows no KV in use and nothing running (fails after ``limit``)."""
     t0 = time.perf_counter()
     while True:
-        if (get_metric(url, "kv_cache_used_tokens") == 0
-                and get_metric(url, "num_requests_running") == 0):
+        if (
+            get_metric(url, "kv_cache_used_tokens") == 0
+            and get_metric(url, "num_requests_running") == 0
+        ):
             return time.perf_counter() - t0
         assert time.perf_counter() - t0 < limit, "KV still held after the clients left"
         time.sleep(0.02)
@@ -26,11 +28,17 @@ def _wait_freed(url: str, limit: float) -> float:
 
 def test_clients_dropping_mid_stream_free_their_kv(make_server):
     srv = make_server(max_num_seqs=64)
-    body = {"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 1500,
-            "ignore_eos": True, "stream": True}
+    body = {
+        "model": MODEL,
+        "prompt": "Tell me a long story.",
+        "max_tokens": 1500,
+        "ignore_eos": True,
+        "stream": True,
+    }
 
-    async def client_that_drops(client: httpx.AsyncClient, mid: asyncio.Event,
-                                drop: asyncio.Event, counter: list[int]) -> int:
+    async def client_that_drops(
+        client: httpx.AsyncClient, mid: asyncio.Event, drop: asyncio.Event, counter: list[int]
+    ) -> int:
         chunks = 0
         async with client.stream("POST", f"{srv.url}/v1/completions", json=body) as r:
             assert r.status_code == 200
@@ -49,13 +57,14 @@ def test_clients_dropping_mid_stream_free_their_kv(make_server):
         mid, drop, counter = asyncio.Event(), asyncio.Event(), [0]
         limits = httpx.Limits(max_connections=N_STREAMS + 5)
         async with httpx.AsyncClient(limits=limits, timeout=30) as client:
-            tasks = [asyncio.create_task(client_that_drops(client, mid, drop, counter))
-                     for _ in range(N_STREAMS)]
+            tasks = [
+                asyncio.create_task(client_that_drops(client, mid, drop, counter))
+                for _ in range(N_STREAMS)
+            ]
             await asyncio.wait_for(mid.wait(), 30)
             held = await asyncio.to_thread(get_metric, srv.url, "kv_cache_used_tokens")
             assert held > 0
-            assert await asyncio.to_thread(get_metric, srv.url, "num_requests_running") \
-                == N_STREAMS
+            assert await asyncio.to_thread(get_metric, srv.url, "num_requests_running") == N_STREAMS
             # the engine is busy with 20 requests: the event loop still answers at once
             worst = 0.0
             for _ in range(5):
@@ -73,8 +82,9 @@ def test_clients_dropping_mid_stream_free_their_kv(make_server):
     print(f"KV of {N_STREAMS} dropped streams freed {freed_in * 1000:.0f} ms after they left")
     assert get_metric(srv.url, "request_client_disconnects_total") == N_STREAMS
     assert get_metric(srv.url, "num_aborted_requests_total") == N_STREAMS
-    r = HTTP.post(f"{srv.url}/v1/completions", json={"model": MODEL, "prompt": "still here",
-                                                       "max_tokens": 3})
+    r = HTTP.post(
+        f"{srv.url}/v1/completions", json={"model": MODEL, "prompt": "still here", "max_tokens": 3}
+    )
     assert r.status_code == 200
 
 
@@ -84,8 +94,7 @@ def test_non_streaming_client_that_times_out_is_aborted(make_server):
 
     async def run() -> None:
         async with httpx.AsyncClient(timeout=httpx.Timeout(30, read=0.5)) as client:
-            calls = [client.post(f"{srv.url}/v1/completions", json=body)
-                     for _ in range(N_BLOCKING)]
+            calls = [client.post(f"{srv.url}/v1/completions", json=body) for _ in range(N_BLOCKING)]
             for res in await asyncio.gather(*calls, return_exceptions=True):
                 assert isinstance(res, httpx.ReadTimeout)
 
@@ -100,10 +109,17 @@ def test_stopping_the_server_ends_open_streams_and_frees_kv(tiny_model):
 
     engine = Engine(tiny_model, num_kv_tokens=4096)
     srv = ServerThread(create_app(AsyncEngine(engine), MODEL)).start()
-    body = {"model": MODEL, "prompt": "never ends", "max_tokens": 2000, "ignore_eos": True,
-            "stream": True}
-    with httpx.Client(timeout=30) as client, \
-            client.stream("POST", f"{srv.url}/v1/completions", json=body) as r:
+    body = {
+        "model": MODEL,
+        "prompt": "never ends",
+        "max_tokens": 2000,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with (
+        httpx.Client(timeout=30) as client,
+        client.stream("POST", f"{srv.url}/v1/completions", json=body) as r,
+    ):
         lines = r.iter_lines()
         assert next(lines).startswith("data: {")
         t0 = time.perf_counter()

@@ -34,8 +34,14 @@ def test_200_concurrent_streams_complete_or_get_429(make_server):
     budgets = [3 + i % 10 for i in range(N)]
 
     async def one(client: httpx.AsyncClient, i: int):
-        body = {"model": MODEL, "prompt": prompts[i], "max_tokens": budgets[i],
-                "ignore_eos": True, "temperature": 0.0 if i % 2 else 0.8, "seed": i}
+        body = {
+            "model": MODEL,
+            "prompt": prompts[i],
+            "max_tokens": budgets[i],
+            "ignore_eos": True,
+            "temperature": 0.0 if i % 2 else 0.8,
+            "seed": i,
+        }
         return await stream_completion(client, srv.url, body)
 
     async def run():
@@ -63,14 +69,20 @@ def test_200_concurrent_streams_complete_or_get_429(make_server):
         assert r.error["code"] == "queue_full" and r.error["type"] == "rate_limit_error"
     page = HTTP.get(f"{srv.url}/metrics").text
     assert get_metric(srv.url, "kv_cache_used_tokens") == 0
-    for name in ("num_requests_running", "num_requests_waiting", "server_requests_in_flight",
-                 "server_queue_size"):
+    for name in (
+        "num_requests_running",
+        "num_requests_waiting",
+        "server_requests_in_flight",
+        "server_queue_size",
+    ):
         assert get_metric(srv.url, name) == 0, name
     assert _counter(page, "request_success_total", finished_reason="length") == len(ok)
     assert _counter(page, "request_rejected_total", status="429") == len(busy)
     assert _counter(page, "generation_tokens_total") == sum(budgets[i] for i in ok)
-    print(f"{len(ok)} completed, {len(busy)} got 429, in {elapsed:.1f} s; "
-          f"{_counter(page, 'num_preemptions_total'):.0f} preemptions")
+    print(
+        f"{len(ok)} completed, {len(busy)} got 429, in {elapsed:.1f} s; "
+        f"{_counter(page, 'num_preemptions_total'):.0f} preemptions"
+    )
 
 
 def test_full_queue_answers_429_with_retry_after(make_server):
@@ -78,20 +90,26 @@ def test_full_queue_answers_429_with_retry_after(make_server):
 
     async def run():
         async with httpx.AsyncClient(timeout=30) as client:
-            long = {"model": MODEL, "prompt": "long", "max_tokens": 1500, "ignore_eos": True,
-                    "stream": True}
+            long = {
+                "model": MODEL,
+                "prompt": "long",
+                "max_tokens": 1500,
+                "ignore_eos": True,
+                "stream": True,
+            }
             async with client.stream("POST", f"{srv.url}/v1/completions", json=long) as a:
                 lines = a.aiter_lines()
                 while '"text"' not in await anext(lines):  # A runs: it has streamed a token
                     pass
                 short = {"model": MODEL, "prompt": "short", "max_tokens": 4, "ignore_eos": True}
-                waiting = [asyncio.create_task(client.post(f"{srv.url}/v1/completions",
-                                                           json=short)) for _ in range(2)]
+                waiting = [
+                    asyncio.create_task(client.post(f"{srv.url}/v1/completions", json=short))
+                    for _ in range(2)
+                ]
                 while get_metric(srv.url, "server_queue_size") < 2:
                     await asyncio.sleep(0.01)
                 rejected = await client.post(f"{srv.url}/v1/completions", json=short)
-                aclient = openai.AsyncOpenAI(base_url=f"{srv.url}/v1", api_key="x",
-                                             max_retries=0)
+                aclient = openai.AsyncOpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0)
                 with pytest.raises(openai.RateLimitError):
                     await aclient.completions.create(model=MODEL, prompt="x", max_tokens=2)
                 await aclient.close()

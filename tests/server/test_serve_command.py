@@ -39,27 +39,55 @@ def _checkpoint(root: Path) -> Path:
     """A llama checkpoint directory (random tiny weights) with a chat template."""
     c = preset("tiny")
     root.mkdir()
-    (root / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
-        "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
-        "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads,
-        "head_dim": c.head_dim, "max_position_embeddings": 512, "rms_norm_eps": 1e-6,
-        "rope_theta": 10000.0, "bos_token_id": 256, "eos_token_id": 257,
-        "torch_dtype": "float32",
-    }))
-    sd = {k: v.contiguous() for k, v in random_model("tiny", seed=3).state_dict().items()
-          if "rotary" not in k}
+    (root / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "vocab_size": c.vocab_size,
+                "hidden_size": c.hidden_size,
+                "intermediate_size": c.intermediate_size,
+                "num_hidden_layers": c.num_layers,
+                "num_attention_heads": c.num_heads,
+                "num_key_value_heads": c.num_kv_heads,
+                "head_dim": c.head_dim,
+                "max_position_embeddings": 512,
+                "rms_norm_eps": 1e-6,
+                "rope_theta": 10000.0,
+                "bos_token_id": 256,
+                "eos_token_id": 257,
+                "torch_dtype": "float32",
+            }
+        )
+    )
+    sd = {
+        k: v.contiguous()
+        for k, v in random_model("tiny", seed=3).state_dict().items()
+        if "rotary" not in k
+    }
     save_file(sd, str(root / "model.safetensors"))
-    (root / "tokenizer_config.json").write_text(json.dumps(
-        {"chat_template": TEMPLATE, "bos_token": "<s>", "eos_token": "</s>"}))
+    (root / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": TEMPLATE, "bos_token": "<s>", "eos_token": "</s>"})
+    )
     return root
 
 
 def test_checkpoint_dir_is_served_with_its_name_and_chat_template(tmp_path):
     ckpt = _checkpoint(tmp_path / "my-llama")
-    args = _parse(["--model", str(ckpt), "--num-kv-tokens", "1024", "--kv-format", "fp8_e4m3",
-                   "--policy", "fair", "--backend-option", "page_size=8"])
+    args = _parse(
+        [
+            "--model",
+            str(ckpt),
+            "--num-kv-tokens",
+            "1024",
+            "--kv-format",
+            "fp8_e4m3",
+            "--policy",
+            "fair",
+            "--backend-option",
+            "page_size=8",
+        ]
+    )
     app = build_app(args)
     state = app.state.kvmem
     assert state.model_name == "my-llama"
@@ -70,14 +98,23 @@ def test_checkpoint_dir_is_served_with_its_name_and_chat_template(tmp_path):
         models = HTTP.get(f"{srv.url}/v1/models").json()["data"]
         assert [m["id"] for m in models] == ["my-llama"] and models[0]["max_model_len"] == 512
         msgs = [{"role": "user", "content": "Hi"}]
-        r = HTTP.post(f"{srv.url}/v1/chat/completions",
-                       json={"model": "my-llama", "messages": msgs, "max_tokens": 3,
-                             "user": "tenant-a", "priority": 2})
+        r = HTTP.post(
+            f"{srv.url}/v1/chat/completions",
+            json={
+                "model": "my-llama",
+                "messages": msgs,
+                "max_tokens": 3,
+                "user": "tenant-a",
+                "priority": 2,
+            },
+        )
         assert r.status_code == 200, r.text
         rendered = "<s>[USER] Hi\n[ASSISTANT] "
         assert r.json()["usage"]["prompt_tokens"] == len(rendered.encode())
-        big = HTTP.post(f"{srv.url}/v1/completions",
-                         json={"model": "my-llama", "prompt": "x", "max_tokens": 600})
+        big = HTTP.post(
+            f"{srv.url}/v1/completions",
+            json={"model": "my-llama", "prompt": "x", "max_tokens": 600},
+        )
         assert big.status_code == 400 and "512" in big.json()["error"]["message"]
 
 
@@ -100,9 +137,23 @@ def test_python_dash_m_serves_until_interrupted():
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kvmem.server", "--preset", "tiny", "--port", str(port),
-         "--threads", "1", "--log-level", "warning"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "kvmem.server",
+            "--preset",
+            "tiny",
+            "--port",
+            str(port),
+            "--threads",
+            "1",
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -116,9 +167,10 @@ def test_python_dash_m_serves_until_interrupted():
                 pass
             assert time.monotonic() < deadline, "the server did not come up"
             time.sleep(0.2)
-        r = HTTP.post(f"{url}/v1/completions",
-                       json={"model": "kvmem-tiny", "prompt": "Hi", "max_tokens": 5,
-                             "ignore_eos": True})
+        r = HTTP.post(
+            f"{url}/v1/completions",
+            json={"model": "kvmem-tiny", "prompt": "Hi", "max_tokens": 5, "ignore_eos": True},
+        )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
     finally:
         proc.send_signal(signal.SIGINT)

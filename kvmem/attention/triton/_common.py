@@ -165,10 +165,23 @@ def channel_halves(j, D: tl.constexpr, DH: tl.constexpr, FMT: tl.constexpr):
 
 @triton.jit
 def kv_tile(
-    codes, scale, zero, row, srow, zrow, tmask, j,
-    stride_d, stride_sg, stride_zg,
-    D: tl.constexpr, DH: tl.constexpr, G: tl.constexpr, NG: tl.constexpr,
-    FMT: tl.constexpr, CDT: tl.constexpr,
+    codes,
+    scale,
+    zero,
+    row,
+    srow,
+    zrow,
+    tmask,
+    j,
+    stride_d,
+    stride_sg,
+    stride_zg,
+    D: tl.constexpr,
+    DH: tl.constexpr,
+    G: tl.constexpr,
+    NG: tl.constexpr,
+    FMT: tl.constexpr,
+    CDT: tl.constexpr,
 ):
     """The two dequantized halves ``[BLOCK_N, DH]`` of a K or V tile, in ``CDT``.
 

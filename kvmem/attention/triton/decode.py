@@ -71,23 +71,75 @@ def choose_num_splits(
 
 @triton.jit
 def _decode_split_kernel(
-    Q, sq_t, sq_h, sq_d,
-    QS, sqs_t, sqs_h,
-    K, sk_p, sk_s, sk_h, sk_d,
-    KS, sks_p, sks_s, sks_h, sks_g,
-    KZ, skz_p, skz_s, skz_h, skz_g,
-    V, sv_p, sv_s, sv_h, sv_d,
-    VS, svs_p, svs_s, svs_h, svs_g,
-    VZ, svz_p, svz_s, svz_h, svz_g,
-    SM, ssm_h, ssm_d,
-    BT, sbt_b, sbt_p, SEQ_LENS,
-    Out, so_b, so_h, so_s, so_d,
-    L, sl_b, sl_h, sl_s,
-    qk_scale, out_scale, PAGE_SIZE, NUM_SPLITS,
-    GROUP: tl.constexpr, D: tl.constexpr, DH: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    G: tl.constexpr, NG: tl.constexpr, FMT: tl.constexpr, CDT: tl.constexpr, PREC: tl.constexpr,
-    HAS_SMOOTH: tl.constexpr, FP8_Q: tl.constexpr,
+    Q,
+    sq_t,
+    sq_h,
+    sq_d,
+    QS,
+    sqs_t,
+    sqs_h,
+    K,
+    sk_p,
+    sk_s,
+    sk_h,
+    sk_d,
+    KS,
+    sks_p,
+    sks_s,
+    sks_h,
+    sks_g,
+    KZ,
+    skz_p,
+    skz_s,
+    skz_h,
+    skz_g,
+    V,
+    sv_p,
+    sv_s,
+    sv_h,
+    sv_d,
+    VS,
+    svs_p,
+    svs_s,
+    svs_h,
+    svs_g,
+    VZ,
+    svz_p,
+    svz_s,
+    svz_h,
+    svz_g,
+    SM,
+    ssm_h,
+    ssm_d,
+    BT,
+    sbt_b,
+    sbt_p,
+    SEQ_LENS,
+    Out,
+    so_b,
+    so_h,
+    so_s,
+    so_d,
+    L,
+    sl_b,
+    sl_h,
+    sl_s,
+    qk_scale,
+    out_scale,
+    PAGE_SIZE,
+    NUM_SPLITS,
+    GROUP: tl.constexpr,
+    D: tl.constexpr,
+    DH: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    G: tl.constexpr,
+    NG: tl.constexpr,
+    FMT: tl.constexpr,
+    CDT: tl.constexpr,
+    PREC: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr,
+    FP8_Q: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -137,10 +189,23 @@ def _decode_split_kernel(
             s = s * q_scale[:, None]
         else:
             ka, kb = kv_tile(
-                K, KS, KZ, k_row,
+                K,
+                KS,
+                KZ,
+                k_row,
                 page * sks_p + slot * sks_s + kvh * sks_h,
                 page * skz_p + slot * skz_s + kvh * skz_h,
-                tmask, j, sk_d, sks_g, skz_g, D, DH, G, NG, FMT, CDT,
+                tmask,
+                j,
+                sk_d,
+                sks_g,
+                skz_g,
+                D,
+                DH,
+                G,
+                NG,
+                FMT,
+                CDT,
             )
             s = tl.dot(qa, tl.trans(ka), input_precision=PREC)
             s += tl.dot(qb, tl.trans(kb), input_precision=PREC)
@@ -150,10 +215,23 @@ def _decode_split_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         va, vb = kv_tile(
-            V, VS, VZ, page * sv_p + slot * sv_s + kvh * sv_h,
+            V,
+            VS,
+            VZ,
+            page * sv_p + slot * sv_s + kvh * sv_h,
             page * svs_p + slot * svs_s + kvh * svs_h,
             page * svz_p + slot * svz_s + kvh * svz_h,
-            tmask, j, sv_d, svs_g, svz_g, D, DH, G, NG, FMT, CDT,
+            tmask,
+            j,
+            sv_d,
+            svs_g,
+            svz_g,
+            D,
+            DH,
+            G,
+            NG,
+            FMT,
+            CDT,
         )
         pc = p.to(CDT)
         acc_a = acc_a * alpha[:, None] + tl.dot(pc, va, input_precision=PREC)
@@ -162,8 +240,9 @@ def _decode_split_kernel(
 
     nonempty = l_i > 0.0
     inv = tl.where(nonempty, out_scale / tl.where(nonempty, l_i, 1.0), 0.0)
-    lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453,
-                   float("-inf"))
+    lse = tl.where(
+        nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453, float("-inf")
+    )
     o_rows = Out + b.to(tl.int64) * so_b + heads[:, None] * so_h + split * so_s
     store_as(o_rows + ca[None, :] * so_d, acc_a * inv[:, None], hmask[:, None] & ma[None, :])
     store_as(o_rows + cb[None, :] * so_d, acc_b * inv[:, None], hmask[:, None] & mb[None, :])
@@ -172,12 +251,28 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_merge_kernel(
-    OP, sop_b, sop_h, sop_s, sop_d,
-    LP, slp_b, slp_h, slp_s,
-    Out, so_b, so_h, so_d,
-    L, sl_b, sl_h,
-    NUM_SPLITS, HEADS,
-    D: tl.constexpr, BLOCK_HM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    OP,
+    sop_b,
+    sop_h,
+    sop_s,
+    sop_d,
+    LP,
+    slp_b,
+    slp_h,
+    slp_s,
+    Out,
+    so_b,
+    so_h,
+    so_d,
+    L,
+    sl_b,
+    sl_h,
+    NUM_SPLITS,
+    HEADS,
+    D: tl.constexpr,
+    BLOCK_HM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     # one program per (sequence, block of query heads): a [heads, splits, dims] tile
     b = tl.program_id(0)
@@ -186,15 +281,19 @@ def _decode_merge_kernel(
     d = tl.arange(0, BLOCK_D)
     hm = h < HEADS
     m2 = hm[:, None] & (s[None, :] < NUM_SPLITS)
-    lse = tl.load(LP + b * slp_b + h[:, None] * slp_h + s[None, :] * slp_s, mask=m2,
-                  other=float("-inf"))
+    lse = tl.load(
+        LP + b * slp_b + h[:, None] * slp_h + s[None, :] * slp_s, mask=m2, other=float("-inf")
+    )
     m = tl.max(lse, 1)
     m = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp(lse - m[:, None])
     tot = tl.sum(w, 1)
     m3 = m2[:, :, None] & (d[None, None, :] < D)
     part = tl.load(
-        OP + b * sop_b + h[:, None, None] * sop_h + s[None, :, None] * sop_s
+        OP
+        + b * sop_b
+        + h[:, None, None] * sop_h
+        + s[None, :, None] * sop_s
         + d[None, None, :] * sop_d,
         mask=m3,
         other=0.0,
@@ -202,8 +301,9 @@ def _decode_merge_kernel(
     live = tot > 0.0
     safe = tl.where(live, tot, 1.0)
     out = tl.sum(part * w[:, :, None], 1) / safe[:, None]
-    store_as(Out + b * so_b + h[:, None] * so_h + d[None, :] * so_d, out,
-             hm[:, None] & (d[None, :] < D))
+    store_as(
+        Out + b * so_b + h[:, None] * so_h + d[None, :] * so_d, out, hm[:, None] & (d[None, :] < D)
+    )
     tl.store(L + b * sl_b + h * sl_h, tl.where(live, m + tl.log(safe), float("-inf")), mask=hm)
 
 
@@ -276,20 +376,42 @@ def launch_decode(
     sm = smooth if smooth is not None else lse
     bt = layout.block_table
     _decode_split_kernel[(bsz, hkv, splits)](
-        q, *q.stride(),
-        qs, qs.stride(0), qs.stride(1),
+        q,
+        *q.stride(),
+        qs,
+        qs.stride(0),
+        qs.stride(1),
         *_kv_args(layer, "k"),
         *_kv_args(layer, "v"),
-        sm, *((sm.stride(0), sm.stride(1)) if smooth is not None else (0, 0)),
-        bt, bt.stride(0), bt.stride(1), layout.seq_lens,
-        o_part, *o_str,
-        l_part, *l_str,
-        qk_scale, out_scale, layer.page_size, splits,
-        GROUP=group, D=d, DH=halves(d, fmt),
+        sm,
+        *((sm.stride(0), sm.stride(1)) if smooth is not None else (0, 0)),
+        bt,
+        bt.stride(0),
+        bt.stride(1),
+        layout.seq_lens,
+        o_part,
+        *o_str,
+        l_part,
+        *l_str,
+        qk_scale,
+        out_scale,
+        layer.page_size,
+        splits,
+        GROUP=group,
+        D=d,
+        DH=halves(d, fmt),
         BLOCK_H=next_pow2(group) if INTERPRET else max(16, next_pow2(group)),
-        BLOCK_N=block_n, G=g, NG=d // g, FMT=code, CDT=cdt, PREC=dot_precision(cdt),
-        HAS_SMOOTH=smooth is not None, FP8_Q=q_scale is not None,
-        num_warps=4, num_stages=2, enable_fp_fusion=True,
+        BLOCK_N=block_n,
+        G=g,
+        NG=d // g,
+        FMT=code,
+        CDT=cdt,
+        PREC=dot_precision(cdt),
+        HAS_SMOOTH=smooth is not None,
+        FP8_Q=q_scale is not None,
+        num_warps=4,
+        num_stages=2,
+        enable_fp_fusion=True,
     )
     if splits > 1:
         block_s, block_d = next_pow2(splits), next_pow2(d)
@@ -297,12 +419,21 @@ def launch_decode(
         if not INTERPRET:
             block_hm = max(1, min(block_hm, 4096 // (block_s * block_d)))
         _decode_merge_kernel[(bsz, triton.cdiv(hq, block_hm))](
-            o_part, *o_part.stride(),
-            l_part, *l_part.stride(),
-            out, *out.stride(),
-            lse, *lse.stride(),
-            splits, hq,
-            D=d, BLOCK_HM=block_hm, BLOCK_D=block_d, BLOCK_S=block_s,
-            num_warps=1 if INTERPRET else 4, enable_fp_fusion=True,
+            o_part,
+            *o_part.stride(),
+            l_part,
+            *l_part.stride(),
+            out,
+            *out.stride(),
+            lse,
+            *lse.stride(),
+            splits,
+            hq,
+            D=d,
+            BLOCK_HM=block_hm,
+            BLOCK_D=block_d,
+            BLOCK_S=block_s,
+            num_warps=1 if INTERPRET else 4,
+            enable_fp_fusion=True,
         )
     return out, lse

@@ -17,8 +17,16 @@ from kvmem.attention.triton._common import INTERPRET, next_pow2, store_as
 
 @triton.jit
 def _merge_kernel(
-    VA, SA, VB, SB, VO, SO, N,
-    D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    VA,
+    SA,
+    VB,
+    SB,
+    VO,
+    SO,
+    N,
+    D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rm = r < N
@@ -55,8 +63,17 @@ def launch_merge(
     if n:
         block_r = 16 if INTERPRET else 8
         _merge_kernel[(triton.cdiv(n, block_r),)](
-            va, sa, vb, sb, vo, so, n,
-            D=d, BLOCK_R=block_r, BLOCK_D=next_pow2(d), num_warps=1 if INTERPRET else 4,
+            va,
+            sa,
+            vb,
+            sb,
+            vo,
+            so,
+            n,
+            D=d,
+            BLOCK_R=block_r,
+            BLOCK_D=next_pow2(d),
+            num_warps=1 if INTERPRET else 4,
             enable_fp_fusion=True,
         )
     return vo.view(v_a.shape), so.view(s_a.shape)
