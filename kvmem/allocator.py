@@ -342,6 +342,27 @@ def check_tokens(token_ids: Sequence[int]) -> list[int]:
     return toks
 
 
+def check_commit(
+    seq_id: SeqId, num_computed: int, reserved: int, known: int, num_tokens: object
+) -> int:
+    """The KV length after committing ``num_tokens`` more entries, else InvalidArgument.
+
+    The new entries must lie in reserved slots and belong to known tokens.
+    """
+    n = num_tokens if type(num_tokens) is int and num_tokens > 0 else None
+    end = num_computed + (n if n is not None else check_count("num_tokens", num_tokens))
+    if end > reserved:
+        raise InvalidArgument(
+            f"sequence {seq_id!r}: commit to {end} tokens beyond the {reserved} reserved"
+        )
+    if end > known:
+        raise InvalidArgument(
+            f"sequence {seq_id!r}: commit to {end} tokens but only {known} are known; "
+            "append them first"
+        )
+    return end
+
+
 def raise_unknown(seq_id: SeqId) -> UnknownSequence:
     """The error for an unregistered sequence."""
     return UnknownSequence(f"unknown sequence {seq_id!r}")

@@ -68,6 +68,7 @@ from kvmem.allocator import (
     SeqInfo,
     SwapHandle,
     capacity_pages,
+    check_commit,
     check_count,
     check_tokens,
     raise_unknown,
@@ -430,18 +431,7 @@ class PagedAllocator(KVAllocator):
         s = self._get(seq_id)
         if s.swapped:
             raise self._swapped_error(seq_id)
-        if type(num_tokens) is not int or num_tokens <= 0:
-            check_count("num_tokens", num_tokens)
-        end = s.num_computed + num_tokens
-        if end > s.reserved:
-            raise InvalidArgument(
-                f"sequence {seq_id!r}: commit to {end} tokens beyond the {s.reserved} reserved"
-            )
-        if end > len(s.tokens):
-            raise InvalidArgument(
-                f"sequence {seq_id!r}: commit to {end} tokens but only {len(s.tokens)} are known; "
-                "append them first"
-            )
+        end = check_commit(seq_id, s.num_computed, s.reserved, len(s.tokens), num_tokens)
         if self.prefix_caching:
             ps = self.page_size
             for i in range(s.num_computed // ps, end // ps):

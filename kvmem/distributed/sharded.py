@@ -67,6 +67,7 @@ from kvmem.allocator import (
     KVStats,
     SeqInfo,
     SwapHandle,
+    check_commit,
     check_count,
     check_tokens,
     create_allocator,
@@ -488,17 +489,7 @@ class ShardedAllocator(KVAllocator):
     def commit(self, seq_id: Hashable, num_tokens: int) -> None:
         """Record that ``num_tokens`` more KV entries are written (no messages)."""
         s = self._get(seq_id)
-        check_count("num_tokens", num_tokens)
-        end = s.num_computed + num_tokens
-        if end > s.reserved:
-            raise InvalidArgument(
-                f"sequence {seq_id!r}: commit to {end} tokens beyond the {s.reserved} reserved"
-            )
-        if end > len(s.tokens):
-            raise InvalidArgument(
-                f"sequence {seq_id!r}: commit to {end} tokens but only {len(s.tokens)} are known; "
-                "append them first"
-            )
+        end = check_commit(seq_id, s.num_computed, s.reserved, len(s.tokens), num_tokens)
         s.num_computed = end
 
     def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
