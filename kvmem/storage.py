@@ -211,8 +211,3 @@ class PagePool:
         d = torch.tensor(dst, device=self.device)
         for buf in self.buffers:
             buf[d] = buf[s]
-
-    def read_pages(self, pages: list[int]) -> list[torch.Tensor]:
-        """Copies of the raw bytes of ``pages``, one tensor per buffer."""
-        idx = torch.tensor(pages, device=self.device, dtype=torch.long)
-        return [buf[idx] for buf in self.buffers]

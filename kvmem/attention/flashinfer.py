@@ -156,6 +156,7 @@ class PagedAttention:
         self._wrapper: Any = None
         self._group = 0
         self._sm_scale = 1.0
+        self._k_scale = 1.0
 
     def plan(
         self, layer: LayerKV, layout: BatchLayout, q: torch.Tensor, scale: float | None = None
@@ -206,12 +207,15 @@ class PagedAttention:
                 sm_scale=sm * k_scale,
             )
         self._sm_scale = sm
+        self._k_scale = k_scale
 
     def run(self, q: torch.Tensor, layer: LayerKV) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of ``q`` over ``layer`` with the planned layout; ``(out, natural-log lse)``."""
         if self._wrapper is None:
             raise InvalidArgument("PagedAttention.run before plan")
-        k, v, _, v_scale = _kv(layer)
+        k, v, k_scale, v_scale = _kv(layer)
+        if k_scale != self._k_scale:  # the plan folded the planning layer's K scale in
+            q = (q.float() * (k_scale / self._k_scale)).to(q.dtype)
         out, lse2 = self._wrapper.run(q, (k, v), return_lse=True)
         if v_scale != 1.0:
             out = (out.float() * v_scale).to(q.dtype)

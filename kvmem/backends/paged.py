@@ -423,7 +423,7 @@ class PagedAllocator(KVAllocator):
             ids,
             self.device,
             self.spec,
-            zero_padded=True,
+            zero_padded=False,  # rows also hold pages reserved past seq_lens
         )
 
     def commit(self, seq_id: Hashable, num_tokens: int) -> None:

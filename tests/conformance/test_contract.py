@@ -245,3 +245,16 @@ def test_fork_after_reserving_ahead_copies_the_right_page(backend, spec):
             a.reserve(sid, 1)
             check_kv(a, a.layout([(sid, 1)]), 0, tokens[sid][:-1])
         a.check_integrity()
+
+
+def test_block_table_pads_with_page_zero_past_each_sequence(backend, spec):
+    """Pages reserved ahead are not part of the layout: padding is page 0."""
+    with make_allocator(backend, spec, 256) as a:
+        a.add("short", [1])
+        a.add("long", list(range(9)))
+        a.reserve("short", 30)  # holds pages well past its one new token
+        a.reserve("long", 9)
+        lay = a.layout([("short", 1), ("long", 9)])
+        n = -(-1 // lay.page_size)
+        assert lay.block_table.shape[1] == -(-9 // lay.page_size)
+        assert (lay.block_table[0, n:] == 0).all()
