@@ -22,6 +22,7 @@ imported on first use, so ``TRITON_INTERPRET`` may be set any time before.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from types import ModuleType
@@ -92,12 +93,20 @@ def resolve_impl(impl: str, fmt: KVFormat | None, dtype: torch.dtype, device: to
     """The implementation ``impl`` names for these inputs (``"auto"`` resolved).
 
     Raises InvalidArgument when a named implementation cannot take them.
+    Answers are cached per argument tuple and ``TRITON_INTERPRET`` value:
+    kernels call this for every layer of every step.
     """
+    return _resolve(impl, fmt, dtype, device, os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@functools.lru_cache(maxsize=256)
+def _resolve(
+    impl: str, fmt: KVFormat | None, dtype: torch.dtype, device: torch.device, interpret: bool
+) -> str:
     if impl == "auto":
         if fmt is not None and unsupported_reason("flashinfer", fmt, dtype, device) is None:
             return "flashinfer"
-        interpreted = device.type != "cuda"
-        if interpreted and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        if device.type != "cuda" and not interpret:
             return "reference"
         if unsupported_reason("triton", fmt, dtype, device) is None:
             return "triton"
