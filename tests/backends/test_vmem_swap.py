@@ -252,3 +252,16 @@ def test_meta_device_swaps_bookkeeping_only():
         a.swap_in(["a"]).wait(timeout=10)
         assert a.seq_info("a").capacity == 100
         a.check_integrity()
+
+
+def test_filled_counts_kv_shared_by_forks_once():
+    with vmem(max_seqs=8) as a:
+        fill(a, "a", 40, seed=30)
+        for i in range(5):
+            a.fork("a", ("kid", i))
+        st = a.stats()
+        assert st.filled_tokens == 40 <= st.used_tokens
+        a.swap_out([("kid", 0)]).wait(timeout=10)  # a swapped fork's KV is on the host
+        assert a.stats().filled_tokens == 40 and a.stats().swapped_tokens == 40
+        a.swap_in([("kid", 0)]).wait(timeout=10)
+        a.check_integrity()

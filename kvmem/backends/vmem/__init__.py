@@ -938,7 +938,7 @@ class VMemAllocator(KVAllocator):
                 bytes_per_token=bpt,
                 capacity_tokens=capacity,
                 used_tokens=used,
-                filled_tokens=sum(s.num_computed for s in resident),
+                filled_tokens=self._filled(resident),
                 reserved_tokens=sum(s.reserved - s.num_computed for s in resident),
                 cached_tokens=0,
                 free_tokens=capacity - used,
@@ -947,6 +947,19 @@ class VMemAllocator(KVAllocator):
                 num_swapped_seqs=len(swapped),
                 extra=extra,
             )
+
+    def _filled(self, resident: list[_Seq]) -> int:
+        """(Lock held.) Tokens of KV written, KV shared by forks counted once."""
+        sp = self.space
+        if not sp.extra_refs:
+            return sum(s.num_computed for s in resident)
+        pb, tb = self.page_bytes, self.spec.bytes_per_token_layer
+        written: dict[int, int] = {}  # group: bytes of it written
+        for s in resident:
+            n = s.num_computed * tb
+            for j, g in enumerate(sp.groups[s.slot][: sp.pages(s.num_computed)]):
+                written[g] = max(written.get(g, 0), min(pb, n - j * pb))
+        return sum(written.values()) // tb
 
     def check_integrity(self) -> None:
         """Verify slots, page groups and their counts, held totals, and the safety rules.
