@@ -68,12 +68,15 @@ def pages_digest(alloc: KVAllocator, pages: torch.Tensor, length: int) -> str:
     h = hashlib.sha256()
     for i in range(alloc.spec.num_layers):
         layer = alloc.layer(i)
+        # those slots only: a vmem page is a whole virtual row, mapped only as far as the KV
+        pos = torch.arange(length)
+        page, off = pages[pos // layer.page_size], pos % layer.page_size
         for name in ("k", "v", "k_scale", "v_scale", "k_zero", "v_zero"):
             t = getattr(layer, name)
             if t is None:
                 continue
             if t.dim() == 4:  # per page and slot: the sequence's first ``length`` slots
-                t = t[pages].flatten(0, 1)[:length]
+                t = t[page, off]
             h.update(name.encode())
             h.update(t.contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

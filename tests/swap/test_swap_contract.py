@@ -19,7 +19,9 @@ def swap_backend(request: pytest.FixtureRequest) -> str:
 @pytest.mark.parametrize("fmt", ["fp16", "bf16", "fp8_e4m3", "int4"])
 def test_round_trip_restores_every_byte_and_scale(swap_backend, fmt):
     spec = KVSpec(2, 2, 8, dtype=torch.float32, kv_format=fmt)
-    with make_allocator(swap_backend, spec, 64) as a:
+    # the bytes of 64 fp32 tokens: room for both sequences with large pages (vmem) too
+    fp32 = KVSpec(2, 2, 8, dtype=torch.float32).bytes_per_token
+    with make_allocator(swap_backend, spec, 64 * fp32 // spec.bytes_per_token) as a:
         for i, (sid, n) in enumerate((("a", 13), ("b", 6))):
             a.add(sid, [10 * i + t for t in range(n)])  # no shared prefix
             write_random(a, sid, n, seed=i)
@@ -102,7 +104,10 @@ def test_swap_in_of_several_is_all_or_nothing(swap_backend, spec):
             write_random(a, sid, 16, seed=i)
         a.swap_out(["x", "y"]).wait(timeout=10)
         a.add("hog", [99] * cap)
-        a.reserve("hog", cap - 24)  # room for one of them, not both
+        a.add("probe", [0] * 16)
+        hog = next(r for r in range(cap, 0, -1) if a.can_reserve({"hog": r, "probe": 16}))
+        a.free("probe")
+        a.reserve("hog", hog)  # room for one of them (the most it leaves), not both
         before = snapshot(a)
         with pytest.raises(OutOfKVMemory):
             a.swap_in(["x", "y"])

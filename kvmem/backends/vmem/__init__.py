@@ -50,9 +50,23 @@ sequence reserves room in it.
 Differences from the paged backend: no prefix caching (``add`` returns 0);
 a sequence cannot grow past ``max_seq_len`` (InvalidArgument); at most
 ``max_seqs`` sequences hold KV at once (OutOfKVMemory when a reserve or a
-fork needs a slot and none is free); ``swap_out``/``swap_in`` are not
-implemented yet (NotImplementedError). The allocator serves one caller
-thread (its own worker aside).
+fork needs a slot and none is free). The allocator serves one caller
+thread (its own workers aside).
+
+Swap. ``swap_out`` copies each sequence's computed KV, the start of its
+slot's row in every layer (codes, and int4 scales and zeros, together), to a
+host tensor of its own (pinned where CUDA is used): one contiguous copy per
+layer, on the swap manager's worker thread (CPU) or stream (CUDA, not run
+yet). Once the copy is done the sequence gives its slot back like ``free``
+does (deferred reclamation: the slot keeps its pages mapped, reclaimable and
+counted free, so the next sequence or swap-in to take it maps nothing).
+``swap_in`` takes a slot and maps its reserved length, all or nothing, and
+copies the KV back. Until a copy is done the sequence keeps what it holds,
+and calls naming it wait for the copy; ``reserve``, ``can_reserve``,
+``fork`` and ``swap_in`` wait for in-flight swap-outs when they need what
+those free. A copy that fails leaves the sequence where it was. Host copies
+are dropped on swap-in: reuse across turns (``free(keep_on_host=True)``,
+``resume``) is not implemented by this backend.
 """
 
 from __future__ import annotations
@@ -79,17 +93,20 @@ from kvmem.allocator import (
 )
 from kvmem.backends.vmem.driver import MetaDriver, VMemDriver, make_driver
 from kvmem.backends.vmem.space import VirtualKV, round_seq_len
+from kvmem.backends.vmem.swapping import HostKV, copy_in, copy_out
 from kvmem.errors import (
     DriverError,
     DuplicateSequence,
     IntegrityError,
     InvalidArgument,
     KVError,
+    OutOfHostMemory,
     OutOfKVMemory,
 )
 from kvmem.layout import BatchLayout, build_layout
 from kvmem.spec import KVSpec
 from kvmem.storage import LayerKV
+from kvmem.swap.manager import SwapManager, Transfer
 
 __all__ = ["MetaDriver", "VMemAllocator", "VMemDriver"]
 
@@ -99,7 +116,10 @@ _KIB = 1024
 class _Seq:
     """Per-sequence state: tokens, counts, slot, and the groups it holds."""
 
-    __slots__ = ("tokens", "num_computed", "reserved", "slot", "held", "held_cover")
+    __slots__ = (
+        "tokens", "num_computed", "reserved", "slot", "held", "held_cover",
+        "swapped", "host", "transfer",
+    )  # fmt: skip
 
     def __init__(self, tokens: list[int]) -> None:
         self.tokens = tokens
@@ -108,6 +128,9 @@ class _Seq:
         self.slot = -1
         self.held = 0  # groups its reserved tokens need
         self.held_cover = 0  # tokens those groups can hold
+        self.swapped = False  # KV on the host (once ``transfer`` is done, no slot)
+        self.host: HostKV | None = None  # the host copy while swapped
+        self.transfer: Transfer | None = None  # a swap of this sequence in flight
 
 
 _Item = list[int] | threading.Event | None
@@ -157,6 +180,9 @@ class VMemAllocator(KVAllocator):
     - ``driver``: ``"host"``, ``"cuda"``, ``"meta"`` or a
       :class:`~kvmem.backends.vmem.driver.VMemDriver` instance (default:
       chosen by ``device``).
+    - ``host_num_tokens``: how many KV entries swapped-out sequences may
+      keep on the host in all (default: the device capacity); a swap-out
+      beyond it raises OutOfHostMemory.
 
     Tensors from :meth:`layer` and :meth:`kv_view` point into the virtual
     ranges: valid until :meth:`close`, and only their mapped parts (the
@@ -177,6 +203,7 @@ class VMemAllocator(KVAllocator):
         map_ahead: bool = True,
         map_ahead_tokens: int | None = None,
         driver: str | VMemDriver | None = None,
+        host_num_tokens: int | None = None,
     ) -> None:
         self._closed = True  # until fully built: close() and __del__ do nothing
         check_count("max_seq_len", max_seq_len)
@@ -191,6 +218,8 @@ class VMemAllocator(KVAllocator):
             raise InvalidArgument(f"map_ahead must be a bool, got {map_ahead!r}")
         if map_ahead_tokens is not None:
             check_count("map_ahead_tokens", map_ahead_tokens)
+        if host_num_tokens is not None:
+            check_count("host_num_tokens", host_num_tokens)
         self.spec = spec
         drv = make_driver(driver, device)
         try:
@@ -219,6 +248,13 @@ class VMemAllocator(KVAllocator):
         self._ahead_groups = 0
         self._ahead_error: str | None = None  # the worker's last driver error
         self._ahead_errors = 0
+        group_tokens = spec.num_layers * self.page_bytes // spec.bytes_per_token
+        self.host_num_tokens = (
+            host_num_tokens if host_num_tokens is not None else self.space.num_groups * group_tokens
+        )
+        self._host_tokens = 0  # KV entries in host copies
+        self._swapper = SwapManager(self.device)
+        self._swap_counts = {"swap_out_bytes": 0, "swap_in_bytes": 0, "swap_copies": 0}
         self._closed = False
 
     def _build(
@@ -263,12 +299,31 @@ class VMemAllocator(KVAllocator):
 
     # ------------------------------------------------------------------ helpers
     def _get(self, seq_id: Hashable) -> _Seq:
+        """The sequence, its swap (if one is in flight) finished first."""
         if self._closed:
             raise KVError("allocator is closed")
         s = self._seqs.get(seq_id)
         if s is None:
             raise raise_unknown(seq_id)
+        if s.transfer is not None:
+            self._swapper.settle(s.transfer)
         return s
+
+    def _resident(self, seq_id: Hashable) -> _Seq:
+        """The sequence, which must not be swapped out."""
+        s = self._get(seq_id)
+        if s.swapped:
+            raise InvalidArgument(f"sequence {seq_id!r} is swapped out; swap it in first")
+        return s
+
+    def _make_room(self, groups: int, slots: int) -> None:
+        """Wait for in-flight swaps (oldest first) until ``groups`` and ``slots`` are free."""
+        sw = self._swapper
+        sw.reap()
+        while (t := sw.oldest()) is not None and (
+            groups > self.space.num_groups - self._held() or slots > len(self._free_slots)
+        ):
+            sw.settle(t)
 
     def _check_len(self, seq_id: Hashable, n: int) -> None:
         if n > self.max_seq_len:
@@ -432,9 +487,10 @@ class VMemAllocator(KVAllocator):
         with a fork is copied first). Raises OutOfKVMemory (pool or slots
         short), InvalidArgument (beyond ``max_seq_len``), DriverError (the
         driver failed: nothing the sequences hold changed, though mappings
-        nobody held may have been dropped).
+        nobody held may have been dropped), InvalidArgument for a swapped-out
+        sequence.
         """
-        s = self._get(seq_id)
+        s = self._resident(seq_id)
         if type(num_tokens) is not int or num_tokens <= 0:
             check_count("num_tokens", num_tokens)
         target = s.num_computed + num_tokens
@@ -453,6 +509,8 @@ class VMemAllocator(KVAllocator):
             if self.map_ahead:
                 self._want_ahead(s)
             return
+        if self._swapper.pending:
+            self._make_room(sp.pages(target) - s.held, int(slot < 0))
         with self._lock:
             if slot < 0:
                 slot = self._pick_slot(max(target, len(s.tokens)))
@@ -484,13 +542,16 @@ class VMemAllocator(KVAllocator):
             self._wake()
 
     def can_reserve(self, requests: Mapping[Hashable, int]) -> bool:
-        """Whether every ``reserve(seq, n)`` of ``requests`` fits at once."""
+        """Whether every ``reserve(seq, n)`` of ``requests`` fits at once.
+
+        Waits for in-flight swap-outs when what they free is needed.
+        """
         need = 0
         slots = 0
         sp = self.space
         for sid, n in requests.items():
             check_count("num_tokens", n)
-            s = self._get(sid)
+            s = self._resident(sid)
             target = s.num_computed + n
             if target <= s.reserved:
                 continue
@@ -501,6 +562,8 @@ class VMemAllocator(KVAllocator):
                 slots += 1
             elif s.num_computed < sp.shared_below[s.slot]:
                 need += len(sp.shared_pages(s.slot, s.num_computed, target))
+        if self._swapper.pending:
+            self._make_room(need, slots)
         return need <= sp.num_groups - self._held() and slots <= len(self._free_slots)
 
     def layout(self, batch: Sequence[tuple[Hashable, int]]) -> BatchLayout:
@@ -516,8 +579,8 @@ class VMemAllocator(KVAllocator):
         seqs = self._seqs
         for i, (sid, n) in enumerate(batch):
             s = seqs.get(sid)
-            if s is None:
-                raise raise_unknown(sid)
+            if s is None or s.swapped or s.transfer is not None:
+                s = self._resident(sid)
             if type(n) is not int or n <= 0:
                 check_count("num_new_tokens", n)
             end = s.num_computed + n
@@ -540,7 +603,7 @@ class VMemAllocator(KVAllocator):
 
     def commit(self, seq_id: Hashable, num_tokens: int) -> None:
         """Record that ``num_tokens`` more KV entries are written."""
-        s = self._get(seq_id)
+        s = self._resident(seq_id)
         if type(num_tokens) is not int or num_tokens <= 0:
             check_count("num_tokens", num_tokens)
         end = s.num_computed + num_tokens
@@ -566,12 +629,14 @@ class VMemAllocator(KVAllocator):
         reads positions before the fork point and copies the page before it
         writes. Raises OutOfKVMemory when no slot is free; nothing changes then.
         """
-        p = self._get(parent_id)
+        p = self._resident(parent_id)
         if child_id in self._seqs:
             raise DuplicateSequence(f"sequence {child_id!r} is already registered")
         c = _Seq(list(p.tokens))
         n = p.num_computed
         if n:
+            if self._swapper.pending:
+                self._make_room(0, 1)
             with self._lock:
                 self._fork_slot(parent_id, p, c, n)
         self._seqs[child_id] = c
@@ -594,31 +659,185 @@ class VMemAllocator(KVAllocator):
         """Release the sequence; its slot keeps its own pages mapped for the next sequence.
 
         Pages the slot shares with a fork are unmapped from it, so a free
-        slot never holds another sequence's KV.
+        slot never holds another sequence's KV. A swapped-out sequence's
+        host copy is dropped.
         """
         s = self._get(seq_id)
         with self._lock:
             del self._seqs[seq_id]
-            self._held_sum -= s.held
-            if s.slot < 0:
-                return
-            self._owner[s.slot] = None
-            try:
-                if self.space.shared_below[s.slot]:
-                    self._settle(s.slot)
-                    self.space.unshare(s.slot)
-            except DriverError:
-                self._quarantine.add(s.slot)  # may still map shared pages: never hand it out
-                raise
-            self._free_slots[s.slot] = None
+            self._drop_host(s)
+            self._release_slot(s)
 
+    def _drop_host(self, s: _Seq) -> None:
+        if s.host is not None:
+            self._host_tokens -= s.host.tokens
+            s.host = None
+
+    def _release_slot(self, s: _Seq) -> None:
+        """(Lock held.) Give back the sequence's groups and slot; its pages stay mapped there."""
+        self._held_sum -= s.held
+        s.held = s.held_cover = 0
+        slot = s.slot
+        if slot >= 0:
+            s.slot = -1
+            self._owner[slot] = None
+            self._wanted[slot] = False
+            try:
+                if self.space.shared_below[slot]:
+                    self._settle(slot)
+                    self.space.unshare(slot)
+            except DriverError:
+                self._quarantine.add(slot)  # may still map shared pages: never hand it out
+                raise
+            self._free_slots[slot] = None
+
+    # -------------------------------------------------------------------- swap
     def swap_out(self, seq_ids: Iterable[Hashable]) -> SwapHandle:
-        """Not available in this backend yet: raises NotImplementedError."""
-        raise NotImplementedError("the vmem backend does not swap yet; use recompute")
+        """Copy the sequences' KV to host memory and give back their slots and pages.
+
+        One contiguous copy per layer per sequence. All or nothing: raises
+        UnknownSequence, InvalidArgument (a sequence already swapped out, or
+        named twice) or OutOfHostMemory (beyond ``host_num_tokens``) and
+        changes nothing. The reservation is kept (``seq_info().capacity``)
+        and taken again by ``swap_in``. The slot and its groups stay held
+        until the copy is done; a copy that fails leaves the sequences
+        resident, as they were.
+        """
+        ids = self._swap_ids(seq_ids)
+        seqs = [self._get(sid) for sid in ids]
+        for sid, s in zip(ids, seqs, strict=True):
+            if s.swapped:
+                raise InvalidArgument(f"sequence {sid!r} is already swapped out")
+        want = sum(s.num_computed for s in seqs)
+        if self._host_tokens + want > self.host_num_tokens:
+            raise OutOfHostMemory(
+                f"swap-out of {want} KV entries: {self.host_num_tokens - self._host_tokens} "
+                f"of the {self.host_num_tokens} host entries are free"
+            )
+        sp = self.space
+        hosts = [HostKV(sp.num_layers, s.num_computed, sp.token_bytes, self.device) for s in seqs]
+        for s, h in zip(seqs, hosts, strict=True):
+            s.host = h
+            s.swapped = True
+            self._host_tokens += h.tokens
+        work = [(s.slot, h) for s, h in zip(seqs, hosts, strict=True) if h.tokens]
+        rows = sp.rows
+
+        def run() -> None:
+            for slot, h in work:
+                copy_out(rows, slot, h)
+
+        nbytes = sum(h.nbytes for h in hosts)
+        copies = len(work) * sp.num_layers
+        t = self._swapper.submit(run, lambda err: self._swapped_out(seqs, err), nbytes, copies)
+        self._swap_counts["swap_out_bytes"] += nbytes
+        self._swap_counts["swap_copies"] += copies
+        for s in seqs:
+            s.transfer = t
+        return t
+
+    def _swapped_out(self, seqs: list[_Seq], err: BaseException | None) -> None:
+        with self._lock:
+            for s in seqs:
+                s.transfer = None
+                if err is None:
+                    self._release_slot(s)
+                else:  # back where it was
+                    self._drop_host(s)
+                    s.swapped = False
 
     def swap_in(self, seq_ids: Iterable[Hashable]) -> SwapHandle:
-        """Not available in this backend yet: raises NotImplementedError."""
-        raise NotImplementedError("the vmem backend does not swap yet; use recompute")
+        """Take a slot for each swapped-out sequence, map its reservation, copy its KV back.
+
+        All or nothing: raises UnknownSequence, InvalidArgument (a sequence
+        not swapped out, or named twice) or OutOfKVMemory (not enough free
+        page groups or slots for every reservation; waits for in-flight
+        swap-outs first) and changes nothing: the sequences stay on the host,
+        intact. The sequences can be used at once; calls that need their KV
+        wait for the copy. The host copy is dropped once the copy is done
+        (no reuse across turns in this backend).
+        """
+        ids = self._swap_ids(seq_ids)
+        seqs = [self._get(sid) for sid in ids]
+        for sid, s in zip(ids, seqs, strict=True):
+            if not s.swapped:
+                raise InvalidArgument(f"sequence {sid!r} is not swapped out")
+        sp = self.space
+        mapped = [s for s in seqs if s.reserved]
+        need = sum(sp.pages(s.reserved) for s in mapped)
+        self._make_room(need, len(mapped))
+        with self._lock:
+            free = sp.num_groups - self._held()
+            if need > free or len(mapped) > len(self._free_slots):
+                raise OutOfKVMemory(
+                    f"swap-in needs {need} page groups and {len(mapped)} slots; "
+                    f"{free} and {len(self._free_slots)} are free"
+                )
+            done: list[_Seq] = []
+            try:
+                for s in mapped:
+                    self._take_slot(s)
+                    done.append(s)
+            except BaseException:
+                for s in done:
+                    self._release_slot(s)
+                raise
+        for s in seqs:
+            s.swapped = False
+        work = [(s.slot, s.host) for s in mapped if s.host is not None and s.host.tokens]
+        rows = sp.rows
+
+        def run() -> None:
+            for slot, h in work:
+                copy_in(rows, slot, h)
+
+        nbytes = sum(h.nbytes for _, h in work)
+        copies = len(work) * sp.num_layers
+        t = self._swapper.submit(run, lambda err: self._swapped_in(seqs, err), nbytes, copies)
+        self._swap_counts["swap_in_bytes"] += nbytes
+        self._swap_counts["swap_copies"] += copies
+        for s in seqs:
+            s.transfer = t
+        if self.map_ahead:
+            for s in mapped:
+                self._want_ahead(s)
+            self._wake()
+        return t
+
+    def _take_slot(self, s: _Seq) -> None:
+        """(Lock held; room checked.) A slot for ``s`` with its reservation mapped."""
+        sp = self.space
+        target = s.reserved
+        slot = self._pick_slot(target)
+        self._settle(slot)
+        short = max(0, sp.pages(target) - len(sp.groups[slot])) - len(sp.pool)
+        if short > 0:
+            self._reclaim(short, slot, target)
+        sp.grow(slot, target)
+        del self._free_slots[slot]
+        self._owner[slot] = s
+        s.slot = slot
+        self._set_held(s, target)
+
+    def _swapped_in(self, seqs: list[_Seq], err: BaseException | None) -> None:
+        with self._lock:
+            for s in seqs:
+                s.transfer = None
+                if err is None:
+                    self._drop_host(s)
+                else:  # back on the host, as it was
+                    self._release_slot(s)
+                    s.swapped = True
+
+    def _swap_ids(self, seq_ids: Iterable[Hashable]) -> list[Hashable]:
+        if self._closed:
+            raise KVError("allocator is closed")
+        if isinstance(seq_ids, (str, bytes)) or not isinstance(seq_ids, Iterable):
+            raise InvalidArgument(f"pass an iterable of sequence ids, got {seq_ids!r}")
+        ids = list(seq_ids)
+        if len(set(ids)) != len(ids):
+            raise InvalidArgument("a sequence is named twice")
+        return ids
 
     def layer(self, i: int) -> LayerKV:
         """Layer ``i``: ``k``, ``v`` are virtual [max_seqs, max_seq_len, heads, code_dim]."""
@@ -638,7 +857,7 @@ class VMemAllocator(KVAllocator):
         unpaged KV (e.g. ``torch.nn.functional.scaled_dot_product_attention``)
         read them directly.
         """
-        s = self._get(seq_id)
+        s = self._resident(seq_id)
         n = s.num_computed if length is None else length
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= s.reserved:
             raise InvalidArgument(
@@ -659,10 +878,10 @@ class VMemAllocator(KVAllocator):
     def seq_info(self, seq_id: Hashable) -> SeqInfo:
         """Counts of one sequence."""
         s = self._get(seq_id)
-        return SeqInfo(len(s.tokens), s.num_computed, s.reserved, False)
+        return SeqInfo(len(s.tokens), s.num_computed, s.reserved, s.swapped)
 
     def seq_ids(self) -> list[Hashable]:
-        """Every registered sequence."""
+        """Every registered sequence, swapped-out ones included."""
         return list(self._seqs)
 
     def stats(self) -> KVStats:
@@ -671,10 +890,15 @@ class VMemAllocator(KVAllocator):
         ``used`` is what the groups held by sequences can store; ``free`` the
         rest of the pool, including groups still mapped under free slots or
         ahead of reservations (``extra['idle_mapped_bytes']``). ``cached`` is
-        0: there is no prefix cache.
+        0: there is no prefix cache. A sequence whose swap-out is in flight
+        holds its groups until the copy is done. ``extra`` also has the host
+        side (``host_capacity_tokens``, ``host_used_tokens``,
+        ``swaps_in_flight``) and cumulative ``swap_out_bytes``,
+        ``swap_in_bytes``, ``swap_copies``.
         """
         if self._closed:
             raise KVError("allocator is closed")
+        self._swapper.reap()
         with self._lock:
             self._settle()
             sp = self.space
@@ -683,6 +907,8 @@ class VMemAllocator(KVAllocator):
             capacity = sp.num_groups * group_bytes // bpt
             held = self._held()
             used = held * group_bytes // bpt
+            swapped = [s for s in self._seqs.values() if s.swapped]
+            resident = [s for s in self._seqs.values() if not s.swapped]
             extra: dict[str, float] = {
                 "physical_bytes_pooled": sp.num_groups * group_bytes,
                 "physical_bytes_mapped": sp.mapped_groups * group_bytes,
@@ -699,6 +925,10 @@ class VMemAllocator(KVAllocator):
                 "page_bytes": self.page_bytes,
                 "max_seq_len": self.max_seq_len,
                 "free_slots": len(self._free_slots),
+                "host_capacity_tokens": self.host_num_tokens,
+                "host_used_tokens": self._host_tokens,
+                "swaps_in_flight": self._swapper.pending,
+                **self._swap_counts,
             }
             drv_bytes = self.driver.allocated_bytes()
             if drv_bytes is not None:
@@ -708,15 +938,28 @@ class VMemAllocator(KVAllocator):
                 bytes_per_token=bpt,
                 capacity_tokens=capacity,
                 used_tokens=used,
-                filled_tokens=sum(s.num_computed for s in self._seqs.values()),
-                reserved_tokens=sum(s.reserved - s.num_computed for s in self._seqs.values()),
+                filled_tokens=self._filled(resident),
+                reserved_tokens=sum(s.reserved - s.num_computed for s in resident),
                 cached_tokens=0,
                 free_tokens=capacity - used,
-                swapped_tokens=0,
+                swapped_tokens=sum(s.num_computed for s in swapped),
                 num_seqs=len(self._seqs),
-                num_swapped_seqs=0,
+                num_swapped_seqs=len(swapped),
                 extra=extra,
             )
+
+    def _filled(self, resident: list[_Seq]) -> int:
+        """(Lock held.) Tokens of KV written, KV shared by forks counted once."""
+        sp = self.space
+        if not sp.extra_refs:
+            return sum(s.num_computed for s in resident)
+        pb, tb = self.page_bytes, self.spec.bytes_per_token_layer
+        written: dict[int, int] = {}  # group: bytes of it written
+        for s in resident:
+            n = s.num_computed * tb
+            for j, g in enumerate(sp.groups[s.slot][: sp.pages(s.num_computed)]):
+                written[g] = max(written.get(g, 0), min(pb, n - j * pb))
+        return sum(written.values()) // tb
 
     def check_integrity(self) -> None:
         """Verify slots, page groups and their counts, held totals, and the safety rules.
@@ -727,6 +970,7 @@ class VMemAllocator(KVAllocator):
         """
         if self._closed:
             raise KVError("allocator is closed")
+        self._swapper.reap()
         with self._lock:
             self._settle()
             self._check_pages()
@@ -755,7 +999,7 @@ class VMemAllocator(KVAllocator):
 
     def _check_seqs(self) -> None:
         sp = self.space
-        held = 0
+        held = host_tokens = 0
         owned: set[int] = set()
         writers: set[int] = set()
         for sid, s in self._seqs.items():
@@ -763,6 +1007,16 @@ class VMemAllocator(KVAllocator):
                 raise IntegrityError(f"{sid!r}: counts out of order")
             if s.num_computed > len(s.tokens) or len(s.tokens) > self.max_seq_len:
                 raise IntegrityError(f"{sid!r}: token count out of range")
+            if s.swapped != (s.host is not None):
+                raise IntegrityError(f"{sid!r}: swapped state and host copy disagree")
+            if s.host is not None:
+                host_tokens += s.host.tokens
+                if s.host.tokens != s.num_computed:
+                    raise IntegrityError(f"{sid!r}: host copy does not cover its KV")
+            if s.swapped and s.transfer is None:
+                if s.slot >= 0 or s.held:
+                    raise IntegrityError(f"{sid!r}: swapped out but holds a slot or pages")
+                continue
             if s.held != sp.pages(s.reserved):
                 raise IntegrityError(f"{sid!r}: held groups out of date")
             held += s.held
@@ -784,6 +1038,8 @@ class VMemAllocator(KVAllocator):
                 writers.add(lst[j])
         if held != self._held_sum:
             raise IntegrityError("held group total is off")
+        if host_tokens != self._host_tokens or host_tokens > self.host_num_tokens:
+            raise IntegrityError("host KV total is off")
         if self._held() > sp.num_groups:
             raise IntegrityError("more groups held than pooled")
         for slot, owner in enumerate(self._owner):
@@ -805,6 +1061,7 @@ class VMemAllocator(KVAllocator):
         if self._closed:
             return
         errors: list[DriverError] = []
+        self._swapper.close()  # every copy done, every callback run
         with self._lock:
             self._closed = True
         thread = self._thread
@@ -818,6 +1075,7 @@ class VMemAllocator(KVAllocator):
             self._free_slots = OrderedDict.fromkeys(range(self.max_seqs))
             self._quarantine.clear()
             self._held_sum = 0
+            self._host_tokens = 0
             self.space.close(errors.append)
             try:
                 self.driver.close()
@@ -829,4 +1087,3 @@ class VMemAllocator(KVAllocator):
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
-

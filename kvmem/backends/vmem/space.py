@@ -132,6 +132,8 @@ class VirtualKV:
             if spec.fmt.kind == "fp8"
             else None
         )
+        #: Per layer, the raw bytes ``[max_seqs, row_bytes]``: a slot's KV is one contiguous row.
+        self.rows: list[torch.Tensor] = []
         self.layers = [self._make_layer(li) for li in range(self.num_layers)]
 
     # -------------------------------------------------------------- geometry
@@ -155,6 +157,7 @@ class VirtualKV:
     # ---------------------------------------------------------------- tensors
     def _make_layer(self, li: int) -> LayerKV:
         raw = self.driver.tensor(self.base + li * self.layer_bytes, self.layer_bytes)
+        self.rows.append(raw.view(self.max_seqs, self.row_bytes))
         rows = raw.view(self.max_seqs, self.max_seq_len, self.token_bytes)
         views: dict[str, torch.Tensor] = {}
         for name, dtype, shape, off in token_fields(self.spec):
