@@ -23,8 +23,14 @@ SPEC = SPECS["fp16"]
 
 
 def vmem(spec: KVSpec = SPEC, **opts) -> VMemAllocator:
-    opts = {"num_tokens": 2048, "max_seqs": 4, "max_seq_len": 2048, "page_bytes": 4 * KIB,
-            "map_ahead": False, **opts}
+    opts = {
+        "num_tokens": 2048,
+        "max_seqs": 4,
+        "max_seq_len": 2048,
+        "page_bytes": 4 * KIB,
+        "map_ahead": False,
+        **opts,
+    }
     a = create_allocator("vmem", spec, device="cpu", **opts)
     assert isinstance(a, VMemAllocator)
     return a
@@ -39,8 +45,15 @@ def fill(a: VMemAllocator, sid, n: int, seed: int) -> None:
     a.add(sid, list(range(n)))
     a.reserve(sid, n)
     g = torch.Generator().manual_seed(seed)
-    lay = build_layout(a.page_size, np.array([[a.slot(sid)]]), np.array([n]), np.array([n]),
-                       (sid,), a.device, a.spec)
+    lay = build_layout(
+        a.page_size,
+        np.array([[a.slot(sid)]]),
+        np.array([n]),
+        np.array([n]),
+        (sid,),
+        a.device,
+        a.spec,
+    )
     sp = a.spec
     for i in range(sp.num_layers):
         k = torch.randn(n, sp.num_kv_heads, sp.head_dim, generator=g).to(sp.dtype)
@@ -57,8 +70,12 @@ def stored(a: VMemAllocator, sid) -> list[dict[str, torch.Tensor]]:
         lay = a.layer(i)
         f = {name: getattr(lay, name)[slot, :n].clone() for name in ("k", "v")}
         if a.spec.fmt.kind == "int4":
-            f.update({n_: getattr(lay, n_)[slot, :n].clone()
-                      for n_ in ("k_scale", "v_scale", "k_zero", "v_zero")})
+            f.update(
+                {
+                    n_: getattr(lay, n_)[slot, :n].clone()
+                    for n_ in ("k_scale", "v_scale", "k_zero", "v_zero")
+                }
+            )
         elif a.spec.fmt.kind == "fp8":
             f.update({n_: getattr(lay, n_).clone() for n_ in ("k_scale", "v_scale")})
         out.append(f)
@@ -164,9 +181,13 @@ def test_bad_swaps_are_typed_errors_and_change_nothing():
             a.swap_out(["a"])
         with pytest.raises(OutOfHostMemory):
             a.swap_out(["b"])
-        for call in (lambda: a.reserve("a", 1), lambda: a.commit("a", 1),
-                     lambda: a.layout([("a", 1)]), lambda: a.fork("a", "c"),
-                     lambda: a.kv_view("a", 0)):
+        for call in (
+            lambda: a.reserve("a", 1),
+            lambda: a.commit("a", 1),
+            lambda: a.layout([("a", 1)]),
+            lambda: a.fork("a", "c"),
+            lambda: a.kv_view("a", 0),
+        ):
             with pytest.raises(InvalidArgument, match="swapped out"):
                 call()
         assert snapshot(a) == snap
@@ -242,8 +263,9 @@ def test_many_swaps_in_flight_while_others_work():
 
 
 def test_meta_device_swaps_bookkeeping_only():
-    with create_allocator("vmem", SPEC, device="meta", num_tokens=4096, max_seqs=4,
-                          max_seq_len=4096) as a:
+    with create_allocator(
+        "vmem", SPEC, device="meta", num_tokens=4096, max_seqs=4, max_seq_len=4096
+    ) as a:
         a.add("a", list(range(100)))
         a.reserve("a", 100)
         a.commit("a", 100)

@@ -86,6 +86,7 @@ from kvmem.allocator import (
     KVStats,
     SeqInfo,
     SwapHandle,
+    check_commit,
     check_count,
     check_tokens,
     raise_unknown,
@@ -604,18 +605,7 @@ class VMemAllocator(KVAllocator):
     def commit(self, seq_id: Hashable, num_tokens: int) -> None:
         """Record that ``num_tokens`` more KV entries are written."""
         s = self._resident(seq_id)
-        if type(num_tokens) is not int or num_tokens <= 0:
-            check_count("num_tokens", num_tokens)
-        end = s.num_computed + num_tokens
-        if end > s.reserved:
-            raise InvalidArgument(
-                f"sequence {seq_id!r}: commit to {end} tokens beyond the {s.reserved} reserved"
-            )
-        if end > len(s.tokens):
-            raise InvalidArgument(
-                f"sequence {seq_id!r}: commit to {end} tokens but only {len(s.tokens)} are known; "
-                "append them first"
-            )
+        end = check_commit(seq_id, s.num_computed, s.reserved, len(s.tokens), num_tokens)
         s.num_computed = end
 
     def fork(self, parent_id: Hashable, child_id: Hashable) -> None:

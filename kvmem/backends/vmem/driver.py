@@ -217,4 +217,3 @@ def make_driver(driver: str | VMemDriver | None, device: torch.device | str) -> 
     if name is None:
         raise InvalidArgument(f"no vmem driver for device {dev}")
     raise InvalidArgument(f"unknown vmem driver {driver!r}; use 'host', 'cuda' or 'meta'")
-
