@@ -219,6 +219,32 @@ class Engine:
         prompt that leaves no room for output within ``max_model_len``, or a
         prompt larger than the whole KV capacity.
         """
+        return self._add(
+            prompt,
+            params,
+            request_id=request_id,
+            tenant=tenant,
+            priority=priority,
+            arrival_time=arrival_time,
+            on_output=on_output,
+            output_len_hint=output_len_hint,
+            cache_salt=cache_salt,
+        ).request_id
+
+    def _add(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        tenant: Hashable = "default",
+        priority: int = 0,
+        arrival_time: float | None = None,
+        on_output: OutputCallback | None = None,
+        output_len_hint: int | None = None,
+        cache_salt: Hashable = None,
+    ) -> Request:
+        """``add_request``, returning the queued Request."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequest(f"params must be SamplingParams, got {type(params).__name__}")
@@ -271,7 +297,7 @@ class Engine:
                 req.decoder = IncrementalDecoder(self.tokenizer)
             self._ids.add(rid)
             self._inbox.append(("add", req))
-        return rid
+        return req
 
     def abort(self, request_id: str) -> bool:
         """End a request and free its KV (now, or when the step in flight ends). Thread-safe.
@@ -469,25 +495,23 @@ class Engine:
         plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise InvalidRequest(f"{len(plist)} sampling params for {len(prompts)} prompts")
-        done: dict[str, Request] = {}
+        done: set[str] = set()
 
         def track(o: RequestOutput) -> None:
             if o.finished:
-                r = self._lookup(o.request_id)
-                if r is not None:
-                    done[o.request_id] = r
+                done.add(o.request_id)
 
-        ids: list[str] = []
+        reqs: list[Request] = []
         try:
             for p, sp in zip(prompts, plist, strict=True):
-                ids.append(self.add_request(p, sp, on_output=track))
+                reqs.append(self._add(p, sp, on_output=track))
         except KVError:
-            for i in ids:
-                self.abort(i)
+            for r in reqs:
+                self.abort(r.request_id)
             raise
-        while any(i not in done for i in ids):
+        while any(r.request_id not in done for r in reqs):
             self.step()
-        return [self._completion(done[i]) for i in ids]
+        return [self._completion(r) for r in reqs]
 
     def stream(
         self,

@@ -175,6 +175,7 @@ class Scheduler:
                 r.swap_handle = self.allocator.swap_out([r.request_id])
                 r.status = RequestStatus.SWAPPED
                 self.swapped.append(r)
+                self._kv_epoch += 1  # its device pages come free once the copy lands
                 return
             except NotImplementedError as e:
                 raise SwapUnavailable(
@@ -228,9 +229,12 @@ class Scheduler:
                 victim = max(victims, key=self.policy.key)
                 if not self.policy.preempts(w, victim):
                     return
+                # A swapped-out victim's pages stay held until its copy lands,
+                # so count what it held rather than re-reading the stats.
+                held = self.allocator.seq_info(victim.request_id).capacity
                 self._preempt(victim, out)
                 seats += 1
-                free = self.allocator.stats().free_tokens
+                free += held
             seats -= 1
             free -= need
 
@@ -242,14 +246,35 @@ class Scheduler:
                 r.swap_handle = None
                 try:
                     h.wait()
-                except KVError as e:
+                except Exception as e:  # the KV stays on the host: end this request only
                     self.running.remove(r)
                     out.ended.append((r, "error", f"swap-in failed: {e}"))
+        for r in list(self.swapped):
+            if r.swap_handle is not None and r.swap_handle.done():
+                self._land_swap_out(r)
+
+    def _land_swap_out(self, r: Request) -> bool:
+        """Wait for ``r``'s swap-out; False if it failed and ``r`` runs again instead."""
+        h = r.swap_handle
+        if h is None:
+            return True
+        r.swap_handle = None
+        try:
+            h.wait()
+        except Exception:
+            if self.allocator.seq_info(r.request_id).swapped:
+                return True  # the allocator counts it swapped out all the same
+            # The allocator put the sequence back: its KV is intact on the device.
+            self.swapped.remove(r)
+            r.status = RequestStatus.RUNNING
+            self.running.append(r)
+            return False
+        self._kv_epoch += 1
+        return True
 
     def _swap_in(self, r: Request) -> bool:
-        if r.swap_handle is not None:  # its swap-out must land first
-            r.swap_handle.wait()
-            r.swap_handle = None
+        if not self._land_swap_out(r):  # its swap-out must land first
+            return True
         try:
             r.swap_handle = self.allocator.swap_in([r.request_id])
         except OutOfKVMemory:

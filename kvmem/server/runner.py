@@ -158,9 +158,10 @@ class AsyncEngine:
         if loop is None:
             return
         for rid in list(self._streams):
-            self.engine.abort(rid)
+            # Posted before the abort, whose own output would otherwise close the stream first.
             out = RequestOutput(rid, [], "", True, "error", f"engine step failed: {error}")
             self._post(rid, out, time.perf_counter())
+            self.engine.abort(rid)
 
     def _post(self, rid: str, out: RequestOutput, t: float) -> None:
         loop = self._loop
