@@ -34,16 +34,22 @@ def is_swap_in(eng: Engine, plan: CopyPlan) -> bool:
     return plan.dst[0].data_ptr() == eng.allocator.pool.buffers[0].data_ptr()
 
 
-def run_all(eng: Engine, max_steps: int = 2000) -> dict[str, tuple[str, str | None]]:
-    """Step until every request ends; the finish reason and error of each."""
+def run_all(eng: Engine, timeout_s: float = 60.0) -> dict[str, tuple[str, str | None]]:
+    """Step until every request ends; the finish reason and error of each.
+
+    Bounded in time, not steps: while swap copies are in flight a step may
+    make no progress, however many of them run.
+    """
     ends: dict[str, tuple[str, str | None]] = {}
-    for _ in range(max_steps):
-        if not eng.has_unfinished():
-            break
-        for o in eng.step():
+    deadline = time.monotonic() + timeout_s
+    while eng.has_unfinished() and time.monotonic() < deadline:
+        outputs = eng.step()
+        for o in outputs:
             if o.finished:
                 ends[o.request_id] = (o.finish_reason, o.error)
         eng.allocator.check_integrity()
+        if not outputs:
+            time.sleep(0.001)  # let the swap worker run
     assert not eng.has_unfinished(), "the engine did not finish its requests"
     stats = eng.allocator.stats()
     assert stats.used_tokens == 0 and stats.num_seqs == 0, "KV leaked"
