@@ -55,6 +55,8 @@ from kvmem.errors import InvalidArgument, KVError
 
 log = logging.getLogger(__name__)
 _Pending = list[tuple[Request, RequestOutput]]
+#: How long a step with nothing to run waits for a swap copy in flight.
+_IDLE_SWAP_WAIT_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -355,6 +357,8 @@ class Engine:
                 self._finish(r, reason, outputs, [], None, err)
             if plan.chunks:
                 self._run(plan.chunks, outputs)
+            elif not plan.ended:
+                self.scheduler.wait_for_swaps(_IDLE_SWAP_WAIT_S)
             self._drain(outputs)
         self._deliver(outputs)
         return [o for _, o in outputs]

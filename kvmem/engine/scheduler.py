@@ -253,6 +253,20 @@ class Scheduler:
             if r.swap_handle is not None and r.swap_handle.done():
                 self._land_swap_out(r)
 
+    def wait_for_swaps(self, timeout: float) -> None:
+        """Block up to ``timeout`` s for a swap in flight (a step found nothing to run).
+
+        Without this, a loop that steps back to back would spin while copies
+        run, competing with the copy thread. The copy's outcome is taken by
+        the next ``schedule``.
+        """
+        for r in (*self.running, *self.swapped):
+            h = r.swap_handle
+            if h is not None and not h.done():
+                with contextlib.suppress(Exception):  # TimeoutError or the copy's own error
+                    h.wait(timeout)
+                return
+
     def _land_swap_out(self, r: Request) -> bool:
         """Wait for ``r``'s swap-out; False if it failed and ``r`` runs again instead."""
         h = r.swap_handle

@@ -153,3 +153,27 @@ def test_generate_returns_when_more_finish_than_the_history_holds(history):
     outs = done[0]
     assert [len(c.output_token_ids) for c in outs] == [3, 3]
     assert [c.finish_reason for c in outs] == ["length", "length"]
+
+
+def test_steps_wait_for_swaps_in_flight_instead_of_spinning(monkeypatch):
+    """A step with nothing to run waits briefly for a copy rather than returning at once."""
+    real_run = CopyPlan.run
+
+    def slow(self):
+        time.sleep(0.05)
+        real_run(self)
+
+    monkeypatch.setattr(CopyPlan, "run", slow)
+    eng = swap_engine()
+    sp = SamplingParams(max_tokens=40, ignore_eos=True)
+    for _ in range(5):
+        eng.add_request(PROMPT, sp)
+    steps = 0
+    deadline = time.monotonic() + 60
+    while eng.has_unfinished() and time.monotonic() < deadline:
+        eng.step()
+        steps += 1
+    assert not eng.has_unfinished()
+    assert eng.metrics().num_preemptions >= 1, "the scenario must swap"
+    # 40 decode steps plus prefills and a few 5 ms waits per 50 ms copy; spinning took ~850
+    assert steps < 300, steps
