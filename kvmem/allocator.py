@@ -363,6 +363,39 @@ def check_commit(
     return end
 
 
+def check_new_tokens(seq_id: SeqId, num_computed: int, reserved: int, num_tokens: object) -> int:
+    """The KV length after a layout's ``num_tokens`` new entries, else InvalidArgument.
+
+    The new entries must lie in reserved slots.
+    """
+    n = num_tokens if type(num_tokens) is int and num_tokens > 0 else None
+    end = num_computed + (n if n is not None else check_count("num_new_tokens", num_tokens))
+    if end > reserved:
+        raise InvalidArgument(
+            f"sequence {seq_id!r}: {end - num_computed} new tokens need {end} reserved slots, "
+            f"{reserved} are; call reserve first"
+        )
+    return end
+
+
+def batch_ids(batch: Sequence[tuple[SeqId, int]]) -> tuple[SeqId, ...]:
+    """The sequence ids of a layout batch, else InvalidArgument if one appears twice."""
+    ids = tuple(sid for sid, _ in batch)
+    if len(set(ids)) != len(ids):
+        raise InvalidArgument("a sequence appears twice in the batch")
+    return ids
+
+
+def check_seq_ids(seq_ids: Iterable[SeqId]) -> list[SeqId]:
+    """``seq_ids`` as a list of distinct ids, else InvalidArgument (swap calls take these)."""
+    if isinstance(seq_ids, (str, bytes)) or not isinstance(seq_ids, Iterable):
+        raise InvalidArgument(f"pass an iterable of sequence ids, got {seq_ids!r}")
+    ids = list(seq_ids)
+    if len(set(ids)) != len(ids):
+        raise InvalidArgument("a sequence is named twice")
+    return ids
+
+
 def raise_unknown(seq_id: SeqId) -> UnknownSequence:
     """The error for an unregistered sequence."""
     return UnknownSequence(f"unknown sequence {seq_id!r}")

@@ -67,9 +67,12 @@ from kvmem.allocator import (
     KVStats,
     SeqInfo,
     SwapHandle,
+    batch_ids,
     capacity_pages,
     check_commit,
     check_count,
+    check_new_tokens,
+    check_seq_ids,
     check_tokens,
     raise_unknown,
     register_backend,
@@ -400,20 +403,13 @@ class PagedAllocator(KVAllocator):
             s = seqs.get(sid)
             if s is None or s.swapped or s.transfer is not None:
                 s = self._resident(sid)
-            if type(n) is not int or n <= 0:
-                check_count("num_new_tokens", n)
+            if type(n) is not int or n <= 0 or s.num_computed + n > s.reserved:
+                check_new_tokens(sid, s.num_computed, s.reserved, n)  # raises
             end = s.num_computed + n
-            if end > s.reserved:
-                raise InvalidArgument(
-                    f"sequence {sid!r}: {n} new tokens need {end} reserved slots, "
-                    f"{s.reserved} are; call reserve first"
-                )
             rows[i] = s.row
             seq_lens[i] = end
             qlens[i] = n
-        ids = tuple(sid for sid, _ in batch)
-        if len(set(ids)) != b:
-            raise InvalidArgument("a sequence appears twice in the batch")
+        ids = batch_ids(batch)
         max_pages = -(-int(seq_lens.max()) // self.page_size)
         return build_layout(
             self.page_size,
@@ -580,12 +576,7 @@ class PagedAllocator(KVAllocator):
     def _swap_ids(self, seq_ids: Iterable[Hashable]) -> list[Hashable]:
         if self._closed:
             raise KVError("allocator is closed")
-        if isinstance(seq_ids, (str, bytes)) or not isinstance(seq_ids, Iterable):
-            raise InvalidArgument(f"pass an iterable of sequence ids, got {seq_ids!r}")
-        ids = list(seq_ids)
-        if len(set(ids)) != len(ids):
-            raise InvalidArgument("a sequence is named twice")
-        return ids
+        return check_seq_ids(seq_ids)
 
     def _host_cache(self) -> HostCache:
         if self._host is None:

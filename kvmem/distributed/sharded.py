@@ -69,6 +69,7 @@ from kvmem.allocator import (
     SwapHandle,
     check_commit,
     check_count,
+    check_new_tokens,
     check_tokens,
     create_allocator,
     raise_unknown,
@@ -449,16 +450,10 @@ class ShardedAllocator(KVAllocator):
         with self.holder.lock:
             for sid, n in batch:
                 s = self._get(sid)
-                check_count("num_new_tokens", n)
                 if sid in seen:
                     raise InvalidArgument(f"sequence {sid!r} appears twice in the batch")
                 seen.add(sid)
-                p0, p1 = s.num_computed, s.num_computed + n
-                if p1 > s.reserved:
-                    raise InvalidArgument(
-                        f"sequence {sid!r}: {n} new tokens need {p1} reserved slots, "
-                        f"{s.reserved} are; call reserve first"
-                    )
+                p0, p1 = s.num_computed, check_new_tokens(sid, s.num_computed, s.reserved, n)
                 rows.append(self.holder.row(s.handle))
                 seq_lens.append(int(self.holder.visible(s.handle, np.array([p1 - 1]))[0]))
                 mask = self.holder.held_mask(s.handle, p0, p1)
@@ -685,16 +680,10 @@ class ShardedAllocator(KVAllocator):
         seen: set[Hashable] = set()
         for sid, n in batch:
             s = self._get(sid)
-            check_count("num_new_tokens", n)
             if sid in seen:
                 raise InvalidArgument(f"sequence {sid!r} appears twice in the batch")
             seen.add(sid)
-            p0, p1 = s.num_computed, s.num_computed + n
-            if p1 > s.reserved:
-                raise InvalidArgument(
-                    f"sequence {sid!r}: {n} new tokens need {p1} reserved slots, "
-                    f"{s.reserved} are; call reserve first"
-                )
+            p0, p1 = s.num_computed, check_new_tokens(sid, s.num_computed, s.reserved, n)
             out.append((s.handle, p0, p1, [b.rank for b in s.blocks]))
         return out
 

@@ -12,6 +12,8 @@ from kvmem.backends import vmem as vmem_mod
 from kvmem.backends.vmem import VMemAllocator
 from kvmem.errors import OutOfHostMemory
 from kvmem.layout import build_layout
+from tests.backends.test_vmem import snapshot
+from tests.backends.test_vmem import vmem as base_vmem
 
 KIB = 1024
 SPECS = {
@@ -23,21 +25,8 @@ SPEC = SPECS["fp16"]
 
 
 def vmem(spec: KVSpec = SPEC, **opts) -> VMemAllocator:
-    opts = {
-        "num_tokens": 2048,
-        "max_seqs": 4,
-        "max_seq_len": 2048,
-        "page_bytes": 4 * KIB,
-        "map_ahead": False,
-        **opts,
-    }
-    a = create_allocator("vmem", spec, device="cpu", **opts)
-    assert isinstance(a, VMemAllocator)
-    return a
-
-
-def snapshot(a):
-    return a.stats(), {s: a.seq_info(s) for s in a.seq_ids()}
+    """A small vmem allocator: 2048 tokens, 4 sequences."""
+    return base_vmem(spec, **{"num_tokens": 2048, "max_seqs": 4, "max_seq_len": 2048, **opts})
 
 
 def fill(a: VMemAllocator, sid, n: int, seed: int) -> None:

@@ -86,8 +86,11 @@ from kvmem.allocator import (
     KVStats,
     SeqInfo,
     SwapHandle,
+    batch_ids,
     check_commit,
     check_count,
+    check_new_tokens,
+    check_seq_ids,
     check_tokens,
     raise_unknown,
     register_backend,
@@ -582,20 +585,13 @@ class VMemAllocator(KVAllocator):
             s = seqs.get(sid)
             if s is None or s.swapped or s.transfer is not None:
                 s = self._resident(sid)
-            if type(n) is not int or n <= 0:
-                check_count("num_new_tokens", n)
+            if type(n) is not int or n <= 0 or s.num_computed + n > s.reserved:
+                check_new_tokens(sid, s.num_computed, s.reserved, n)  # raises
             end = s.num_computed + n
-            if end > s.reserved:
-                raise InvalidArgument(
-                    f"sequence {sid!r}: {n} new tokens need {end} reserved slots, "
-                    f"{s.reserved} are; call reserve first"
-                )
             rows[i, 0] = s.slot
             seq_lens[i] = end
             qlens[i] = n
-        ids = tuple(sid for sid, _ in batch)
-        if len(set(ids)) != b:
-            raise InvalidArgument("a sequence appears twice in the batch")
+        ids = batch_ids(batch)
         if self._requests:
             self._wake()  # the batch is about to run: the worker maps meanwhile
         return build_layout(
@@ -822,12 +818,7 @@ class VMemAllocator(KVAllocator):
     def _swap_ids(self, seq_ids: Iterable[Hashable]) -> list[Hashable]:
         if self._closed:
             raise KVError("allocator is closed")
-        if isinstance(seq_ids, (str, bytes)) or not isinstance(seq_ids, Iterable):
-            raise InvalidArgument(f"pass an iterable of sequence ids, got {seq_ids!r}")
-        ids = list(seq_ids)
-        if len(set(ids)) != len(ids):
-            raise InvalidArgument("a sequence is named twice")
-        return ids
+        return check_seq_ids(seq_ids)
 
     def layer(self, i: int) -> LayerKV:
         """Layer ``i``: ``k``, ``v`` are virtual [max_seqs, max_seq_len, heads, code_dim]."""
