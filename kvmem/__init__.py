@@ -6,11 +6,13 @@ backend's :class:`BatchLayout`.
 """
 
 from kvmem.allocator import (
+    Capabilities,
     KVAllocator,
     KVStats,
     SeqInfo,
     SwapHandle,
     available_backends,
+    backend_class,
     create_allocator,
     register_backend,
 )
@@ -33,6 +35,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BatchLayout",
+    "Capabilities",
     "DriverError",
     "DuplicateSequence",
     "IntegrityError",
@@ -51,6 +54,7 @@ __all__ = [
     "UnknownSequence",
     "__version__",
     "available_backends",
+    "backend_class",
     "create_allocator",
     "register_backend",
     "resolve_format",

@@ -25,7 +25,6 @@ subclass and leaves the allocator exactly as it was.
 from __future__ import annotations
 
 import importlib
-import pkgutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +51,7 @@ __all__ = [
     "DuplicateSequence",
     "IntegrityError",
     "InvalidArgument",
+    "Capabilities",
     "KVAllocator",
     "KVError",
     "KVStats",
@@ -60,11 +60,36 @@ __all__ = [
     "SwapHandle",
     "UnknownSequence",
     "available_backends",
+    "backend_class",
     "create_allocator",
     "register_backend",
 ]
 
 SeqId = Hashable
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend does beyond the core contract, declared rather than probed.
+
+    The engine, the server and the benchmarks read these; a call a backend
+    does not declare raises :class:`~kvmem.errors.InvalidArgument`.
+    """
+
+    prefix_caching: bool = False
+    """``add`` may report leading tokens whose KV is already cached."""
+    swap: bool = False
+    """``swap_out`` / ``swap_in`` move KV to host memory and back."""
+    keep_on_host: bool = False
+    """``free(seq, keep_on_host=True)`` parks KV on the host; ``resume`` takes it back."""
+    fork: bool = False
+    """``fork`` shares KV copy-on-write."""
+    multi_process: bool = False
+    """The allocator spans several processes (every rank must make the same calls)."""
+
+    def names(self) -> list[str]:
+        """The names of the capabilities that are on, in declaration order."""
+        return [k for k, v in self.__dict__.items() if v]
 
 
 @dataclass(frozen=True)
@@ -163,7 +188,12 @@ class KVAllocator(ABC):
 
     spec: KVSpec
     page_size: int
+    """Tokens per page of the :class:`~kvmem.layout.BatchLayout` kernels read."""
+    granularity: int
+    """Tokens a reservation rounds up to: the unit memory grows by, per sequence."""
     device: torch.device
+    capabilities: Capabilities = Capabilities()
+    """What this backend declares beyond the core contract (an instance may narrow it)."""
 
     @abstractmethod
     def add(self, seq_id: SeqId, token_ids: Sequence[int], cache_salt: Hashable = None) -> int:
@@ -210,8 +240,26 @@ class KVAllocator(ABC):
         """Make ``child_id`` a copy of the parent that shares its KV, copy-on-write."""
 
     @abstractmethod
-    def free(self, seq_id: SeqId) -> None:
-        """Release everything the sequence holds (device and host)."""
+    def free(self, seq_id: SeqId, keep_on_host: bool = False) -> None:
+        """Release everything the sequence holds (device and host).
+
+        With ``keep_on_host=True`` (backends declaring ``keep_on_host``) the
+        sequence's KV is parked on the host for its next turn instead, to be
+        taken back with :meth:`resume`; parked KV may be evicted at any time.
+        """
+
+    def resume(
+        self, seq_id: SeqId, token_ids: Sequence[int], cache_salt: Hashable = None
+    ) -> int:
+        """Start the next turn of a sequence parked with ``free(keep_on_host=True)``.
+
+        If ``seq_id`` is parked with the same ``cache_salt`` and ``token_ids``
+        extends its tokens, its KV comes back (OutOfKVMemory if it does not
+        fit, the sequence staying parked), the new tokens are appended and its
+        KV count is returned. Otherwise any parked copy is dropped and this is
+        :meth:`add`. Backends without ``keep_on_host`` simply ``add``.
+        """
+        return self.add(seq_id, token_ids, cache_salt=cache_salt)
 
     @abstractmethod
     def swap_out(self, seq_ids: Iterable[SeqId]) -> SwapHandle:
@@ -256,50 +304,74 @@ class KVAllocator(ABC):
 
 
 A = TypeVar("A", bound=type[KVAllocator])
-_REGISTRY: dict[str, Callable[..., KVAllocator]] = {}
-_DISCOVERED = False
+
+BUILTIN_BACKENDS: dict[str, str] = {
+    "paged": "kvmem.backends.paged:PagedAllocator",
+    "grouped": "kvmem.backends.grouped:GroupedAllocator",
+    "vmem": "kvmem.backends.vmem:VMemAllocator",
+    "sharded": "kvmem.distributed.sharded:ShardedAllocator",
+}
+"""The built-in backends as lazy ``"module:Class"`` entries, imported on first use."""
+
+ENTRY_POINT_GROUP = "kvmem.backends"
+"""Third-party backends: entry points ``name = "package.module:Class"`` in this group."""
+
+_REGISTERED: dict[str, type[KVAllocator]] = {}
 
 
 def register_backend(name: str) -> Callable[[A], A]:
-    """Class decorator: make a backend available to :func:`create_allocator` as ``name``."""
+    """Class decorator: make a backend class available to :func:`create_allocator` as ``name``.
+
+    For backends defined at run time (tests, notebooks); packaged backends
+    declare an entry point in the ``kvmem.backends`` group instead.
+    """
 
     def deco(cls: A) -> A:
-        _REGISTRY[name] = cls
+        _REGISTERED[name] = cls
         return cls
 
     return deco
 
 
-def _discover() -> None:
-    """Import every module of ``kvmem.backends`` and the ``kvmem.backends`` entry points."""
-    global _DISCOVERED
-    if _DISCOVERED:
-        return
-    _DISCOVERED = True
-    import kvmem.backends as pkg
+def _entry_points() -> dict[str, str]:
+    return {ep.name: ep.value for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
 
-    for mod in pkgutil.iter_modules(pkg.__path__):
-        importlib.import_module(f"{pkg.__name__}.{mod.name}")
-    for ep in metadata.entry_points(group="kvmem.backends"):
-        ep.load()
+
+def _load(target: str) -> type[KVAllocator]:
+    module, _, attr = target.partition(":")
+    cls = getattr(importlib.import_module(module), attr)
+    if not (isinstance(cls, type) and issubclass(cls, KVAllocator)):
+        raise InvalidArgument(f"{target} is not a KVAllocator subclass")
+    return cls
 
 
 def available_backends() -> list[str]:
-    """Names accepted by :func:`create_allocator`."""
-    _discover()
-    return sorted(_REGISTRY)
+    """Names accepted by :func:`create_allocator`; nothing is imported."""
+    return sorted({*BUILTIN_BACKENDS, *_entry_points(), *_REGISTERED})
+
+
+def backend_class(kind: str) -> type[KVAllocator]:
+    """The class registered as ``kind``, imported now (InvalidArgument if unknown)."""
+    if kind in _REGISTERED:
+        return _REGISTERED[kind]
+    target = BUILTIN_BACKENDS.get(kind) or _entry_points().get(kind)
+    if target is None:
+        raise InvalidArgument(
+            f"unknown backend {kind!r}; available: {', '.join(available_backends())}"
+        )
+    cls = _load(target)
+    _REGISTERED[kind] = cls
+    return cls
 
 
 def create_allocator(kind: str, spec: KVSpec, **options: Any) -> KVAllocator:
     """Build the backend registered as ``kind`` (``"paged"``, ``"vmem"``, ...)."""
-    _discover()
-    if kind not in _REGISTRY:
-        raise InvalidArgument(
-            f"unknown backend {kind!r}; available: {', '.join(sorted(_REGISTRY))}"
-        )
+    if not isinstance(kind, str):
+        raise InvalidArgument(f"backend kind must be a str, got {kind!r}")
+    cls = backend_class(kind)
     if not isinstance(spec, KVSpec):
         raise InvalidArgument(f"spec must be a KVSpec, got {type(spec).__name__}")
-    return _REGISTRY[kind](spec, **options)
+    return cls(spec, **options)
 
 
 def capacity_pages(

@@ -55,7 +55,13 @@ def _info(args: argparse.Namespace) -> int:
 
     c = Console()
     c.print(f"kvmem {kvmem.__version__}, torch {torch.__version__}")
-    c.print(f"backends: {', '.join(kvmem.available_backends())}")
+    c.print("backends:")
+    for name in kvmem.available_backends():
+        try:
+            caps = ", ".join(kvmem.backend_class(name).capabilities.names()) or "core contract"
+        except Exception as e:  # a third-party backend that fails to import
+            caps = f"unavailable ({e})"
+        c.print(f"  {name}: {caps}")
     c.print(f"kv formats: {', '.join(FORMAT_NAMES)}")
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     c.print(f"CUDA device: {cuda}")

@@ -1,1 +1,1 @@
-"""KV backends. Each module registers itself with :func:`kvmem.allocator.register_backend`."""
+"""KV backends; the registry in :mod:`kvmem.allocator` names them."""

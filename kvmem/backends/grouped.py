@@ -41,7 +41,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from kvmem.allocator import register_backend
 from kvmem.backends.freepages import FreePages
 from kvmem.backends.paged import PagedAllocator
 from kvmem.errors import IntegrityError, InvalidArgument
@@ -262,7 +261,6 @@ class BuddyPages:
             raise IntegrityError("free page counts are off")
 
 
-@register_backend("grouped")
 class GroupedAllocator(PagedAllocator):
     """FastSwitch-style KV: paged KV whose pages come in contiguous, buddy-allocated runs.
 

@@ -57,12 +57,14 @@ handle completes in submission order. A sequence's states::
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from functools import partial
 
 import numpy as np
 import torch
 
 from kvmem.allocator import (
+    Capabilities,
     KVAllocator,
     KVStats,
     SeqInfo,
@@ -75,7 +77,6 @@ from kvmem.allocator import (
     check_seq_ids,
     check_tokens,
     raise_unknown,
-    register_backend,
 )
 from kvmem.backends.freepages import FreePages, FreeQueue
 from kvmem.errors import (
@@ -142,7 +143,6 @@ def _nothing() -> None:
     """The work of a swap of no sequences."""
 
 
-@register_backend("paged")
 class PagedAllocator(KVAllocator):
     """vLLM-style paged KV with prefix caching.
 
@@ -156,6 +156,8 @@ class PagedAllocator(KVAllocator):
     ``swap_reuse`` (keep host copies after swap-in for reuse, default True).
     """
 
+
+    capabilities = Capabilities(prefix_caching=True, swap=True, keep_on_host=True, fork=True)
     def __init__(
         self,
         spec: KVSpec,
@@ -186,8 +188,11 @@ class PagedAllocator(KVAllocator):
             )
         self.spec = spec
         self.page_size = page_size
+        self.granularity = page_size
         self.device = torch.device(device)
         self.prefix_caching = prefix_caching
+        if not prefix_caching:
+            self.capabilities = replace(self.capabilities, prefix_caching=False)
         self.num_pages = capacity_pages(spec, page_size, num_tokens, num_bytes)
         self.pool = PagePool(spec, self.num_pages, page_size, self.device, storage_layout)
         self._ref = [0] * self.num_pages

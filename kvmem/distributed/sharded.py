@@ -63,6 +63,7 @@ import torch
 import torch.distributed as dist
 
 from kvmem.allocator import (
+    Capabilities,
     KVAllocator,
     KVStats,
     SeqInfo,
@@ -73,7 +74,6 @@ from kvmem.allocator import (
     check_tokens,
     create_allocator,
     raise_unknown,
-    register_backend,
 )
 from kvmem.distributed.comm import Channel, PeerFailure, Traffic
 from kvmem.distributed.directory import (
@@ -152,7 +152,6 @@ class StepProfile:
             setattr(self, f.name, f.default)
 
 
-@register_backend("sharded")
 class ShardedAllocator(KVAllocator):
     """DistAttention-style KV sharded over a torch.distributed group (Infinite-LLM rBlocks).
 
@@ -172,6 +171,8 @@ class ShardedAllocator(KVAllocator):
     travel through host memory over gloo (not run yet: no GPU here).
     """
 
+
+    capabilities = Capabilities(fork=True, multi_process=True)
     def __init__(
         self,
         spec: KVSpec,
@@ -212,6 +213,7 @@ class ShardedAllocator(KVAllocator):
         self.spec = spec
         self.local = local
         self.page_size = local.page_size
+        self.granularity = rb
         self.device = local.device
         self.rblock_size = rb
         self.placement: Placement = placement
@@ -510,8 +512,10 @@ class ShardedAllocator(KVAllocator):
         if c.blocks:
             self._record(c)
 
-    def free(self, seq_id: Hashable) -> None:
+    def free(self, seq_id: Hashable, keep_on_host: bool = False) -> None:
         """Release the sequence's rBlocks on every rank that holds them."""
+        if keep_on_host:
+            raise InvalidArgument("the sharded backend does not keep KV on the host after free")
         s = self._get(seq_id)
         ranks = {b.rank for b in s.blocks}
         res = self._call_many({r: (("drop", s.handle, None), []) for r in ranks})

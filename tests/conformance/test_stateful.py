@@ -267,14 +267,14 @@ def test_machine_finds_a_planted_leak():
     from kvmem.backends.paged import PagedAllocator
 
     class Leaky(PagedAllocator):
-        def free(self, seq_id):
+        def free(self, seq_id, keep_on_host=False):
             s = self._get(seq_id)
             del self._seqs[seq_id]
             self._free_rows.append(s.row)  # pages never released
 
     import kvmem.allocator as reg
 
-    reg._REGISTRY["leaky-test"] = Leaky
+    reg.register_backend("leaky-test")(Leaky)
     try:
         with pytest.raises(Exception):  # noqa: B017 - any failure of the machine will do
             run_state_machine_as_test(
@@ -289,4 +289,4 @@ def test_machine_finds_a_planted_leak():
                 ),
             )
     finally:
-        del reg._REGISTRY["leaky-test"]
+        del reg._REGISTERED["leaky-test"]

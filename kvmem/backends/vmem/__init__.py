@@ -82,6 +82,7 @@ import numpy as np
 import torch
 
 from kvmem.allocator import (
+    Capabilities,
     KVAllocator,
     KVStats,
     SeqInfo,
@@ -93,7 +94,6 @@ from kvmem.allocator import (
     check_seq_ids,
     check_tokens,
     raise_unknown,
-    register_backend,
 )
 from kvmem.backends.vmem.driver import MetaDriver, VMemDriver, make_driver
 from kvmem.backends.vmem.space import VirtualKV, round_seq_len
@@ -160,7 +160,6 @@ def _worker(ref: weakref.ReferenceType[VMemAllocator], q: queue.SimpleQueue[_Ite
             return
 
 
-@register_backend("vmem")
 class VMemAllocator(KVAllocator):
     """vAttention-style KV: a virtual row per sequence, pages mapped as it grows.
 
@@ -194,6 +193,8 @@ class VMemAllocator(KVAllocator):
     driver and closes it.
     """
 
+
+    capabilities = Capabilities(swap=True, fork=True)
     def __init__(
         self,
         spec: KVSpec,
@@ -281,6 +282,7 @@ class VMemAllocator(KVAllocator):
         tb = spec.bytes_per_token_layer
         self.max_seq_len = round_seq_len(tb, max_seq_len, pb)
         self.page_size = self.max_seq_len
+        self.granularity = max(1, pb // tb)
         row_groups = self.max_seq_len * tb // pb
         if num_tokens is not None:
             groups = -(-num_tokens * tb // pb)
@@ -641,13 +643,15 @@ class VMemAllocator(KVAllocator):
         c.num_computed = c.reserved = n
         self._set_held(c, n)
 
-    def free(self, seq_id: Hashable) -> None:
+    def free(self, seq_id: Hashable, keep_on_host: bool = False) -> None:
         """Release the sequence; its slot keeps its own pages mapped for the next sequence.
 
         Pages the slot shares with a fork are unmapped from it, so a free
         slot never holds another sequence's KV. A swapped-out sequence's
-        host copy is dropped.
+        host copy is dropped. ``keep_on_host`` is not supported (InvalidArgument).
         """
+        if keep_on_host:
+            raise InvalidArgument("the vmem backend does not keep KV on the host after free")
         s = self._get(seq_id)
         with self._lock:
             del self._seqs[seq_id]
