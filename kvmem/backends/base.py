@@ -44,7 +44,7 @@ hooks, which also own whatever per-sequence fields a subclass of
 :class:`SeqState` adds (pages, a slot, a handle).
 
 A minimal backend (a dict of pages, no prefix caching, no swap) is about
-100 lines: see ``tests/backends/test_base.py``.
+120 lines: see ``tests/backends/minimal.py``, which the conformance suite runs on.
 """
 
 from __future__ import annotations
