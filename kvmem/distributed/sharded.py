@@ -41,6 +41,12 @@ Without an initialised ``torch.distributed`` (or in a group of one) the
 allocator runs as a world of one: same code, no threads, an in-memory
 directory.
 
+The sequence bookkeeping (tokens, counts, argument checks, the layout loop)
+is :class:`~kvmem.backends.base.KVBackend`'s; the requests to the holders
+are :mod:`kvmem.distributed.calls`. The backend declares ``fork`` and
+``multi_process`` only: ``swap_out``, ``swap_in`` and
+``free(keep_on_host=True)`` raise InvalidArgument (preempt by recompute).
+
 Faults: every wait on another rank is bounded by ``timeout`` seconds (see
 :mod:`kvmem.distributed.comm`); a rank that dies is reported as soon as its
 connection closes, one that stops answering after ``timeout``, both as
