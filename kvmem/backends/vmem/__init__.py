@@ -95,7 +95,8 @@ from kvmem.allocator import (
     check_tokens,
     raise_unknown,
 )
-from kvmem.backends.vmem.driver import MetaDriver, VMemDriver, make_driver
+from kvmem.backends.vmem.driver import MetaDriver, VMemDriver
+from kvmem.backends.vmem.drivers import make_driver
 from kvmem.backends.vmem.space import VirtualKV, round_seq_len
 from kvmem.backends.vmem.swapping import HostKV, copy_in, copy_out
 from kvmem.errors import (
@@ -193,8 +194,8 @@ class VMemAllocator(KVAllocator):
     driver and closes it.
     """
 
-
     capabilities = Capabilities(swap=True, fork=True)
+
     def __init__(
         self,
         spec: KVSpec,
