@@ -453,7 +453,7 @@ def test_close_releases_every_mapping_range_and_the_memfd():
     write_step(a, [("s", 50)], tokens)
     a.wait_map_ahead(10)
     fd, base, size = a.driver.fd, a.space.base, a.space.virtual_bytes
-    worker = a._thread
+    worker = a._mapper.thread
     assert any(lo <= base < hi for lo, hi in mapped_ranges())
     a.close()
     assert not any(lo < base + size and base < hi for lo, hi in mapped_ranges())

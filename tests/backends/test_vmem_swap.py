@@ -8,7 +8,7 @@ import torch
 
 from kvmem import InvalidArgument, KVSpec, OutOfKVMemory, UnknownSequence, create_allocator
 from kvmem.attention import reference
-from kvmem.backends import vmem as vmem_mod
+from kvmem.backends.vmem import swapping
 from kvmem.backends.vmem import VMemAllocator
 from kvmem.errors import OutOfHostMemory
 from kvmem.layout import build_layout
@@ -216,14 +216,14 @@ def test_a_failed_copy_leaves_the_sequence_where_it_was(monkeypatch):
         def broken(*args):
             raise RuntimeError("copy failed")
 
-        monkeypatch.setattr(vmem_mod, "copy_out", broken)
+        monkeypatch.setattr(swapping, "copy_out", broken)
         with pytest.raises(RuntimeError, match="copy failed"):
             a.swap_out(["a"]).wait(timeout=10)
         assert not a.seq_info("a").swapped
         assert_same(stored(a, "a"), before)
         monkeypatch.undo()
         a.swap_out(["a"]).wait(timeout=10)
-        monkeypatch.setattr(vmem_mod, "copy_in", broken)
+        monkeypatch.setattr(swapping, "copy_in", broken)
         with pytest.raises(RuntimeError, match="copy failed"):
             a.swap_in(["a"]).wait(timeout=10)
         assert a.seq_info("a").swapped and a.stats().used_tokens == 0

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from kvmem.backends.vmem.driver import PageHandle, VMemDriver
-from kvmem.errors import DriverError
+from kvmem.errors import DriverError, IntegrityError
 from kvmem.spec import KVSpec
 from kvmem.storage import LayerKV
 
@@ -459,6 +459,28 @@ class VirtualKV:
         for a, t in zip(addrs, saved, strict=False):
             drv.tensor(a, pb).copy_(t)
         self.groups[slot][j] = new
+
+    # ------------------------------------------------------------- integrity
+    def check(self) -> None:
+        """Raise IntegrityError unless mappings, reference counts, pool and call counts agree."""
+        refs = [0] * self.num_groups
+        for slot, lst in enumerate(self.groups):
+            for g in lst:
+                refs[g] += 1
+            if self.covered[slot] != self.cover(len(lst)):
+                raise IntegrityError(f"slot {slot}: covered count out of date")
+        for slot, lst in enumerate(self.groups):
+            shared = [j for j, g in enumerate(lst) if refs[g] > 1]
+            if shared and self.page_of(self.shared_below[slot] - 1) < shared[-1]:
+                raise IntegrityError(f"slot {slot}: shared pages beyond its shared bound")
+        if refs != self.ref:
+            raise IntegrityError("group reference counts do not match the slot mappings")
+        if sorted(self.pool) != [g for g, r in enumerate(refs) if r == 0]:
+            raise IntegrityError("the pool is not exactly the unmapped groups")
+        if self.extra_refs != sum(max(0, r - 1) for r in refs):
+            raise IntegrityError("shared mapping count is off")
+        if self.map_calls - self.unmap_calls != sum(refs) * self.num_layers:
+            raise IntegrityError("map and unmap calls do not add up to the mapped pages")
 
     # ----------------------------------------------------------------- close
     def close(self, on_error: Callable[[DriverError], None] | None = None) -> None:
