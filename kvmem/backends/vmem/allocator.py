@@ -1,6 +1,8 @@
 """The vmem allocator: slots, page-group accounting, and the allocator contract over them.
 
-See :mod:`kvmem.backends.vmem` for the memory model. This module decides
+See :mod:`kvmem.backends.vmem` for the memory model. The sequence
+bookkeeping and argument checks are :class:`~kvmem.backends.base.KVBackend`'s;
+this module implements its hooks. It decides
 which slot a sequence gets, how many page groups each sequence holds, and
 when pages are mapped (``reserve``), shared (``fork``) or reclaimed (a
 ``reserve`` that finds the pool empty); :class:`~kvmem.backends.vmem.space.VirtualKV`
@@ -13,48 +15,30 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 import torch
 
-from kvmem.allocator import (
-    Capabilities,
-    KVAllocator,
-    KVStats,
-    SeqInfo,
-    batch_ids,
-    check_commit,
-    check_count,
-    check_new_tokens,
-    check_tokens,
-    raise_unknown,
-)
+from kvmem.allocator import Capabilities, KVStats, check_count
+from kvmem.backends.base import KVBackend
 from kvmem.backends.vmem.driver import VMemDriver
 from kvmem.backends.vmem.drivers import make_driver
 from kvmem.backends.vmem.mapahead import MapAhead
 from kvmem.backends.vmem.seq import VSeq
 from kvmem.backends.vmem.space import VirtualKV, round_seq_len
 from kvmem.backends.vmem.swapping import SwapMixin
-from kvmem.errors import (
-    DriverError,
-    DuplicateSequence,
-    IntegrityError,
-    InvalidArgument,
-    KVError,
-    OutOfKVMemory,
-)
-from kvmem.layout import BatchLayout, build_layout
+from kvmem.errors import DriverError, IntegrityError, InvalidArgument, OutOfKVMemory
+from kvmem.layout import BatchLayout
 from kvmem.spec import KVSpec
 from kvmem.storage import LayerKV
-from kvmem.swap.manager import SwapManager
 
 __all__ = ["VMemAllocator"]
 
 _KIB = 1024
 
 
-class VMemAllocator(SwapMixin, KVAllocator):
+class VMemAllocator(SwapMixin, KVBackend[VSeq]):
     """vAttention-style KV: a virtual row per sequence, pages mapped as it grows.
 
     Options:
@@ -88,6 +72,7 @@ class VMemAllocator(SwapMixin, KVAllocator):
     """
 
     capabilities = Capabilities(swap=True, fork=True)
+    max_seq_len: int
 
     def __init__(
         self,
@@ -104,6 +89,7 @@ class VMemAllocator(SwapMixin, KVAllocator):
         driver: str | VMemDriver | None = None,
         host_num_tokens: int | None = None,
     ) -> None:
+        super().__init__()
         self._closed = True  # until fully built: close() and __del__ do nothing
         check_count("max_seq_len", max_seq_len)
         check_count("max_seqs", max_seqs)
@@ -129,7 +115,6 @@ class VMemAllocator(SwapMixin, KVAllocator):
             raise
         self.driver = drv
         self._lock = threading.Lock()
-        self._seqs: dict[Hashable, VSeq] = {}
         self._owner: list[VSeq | None] = [None] * max_seqs
         self._free_slots: OrderedDict[int, None] = OrderedDict.fromkeys(range(max_seqs))
         self._held_sum = 0  # sum over sequences of the groups each holds
@@ -140,12 +125,7 @@ class VMemAllocator(SwapMixin, KVAllocator):
         self.map_ahead = map_ahead
         self._mapper = MapAhead(self.space, self._lock, ahead, self._target)
         group_tokens = spec.num_layers * self.page_bytes // spec.bytes_per_token
-        self.host_num_tokens = (
-            host_num_tokens if host_num_tokens is not None else self.space.num_groups * group_tokens
-        )
-        self._host_tokens = 0  # KV entries in host copies
-        self._swapper = SwapManager(self.device)
-        self._swap_counts = {"swap_out_bytes": 0, "swap_in_bytes": 0, "swap_copies": 0}
+        self._init_swap(host_num_tokens, self.space.num_groups * group_tokens)
         self._closed = False
 
     def _build(
@@ -190,24 +170,6 @@ class VMemAllocator(SwapMixin, KVAllocator):
         self.space = VirtualKV(spec, drv, max_seqs, self.max_seq_len, pb, groups)
 
     # ------------------------------------------------------------------ helpers
-    def _get(self, seq_id: Hashable) -> VSeq:
-        """The sequence, its swap (if one is in flight) finished first."""
-        if self._closed:
-            raise KVError("allocator is closed")
-        s = self._seqs.get(seq_id)
-        if s is None:
-            raise raise_unknown(seq_id)
-        if s.transfer is not None:
-            self._swapper.settle(s.transfer)
-        return s
-
-    def _resident(self, seq_id: Hashable) -> VSeq:
-        """The sequence, which must not be swapped out."""
-        s = self._get(seq_id)
-        if s.swapped:
-            raise InvalidArgument(f"sequence {seq_id!r} is swapped out; swap it in first")
-        return s
-
     def _make_room(self, groups: int, slots: int) -> None:
         """Wait for in-flight swaps (oldest first) until ``groups`` and ``slots`` are free."""
         sw = self._swapper
@@ -216,13 +178,6 @@ class VMemAllocator(SwapMixin, KVAllocator):
             groups > self.space.num_groups - self._held() or slots > len(self._free_slots)
         ):
             sw.settle(t)
-
-    def _check_len(self, seq_id: Hashable, n: int) -> None:
-        if n > self.max_seq_len:
-            raise InvalidArgument(
-                f"sequence {seq_id!r} would have {n} tokens, more than max_seq_len "
-                f"{self.max_seq_len}"
-            )
 
     def _held(self) -> int:
         """Distinct page groups held by sequences (a shared group counts once)."""
@@ -278,54 +233,22 @@ class VMemAllocator(SwapMixin, KVAllocator):
         """
         return self._mapper.wait(timeout)
 
-    # --------------------------------------------------------------- interface
-    def add(self, seq_id: Hashable, token_ids: Sequence[int], cache_salt: Hashable = None) -> int:
-        """Register a sequence with its prompt; returns 0 (no prefix caching here).
+    # ------------------------------------------------------ hooks of KVBackend
+    def _admit(self, seq_id: Hashable, tokens: list[int], cache_salt: Hashable) -> VSeq:
+        """A new sequence: no slot or memory until its first ``reserve``; no prefix cache."""
+        return VSeq(tokens)
 
-        ``cache_salt`` is accepted for the common interface and has no effect.
-        No slot or memory is taken until the first ``reserve``. Raises
-        DuplicateSequence, and InvalidArgument for a prompt longer than
-        ``max_seq_len``.
+    def _grow(self, seq_id: Hashable, s: VSeq, target: int) -> None:
+        """Map, privately, every position up to ``target`` under the sequence's slot.
+
+        The first growth gives the sequence a slot (best fit among the free
+        ones). On return every reserved position is mapped, and the page the
+        next KV goes to is the sequence's own (a page still shared with a
+        fork is copied first). Raises OutOfKVMemory (pool or slots short),
+        InvalidArgument (beyond ``max_seq_len``), DriverError (the driver
+        failed: nothing the sequences hold changed, though mappings nobody
+        held may have been dropped).
         """
-        if self._closed:
-            raise KVError("allocator is closed")
-        if seq_id in self._seqs:
-            raise DuplicateSequence(f"sequence {seq_id!r} is already registered")
-        toks = check_tokens(token_ids)
-        self._check_len(seq_id, len(toks))
-        self._seqs[seq_id] = VSeq(toks)
-        return 0
-
-    def append(self, seq_id: Hashable, token_ids: Sequence[int]) -> None:
-        """Add known tokens whose KV is still to be written (at most ``max_seq_len`` in all)."""
-        s = self._get(seq_id)
-        if len(token_ids) == 1 and type(token_ids[0]) is int and token_ids[0] >= 0:
-            if len(s.tokens) >= self.max_seq_len:
-                self._check_len(seq_id, len(s.tokens) + 1)
-            s.tokens.append(token_ids[0])
-            return
-        toks = check_tokens(token_ids)
-        self._check_len(seq_id, len(s.tokens) + len(toks))
-        s.tokens.extend(toks)
-
-    def reserve(self, seq_id: Hashable, num_tokens: int) -> None:
-        """Ensure mapped, private slots for the next ``num_tokens`` KV entries (all or nothing).
-
-        The first reserve of a sequence gives it a slot (best fit among the
-        free ones). On return every reserved position is mapped, and the
-        page the next KV goes to is the sequence's own (a page still shared
-        with a fork is copied first). Raises OutOfKVMemory (pool or slots
-        short), InvalidArgument (beyond ``max_seq_len``), DriverError (the
-        driver failed: nothing the sequences hold changed, though mappings
-        nobody held may have been dropped), InvalidArgument for a swapped-out
-        sequence.
-        """
-        s = self._resident(seq_id)
-        if type(num_tokens) is not int or num_tokens <= 0:
-            check_count("num_tokens", num_tokens)
-        target = s.num_computed + num_tokens
-        if target <= s.reserved:
-            return
         if target > self.max_seq_len:
             raise InvalidArgument(
                 f"sequence {seq_id!r}: {target} KV entries exceed max_seq_len {self.max_seq_len}"
@@ -371,20 +294,14 @@ class VMemAllocator(SwapMixin, KVAllocator):
             self._mapper.want(slot, target)
             self._mapper.wake()
 
-    def can_reserve(self, requests: Mapping[Hashable, int]) -> bool:
-        """Whether every ``reserve(seq, n)`` of ``requests`` fits at once.
+    def _can_grow(self, grow: list[tuple[VSeq, int]]) -> bool:
+        """Whether the pool and the free slots cover every growth at once.
 
         Waits for in-flight swap-outs when what they free is needed.
         """
-        need = 0
-        slots = 0
+        need = slots = 0
         sp = self.space
-        for sid, n in requests.items():
-            check_count("num_tokens", n)
-            s = self._resident(sid)
-            target = s.num_computed + n
-            if target <= s.reserved:
-                continue
+        for s, target in grow:
             if target > self.max_seq_len:
                 return False
             need += sp.pages(target) - s.held
@@ -396,42 +313,29 @@ class VMemAllocator(SwapMixin, KVAllocator):
             self._make_room(need, slots)
         return need <= sp.num_groups - self._held() and slots <= len(self._free_slots)
 
-    def layout(self, batch: Sequence[tuple[Hashable, int]]) -> BatchLayout:
-        """One page per sequence: its slot, ``page_size = max_seq_len``."""
-        if not batch:
-            raise InvalidArgument("layout of an empty batch")
-        if self._closed:
-            raise KVError("allocator is closed")
-        b = len(batch)
-        rows = np.empty((b, 1), dtype=np.int32)
-        seq_lens = np.empty(b, dtype=np.int32)
-        qlens = np.empty(b, dtype=np.int32)
-        seqs = self._seqs
-        for i, (sid, n) in enumerate(batch):
-            s = seqs.get(sid)
-            if s is None or s.swapped or s.transfer is not None:
-                s = self._resident(sid)
-            if type(n) is not int or n <= 0 or s.num_computed + n > s.reserved:
-                check_new_tokens(sid, s.num_computed, s.reserved, n)  # raises
-            end = s.num_computed + n
-            rows[i, 0] = s.slot
-            seq_lens[i] = end
-            qlens[i] = n
-        ids = batch_ids(batch)
+    def _pages(self, s: VSeq) -> Sequence[int]:
+        """One page per sequence: its slot's row (``page_size = max_seq_len``)."""
+        return (s.slot,)
+
+    def _page_rows(self, seqs: list[VSeq], seq_lens: np.ndarray) -> tuple[np.ndarray, bool]:
+        """The batch's slots as a [B, 1] page table."""
+        rows = np.fromiter((s.slot for s in seqs), dtype=np.int32, count=len(seqs))
+        return rows.reshape(-1, 1), True
+
+    def _make_layout(
+        self,
+        ids: tuple[Hashable, ...],
+        seqs: list[VSeq],
+        seq_lens: np.ndarray,
+        query_lens: np.ndarray,
+    ) -> BatchLayout:
+        """The base layout; first hands pending requests to the map-ahead worker."""
         if self._mapper.pending:
             self._mapper.wake()  # the batch is about to run: the worker maps meanwhile
-        return build_layout(
-            self.max_seq_len, rows, seq_lens, qlens, ids, self.device, self.spec, zero_padded=True
-        )
+        return super()._make_layout(ids, seqs, seq_lens, query_lens)
 
-    def commit(self, seq_id: Hashable, num_tokens: int) -> None:
-        """Record that ``num_tokens`` more KV entries are written."""
-        s = self._resident(seq_id)
-        end = check_commit(seq_id, s.num_computed, s.reserved, len(s.tokens), num_tokens)
-        s.num_computed = end
-
-    def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
-        """Make the child a copy of the parent that shares its KV, copy-on-write.
+    def _fork(self, parent_id: Hashable, p: VSeq, child_id: Hashable) -> VSeq:
+        """The child, sharing the parent's computed KV, copy-on-write.
 
         The child gets its own slot, and under it the parent's physical pages
         holding the computed KV are mapped a second time: no data is copied
@@ -441,9 +345,6 @@ class VMemAllocator(SwapMixin, KVAllocator):
         reads positions before the fork point and copies the page before it
         writes. Raises OutOfKVMemory when no slot is free; nothing changes then.
         """
-        p = self._resident(parent_id)
-        if child_id in self._seqs:
-            raise DuplicateSequence(f"sequence {child_id!r} is already registered")
         c = VSeq(list(p.tokens))
         n = p.num_computed
         if n:
@@ -451,7 +352,7 @@ class VMemAllocator(SwapMixin, KVAllocator):
                 self._make_room(0, 1)
             with self._lock:
                 self._fork_slot(parent_id, p, c, n)
-        self._seqs[child_id] = c
+        return c
 
     def _fork_slot(self, parent_id: Hashable, p: VSeq, c: VSeq, n: int) -> None:
         if not self._free_slots:
@@ -467,20 +368,28 @@ class VMemAllocator(SwapMixin, KVAllocator):
         c.num_computed = c.reserved = n
         self._set_held(c, n)
 
-    def free(self, seq_id: Hashable, keep_on_host: bool = False) -> None:
+    def _drop(self, seq_id: Hashable, s: VSeq) -> None:
         """Release the sequence; its slot keeps its own pages mapped for the next sequence.
 
         Pages the slot shares with a fork are unmapped from it, so a free
         slot never holds another sequence's KV. A swapped-out sequence's
-        host copy is dropped. ``keep_on_host`` is not supported (InvalidArgument).
+        host copy is dropped.
         """
-        if keep_on_host:
-            raise InvalidArgument("the vmem backend does not keep KV on the host after free")
-        s = self._get(seq_id)
         with self._lock:
             del self._seqs[seq_id]
             self._drop_host(s)
             self._release_slot(s)
+
+    def _await_transfer(self, s: VSeq) -> None:
+        if s.transfer is not None:
+            self._swapper.settle(s.transfer)
+
+    def _sync(self) -> None:
+        self._swapper.reap()
+
+    def _layer(self, i: int) -> LayerKV:
+        """Layer ``i``: ``k``, ``v`` are virtual [max_seqs, max_seq_len, heads, code_dim]."""
+        return self.space.layers[i]
 
     def _release_slot(self, s: VSeq) -> None:
         """(Lock held.) Give back the sequence's groups and slot; its pages stay mapped there."""
@@ -515,14 +424,7 @@ class VMemAllocator(SwapMixin, KVAllocator):
         s.slot = slot
         self._set_held(s, target)
 
-    def layer(self, i: int) -> LayerKV:
-        """Layer ``i``: ``k``, ``v`` are virtual [max_seqs, max_seq_len, heads, code_dim]."""
-        if self._closed:
-            raise KVError("allocator is closed")
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.spec.num_layers:
-            raise InvalidArgument(f"layer {i!r} out of range 0..{self.spec.num_layers - 1}")
-        return self.space.layers[i]
-
+    # -------------------------------------------------------------- vmem extras
     def kv_view(
         self, seq_id: Hashable, layer: int, length: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -551,15 +453,6 @@ class VMemAllocator(SwapMixin, KVAllocator):
         """Tokens the page groups held by the sequence can store (its reservation, page-rounded)."""
         return self._get(seq_id).held_cover
 
-    def seq_info(self, seq_id: Hashable) -> SeqInfo:
-        """Counts of one sequence."""
-        s = self._get(seq_id)
-        return SeqInfo(len(s.tokens), s.num_computed, s.reserved, s.swapped)
-
-    def seq_ids(self) -> list[Hashable]:
-        """Every registered sequence, swapped-out ones included."""
-        return list(self._seqs)
-
     def stats(self) -> KVStats:
         """Memory use in tokens; physical/virtual bytes and driver call counts in ``extra``.
 
@@ -572,8 +465,7 @@ class VMemAllocator(SwapMixin, KVAllocator):
         ``swaps_in_flight``) and cumulative ``swap_out_bytes``,
         ``swap_in_bytes``, ``swap_copies``.
         """
-        if self._closed:
-            raise KVError("allocator is closed")
+        self._check_open()
         self._swapper.reap()
         with self._lock:
             self._mapper.settle()
@@ -601,10 +493,7 @@ class VMemAllocator(SwapMixin, KVAllocator):
                 "page_bytes": self.page_bytes,
                 "max_seq_len": self.max_seq_len,
                 "free_slots": len(self._free_slots),
-                "host_capacity_tokens": self.host_num_tokens,
-                "host_used_tokens": self._host_tokens,
-                "swaps_in_flight": self._swapper.pending,
-                **self._swap_counts,
+                **self._swap_extra(),
             }
             drv_bytes = self.driver.allocated_bytes()
             if drv_bytes is not None:
@@ -614,7 +503,7 @@ class VMemAllocator(SwapMixin, KVAllocator):
                 bytes_per_token=bpt,
                 capacity_tokens=capacity,
                 used_tokens=used,
-                filled_tokens=self._filled(resident),
+                filled_tokens=sp.filled_tokens([(s.slot, s.num_computed) for s in resident]),
                 reserved_tokens=sum(s.reserved - s.num_computed for s in resident),
                 cached_tokens=0,
                 free_tokens=capacity - used,
@@ -624,50 +513,26 @@ class VMemAllocator(SwapMixin, KVAllocator):
                 extra=extra,
             )
 
-    def _filled(self, resident: list[VSeq]) -> int:
-        """(Lock held.) Tokens of KV written, KV shared by forks counted once."""
-        sp = self.space
-        if not sp.extra_refs:
-            return sum(s.num_computed for s in resident)
-        pb, tb = self.page_bytes, self.spec.bytes_per_token_layer
-        written: dict[int, int] = {}  # group: bytes of it written
-        for s in resident:
-            n = s.num_computed * tb
-            for j, g in enumerate(sp.groups[s.slot][: sp.pages(s.num_computed)]):
-                written[g] = max(written.get(g, 0), min(pb, n - j * pb))
-        return sum(written.values()) // tb
-
-    def check_integrity(self) -> None:
+    def _check_backend(self) -> None:
         """Verify slots, page groups and their counts, held totals, and the safety rules.
 
         Every reserved token is mapped; a page shared between slots lies
         inside the reserved KV of live sequences only, and at most one of
         them may write into it (the others copy it first, in ``reserve``).
         """
-        if self._closed:
-            raise KVError("allocator is closed")
-        self._swapper.reap()
         with self._lock:
             self._mapper.settle()
             self.space.check()
             self._check_seqs()
 
     def _check_seqs(self) -> None:
+        """(Lock held.) Each sequence against its slot, and the slot and held totals."""
         sp = self.space
-        held = host_tokens = 0
+        held = 0
         owned: set[int] = set()
         writers: set[int] = set()
+        self._check_host()
         for sid, s in self._seqs.items():
-            if not 0 <= s.num_computed <= s.reserved <= self.max_seq_len:
-                raise IntegrityError(f"{sid!r}: counts out of order")
-            if s.num_computed > len(s.tokens) or len(s.tokens) > self.max_seq_len:
-                raise IntegrityError(f"{sid!r}: token count out of range")
-            if s.swapped != (s.host is not None):
-                raise IntegrityError(f"{sid!r}: swapped state and host copy disagree")
-            if s.host is not None:
-                host_tokens += s.host.tokens
-                if s.host.tokens != s.num_computed:
-                    raise IntegrityError(f"{sid!r}: host copy does not cover its KV")
             if s.swapped and s.transfer is None:
                 if s.slot >= 0 or s.held:
                     raise IntegrityError(f"{sid!r}: swapped out but holds a slot or pages")
@@ -693,8 +558,6 @@ class VMemAllocator(SwapMixin, KVAllocator):
                 writers.add(lst[j])
         if held != self._held_sum:
             raise IntegrityError("held group total is off")
-        if host_tokens != self._host_tokens or host_tokens > self.host_num_tokens:
-            raise IntegrityError("host KV total is off")
         if self._held() > sp.num_groups:
             raise IntegrityError("more groups held than pooled")
         for slot, owner in enumerate(self._owner):
@@ -707,21 +570,18 @@ class VMemAllocator(SwapMixin, KVAllocator):
         if owned & rest or len(owned) + len(rest) != self.max_seqs:
             raise IntegrityError("slots leaked")
 
-    def close(self) -> None:
+    def _shutdown(self) -> None:
         """Stop the map-ahead worker, unmap and release every page, free the ranges.
 
-        Idempotent. Raises DriverError (after releasing everything it can)
-        if the driver failed along the way.
+        Raises DriverError (after releasing everything it can) if the driver
+        failed along the way.
         """
-        if self._closed:
-            return
         errors: list[DriverError] = []
         self._swapper.close()  # every copy done, every callback run
         with self._lock:
-            self._closed = self._mapper.closed = True
+            self._mapper.closed = True
         self._mapper.stop()
         with self._lock:
-            self._seqs.clear()
             self._owner = [None] * self.max_seqs
             self._free_slots = OrderedDict.fromkeys(range(self.max_seqs))
             self._quarantine.clear()

@@ -460,6 +460,17 @@ class VirtualKV:
             drv.tensor(a, pb).copy_(t)
         self.groups[slot][j] = new
 
+    def filled_tokens(self, rows: list[tuple[int, int]]) -> int:
+        """Tokens of KV written, for ``(slot, tokens written)`` rows; shared pages count once."""
+        if not self.extra_refs:
+            return sum(n for _, n in rows)
+        pb, tb = self.page_bytes, self.token_bytes
+        written: dict[int, int] = {}  # group: bytes of it written
+        for slot, n in rows:
+            for j, g in enumerate(self.groups[slot][: self.pages(n)]):
+                written[g] = max(written.get(g, 0), min(pb, n * tb - j * pb))
+        return sum(written.values()) // tb
+
     # ------------------------------------------------------------- integrity
     def check(self) -> None:
         """Raise IntegrityError unless mappings, reference counts, pool and call counts agree."""

@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable
 from typing import Protocol
 
 import torch
 
-from kvmem.allocator import SwapHandle, check_seq_ids
+from kvmem.allocator import SwapHandle
 from kvmem.backends.vmem.hostkv import HostKV, copy_in, copy_out
 from kvmem.backends.vmem.mapahead import MapAhead
 from kvmem.backends.vmem.seq import VSeq
 from kvmem.backends.vmem.space import VirtualKV
-from kvmem.errors import InvalidArgument, KVError, OutOfHostMemory, OutOfKVMemory
+from kvmem.errors import IntegrityError, InvalidArgument, OutOfHostMemory, OutOfKVMemory
 from kvmem.swap.manager import SwapManager
 
 __all__ = ["SwapHost", "SwapMixin"]
@@ -38,9 +38,9 @@ class SwapHost(Protocol):
 
     space: VirtualKV
     device: torch.device
+    _seqs: dict[Hashable, VSeq]
     map_ahead: bool
     host_num_tokens: int
-    _closed: bool
     _lock: threading.Lock
     _free_slots: OrderedDict[int, None]
     _mapper: MapAhead
@@ -54,16 +54,53 @@ class SwapHost(Protocol):
     def _take_slot(self, s: VSeq) -> None: ...
     def _release_slot(self, s: VSeq) -> None: ...
     def _drop_host(self, s: VSeq) -> None: ...
-    def _swap_ids(self, seq_ids: Iterable[Hashable]) -> list[Hashable]: ...
     def _swapped_out(self, seqs: list[VSeq], err: BaseException | None) -> None: ...
     def _swapped_in(self, seqs: list[VSeq], err: BaseException | None) -> None: ...
 
 
 class SwapMixin:
-    """``swap_out`` and ``swap_in`` of :class:`~kvmem.backends.vmem.VMemAllocator`."""
+    """The swap hooks of :class:`~kvmem.backends.vmem.VMemAllocator`, and its host accounting.
 
-    def swap_out(self: SwapHost, seq_ids: Iterable[Hashable]) -> SwapHandle:
-        """Copy the sequences' KV to host memory and give back their slots and pages.
+    :class:`~kvmem.backends.base.KVBackend` checks the capability, that the
+    allocator is open and that the ids are distinct before it calls them.
+    """
+
+    host_num_tokens: int
+    _host_tokens: int
+    _swapper: SwapManager
+    _swap_counts: dict[str, int]
+
+    def _init_swap(self: SwapHost, host_num_tokens: int | None, default: int) -> None:
+        """The host budget (``host_num_tokens``, else ``default``) and the swap manager."""
+        self.host_num_tokens = host_num_tokens if host_num_tokens is not None else default
+        self._host_tokens = 0  # KV entries in host copies
+        self._swapper = SwapManager(self.device)
+        self._swap_counts = {"swap_out_bytes": 0, "swap_in_bytes": 0, "swap_copies": 0}
+
+    def _swap_extra(self: SwapHost) -> dict[str, float]:
+        """The host side and the swap counters, for ``stats().extra``."""
+        return {
+            "host_capacity_tokens": self.host_num_tokens,
+            "host_used_tokens": self._host_tokens,
+            "swaps_in_flight": self._swapper.pending,
+            **self._swap_counts,
+        }
+
+    def _check_host(self: SwapHost) -> None:
+        """(Lock held.) Host copies match the swapped sequences and add up to the total."""
+        total = 0
+        for sid, s in self._seqs.items():
+            if s.swapped != (s.host is not None):
+                raise IntegrityError(f"{sid!r}: swapped state and host copy disagree")
+            if s.host is not None:
+                total += s.host.tokens
+                if s.host.tokens != s.num_computed:
+                    raise IntegrityError(f"{sid!r}: host copy does not cover its KV")
+        if total != self._host_tokens or total > self.host_num_tokens:
+            raise IntegrityError("host KV total is off")
+
+    def _start_swap_out(self: SwapHost, ids: list[Hashable]) -> SwapHandle:
+        """``swap_out``: copy the sequences' KV to host memory, give back their slots and pages.
 
         One contiguous copy per layer per sequence. All or nothing: raises
         UnknownSequence, InvalidArgument (a sequence already swapped out, or
@@ -73,7 +110,6 @@ class SwapMixin:
         until the copy is done; a copy that fails leaves the sequences
         resident, as they were.
         """
-        ids = self._swap_ids(seq_ids)
         seqs = [self._get(sid) for sid in ids]
         for sid, s in zip(ids, seqs, strict=True):
             if s.swapped:
@@ -116,8 +152,8 @@ class SwapMixin:
                     self._drop_host(s)
                     s.swapped = False
 
-    def swap_in(self: SwapHost, seq_ids: Iterable[Hashable]) -> SwapHandle:
-        """Take a slot for each swapped-out sequence, map its reservation, copy its KV back.
+    def _start_swap_in(self: SwapHost, ids: list[Hashable]) -> SwapHandle:
+        """``swap_in``: take a slot per sequence, map its reservation, copy its KV back.
 
         All or nothing: raises UnknownSequence, InvalidArgument (a sequence
         not swapped out, or named twice) or OutOfKVMemory (not enough free
@@ -127,7 +163,6 @@ class SwapMixin:
         wait for the copy. The host copy is dropped once the copy is done
         (no reuse across turns in this backend).
         """
-        ids = self._swap_ids(seq_ids)
         seqs = [self._get(sid) for sid in ids]
         for sid, s in zip(ids, seqs, strict=True):
             if not s.swapped:
@@ -188,8 +223,3 @@ class SwapMixin:
         if s.host is not None:
             self._host_tokens -= s.host.tokens
             s.host = None
-
-    def _swap_ids(self: SwapHost, seq_ids: Iterable[Hashable]) -> list[Hashable]:
-        if self._closed:
-            raise KVError("allocator is closed")
-        return check_seq_ids(seq_ids)
