@@ -207,6 +207,35 @@ def test_copy_on_write_free_and_reclaim_sync_once_per_batch_on_the_host():
     a.close()
 
 
+def test_a_reclaim_across_free_slots_syncs_once():
+    spec = KVSpec(2, 2, 8, dtype=torch.float32)
+    drv = HostDriver()
+    n = counting(drv)
+    tpp = 4096 // spec.bytes_per_token_layer
+    a = create_allocator(
+        "vmem",
+        spec,
+        device="cpu",
+        driver=drv,
+        num_tokens=6 * tpp,
+        max_seqs=4,
+        max_seq_len=8 * tpp,
+        page_bytes=4096,
+        map_ahead=False,
+    )
+    for sid in "abc":  # three free slots with two idle pages each: the pool is empty
+        a.add(sid, [1] * (2 * tpp))
+        a.reserve(sid, 2 * tpp)
+    for sid in "abc":
+        a.free(sid)
+    assert n == {"syncs": 0, "unmaps": 0}
+    a.add("big", [2] * (5 * tpp))
+    a.reserve("big", 5 * tpp)  # grows one slot by 3 pages, taken from the other two slots
+    assert n == {"syncs": 1, "unmaps": 3 * spec.num_layers}
+    a.check_integrity()
+    a.close()
+
+
 def test_close_unmaps_every_page_after_one_sync():
     spec = KVSpec(3, 2, 8, dtype=torch.float32)
     drv = HostDriver()

@@ -202,21 +202,25 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
         return best
 
     def _reclaim(self, short: int, slot: int, target: int) -> None:
-        """Return ``short`` groups to the pool for ``slot``: free slots first, then unheld tails."""
+        """Return ``short`` groups to the pool for ``slot``: free slots first, then unheld tails.
+
+        One batch of unmaps: the device is synchronized once for all of them.
+        """
         sp = self.space
         self._mapper.settle()  # groups the worker holds are in no slot yet: let them land
-        for victim in list(self._free_slots):
-            if short <= 0:
-                return
-            if victim != slot and sp.covered[victim] > 0:
-                short -= sp.shrink(victim, 0, short)
-        for victim, owner in enumerate(self._owner):
-            if short <= 0:
-                return
-            if owner is not None and victim != slot:
-                short -= sp.shrink(victim, owner.reserved, short)
-        if short > 0:
-            short -= sp.shrink(slot, target, short)
+        with sp.unmapping():
+            for victim in list(self._free_slots):
+                if short <= 0:
+                    return
+                if victim != slot and sp.covered[victim] > 0:
+                    short -= sp.shrink(victim, 0, short)
+            for victim, owner in enumerate(self._owner):
+                if short <= 0:
+                    return
+                if owner is not None and victim != slot:
+                    short -= sp.shrink(victim, owner.reserved, short)
+            if short > 0:
+                short -= sp.shrink(slot, target, short)
         if short > 0:
             raise IntegrityError(f"reclaim came {short} groups short of what accounting promised")
 

@@ -442,6 +442,7 @@ class VirtualKV:
             return
         addrs = [self._addr(li, slot, j) for li in range(nl)]
         saved = [drv.tensor(a, pb).clone() for a in addrs] if copy else []
+        self._synced = False  # the copies were queued after any earlier sync of this batch
         with self.unmapping():
             unmapped, err = self._unmap(addrs)
         if err is None:
@@ -458,6 +459,7 @@ class VirtualKV:
             raise err
         for a, t in zip(addrs, saved, strict=False):
             drv.tensor(a, pb).copy_(t)
+        self._synced = False
         self.groups[slot][j] = new
 
     def filled_tokens(self, rows: list[tuple[int, int]]) -> int:
