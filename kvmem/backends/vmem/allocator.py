@@ -170,15 +170,6 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
         self.space = VirtualKV(spec, drv, max_seqs, self.max_seq_len, pb, groups)
 
     # ------------------------------------------------------------------ helpers
-    def _make_room(self, groups: int, slots: int) -> None:
-        """Wait for in-flight swaps (oldest first) until ``groups`` and ``slots`` are free."""
-        sw = self._swapper
-        sw.reap()
-        while (t := sw.oldest()) is not None and (
-            groups > self.space.num_groups - self._held() or slots > len(self._free_slots)
-        ):
-            sw.settle(t)
-
     def _held(self) -> int:
         """Distinct page groups held by sequences (a shared group counts once)."""
         return self._held_sum - self.space.extra_refs

@@ -77,6 +77,15 @@ class SwapMixin:
         self._swapper = SwapManager(self.device)
         self._swap_counts = {"swap_out_bytes": 0, "swap_in_bytes": 0, "swap_copies": 0}
 
+    def _make_room(self: SwapHost, groups: int, slots: int) -> None:
+        """Wait for in-flight swaps (oldest first) until ``groups`` and ``slots`` are free."""
+        sw = self._swapper
+        sw.reap()
+        while (t := sw.oldest()) is not None and (
+            groups > self.space.num_groups - self._held() or slots > len(self._free_slots)
+        ):
+            sw.settle(t)
+
     def _swap_extra(self: SwapHost) -> dict[str, float]:
         """The host side and the swap counters, for ``stats().extra``."""
         return {
