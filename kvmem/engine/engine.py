@@ -36,14 +36,15 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from kvmem.allocator import KVAllocator, create_allocator
 from kvmem.engine.clock import Clock, WallClock
+from kvmem.engine.config import EngineConfig
 from kvmem.engine.errors import InvalidRequest, SwapUnavailable
 from kvmem.engine.executor import Executor, ModelExecutor
 from kvmem.engine.metrics import EngineMetrics
@@ -59,6 +60,7 @@ from kvmem.engine.request import (
 )
 from kvmem.engine.sampling import sample
 from kvmem.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from kvmem.engine.stopping import advance_text, stop_reason
 from kvmem.engine.tokenizer import ByteTokenizer, IncrementalDecoder, Tokenizer
 from kvmem.errors import InvalidArgument, KVError
 
@@ -68,37 +70,6 @@ _Pending = list[tuple[Request, RequestOutput]]
 _IDLE_SWAP_WAIT_S = 0.005
 #: The longest an idle serve loop sleeps before looking at its stop condition again.
 _IDLE_WAIT_S = 0.05
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Everything the engine is built from, besides the model.
-
-    ``backend`` and ``backend_options`` go to :func:`kvmem.create_allocator`
-    (with ``num_tokens=num_kv_tokens`` and ``device``, by default the
-    model's); ``policy`` and
-    ``policy_options`` to :func:`~kvmem.engine.policies.make_policy`.
-    ``max_model_len`` defaults to the model's context. ``detokenize=False``
-    skips text (and stop strings) for replay benchmarks.
-    """
-
-    backend: str = "paged"
-    backend_options: Mapping[str, Any] = field(default_factory=dict)
-    kv_format: str = "auto"
-    num_kv_tokens: int = 16384
-    device: str | None = None
-    policy: str = "fcfs"
-    policy_options: Mapping[str, Any] = field(default_factory=dict)
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 256
-    chunked_prefill: bool = True
-    preemption: str = "recompute"
-    watermark: float = 0.01
-    max_model_len: int | None = None
-    attention_impl: str = "auto"
-    seed: int = 0
-    detokenize: bool = True
-    finished_history: int = 100_000
 
 
 class Engine:
@@ -408,8 +379,8 @@ class Engine:
                 r.metrics.token_times.append(t)
                 self.generation_tokens += 1
                 self.policy.on_served(r, 0, 1)
-                reason = self._stop_reason(r, tok)
-                text, stopped = self._advance_text(r, tok, final=reason is not None)
+                reason = stop_reason(r, tok, self.eos_token_ids, self.max_model_len)
+                text, stopped = advance_text(r, tok, final=reason is not None)
                 news.append((r, tok, text, "stop" if stopped else reason))
         self.scheduler.update(
             chunks,
@@ -422,45 +393,6 @@ class Engine:
             else:
                 self._finish(r, reason, outputs, [tok], text)
 
-    def _stop_reason(self, r: Request, tok: int) -> str | None:
-        p = r.params
-        if (not p.ignore_eos and tok in self.eos_token_ids) or tok in p.stop_token_ids:
-            return "stop"
-        if r.num_output_tokens >= p.max_tokens or r.num_tokens >= self.max_model_len:
-            return "length"
-        return None
-
-    def _advance_text(self, r: Request, tok: int | None, final: bool) -> tuple[str, bool]:
-        """Decode ``tok``; return the text now safe to stream and whether a stop string matched.
-
-        Text that could be the start of a stop string is held back until it
-        is known not to be one; a matched stop string and all after it are cut.
-        """
-        if r.decoder is None:
-            return "", False
-        old = len(r.text)
-        if tok is not None:
-            r.text += r.decoder.feed([tok])
-        if final:
-            r.text += r.decoder.flush()
-        stopped = False
-        for s in r.params.stop:
-            i = r.text.find(s, max(0, old - len(s) + 1))
-            if i >= 0:
-                r.text = r.text[:i]
-                stopped = True
-        hold = 0
-        if not (final or stopped):
-            for s in r.params.stop:
-                for k in range(min(len(s) - 1, len(r.text)), hold, -1):
-                    if r.text.endswith(s[:k]):
-                        hold = k
-                        break
-        end = len(r.text) - hold
-        new = r.text[r.emitted : end] if end > r.emitted else ""
-        r.emitted = max(r.emitted, end)
-        return new, stopped
-
     def _finish(
         self,
         r: Request,
@@ -472,7 +404,7 @@ class Engine:
     ) -> None:
         """Record that ``r`` (already out of the scheduler, its KV freed) has finished."""
         if text is None:
-            text, _ = self._advance_text(r, None, final=True)
+            text, _ = advance_text(r, None, final=True)
         r.status = RequestStatus.FINISHED
         r.finish_reason = reason
         r.metrics.finish_time = self.clock.now()
