@@ -45,7 +45,7 @@ import torch
 from kvmem.allocator import KVAllocator, create_allocator
 from kvmem.engine.clock import Clock, WallClock
 from kvmem.engine.config import EngineConfig
-from kvmem.engine.errors import InvalidRequest, SwapUnavailable
+from kvmem.engine.errors import InvalidRequest
 from kvmem.engine.executor import Executor, ModelExecutor
 from kvmem.engine.metrics import EngineMetrics
 from kvmem.engine.model import LlamaModel
@@ -131,15 +131,9 @@ class Engine:
                 config.backend, spec, num_tokens=config.num_kv_tokens, **options
             )
         self.allocator: KVAllocator = allocator
-        try:
-            if config.preemption == "swap" and not allocator.capabilities.swap:
-                raise SwapUnavailable(
-                    f"preemption='swap' is unavailable for backend {config.backend!r}: "
-                    f"{type(allocator).__name__} does not declare the swap capability; "
-                    "use preemption='recompute'"
-                )
+        try:  # SwapUnavailable for preemption='swap' on a backend that does not declare swap
+            self.scheduler = Scheduler(allocator, self.policy, sched_cfg, executor.uses_kv)
             executor.prepare(allocator.spec)
-            self.scheduler = Scheduler(allocator, self.policy, sched_cfg)
         except KVError:
             if self._owns_allocator:
                 allocator.close()
@@ -350,7 +344,6 @@ class Engine:
 
     def _run(self, plan: SchedulerOutput, outputs: _Pending) -> None:
         chunks = plan.chunks
-        assert plan.kv is not None  # the scheduler hands out the KV of every batch it forms
         now = self.clock.now()
         if self._first_step_time is None:
             self._first_step_time = now

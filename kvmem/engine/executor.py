@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 
@@ -32,6 +33,8 @@ class Executor(ABC):
     eos_token_ids: tuple[int, ...] = ()
     #: Where the KV should live (the model's device).
     device: torch.device = torch.device("cpu")
+    #: False for an executor that never reads KV (a simulation): it is then handed none.
+    uses_kv: ClassVar[bool] = True
 
     @abstractmethod
     def kv_spec(self, kv_format: str = "auto", **options: object) -> KVSpec:
@@ -46,10 +49,11 @@ class Executor(ABC):
         return None
 
     @abstractmethod
-    def execute(self, chunks: Sequence[ScheduledChunk], kv: StepKV) -> torch.Tensor:
+    def execute(self, chunks: Sequence[ScheduledChunk], kv: StepKV | None) -> torch.Tensor:
         """Compute the chunks' KV into ``kv``; return float32 logits [num sampling chunks, V].
 
         Rows follow the order of the chunks whose ``samples`` is true.
+        ``kv`` is None only for an executor whose ``uses_kv`` is False.
         """
 
 
@@ -74,10 +78,10 @@ class ModelExecutor(Executor):
         """Choose the attention backend (``attention_impl``, ``auto`` resolved) once."""
         self.attention = self.model.attention_backend(spec, self.attention_impl)
 
-    def execute(self, chunks: Sequence[ScheduledChunk], kv: StepKV) -> torch.Tensor:
+    def execute(self, chunks: Sequence[ScheduledChunk], kv: StepKV | None) -> torch.Tensor:
         """One forward over the flattened chunks."""
-        if self.attention is None:
-            raise InvalidArgument("ModelExecutor.execute before prepare")
+        if self.attention is None or kv is None:
+            raise InvalidArgument("ModelExecutor.execute needs prepare and the step's KV")
         ids: list[int] = []
         pos: list[int] = []
         rows: list[int] = []

@@ -130,7 +130,7 @@ class SchedulerOutput:
     preempted: list[Request] = field(default_factory=list)
     #: Requests the scheduler ended (their KV already freed), with the reason and error text.
     ended: list[tuple[Request, str, str | None]] = field(default_factory=list)
-    #: The chunks' layout and the layers' KV (None when there are no chunks).
+    #: The chunks' layout and the layers' KV (None without chunks, or if not ``builds_kv``).
     kv: StepKV | None = None
 
     @property
@@ -147,13 +147,21 @@ class SchedulerOutput:
 class Scheduler:
     """Forms batches over the waiting, running and swapped requests."""
 
-    def __init__(self, allocator: KVAllocator, policy: Policy, config: SchedulerConfig) -> None:
+    def __init__(
+        self,
+        allocator: KVAllocator,
+        policy: Policy,
+        config: SchedulerConfig,
+        builds_kv: bool = True,
+    ) -> None:
         if config.preemption == "swap" and not allocator.capabilities.swap:
             raise SwapUnavailable(
                 f"preemption='swap' is unavailable: {type(allocator).__name__} does not "
                 "declare the swap capability; use preemption='recompute'"
             )
         self.allocator = allocator
+        #: Whether plans carry the step's layout and layers (not for an executor that reads no KV).
+        self.builds_kv = builds_kv
         self.policy = policy
         self.config = config
         self.waiting: list[Request] = []
@@ -365,22 +373,23 @@ class Scheduler:
         budget = cfg.max_num_batched_tokens
         scheduled: set[int] = set()
         ready = sorted((r for r in self.running if r.swap_handle is None), key=self.policy.key)
-        decodes = [r for r in ready if r.num_to_compute == 1]
-        prefills = [r for r in ready if r.num_to_compute > 1]
-        for r in decodes + prefills:
+        todo = [(r, r.num_to_compute) for r in ready]
+        decodes = [x for x in todo if x[1] == 1]
+        prefills = [x for x in todo if x[1] > 1]
+        for r, left in decodes + prefills:
             if budget <= 0:
                 break
             if r.status is not RequestStatus.RUNNING or r not in self.running:
                 continue  # preempted as a victim earlier in this loop
-            n = min(r.num_to_compute, budget)
-            if not cfg.chunked_prefill and n < r.num_to_compute:
+            n = min(left, budget)
+            if not cfg.chunked_prefill and n < left:
                 continue
             if self._reserve(r, n, scheduled, out):
-                out.chunks.append(ScheduledChunk(r, r.num_computed, n))
+                out.chunks.append(ScheduledChunk(r, r.num_tokens - left, n))
                 scheduled.add(id(r))
                 budget -= n
         self._admit(budget, scheduled, out)
-        if out.chunks:
+        if out.chunks and self.builds_kv:
             out.kv = self._step_kv(out.chunks)
         return out
 

@@ -7,6 +7,7 @@ import threading
 from collections import Counter
 
 import pytest
+import torch
 from engine_helpers import PROMPTS
 
 import kvmem.engine.model as model_module
@@ -142,3 +143,30 @@ def test_serve_forever_without_on_error_raises_the_step_error(model):
     eng.add_request(PROMPTS[1], LONG)
     with pytest.raises(RuntimeError, match="boom"):
         eng.serve_forever(threading.Event())
+
+
+def test_an_executor_that_reads_no_kv_gets_no_layout():
+    from kvmem import KVSpec
+    from kvmem.engine import SimClock, SimulatedExecutor
+
+    class NoKV(SimulatedExecutor):
+        uses_kv = False
+
+    spec = KVSpec(2, 2, 16, torch.float16)
+    seen = []
+    for cls in (SimulatedExecutor, NoKV):
+        clock = SimClock()
+        ex = cls(spec, clock)
+        real = ex.execute
+
+        def spy(chunks, kv, real=real, c=cls):
+            seen.append((c, kv))
+            return real(chunks, kv)
+
+        ex.execute = spy
+        alloc = Recording(create_allocator("paged", spec, num_tokens=512, device="meta"))
+        eng = Engine(executor=ex, clock=clock, allocator=alloc, detokenize=False)
+        eng.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=3, ignore_eos=True))
+        layouts = sum(n for (_, _, m), n in alloc.calls.items() if m == "layout")
+        assert layouts == (eng.num_steps if cls is SimulatedExecutor else 0)
+    assert all((kv is None) == (cls is NoKV) for cls, kv in seen)
