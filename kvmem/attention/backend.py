@@ -88,6 +88,7 @@ class AttentionBackend(ABC):
         self.device = torch.device(device)
         self.scale = scale
         self._layout: BatchLayout | None = None
+        #: Steps planned so far.
         self.num_plans = 0
 
     @property
