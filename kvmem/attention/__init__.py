@@ -15,6 +15,11 @@ Every function takes ``impl=`` to pick an implementation:
   picks the (slow) Triton interpreter only while ``TRITON_INTERPRET=1`` is
   in the environment; otherwise it picks the reference.
 
+A model running many layers over one batch uses an :class:`AttentionBackend`
+instead (:func:`create_backend`, :mod:`kvmem.attention.backend`): the
+implementation is chosen once, the batch planned once per step, and each
+layer only writes and attends.
+
 Asking for an implementation that cannot take the inputs raises
 :class:`~kvmem.errors.InvalidArgument` saying why. The Triton kernels are
 imported on first use, so ``TRITON_INTERPRET`` may be set any time before.
@@ -31,6 +36,7 @@ from typing import Any
 import torch
 
 from kvmem.attention import reference
+from kvmem.attention.backend import AttentionBackend, create_backend, stage_layout
 from kvmem.errors import InvalidArgument
 from kvmem.formats import KVFormat
 from kvmem.layout import BatchLayout
@@ -178,10 +184,13 @@ def merge_states(
 
 __all__ = [
     "IMPLS",
+    "AttentionBackend",
+    "create_backend",
     "decode",
     "merge_states",
     "prefill",
     "resolve_impl",
+    "stage_layout",
     "unsupported_reason",
     "write_kv",
 ]
