@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from kvmem.attention.choice import resolve_impl
 from kvmem.errors import InvalidArgument
 from kvmem.layout import BatchLayout
 from kvmem.spec import KVSpec
@@ -248,8 +249,6 @@ def create_backend(
     runs only where Triton does). Raises InvalidArgument when a named
     implementation cannot take these inputs, or for an unknown name.
     """
-    from kvmem.attention import resolve_impl
-
     device = torch.device(device)
     name = resolve_impl(impl, spec.fmt, dtype, device)
     if name != "flashinfer":
