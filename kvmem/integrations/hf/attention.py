@@ -42,7 +42,7 @@ def kvmem_attention(
     another Cache class), with dropout, or with a sliding window the
     sequences have outgrown.
     """
-    cache = active_cache()
+    cache = active_cache(key)
     layer_idx = getattr(module, "layer_idx", None)
     if cache is None or cache._step is None or not isinstance(layer_idx, int):
         raise InvalidArgument(

@@ -45,8 +45,14 @@ _ACTIVE = threading.local()
 _ids = itertools.count()
 
 
-def active_cache() -> KVMemCache | None:
-    """The KVMemCache whose ``update`` ran last in this thread (the attention function's cache)."""
+def active_cache(key: torch.Tensor) -> KVMemCache | None:
+    """The KVMemCache whose last ``update`` in this thread returned ``key`` (else None).
+
+    The attention function finds its cache this way: transformers hands it
+    what ``update`` returned, not the cache.
+    """
+    if getattr(_ACTIVE, "key", None) is not key:
+        return None
     return getattr(_ACTIVE, "cache", None)
 
 
@@ -277,6 +283,7 @@ class KVMemCache(Cache):
             self._begin(key_states, value_states, _position_ids(args, kwargs))
         step = self._current(layer_idx, fresh=True)
         _ACTIVE.cache = self
+        _ACTIVE.key = key_states
         if getattr(self.config, "_attn_implementation", None) == "kvmem":
             return key_states, value_states
         self.write(layer_idx, key_states, value_states)
@@ -592,8 +599,8 @@ class KVMemCache(Cache):
         if self._alloc is not None:
             self._alloc.close()
         self._closed = True
-        if active_cache() is self:
-            _ACTIVE.cache = None
+        if getattr(_ACTIVE, "cache", None) is self:
+            _ACTIVE.cache = _ACTIVE.key = None
 
     def __enter__(self) -> KVMemCache:
         return self
