@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import torch
 
+from kvmem.integrations.hf import KVMemCache
 from tests.integrations.conftest import BACKENDS, make_cache, prompts, tiny_model
 
 
@@ -95,3 +96,15 @@ def test_model_forward_without_generate(model: Any) -> None:
         assert cache.get_seq_length() == dyn.get_seq_length() == 9
     torch.testing.assert_close(a, ra, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(b, rb, rtol=1e-4, atol=1e-5)
+
+
+def test_cache_built_from_a_copy_of_the_config(model: Any) -> None:
+    """The cache cannot see the model use "kvmem": it returns dense K/V, the kernels read pages."""
+    import copy
+
+    ids, mask = prompts(2)
+    ref = _generate(model, "sdpa", ids, mask, do_sample=False)
+    cfg = copy.deepcopy(model.config)
+    with KVMemCache(cfg, "paged", num_tokens=512, attn_impl="reference", page_size=4) as cache:
+        out = _generate(model, "kvmem", ids, mask, cache=cache, do_sample=False)
+    assert torch.equal(out, ref)

@@ -67,7 +67,9 @@ def test_beam_search_holds_less_than_dynamic_cache(llama: Any) -> None:
         class Probe:
             def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kw: Any) -> Any:
                 if isinstance(cache, DynamicCache):
-                    held.append(sum(x.nbytes for layer in cache.layers for x in (layer.keys, layer.values)))
+                    held.append(
+                        sum(x.nbytes for layer in cache.layers for x in (layer.keys, layer.values))
+                    )
                 else:
                     held.append(cache.kv_bytes())
                 return torch.zeros(input_ids.shape[0], dtype=torch.bool)
@@ -75,14 +77,26 @@ def test_beam_search_holds_less_than_dynamic_cache(llama: Any) -> None:
         return Probe()
 
     dyn = DynamicCache(config=llama.config)
-    llama.generate(ids, cache=dyn, num_beams=4, max_new_tokens=8, do_sample=False,
-                   stopping_criteria=[probe(dyn)])
+    llama.generate(
+        ids,
+        cache=dyn,
+        num_beams=4,
+        max_new_tokens=8,
+        do_sample=False,
+        stopping_criteria=[probe(dyn)],
+    )
     dyn_peak, held[:] = max(held), []
     with make_cache(llama) as cache:
         llama.set_attn_implementation("kvmem")
         try:
-            llama.generate(ids, cache=cache, num_beams=4, max_new_tokens=8, do_sample=False,
-                           stopping_criteria=[probe(cache)])
+            llama.generate(
+                ids,
+                cache=cache,
+                num_beams=4,
+                max_new_tokens=8,
+                do_sample=False,
+                stopping_criteria=[probe(cache)],
+            )
         finally:
             llama.set_attn_implementation("sdpa")
     assert max(held) <= 0.5 * dyn_peak
@@ -122,8 +136,9 @@ def test_prefix_reuse_in_a_padded_batch(llama: Any) -> None:
         llama.generate(system, cache=cache, max_new_tokens=1, do_sample=False)
         present = cache.prepare(batch, mask)
         assert present == 16  # row 0: 16 cached; row 1: 4 pads + 12 of its 16 cached
-        warm = llama.generate(batch, attention_mask=mask, cache=cache, max_new_tokens=5,
-                              do_sample=False)
+        warm = llama.generate(
+            batch, attention_mask=mask, cache=cache, max_new_tokens=5, do_sample=False
+        )
     assert torch.equal(warm, cold)
 
 
@@ -135,7 +150,9 @@ def test_no_prefix_reuse_without_the_capability(llama: Any) -> None:
         assert not cache.allocator.capabilities.prefix_caching
         llama.generate(ids, cache=cache, max_new_tokens=4, do_sample=False)
         assert cache.prepare(ids) == 0
-        assert torch.equal(llama.generate(ids, cache=cache, max_new_tokens=4, do_sample=False), cold)
+        assert torch.equal(
+            llama.generate(ids, cache=cache, max_new_tokens=4, do_sample=False), cold
+        )
 
 
 def test_unknown_tokens_never_hit_the_prefix_cache(llama: Any) -> None:

@@ -1,4 +1,4 @@
-"""Quantized KV under transformers: greedy agreement with the fp32 DynamicCache, scales never 1.0."""
+"""Quantized KV under transformers: greedy agreement with fp32 DynamicCache; scales never 1.0."""
 
 from __future__ import annotations
 
@@ -79,14 +79,17 @@ def test_fp8_calibrates_large_keys() -> None:
     ones = {i: (1.0, 1.0) for i in range(2)}
     with make_cache(model, kv_format="fp8_e4m3", kv_scales=ones) as cache:
         saturated = _prefill_logit_error(model, cache)
-    print(f"fp8 logit error with keys x3000: calibrated {calibrated:.4f}, scale 1.0 {saturated:.4f}")
+    print(
+        f"fp8 logit error with keys x3000: calibrated {calibrated:.4f}, scale 1.0 {saturated:.4f}"
+    )
     assert calibrated < 0.15 and saturated > 4 * calibrated
 
 
 def test_fp8_scales_from_a_checkpoint(tmp_path: Any) -> None:
     model = tiny_model("llama")
     tensors = {
-        f"model.layers.{i}.self_attn.{n}_scale": torch.tensor(0.01 * (i + 1)) for i in range(2)
+        f"model.layers.{i}.self_attn.{n}_scale": torch.tensor(0.01 * (i + 1))
+        for i in range(2)
         for n in "kv"
     }
     tensors["model.embed_tokens.weight"] = torch.zeros(2, 2)

@@ -36,7 +36,9 @@ def kvmem_attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Attention of ``query`` ``[B, heads, q, D]`` over the KVMemCache's pages; ``([B, q, heads, D], None)``.
+    """Attention of ``query`` ``[B, heads, q, D]`` over a KVMemCache's pages.
+
+    Returns ``([B, q, heads, D], None)`` (no attention weights).
 
     Raises InvalidArgument without a KVMemCache (``use_cache=False``, or
     another Cache class), with dropout, or with a sliding window the

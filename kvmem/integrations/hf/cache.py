@@ -22,9 +22,8 @@ lookup can ever match KV whose tokens are unknown.
 
 from __future__ import annotations
 
-import itertools
 import threading
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable
 from typing import Any
 
 import torch
@@ -32,17 +31,23 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvmem.allocator import KVAllocator, backend_class, create_allocator
 from kvmem.attention import decode, prefill, write_kv
-from kvmem.errors import InvalidArgument, KVError, OutOfKVMemory
+from kvmem.errors import InvalidArgument, KVError
 from kvmem.spec import KVSpec
 
+from .inputs import (
+    UNKNOWN_TOKEN,
+    check_prompt,
+    model_shape,
+    new_id,
+    position_ids,
+    register_prompts,
+    text_config,
+    uses_rope,
+)
 from .quant import KVScales, calibrate_fp8, calibrate_smoothing, check_kv_scales, set_fp8_scales
-from .step import Row, Step
-
-UNKNOWN_TOKEN = 2**31 - 1
-"""The token id recorded for tokens whose id the cache never sees (generated ones)."""
+from .step import Row, Step, plan_step
 
 _ACTIVE = threading.local()
-_ids = itertools.count()
 
 
 def active_cache(key: torch.Tensor) -> KVMemCache | None:
@@ -54,21 +59,6 @@ def active_cache(key: torch.Tensor) -> KVMemCache | None:
     if getattr(_ACTIVE, "key", None) is not key:
         return None
     return getattr(_ACTIVE, "cache", None)
-
-
-def _model_shape(config: Any) -> tuple[int, int, int]:
-    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    try:
-        layers = int(cfg.num_hidden_layers)
-        heads = int(cfg.num_attention_heads)
-        kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
-        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-    except (AttributeError, TypeError, ValueError) as e:
-        raise InvalidArgument(f"cannot read the KV shape from the model config: {e}") from None
-    kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
-    if not kinds <= {"full_attention", "sliding_attention"}:
-        raise InvalidArgument(f"KVMemCache supports attention layers only, got {sorted(kinds)}")
-    return layers, kv_heads, head_dim
 
 
 class _Layer(CacheLayerMixin):
@@ -153,7 +143,7 @@ class KVMemCache(Cache):
         key_smoothing: bool = True,
         **backend_options: Any,
     ) -> None:
-        self.num_layers, self.num_kv_heads, self.head_dim = _model_shape(config)
+        self.num_layers, self.num_kv_heads, self.head_dim = model_shape(config)
         backend_class(backend)  # an unknown name fails here, not at the first forward
         if fp8_scale not in ("head", "tensor"):
             raise InvalidArgument(f"fp8_scale must be 'head' or 'tensor', got {fp8_scale!r}")
@@ -178,8 +168,7 @@ class KVMemCache(Cache):
         self._prepared = False
         self._step: Step | None = None
         self._closed = False
-        self.tokens_computed = 0
-        """New tokens the model computed through this cache (prefix hits excluded)."""
+        self._tokens_computed = 0
         if device is not None:
             self._ensure(torch.device(device), self._dtype or torch.float32)
 
@@ -211,7 +200,7 @@ class KVMemCache(Cache):
 
     @property
     def allocator(self) -> KVAllocator:
-        """The kvmem allocator holding the KV (KVError before the first use with ``device=None``)."""
+        """The kvmem allocator holding the KV (KVError before first use with ``device=None``)."""
         if self._closed:
             raise KVError("the KVMemCache is closed")
         if self._alloc is None:
@@ -220,19 +209,29 @@ class KVMemCache(Cache):
 
     def kv_bytes(self) -> int:
         """Bytes of KV pages held by the cache's sequences now."""
+        self._settle()
         return self.allocator.stats().used_bytes if self._alloc is not None else 0
+
+    @property
+    def tokens_computed(self) -> int:
+        """Tokens whose KV the cache wrote (prefix hits and shared copies excluded)."""
+        self._settle()
+        return self._tokens_computed
 
     def seq_ids(self) -> list[Hashable]:
         """The allocator sequence of each batch row."""
+        self._settle()
         return [r.seq for r in self._rows]
 
     # ------------------------------------------------------- transformers API
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Padded length of the cached batch: the position the next token of every row takes."""
+        self._settle()
         return self._past
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         """``(kv_length, kv_offset)`` for the attention mask: every cached column is kept."""
+        self._settle()
         return self._past + query_length, 0
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
@@ -247,11 +246,13 @@ class KVMemCache(Cache):
     @property
     def is_initialized(self) -> bool:
         """Whether the cache holds any row."""
+        self._settle()
         return bool(self._rows)
 
     @property
     def batch_size(self) -> int:
         """Rows of the cached batch (-1 before the first forward)."""
+        self._settle()
         return len(self._rows) if self._rows else -1
 
     def update(
@@ -274,20 +275,28 @@ class KVMemCache(Cache):
         if isinstance(layer_idx, bool) or not isinstance(layer_idx, int):
             raise InvalidArgument(f"layer_idx must be an int, got {layer_idx!r}")
         if not 0 <= layer_idx < self.num_layers:
+            if self._step is not None and not self._step.committed:
+                self._abandon()
             raise InvalidArgument(
                 f"layer {layer_idx} does not exist: this cache was built for "
                 f"{self.num_layers} layers"
             )
-        self._check_shape(key_states, value_states)
+        try:
+            self._check_shape(key_states, value_states)
+        except InvalidArgument:
+            if self._step is not None and not self._step.committed:
+                self._abandon()
+            raise
         if layer_idx == 0:
-            self._begin(key_states, value_states, _position_ids(args, kwargs))
+            self._begin(key_states, value_states, position_ids(args, kwargs))
         step = self._current(layer_idx, fresh=True)
-        _ACTIVE.cache = self
-        _ACTIVE.key = key_states
         if getattr(self.config, "_attn_implementation", None) == "kvmem":
-            return key_states, value_states
-        self.write(layer_idx, key_states, value_states)
-        return step.dense(self.allocator.layer(layer_idx), key_states.dtype)
+            out = key_states, value_states
+        else:
+            self.write(layer_idx, key_states, value_states)
+            out = step.dense(self.allocator.layer(layer_idx), key_states.dtype)
+        _ACTIVE.cache, _ACTIVE.key = self, out[0]
+        return out
 
     def _check_shape(self, k: torch.Tensor, v: torch.Tensor) -> None:
         want = (self.num_kv_heads, self.head_dim)
@@ -307,97 +316,41 @@ class KVMemCache(Cache):
         return step
 
     # ----------------------------------------------------------------- steps
+    def _settle(self) -> None:
+        """Commit the last forward pass if every layer wrote its KV (see :meth:`_begin`)."""
+        step = self._step
+        if step is not None and not step.committed and len(step.written) == self.num_layers:
+            self._commit(step)
+
     def _begin(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor | None) -> None:
-        """Plan a forward pass: register, reserve and lay out every row (all or nothing)."""
-        if self._step is not None and not self._step.committed:
+        """Plan a forward pass: register, reserve and lay out every row (all or nothing).
+
+        The previous pass is committed here (or when the cache is next
+        queried), not at its last layer: a model with more layers than the
+        cache then fails before anything is committed. A previous pass that
+        did not reach every layer is dropped, and reported.
+        """
+        self._settle()
+        step = self._step
+        if step is not None and not step.committed:
             self._abandon()
+            raise InvalidArgument(
+                f"the last forward pass wrote layers {sorted(step.written)} of this cache's "
+                f"{self.num_layers}: a model with fewer layers than the cache was built for, or "
+                "a forward that failed (it was dropped; run it again)"
+            )
         self._step = None
         alloc = self._ensure(k.device, k.dtype)
-        b, _, q, _ = k.shape
-        rows = self._rows
         copies = 1
-        if rows and len(rows) != b:
-            if not (self._prepared and b % len(rows) == 0):
+        if self._rows and len(self._rows) != k.shape[0]:
+            if not (self._prepared and k.shape[0] % len(self._rows) == 0):
                 raise InvalidArgument(
-                    f"the cache holds a batch of {len(rows)} rows, this forward has {b}; "
-                    "call reset() or prepare() before a new batch"
+                    f"the cache holds a batch of {len(self._rows)} rows, this forward has "
+                    f"{k.shape[0]}; call reset() or prepare() before a new batch"
                 )
-            copies = b // len(rows)
-        past = self._past
-        total = past + q
-        if pos is not None:
-            pos = pos.expand(b, q).detach().cpu()
-        plan: list[Row] = []
-        if rows:
-            for i in range(b):
-                r = rows[i // copies]
-                plan.append(Row(r.seq, r.pad, r.computed, r.known))
-            group = [i - i % copies for i in range(b)]
-        else:
-            for i in range(b):
-                real = int(pos[i, -1]) + 1 if pos is not None else q
-                if not 1 <= real <= q:
-                    raise InvalidArgument(f"row {i}: positions {pos[i].tolist()} do not start at 0")
-                plan.append(Row(None, total - real, 0, 0))
-            group = _same_rows(k, v, pos)
-        leaders = sorted(set(group))
-        new = []
-        for i in leaders:
-            r = plan[i]
-            if r.pad >= past and r.computed == 0:
-                n = total - r.pad
-            else:
-                n = q if r.pad + r.computed == past else 0
-            if not 1 <= n <= q or (pos is not None and int(pos[i, -1]) != r.computed + n - 1):
-                got = "?" if pos is None else int(pos[i, -1])
-                raise InvalidArgument(
-                    f"row {i}: position {got} does not continue the cached {r.computed} tokens; "
-                    "call reset() or prepare() before an unrelated batch"
-                )
-            new.append(n)
-        sliding = getattr(self.config, "sliding_window", None)
-        if sliding is not None and max(plan[i].computed + n for i, n in zip(leaders, new)) > sliding:
-            raise InvalidArgument(
-                f"sequences longer than the sliding window ({sliding}) are not supported"
-            )
-        added: list[Hashable] = []
-        try:
-            for i, n in zip(leaders, new):
-                if plan[i].seq is None:
-                    sid = ("hf", next(_ids))
-                    alloc.add(sid, [UNKNOWN_TOKEN] * n, cache_salt=sid)
-                    added.append(sid)
-                    plan[i] = Row(sid, plan[i].pad, 0, n)
-            need = {plan[i].seq: n for i, n in zip(leaders, new)}
-            if not alloc.can_reserve(need):
-                raise OutOfKVMemory(
-                    f"the KV pool cannot take {sum(new)} more tokens for {len(leaders)} sequences"
-                )
-            for sid, n in need.items():
-                alloc.reserve(sid, n)
-            layout = alloc.layout(list(need.items()))
-        except BaseException:
-            for sid in added:
-                alloc.free(sid)
-            raise
-        src_of = {row: j for j, row in enumerate(leaders)}
-        sel, lsel = [], []
-        for j, (i, n) in enumerate(zip(leaders, new)):
-            sel.extend(range(i * q + q - n, i * q + q))
-            lsel.extend(range(j * q + q - n, j * q + q))
-        self._step = Step(
-            rows=plan,
-            leaders=leaders,
-            src=torch.tensor([src_of[group[i]] for i in range(b)], dtype=torch.long),
-            new=new,
-            past=past,
-            q=q,
-            layout=layout,
-            sel=torch.tensor(sel, dtype=torch.long, device=k.device),
-            lsel=torch.tensor(lsel, dtype=torch.long, device=k.device),
-            added=added,
-            followers=[(i, group[i]) for i in range(b) if i not in src_of],
-        )
+            copies = k.shape[0] // len(self._rows)
+        sliding = getattr(text_config(self.config), "sliding_window", None)
+        self._step = plan_step(alloc, self._rows, copies, self._past, k, v, pos, sliding)
 
     def _abandon(self) -> None:
         """Drop a step that never committed (its forward raised): unregister what it added."""
@@ -421,13 +374,11 @@ class KVMemCache(Cache):
             kind = layer.spec.fmt.kind
             if kind == "fp8":
                 calibrate_fp8(layer, ks, vs, self.fp8_scale == "head", self.fp8_headroom)
-            elif kind == "int4" and self.key_smoothing and _uses_rope(self.config):
+            elif kind == "int4" and self.key_smoothing and uses_rope(self.config):
                 calibrate_smoothing(layer, ks)
             self._calibrated[layer_idx] = True
         write_kv(layer, step.layout, ks, vs, impl=self.attn_impl)
         step.written.add(layer_idx)
-        if len(step.written) == self.num_layers:
-            self._commit(step)
 
     def attend(
         self,
@@ -452,7 +403,7 @@ class KVMemCache(Cache):
 
     def _commit(self, step: Step) -> None:
         alloc = self.allocator
-        for i, n in zip(step.leaders, step.new):
+        for i, n in zip(step.leaders, step.new, strict=True):
             r = step.rows[i]
             end = r.computed + n
             if r.known < end:
@@ -460,9 +411,9 @@ class KVMemCache(Cache):
                 r.known = end
             alloc.commit(r.seq, n)
             r.computed = end
-        self.tokens_computed += sum(step.new)
+        self._tokens_computed += sum(step.new)
         for i, lead in step.followers:
-            sid = ("hf", next(_ids))
+            sid = new_id()
             src = step.rows[lead]
             alloc.fork(src.seq, sid)
             step.rows[i] = Row(sid, src.pad, src.computed, src.known)
@@ -476,10 +427,8 @@ class KVMemCache(Cache):
         step.committed = True
 
     # ------------------------------------------------------------- prefixes
-    def prepare(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> int:
-        """Register a new batch of prompts and reuse their cached prefixes; returns positions present.
+    def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> int:
+        """Register new prompts and reuse their cached prefixes; returns the positions present.
 
         ``input_ids`` int ``[B, L]``, left-padded where ``attention_mask``
         (``[B, L]``, 1 for tokens) says so. Sequences the cache held are
@@ -491,43 +440,25 @@ class KVMemCache(Cache):
         """
         if self._closed:
             raise KVError("the KVMemCache is closed")
-        ids, mask = _check_prompt(input_ids, attention_mask)
+        ids, mask = check_prompt(input_ids, attention_mask)
         alloc = self._ensure(input_ids.device, self._dtype or torch.float32)
         self.reset()
-        width = ids.shape[1]
-        toks = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
-        pads = [width - len(t) for t in toks]
-        seqs = [("hf", next(_ids)) for _ in toks]
-        hits = [0] * len(toks)
-        try:
-            for i, (sid, t) in enumerate(zip(seqs, toks)):
-                hits[i] = alloc.add(sid, t)
-            while True:
-                h = min(p + c for p, c in zip(pads, hits))
-                over = [i for i, (p, c) in enumerate(zip(pads, hits)) if p + c > h and c > 0]
-                if not over:
-                    break
-                for i in over:  # keep only the pages below column h
-                    alloc.free(seqs[i])
-                    want = max(0, h - pads[i])
-                    hits[i] = alloc.add(seqs[i], toks[i][: want + 1])
-                    if want + 1 < len(toks[i]):
-                        alloc.append(seqs[i], toks[i][want + 1 :])
-        except BaseException:
-            for sid in seqs:
-                if sid in alloc:
-                    alloc.free(sid)
-            raise
-        self._rows = [Row(s, p, c, len(t)) for s, p, c, t in zip(seqs, pads, hits, toks)]
+        toks = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
+        pads = [ids.shape[1] - len(t) for t in toks]
+        seqs, hits, h = register_prompts(alloc, toks, pads)
+        self._rows = [
+            Row(s, p, c, len(t)) for s, p, c, t in zip(seqs, pads, hits, toks, strict=True)
+        ]
         self._past = h
         self._prepared = True
         return h
 
     # ----------------------------------------------------------- beam search
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Row ``i`` becomes old row ``beam_idx[i]``: forks for repeated rows, frees for dropped ones."""
+        """Row ``i`` becomes old row ``beam_idx[i]``: repeated rows fork, dropped rows are freed."""
         if self._closed:
             raise KVError("the KVMemCache is closed")
+        self._settle()
         if self._step is not None and not self._step.committed:
             raise InvalidArgument("cannot reorder the cache in the middle of a forward pass")
         idx = [int(i) for i in torch.as_tensor(beam_idx).reshape(-1).tolist()]
@@ -547,7 +478,7 @@ class KVMemCache(Cache):
                     claimed.add(i)
                     rows.append(r)
                     continue
-                sid = ("hf", next(_ids))
+                sid = new_id()
                 alloc.fork(r.seq, sid)
                 made.append(sid)
                 rows.append(Row(sid, r.pad, r.computed, r.known))
@@ -582,6 +513,7 @@ class KVMemCache(Cache):
     def reset(self) -> None:
         """Free every sequence; the allocator (and its prefix cache) stays."""
         if self._alloc is not None and not self._closed:
+            self._settle()
             if self._step is not None and not self._step.committed:
                 self._abandon()
             for r in self._rows:
@@ -613,60 +545,3 @@ class KVMemCache(Cache):
             f"KVMemCache(backend={self.backend!r}, kv_format={self.kv_format!r}, "
             f"rows={len(self._rows)}, past={self._past})"
         )
-
-
-def _position_ids(args: Sequence[Any], kwargs: dict[str, Any]) -> torch.Tensor | None:
-    """The step's position ids from what models pass to ``update`` (None if they pass none)."""
-    inner = kwargs.get("kwargs")
-    for d in (inner, kwargs, *(a for a in args if isinstance(a, dict))):
-        if isinstance(d, dict):
-            for name in ("position_ids", "cache_position"):
-                p = d.get(name)
-                if isinstance(p, torch.Tensor):
-                    return p.reshape(1, -1) if p.dim() == 1 else p
-    return None
-
-
-def _same_rows(k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor | None) -> list[int]:
-    """Per fresh row, the first row equal to it in layer-0 K, V and positions (itself if none).
-
-    Layer-0 keys and values depend only on each token and its position, so
-    rows equal there hold the same tokens: their KV is equal at every layer.
-    """
-    seen: dict[bytes, int] = {}
-    out = []
-    kc = k.detach().cpu().contiguous().view(torch.uint8)
-    vc = v.detach().cpu().contiguous().view(torch.uint8)
-    for i in range(k.shape[0]):
-        key = kc[i].numpy().tobytes() + vc[i].numpy().tobytes()
-        if pos is not None:
-            key += pos[i].contiguous().numpy().tobytes()
-        out.append(seen.setdefault(key, i))
-    return out
-
-
-def _uses_rope(config: Any) -> bool:
-    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    return any(
-        getattr(cfg, a, None) is not None for a in ("rope_parameters", "rope_theta", "rope_scaling")
-    )
-
-
-def _check_prompt(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
-        raise InvalidArgument("input_ids must be an int tensor [batch, length]")
-    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-        raise InvalidArgument("input_ids must not be empty")
-    ids = input_ids.detach().cpu().long()
-    if bool((ids < 0).any()) or bool((ids >= UNKNOWN_TOKEN).any()):
-        raise InvalidArgument(f"token ids must lie in [0, {UNKNOWN_TOKEN})")
-    if attention_mask is None:
-        return ids, torch.ones_like(ids)
-    mask = attention_mask.detach().cpu().long()
-    if mask.shape != ids.shape or bool(((mask != 0) & (mask != 1)).any()):
-        raise InvalidArgument("attention_mask must be 0/1 of the shape of input_ids")
-    if bool((mask[:, 1:] < mask[:, :-1]).any()) or bool((mask[:, -1] == 0).any()):
-        raise InvalidArgument("only left padding is supported (the mask must be 0...0 1...1)")
-    return ids, mask

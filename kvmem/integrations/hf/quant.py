@@ -121,7 +121,7 @@ def calibrate_fp8(
 
 
 def calibrate_smoothing(layer: LayerKV, k: torch.Tensor) -> bool:
-    """Set a layer's INT4 key smoothing from sample keys; False if its storage has no room for it."""
+    """Set a layer's INT4 key smoothing from sample keys; False if its storage has none."""
     if layer.k_smooth is None:
         return False
     layer.k_smooth.copy_(calibrate_key_smoothing(k, rope="half").to(layer.k_smooth.device))
@@ -131,7 +131,7 @@ def calibrate_smoothing(layer: LayerKV, k: torch.Tensor) -> bool:
 def dequantize(
     layer: LayerKV, page: torch.Tensor, off: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V ``[n, kv_heads, head_dim]`` of the slots ``(page[i], off[i])``, as the model sees them.
+    """K and V ``[n, kv_heads, head_dim]`` in slots ``(page[i], off[i])``, as the model sees them.
 
     Unlike the kernels, which fold key smoothing and rotation into the query,
     this undoes them: the dense K returned to eager/SDPA attention is the
@@ -154,7 +154,9 @@ def dequantize(
         wd = torch.float64 if dtype == torch.float64 else torch.float32
         x = k.to(wd)
         if key_rotation(layer):
-            x = x @ hadamard(x.shape[-1], wd, x.device)  # symmetric and orthonormal: its own inverse
+            x = x @ hadamard(
+                x.shape[-1], wd, x.device
+            )  # symmetric and orthonormal: its own inverse
         if layer.k_smooth is not None:
             x = x * layer.k_smooth.to(device=x.device, dtype=wd)
         k = x.to(dtype)

@@ -21,9 +21,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvmem.allocator import KVAllocator
+from kvmem.errors import InvalidArgument, OutOfKVMemory
 from kvmem.layout import BatchLayout
 from kvmem.storage import LayerKV
 
+from .inputs import UNKNOWN_TOKEN, new_id, same_rows
 from .quant import dequantize
 
 
@@ -130,3 +133,101 @@ class Step:
                 full = full.index_select(0, self.src.to(x.device))
             out.append(full.transpose(1, 2).contiguous())
         return out[0], out[1]
+
+
+def plan_step(
+    alloc: KVAllocator,
+    rows: list[Row],
+    copies: int,
+    past: int,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pos: torch.Tensor | None,
+    sliding: int | None,
+) -> Step:
+    """Plan one forward pass over layer-0 K/V ``[B, heads, q, D]``: register, reserve, lay out.
+
+    ``rows`` are the cached rows (``[]`` for a fresh batch, whose rows are
+    registered here with unknown token ids and deduplicated); with
+    ``copies > 1`` each cached row stands for that many consecutive batch
+    rows (``generate`` expanding a prepared prompt for beam search). ``pos``
+    are the position ids ``[B or 1, q]``. All or nothing: on any error the
+    sequences registered here are freed again.
+    """
+    b, _, q, _ = k.shape
+    total = past + q
+    if pos is not None:
+        pos = pos.expand(b, q).detach().cpu()
+    plan: list[Row] = []
+    if rows:
+        for i in range(b):
+            r = rows[i // copies]
+            plan.append(Row(r.seq, r.pad, r.computed, r.known))
+        group = [i - i % copies for i in range(b)]
+    else:
+        for i in range(b):
+            real = int(pos[i, -1]) + 1 if pos is not None else q
+            if not 1 <= real <= q:
+                raise InvalidArgument(f"row {i}: positions {pos[i].tolist()} do not start at 0")
+            plan.append(Row(None, total - real, 0, 0))
+        group = same_rows(k, v, pos)
+    leaders = sorted(set(group))
+    new = []
+    for i in leaders:
+        r = plan[i]
+        if r.pad >= past and r.computed == 0:
+            n = total - r.pad
+        else:
+            n = q if r.pad + r.computed == past else 0
+        if not 1 <= n <= q or (pos is not None and int(pos[i, -1]) != r.computed + n - 1):
+            got = "?" if pos is None else int(pos[i, -1])
+            raise InvalidArgument(
+                f"row {i}: position {got} does not continue the cached {r.computed} tokens; "
+                "call reset() or prepare() before an unrelated batch"
+            )
+        new.append(n)
+    if (
+        sliding is not None
+        and max(plan[i].computed + n for i, n in zip(leaders, new, strict=True)) > sliding
+    ):
+        raise InvalidArgument(
+            f"sequences longer than the sliding window ({sliding}) are not supported"
+        )
+    added: list[Hashable] = []
+    try:
+        for i, n in zip(leaders, new, strict=True):
+            if plan[i].seq is None:
+                sid = new_id()
+                alloc.add(sid, [UNKNOWN_TOKEN] * n, cache_salt=sid)
+                added.append(sid)
+                plan[i] = Row(sid, plan[i].pad, 0, n)
+        need = {plan[i].seq: n for i, n in zip(leaders, new, strict=True)}
+        if not alloc.can_reserve(need):
+            raise OutOfKVMemory(
+                f"the KV pool cannot take {sum(new)} more tokens for {len(leaders)} sequences"
+            )
+        for sid, n in need.items():
+            alloc.reserve(sid, n)
+        layout = alloc.layout(list(need.items()))
+    except BaseException:
+        for sid in added:
+            alloc.free(sid)
+        raise
+    src_of = {row: j for j, row in enumerate(leaders)}
+    sel, lsel = [], []
+    for j, (i, n) in enumerate(zip(leaders, new, strict=True)):
+        sel.extend(range(i * q + q - n, i * q + q))
+        lsel.extend(range(j * q + q - n, j * q + q))
+    return Step(
+        rows=plan,
+        leaders=leaders,
+        src=torch.tensor([src_of[group[i]] for i in range(b)], dtype=torch.long),
+        new=new,
+        past=past,
+        q=q,
+        layout=layout,
+        sel=torch.tensor(sel, dtype=torch.long, device=k.device),
+        lsel=torch.tensor(lsel, dtype=torch.long, device=k.device),
+        added=added,
+        followers=[(i, group[i]) for i in range(b) if i not in src_of],
+    )
