@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -79,7 +78,8 @@ def build_model(quick: bool, device: torch.device, dtype: torch.dtype) -> Any:
         initializer_range=0.1,
     )
     torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+    model: Any = LlamaForCausalLM(cfg)
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def run(model: Any, cache: Any, attn: str, ids: torch.Tensor, **kw: Any) -> tuple[Any, float, int]:
@@ -114,7 +114,7 @@ def compare(
             cache: Any = (
                 DynamicCache(config=model.config)
                 if backend is None
-                else kvmem_cache(model, backend, 1 << 16)
+                else kvmem_cache(model, backend, 1 << 14)
             )
             out, secs, held = run(model, cache, attn, ids, **kw)
             if isinstance(cache, KVMemCache):
@@ -269,4 +269,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

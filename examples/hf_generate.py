@@ -10,6 +10,7 @@ pages, and a second call that reuses the first call's prompt prefix.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -17,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from kvmem.integrations.hf import KVMemCache  # also registers attn_implementation="kvmem"
 
 
-def load(path: str | None) -> tuple[torch.nn.Module, object | None]:
+def load(path: str | None) -> tuple[Any, Any]:
     """The model (and tokenizer) at ``path``, else a random-weight 2-layer Llama."""
     if path:
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="kvmem")
@@ -46,6 +47,7 @@ def load(path: str | None) -> tuple[torch.nn.Module, object | None]:
 
 
 def main() -> None:
+    """Greedy on a padded batch, beam search, then prefix reuse, on one KVMemCache."""
     model, tok = load(sys.argv[1] if len(sys.argv) > 1 else None)
     if tok is not None:
         system = "You are a helpful assistant. Answer briefly.\n"

@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import Any
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+
+if not torch.cuda.is_available():  # the Triton kernels run in the interpreter (see tests/attention)
+    _prev = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    with contextlib.suppress(ImportError):
+        import triton.experimental.gluon  # noqa: F401
+
+    import kvmem.attention.triton  # noqa: F401
+
+    if _prev is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _prev
 
 from kvmem.integrations.hf import KVMemCache  # noqa: E402
 

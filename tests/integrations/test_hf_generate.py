@@ -108,3 +108,17 @@ def test_cache_built_from_a_copy_of_the_config(model: Any) -> None:
     with KVMemCache(cfg, "paged", num_tokens=512, attn_impl="reference", page_size=4) as cache:
         out = _generate(model, "kvmem", ids, mask, cache=cache, do_sample=False)
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("fmt", ["auto", "fp8_e4m3", "int4"])
+def test_triton_kernels(fmt: str) -> None:
+    """The Triton kernels (the interpreter on CPU) give the reference kernels' tokens."""
+    model = tiny_model("llama")
+    ids, mask = prompts(2, 8)
+    outs = []
+    for impl in ("triton", "reference"):
+        with make_cache(model, attn_impl=impl, kv_format=fmt) as cache:
+            outs.append(_generate(model, "kvmem", ids, mask, cache=cache, max_new_tokens=3))
+    assert torch.equal(outs[0], outs[1])
+    if fmt == "auto":
+        assert torch.equal(outs[0], _generate(model, "sdpa", ids, mask, max_new_tokens=3))

@@ -454,7 +454,7 @@ class KVMemCache(Cache):
         return h
 
     # ----------------------------------------------------------- beam search
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
         """Row ``i`` becomes old row ``beam_idx[i]``: repeated rows fork, dropped rows are freed."""
         if self._closed:
             raise KVError("the KVMemCache is closed")

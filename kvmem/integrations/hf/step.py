@@ -168,7 +168,8 @@ def plan_step(
         for i in range(b):
             real = int(pos[i, -1]) + 1 if pos is not None else q
             if not 1 <= real <= q:
-                raise InvalidArgument(f"row {i}: positions {pos[i].tolist()} do not start at 0")
+                got = [] if pos is None else pos[i].tolist()
+                raise InvalidArgument(f"row {i}: positions {got} do not start at 0")
             plan.append(Row(None, total - real, 0, 0))
         group = same_rows(k, v, pos)
     leaders = sorted(set(group))
@@ -180,9 +181,9 @@ def plan_step(
         else:
             n = q if r.pad + r.computed == past else 0
         if not 1 <= n <= q or (pos is not None and int(pos[i, -1]) != r.computed + n - 1):
-            got = "?" if pos is None else int(pos[i, -1])
+            last = "?" if pos is None else str(int(pos[i, -1]))
             raise InvalidArgument(
-                f"row {i}: position {got} does not continue the cached {r.computed} tokens; "
+                f"row {i}: position {last} does not continue the cached {r.computed} tokens; "
                 "call reset() or prepare() before an unrelated batch"
             )
         new.append(n)
@@ -214,7 +215,8 @@ def plan_step(
             alloc.free(sid)
         raise
     src_of = {row: j for j, row in enumerate(leaders)}
-    sel, lsel = [], []
+    sel: list[int] = []
+    lsel: list[int] = []
     for j, (i, n) in enumerate(zip(leaders, new, strict=True)):
         sel.extend(range(i * q + q - n, i * q + q))
         lsel.extend(range(j * q + q - n, j * q + q))
