@@ -102,12 +102,12 @@ def test_beam_search_holds_less_than_dynamic_cache(llama: Any) -> None:
     assert max(held) <= 0.5 * dyn_peak
 
 
-@pytest.mark.parametrize("attn", ["kvmem", "sdpa"])
-def test_prefix_reuse_matches_a_cold_call(llama: Any, attn: str) -> None:
+@pytest.mark.parametrize(("attn", "beams"), [("kvmem", 1), ("sdpa", 1), ("kvmem", 3)])
+def test_prefix_reuse_matches_a_cold_call(llama: Any, attn: str, beams: int) -> None:
     system = prompts(1, 20, seed=3)[0]
     first = torch.cat([system, prompts(1, 5, seed=4)[0]], 1)
     second = torch.cat([system, prompts(1, 7, seed=5)[0]], 1)
-    cold = llama.generate(second, max_new_tokens=6, do_sample=False)
+    cold = llama.generate(second, max_new_tokens=6, do_sample=False, num_beams=beams)
     with make_cache(llama) as cache:
         llama.set_attn_implementation(attn)
         try:
@@ -115,10 +115,13 @@ def test_prefix_reuse_matches_a_cold_call(llama: Any, attn: str) -> None:
             llama.generate(first, cache=cache, max_new_tokens=6, do_sample=False)
             done = cache.tokens_computed
             assert cache.prepare(second) == 20  # the shared system prompt: 5 full pages of 4
-            warm = llama.generate(second, cache=cache, max_new_tokens=6, do_sample=False)
+            warm = llama.generate(
+                second, cache=cache, max_new_tokens=6, do_sample=False, num_beams=beams
+            )
         finally:
             llama.set_attn_implementation("sdpa")
-        assert cache.tokens_computed - done == 27 - 20 + 5  # the new prompt tokens, then decode
+        # the new prompt tokens once (beams share them), then each beam's decode steps
+        assert cache.tokens_computed - done == 27 - 20 + 5 * beams
         cache.allocator.check_integrity()
     assert torch.equal(warm, cold)
 

@@ -23,6 +23,7 @@ lookup can ever match KV whose tokens are unknown.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Hashable
 from typing import Any
 
@@ -56,9 +57,11 @@ def active_cache(key: torch.Tensor) -> KVMemCache | None:
     The attention function finds its cache this way: transformers hands it
     what ``update`` returned, not the cache.
     """
-    if getattr(_ACTIVE, "key", None) is not key:
+    ref = getattr(_ACTIVE, "key", None)
+    if ref is None or ref() is not key:
         return None
-    return getattr(_ACTIVE, "cache", None)
+    cache = getattr(_ACTIVE, "cache", None)
+    return cache() if cache is not None else None
 
 
 class _Layer(CacheLayerMixin):
@@ -295,7 +298,7 @@ class KVMemCache(Cache):
         else:
             self.write(layer_idx, key_states, value_states)
             out = step.dense(self.allocator.layer(layer_idx), key_states.dtype)
-        _ACTIVE.cache, _ACTIVE.key = self, out[0]
+        _ACTIVE.cache, _ACTIVE.key = weakref.ref(self), weakref.ref(out[0])
         return out
 
     def _check_shape(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -531,7 +534,8 @@ class KVMemCache(Cache):
         if self._alloc is not None:
             self._alloc.close()
         self._closed = True
-        if getattr(_ACTIVE, "cache", None) is self:
+        ref = getattr(_ACTIVE, "cache", None)
+        if ref is not None and ref() is self:
             _ACTIVE.cache = _ACTIVE.key = None
 
     def __enter__(self) -> KVMemCache:
