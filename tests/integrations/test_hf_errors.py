@@ -98,9 +98,9 @@ def test_bad_arguments(llama: Any) -> None:
     with pytest.raises(InvalidArgument, match="fp8_scale"):
         KVMemCache(llama.config, num_tokens=64, fp8_scale="row")
     with pytest.raises(InvalidArgument, match="format"):
-        KVMemCache(llama.config, num_tokens=64, kv_format="fp3", device="cpu")
+        KVMemCache(llama.config, num_tokens=64, kv_format="fp3")
     with pytest.raises(InvalidArgument, match="num_tokens"):
-        KVMemCache(llama.config, device="cpu")
+        KVMemCache(llama.config)
     with make_cache(llama) as cache:
         ids, mask = prompts(2)
         with pytest.raises(InvalidArgument, match="left padding"):

@@ -33,6 +33,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from kvmem.allocator import KVAllocator, backend_class, create_allocator
 from kvmem.attention import decode, prefill, write_kv
 from kvmem.errors import InvalidArgument, KVError
+from kvmem.formats import resolve_format
 from kvmem.spec import KVSpec
 
 from .inputs import (
@@ -152,6 +153,9 @@ class KVMemCache(Cache):
             raise InvalidArgument(f"fp8_scale must be 'head' or 'tensor', got {fp8_scale!r}")
         if not fp8_headroom >= 1.0:
             raise InvalidArgument(f"fp8_headroom must be >= 1, got {fp8_headroom!r}")
+        if (num_tokens is None) == ("num_bytes" not in backend_options):
+            raise InvalidArgument("give exactly one of num_tokens or num_bytes (the KV capacity)")
+        resolve_format(kv_format)  # an unknown format fails here too
         super().__init__(layers=[_Layer(self, i) for i in range(self.num_layers)])
         self.config = config
         self.backend = backend
