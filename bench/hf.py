@@ -138,7 +138,7 @@ def compare(
 def prefix_reuse(model: Any, quick: bool, new: int) -> dict[str, Any]:
     """Two calls sharing a system prompt: positions present at the second, output vs a cold call."""
     g = torch.Generator().manual_seed(5)
-    system = torch.randint(1, 1024, (1, 96 if quick else 384), generator=g)
+    system = torch.randint(1, 1024, (1, 96 if quick else 256), generator=g)
     first = torch.cat([system, torch.randint(1, 1024, (1, 24), generator=g)], 1).to(model.device)
     second = torch.cat([system, torch.randint(1, 1024, (1, 40), generator=g)], 1).to(model.device)
     model.set_attn_implementation("sdpa")
@@ -194,17 +194,17 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     model = build_model(quick, device, dtype)
-    reps = 1 if quick else 3
-    new = 8 if quick else 32
+    reps = 1 if quick else 2
+    new = 8 if quick else 16
     g = torch.Generator().manual_seed(1)
 
-    prompt = torch.randint(1, 1024, (1, 96 if quick else 256), generator=g).to(device)
+    prompt = torch.randint(1, 1024, (1, 96 if quick else 192), generator=g).to(device)
     beam_runs: dict[str, tuple[str, str | None]] = {"DynamicCache": ("sdpa", None)}
     beam_runs.update({f"kvmem-{b}": ("kvmem", b) for b in BACKENDS})
     beam = compare(model, prompt, beam_runs, reps, num_beams=4, max_new_tokens=new)
 
     batch = 4 if quick else 8
-    lengths = torch.randint(32 if quick else 64, 96 if quick else 192, (batch,), generator=g)
+    lengths = torch.randint(32 if quick else 48, 96 if quick else 128, (batch,), generator=g)
     ids = torch.randint(1, 1024, (batch, int(lengths.max())), generator=g)
     mask = torch.ones_like(ids)
     for i, n in enumerate(lengths.tolist()):
