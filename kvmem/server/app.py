@@ -9,7 +9,8 @@ set, then ``data: [DONE]``. Errors are ``{"error": {"message", "type",
 "param", "code"}}`` with the HTTP status: 400 for a bad request or one
 that cannot fit the context or the KV pool, 404 for an unknown model, 429
 (with ``Retry-After``) when the waiting queue is full, 503 when the engine
-is down. A client that disconnects has its request aborted at once.
+is down, 401 for a missing or wrong API key (when the server has one). A
+client that disconnects has its request aborted at once.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from kvmem.engine import InvalidRequest, RequestOutput
+from kvmem.server.auth import APIKeyMiddleware
 from kvmem.server.chat import ChatTemplate
 from kvmem.server.metrics import CONTENT_TYPE, ServerMetrics
 from kvmem.server.protocol import (
@@ -57,8 +59,14 @@ def create_app(
     model_name: str = "kvmem-tiny",
     chat_template: ChatTemplate | None = None,
     metrics: ServerMetrics | None = None,
+    api_key: str | None = None,
+    guard_metrics: bool = False,
 ) -> FastAPI:
-    """The application; the runner's engine thread starts and stops with the app's lifespan."""
+    """The application; the runner's engine thread starts and stops with the app's lifespan.
+
+    With ``api_key`` every ``/v1/*`` route (and ``/metrics`` if ``guard_metrics``)
+    answers 401 unless the request carries ``Authorization: Bearer <api_key>``.
+    """
     if metrics is None:
         metrics = runner.metrics or ServerMetrics(
             model_name, runner.engine.allocator.stats().bytes_per_token
@@ -78,6 +86,8 @@ def create_app(
 
     app = FastAPI(title="kvmem", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.kvmem = state
+    if api_key is not None:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key, guard_metrics=guard_metrics)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
