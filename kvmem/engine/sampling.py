@@ -1,4 +1,4 @@
-"""Token sampling: greedy, temperature, top-k, top-p, with per-request seeded streams."""
+"""Token sampling (greedy, temperature, top-k, top-p, per-request seeded streams) and logprobs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kvmem.engine.request import SamplingParams
+from kvmem.engine.request import Request, SamplingParams, TokenLogprob
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -52,4 +52,55 @@ def sample(
     return out
 
 
-__all__ = ["filter_logits", "sample"]
+def token_logprobs(logits: torch.Tensor, token_ids: Sequence[int], top: int) -> list[TokenLogprob]:
+    """Row i's log-probability of ``token_ids[i]`` and its ``top`` most likely tokens.
+
+    ``logits`` is [n, V]; the log-softmax is taken in float32 over the raw
+    logits (no temperature, top-k or top-p: those shape sampling, not the
+    model's distribution), as OpenAI, vLLM and SGLang report them.
+    """
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, torch.tensor(token_ids, dtype=torch.long).view(-1, 1)).view(-1)
+    k = min(top, lp.shape[-1])
+    tv, ti = torch.topk(lp, k, dim=-1) if k > 0 else (lp[:, :0], lp[:, :0].long())
+    tvs, tis = tv.tolist(), ti.tolist()
+    return [
+        TokenLogprob(int(t), float(c), tuple(zip(tis[i], tvs[i], strict=True)))
+        for i, (t, c) in enumerate(zip(token_ids, chosen.tolist(), strict=True))
+    ]
+
+
+def sampled_logprobs(
+    rows: torch.Tensor, requests: Sequence[Request], token_ids: Sequence[int]
+) -> list[TokenLogprob | None]:
+    """The logprobs of each request's sampled token (None where it asked for none)."""
+    want = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+    out: list[TokenLogprob | None] = [None] * len(requests)
+    if not want:
+        return out
+    top = max(requests[i].params.logprobs or 0 for i in want)
+    lps = token_logprobs(rows[torch.tensor(want)], [token_ids[i] for i in want], top)
+    for i, lp in zip(want, lps, strict=True):
+        k = requests[i].params.logprobs or 0
+        out[i] = TokenLogprob(lp.token_id, lp.logprob, lp.top[:k])
+    return out
+
+
+def score_prompt(r: Request, start: int, num_tokens: int, rows: torch.Tensor) -> None:
+    """Extend ``r.prompt_logprobs`` from the logits of positions ``start..start+num_tokens-1``.
+
+    Row i predicts the token at position ``start + i + 1``; positions already
+    scored (a chunk recomputed after preemption) are skipped.
+    """
+    k = r.params.prompt_logprobs
+    if k is None:
+        return
+    lo = max(len(r.prompt_logprobs) + 1, start + 1)
+    hi = min(start + num_tokens, r.num_prompt_tokens - 1)
+    if lo > hi:
+        return
+    sel = rows[lo - 1 - start : hi - start]
+    r.prompt_logprobs.extend(token_logprobs(sel, r.token_ids[lo : hi + 1], k))
+
+
+__all__ = ["filter_logits", "sample", "sampled_logprobs", "score_prompt", "token_logprobs"]
