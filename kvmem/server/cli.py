@@ -85,6 +85,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=256,
         help="admitted requests allowed to wait for their first token; more get 429",
     )
+    p.add_argument(
+        "--max-n",
+        type=int,
+        default=16,
+        help="the most samples per prompt a request may ask for (n, best_of); more get 400",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--attention-impl", default="auto", help="attention kernels: auto, reference, ..."
@@ -191,6 +197,8 @@ def build_app(args: argparse.Namespace) -> Any:
 
     if args.max_queue < 1:
         raise KVError(f"--max-queue must be at least 1, got {args.max_queue}")
+    if args.max_n < 1:
+        raise KVError(f"--max-n must be at least 1, got {args.max_n}")
     if args.api_key is not None and not args.api_key.strip():
         raise KVError("--api-key must not be empty")
     if args.metrics_need_key and args.api_key is None:
@@ -203,6 +211,7 @@ def build_app(args: argparse.Namespace) -> Any:
         ChatTemplate.from_dir(built.model_dir),
         api_key=args.api_key,
         guard_metrics=args.metrics_need_key,
+        max_n=args.max_n,
     )
 
 
