@@ -59,7 +59,7 @@ from kvmem.engine.request import (
     SamplingParams,
     TokenLogprob,
 )
-from kvmem.engine.sampling import sample, sampled_logprobs, score_prompt
+from kvmem.engine.sampling import read_logits, sample_requests
 from kvmem.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from kvmem.engine.stopping import advance_text, stop_reason
 from kvmem.engine.tokenizer import ByteTokenizer, IncrementalDecoder, Tokenizer
@@ -368,40 +368,19 @@ class Engine:
                 c.request.metrics.first_scheduled_time = now
         logits = self.executor.execute(chunks, plan.kv)
         self.num_steps += 1
-        samplers: list[tuple[Request, int]] = []  # (request, its logits row)
-        forked: list[Request] = []
-        scored: list[Request] = []  # prompt scored, nothing to generate (max_tokens 0)
-        row = 0
         for c in chunks:
             if not c.is_decode:
                 self.prompt_tokens += c.num_tokens
                 self.policy.on_served(c.request, c.num_tokens, 0)
-            k = c.num_logit_rows
-            if c.scores_prompt:
-                score_prompt(c.request, c.start, c.num_tokens, logits[row : row + k])
-            if c.samples:
-                children = self.scheduler.forks_due(c)
-                forked.extend(children)
-                for r in (c.request, *children):
-                    if r.params.max_tokens == 0:
-                        scored.append(r)
-                    else:
-                        samplers.append((r, row + k - 1))
-            row += k
+        rows = read_logits(chunks, logits, self.scheduler.forks_due)
         news: list[tuple[Request, int, str, str | None, TokenLogprob | None]] = []
-        if samplers:
-            reqs = [r for r, _ in samplers]
-            rows = logits[torch.tensor([i for _, i in samplers], dtype=torch.long)]
-            toks = sample(
-                rows, [r.params for r in reqs], [r.generator or self._generator for r in reqs]
-            )
-            lps = sampled_logprobs(rows, reqs, toks)
+        if rows.samplers:
+            reqs = [r for r, _ in rows.samplers]
+            toks, lps = sample_requests(logits, rows.samplers, self._generator)
             t = self.clock.now()
             for r, tok, lp in zip(reqs, toks, lps, strict=True):
                 r.token_ids.append(tok)
                 r.metrics.token_times.append(t)
-                if lp is not None:
-                    r.cumulative_logprob += lp.logprob
                 self.generation_tokens += 1
                 self.policy.on_served(r, 0, 1)
                 reason = stop_reason(r, tok, self.eos_token_ids, self.max_model_len)
@@ -410,36 +389,17 @@ class Engine:
         self.scheduler.update(
             chunks,
             [r for r, _, _, reason, _ in news if reason is None],
-            [r for r, _, _, reason, _ in news if reason is not None] + scored,
-            forked,
+            [r for r, _, _, reason, _ in news if reason is not None] + rows.scored,
+            rows.forked,
         )
-        for r in scored:
+        for r in rows.scored:
             self._finish(r, "length", outputs, [])
         for r, tok, text, reason, lp in news:
             lpl = None if lp is None else [lp]
             if reason is None:
-                outputs.append((r, self._output(r, [tok], text, logprobs=lpl)))
+                outputs.append((r, r.output([tok], text, logprobs=lpl)))
             else:
                 self._finish(r, reason, outputs, [tok], text, logprobs=lpl)
-
-    @staticmethod
-    def _output(
-        r: Request,
-        toks: list[int],
-        text: str,
-        finished: bool = False,
-        reason: str | None = None,
-        error: str | None = None,
-        logprobs: list[TokenLogprob] | None = None,
-    ) -> RequestOutput:
-        """One output of ``r``; the prompt's logprobs ride on its first one."""
-        prompt_lps = None
-        if r.params.prompt_logprobs is not None and not r.prompt_logprobs_sent:
-            r.prompt_logprobs_sent = True
-            prompt_lps = list(r.prompt_logprobs)
-        return RequestOutput(
-            r.request_id, toks, text, finished, reason, error, logprobs, prompt_lps
-        )
 
     def _finish(
         self,
@@ -461,7 +421,7 @@ class Engine:
         with self._inbox_lock:
             self._ids.discard(r.request_id)
         self.finished.append(r)
-        outputs.append((r, self._output(r, toks, text, True, reason, error, logprobs)))
+        outputs.append((r, r.output(toks, text, True, reason, error, logprobs)))
 
     @staticmethod
     def _deliver(outputs: _Pending) -> None:

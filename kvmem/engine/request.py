@@ -181,8 +181,6 @@ class Request:
     #: Prompt tokens 1.. scored so far (``params.prompt_logprobs``), sent with the first output.
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list, repr=False)
     prompt_logprobs_sent: bool = False
-    #: Sum of the generated tokens' logprobs (kept when ``params.logprobs`` is set).
-    cumulative_logprob: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -223,6 +221,24 @@ class Request:
     def finished(self) -> bool:
         """True once the request has left the engine."""
         return self.status is RequestStatus.FINISHED
+
+    def output(
+        self,
+        toks: list[int],
+        text: str,
+        finished: bool = False,
+        reason: str | None = None,
+        error: str | None = None,
+        logprobs: list[TokenLogprob] | None = None,
+    ) -> RequestOutput:
+        """An output of this request; the prompt's logprobs ride on its first one."""
+        prompt_lps = None
+        if self.params.prompt_logprobs is not None and not self.prompt_logprobs_sent:
+            self.prompt_logprobs_sent = True
+            prompt_lps = list(self.prompt_logprobs)
+        return RequestOutput(
+            self.request_id, toks, text, finished, reason, error, logprobs, prompt_lps
+        )
 
 
 __all__ = [

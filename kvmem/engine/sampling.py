@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from kvmem.engine.request import Request, SamplingParams, TokenLogprob
+
+if TYPE_CHECKING:
+    from kvmem.engine.scheduler import ScheduledChunk
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -103,4 +108,66 @@ def score_prompt(r: Request, start: int, num_tokens: int, rows: torch.Tensor) ->
     r.prompt_logprobs.extend(token_logprobs(sel, r.token_ids[lo : hi + 1], k))
 
 
-__all__ = ["filter_logits", "sample", "sampled_logprobs", "score_prompt", "token_logprobs"]
+def sample_requests(
+    logits: torch.Tensor, samplers: Sequence[tuple[Request, int]], default: torch.Generator
+) -> tuple[list[int], list[TokenLogprob | None]]:
+    """Sample each request from its logits row; its token and (if asked for) their logprobs.
+
+    A request without a seed of its own draws from ``default``.
+    """
+    reqs = [r for r, _ in samplers]
+    rows = logits[torch.tensor([i for _, i in samplers], dtype=torch.long)]
+    toks = sample(rows, [r.params for r in reqs], [r.generator or default for r in reqs])
+    return toks, sampled_logprobs(rows, reqs, toks)
+
+
+@dataclass
+class StepRows:
+    """Who reads which logits row after a forward pass."""
+
+    #: (request, its logits row) for every request that samples a token now.
+    samplers: list[tuple[Request, int]] = field(default_factory=list)
+    #: Requests forked from a parent whose prompt was just computed (they sample too).
+    forked: list[Request] = field(default_factory=list)
+    #: Requests whose prompt is scored and that generate nothing (``max_tokens`` 0).
+    scored: list[Request] = field(default_factory=list)
+
+
+def read_logits(
+    chunks: Sequence[ScheduledChunk],
+    logits: torch.Tensor,
+    forks_due: Callable[[ScheduledChunk], list[Request]],
+) -> StepRows:
+    """Score the prompt chunks that ask for it; list who samples from which row.
+
+    ``logits`` has ``chunk.num_logit_rows`` rows per chunk, in chunk order;
+    a forked request samples from its parent's row.
+    """
+    out = StepRows()
+    row = 0
+    for c in chunks:
+        k = c.num_logit_rows
+        if c.scores_prompt:
+            score_prompt(c.request, c.start, c.num_tokens, logits[row : row + k])
+        if c.samples:
+            children = forks_due(c)
+            out.forked.extend(children)
+            for r in (c.request, *children):
+                if r.params.max_tokens == 0:
+                    out.scored.append(r)
+                else:
+                    out.samplers.append((r, row + k - 1))
+        row += k
+    return out
+
+
+__all__ = [
+    "StepRows",
+    "filter_logits",
+    "read_logits",
+    "sample",
+    "sample_requests",
+    "sampled_logprobs",
+    "score_prompt",
+    "token_logprobs",
+]

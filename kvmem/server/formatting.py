@@ -123,8 +123,9 @@ class Formatter:
                 tops.append(None)
                 continue
             lps.append(lp.logprob)
-            top = {self._token(t): v for t, v in lp.top[:k]}
-            top.setdefault(s, lp.logprob)
+            top: dict[str, float] = {}
+            for t, v in (*lp.top[:k], (tok, lp.logprob)):
+                top.setdefault(self._token(t), v)  # tokens that read alike: the likeliest
             tops.append(top)
         return {
             "tokens": tokens,

@@ -157,7 +157,7 @@ class _SamplingRequest(_Strict):
 class CompletionRequest(_SamplingRequest):
     """``POST /v1/completions``. Prompts: a string, token ids, or a list of either."""
 
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | list[int] | list[str | list[int]]
     max_tokens: int | None = 16
     best_of: int | None = None
     logprobs: int | None = None
