@@ -9,7 +9,8 @@ lm-evaluation-harness reads)::
 one entry per token of the choice's text (the prompt's first, with
 ``echo``: its first token has no logprob, so null); ``top_logprobs`` holds
 the ``logprobs`` most likely tokens plus the chosen one; ``text_offset`` is
-each token's offset in the choice's text. Chat::
+each token's offset in the concatenated token strings (the choice's text,
+unless a token decodes to part of a character or a stop string cut it). Chat::
 
     {"content": [{"token": "lo", "logprob": -2.1, "bytes": [108, 111],
                   "top_logprobs": [{"token": "lo", "logprob": -2.1, "bytes": [...]}]}]}
@@ -222,8 +223,9 @@ class Formatter:
             ch["text"] = text
             if self.logprobs is not None and lps:
                 offset = self._offsets.get(index, 0)
-                ch["logprobs"] = self.completion_logprobs([(lp.token_id, lp) for lp in lps], offset)
-            self._offsets[index] = self._offsets.get(index, 0) + len(text)
+                shaped = self.completion_logprobs([(lp.token_id, lp) for lp in lps], offset)
+                ch["logprobs"] = shaped
+                self._offsets[index] = offset + sum(len(t) for t in shaped["tokens"])
         if self.token_ids:
             ch["token_ids"] = toks
         return ch

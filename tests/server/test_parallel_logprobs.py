@@ -241,3 +241,35 @@ def test_n8_holds_the_prompt_once(make_server):
     assert all_running, "never saw the 8 samples running together"
     assert max(all_running) <= bound < n * len(prompt)
     assert min(all_running) >= full * ps
+
+
+def test_streamed_logprobs_equal_the_full_response(client):
+    kw = dict(prompt=PROMPT, logprobs=2, seed=12, **SAMPLE)
+    full = client.completions.create(**kw).choices[0].logprobs
+    tokens, lps, offsets = [], [], []
+    for chunk in client.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            if c.logprobs is not None:
+                tokens += c.logprobs.tokens
+                lps += c.logprobs.token_logprobs
+                offsets += c.logprobs.text_offset
+    assert tokens == full.tokens and lps == pytest.approx(full.token_logprobs, abs=1e-6)
+    assert offsets == full.text_offset
+
+
+def test_max_n_is_the_servers(tiny_model):
+    from kvmem.engine import Engine
+    from kvmem.server import AsyncEngine, ServerThread, create_app
+
+    runner = AsyncEngine(Engine(tiny_model, num_kv_tokens=1024))
+    srv = ServerThread(create_app(runner, MODEL, max_n=2)).start()
+    try:
+        with openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0) as c:
+            assert len(c.completions.create(prompt="a", n=2, **SAMPLE).choices) == 2
+            with pytest.raises(openai.BadRequestError, match=r"1\.\.2") as e:
+                c.completions.create(prompt="a", n=3, **SAMPLE)
+            assert e.value.body["param"] == "n"
+            with pytest.raises(openai.BadRequestError, match=r"n\.\.2"):
+                c.completions.create(prompt="a", n=1, best_of=3, **SAMPLE)
+    finally:
+        srv.stop()
