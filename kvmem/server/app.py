@@ -11,6 +11,15 @@ that cannot fit the context or the KV pool, 404 for an unknown model, 429
 (with ``Retry-After``) when the waiting queue is full, 503 when the engine
 is down, 401 for a missing or wrong API key (when the server has one). A
 client that disconnects has its request aborted at once.
+
+Each prompt (completions take a list) runs as ``n`` (or ``best_of``) engine
+requests; the first is the parent, the others name it with ``fork_from``,
+so the engine prefills the prompt once and forks the samples from it.
+Sample j is seeded ``seed + j``. Choice ``prompt_i * n + j`` is prompt i's
+sample j (for ``best_of``: its j-th most likely). Streams interleave the
+choices' chunks as their tokens come; ``usage`` counts every prompt once
+and every generated token (``best_of``'s discarded samples included).
+Response shapes live in :mod:`kvmem.server.formatting`.
 """
 
 from __future__ import annotations
