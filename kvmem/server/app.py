@@ -339,12 +339,12 @@ async def _serve(
     samples = [Sample.collect(i, o) for (i, _), o in zip(streams, outs, strict=True)]
     choices = []
     for i, p in enumerate(prompts):
-        mine = [s for s in samples if s.prompt_index == i]
+        mine = [x for x in samples if x.prompt_index == i]
         if len(mine) > req.n:  # best_of: the n most likely, most likely first
-            mine = sorted(mine, key=lambda s: s.cumulative_logprob, reverse=True)[: req.n]
-        for j, s in enumerate(mine):
-            choices.append(fmt.choice(i * req.n + j, s, p.ids if echo else None, p.text))
-    usage = fmt.usage(n_prompt, sum(len(s.token_ids) for s in samples))
+            mine = sorted(mine, key=lambda x: x.cumulative_logprob, reverse=True)[: req.n]
+        for j, x in enumerate(mine):
+            choices.append(fmt.choice(i * req.n + j, x, p.ids if echo else None, p.text))
+    usage = fmt.usage(n_prompt, sum(len(x.token_ids) for x in samples))
     return JSONResponse(fmt.full(choices, usage), headers=headers)
 
 
@@ -384,10 +384,11 @@ async def _until_done_or_disconnect(
         while (await receive())["type"] != "http.disconnect":
             pass
 
-    work = asyncio.ensure_future(asyncio.gather(*(collect(s) for s in streams)))
+    work: asyncio.Future[list[list[RequestOutput]]] = asyncio.gather(*(collect(s) for s in streams))
     watch = asyncio.ensure_future(disconnected())
     try:
-        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        both: list[asyncio.Future[Any]] = [work, watch]
+        await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watch.cancel()
         if not work.done():
