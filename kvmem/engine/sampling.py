@@ -65,7 +65,8 @@ def token_logprobs(logits: torch.Tensor, token_ids: Sequence[int], top: int) -> 
     model's distribution), as OpenAI, vLLM and SGLang report them.
     """
     lp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = lp.gather(1, torch.tensor(token_ids, dtype=torch.long).view(-1, 1)).view(-1)
+    idx = torch.tensor(token_ids, dtype=torch.long, device=lp.device)
+    chosen = lp.gather(1, idx.view(-1, 1)).view(-1)
     k = min(top, lp.shape[-1])
     tv, ti = torch.topk(lp, k, dim=-1) if k > 0 else (lp[:, :0], lp[:, :0].long())
     tvs, tis = tv.tolist(), ti.tolist()

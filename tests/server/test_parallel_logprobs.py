@@ -273,3 +273,16 @@ def test_max_n_is_the_servers(tiny_model):
                 c.completions.create(prompt="a", n=1, best_of=3, **SAMPLE)
     finally:
         srv.stop()
+
+
+def test_echo_with_n_scores_the_prompt_once_per_choice(client):
+    prompt = "Two choices, one prompt."
+    r = client.completions.create(
+        model=MODEL, prompt=[prompt, prompt[:10]], n=2, echo=True, logprobs=0, max_tokens=0
+    )
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert [c.text for c in r.choices] == [prompt, prompt, prompt[:10], prompt[:10]]
+    a, b = r.choices[0].logprobs, r.choices[1].logprobs
+    assert a.token_logprobs == b.token_logprobs and len(a.tokens) == len(prompt)
+    short = r.choices[2].logprobs.token_logprobs
+    assert short[0] is None and short[1:] == pytest.approx(a.token_logprobs[1:10], abs=1e-5)
