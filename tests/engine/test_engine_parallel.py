@@ -150,3 +150,16 @@ def test_max_tokens_zero_needs_prompt_logprobs():
         SamplingParams(max_tokens=0)
     with pytest.raises(InvalidRequest, match="logprobs"):
         SamplingParams(logprobs=-1)
+
+
+def test_forks_are_made_by_the_scheduler_update(model):
+    from test_engine_ownership import Recording
+
+    alloc = Recording(create_allocator("paged", model.kv_spec(), num_tokens=4096, page_size=16))
+    eng = Engine(model, allocator=alloc, max_num_batched_tokens=64)
+    toks, _ = run_group(eng, 4, seed=2)
+    forks = {k: n for k, n in alloc.calls.items() if k[2] == "fork"}
+    assert forks == {("kvmem.engine.scheduler", "update", "fork"): 3}
+    adds = sum(n for k, n in alloc.calls.items() if k[2] == "add")
+    assert adds == 1  # only the parent's prompt was registered (and prefilled)
+    assert toks == singles(eng, 4, seed=2)
