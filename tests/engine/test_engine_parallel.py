@@ -163,3 +163,19 @@ def test_forks_are_made_by_the_scheduler_update(model):
     adds = sum(n for k, n in alloc.calls.items() if k[2] == "add")
     assert adds == 1  # only the parent's prompt was registered (and prefilled)
     assert toks == singles(eng, 4, seed=2)
+
+
+@pytest.mark.parametrize("preemption", ["recompute", "swap"])
+def test_forked_samples_survive_preemption(model, preemption):
+    eng = Engine(
+        model,
+        num_kv_tokens=256,
+        preemption=preemption,
+        backend_options={"page_size": 16},
+        max_num_batched_tokens=64,
+    )
+    toks, _ = run_group(eng, 4, seed=7, max_tokens=24)
+    assert eng.metrics().num_preemptions > 0
+    ref = Engine(model, num_kv_tokens=4096, backend_options={"page_size": 16})
+    want = ref.generate([PROMPT] * 4, [params(7 + i, max_tokens=24) for i in range(4)])
+    assert toks == [c.output_token_ids for c in want]
