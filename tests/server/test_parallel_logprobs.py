@@ -286,3 +286,28 @@ def test_echo_with_n_scores_the_prompt_once_per_choice(client):
     assert a.token_logprobs == b.token_logprobs and len(a.tokens) == len(prompt)
     short = r.choices[2].logprobs.token_logprobs
     assert short[0] is None and short[1:] == pytest.approx(a.token_logprobs[1:10], abs=1e-5)
+
+
+def test_chat_streamed_logprobs_equal_the_full_response(client):
+    kw = dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Stream me"}],
+        logprobs=True,
+        top_logprobs=3,
+        max_tokens=6,
+        seed=5,
+        temperature=1.0,
+        n=2,
+        extra_body={"ignore_eos": True},
+    )
+    full = client.chat.completions.create(**kw)
+    got: dict[int, list] = defaultdict(list)
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            if c.logprobs is not None:
+                got[c.index] += c.logprobs.content
+    for c in full.choices:
+        want = c.logprobs.content
+        assert [e.token for e in got[c.index]] == [e.token for e in want] and len(want) == 6
+        assert [e.logprob for e in got[c.index]] == pytest.approx([e.logprob for e in want])
+        assert all(len(e.top_logprobs) == 3 for e in want)
