@@ -416,6 +416,65 @@ def offline_throughput(
     return sum(len(c.output_token_ids) for c in done) / dt, len(done) / dt
 
 
+def parallel_sampling(
+    args: argparse.Namespace, prompt_len: int = 1000, out_len: int = 64, n: int = 8
+) -> dict[str, float]:
+    """n samples of one prompt forked from one prefill vs n separate requests, side by side.
+
+    Same engine options, all requests at once; figures: the peak KV bytes
+    held (ratio, target <= 0.3) and output tokens/s of each. Two baselines:
+    separate requests that share nothing (each its own cache salt: what an
+    engine without prefix caching holds), and the strongest, separate
+    requests sharing the prompt's full pages through the prefix cache
+    (chunked prefill lets the later ones find the first one's pages).
+    """
+    import torch
+
+    from kvmem.engine import Engine, SamplingParams, load_model, random_model
+
+    torch.set_num_threads(args.server_threads)
+    model = load_model(args.model) if args.model else random_model(args.preset, seed=0)
+    eng = Engine(
+        model,
+        backend=args.backend,
+        kv_format=args.kv_format,
+        num_kv_tokens=args.num_kv_tokens,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+    )
+    rng = random.Random(args.seed)
+    figs: dict[str, float] = {}
+    for mode in ("separate", "cached", "forked"):
+        # a fresh prompt each time: the prefix cache must not serve one run from the other
+        prompt = [rng.randrange(eng.executor.vocab_size) for _ in range(prompt_len)]
+        first = None
+        for i in range(n):
+            params = SamplingParams(max_tokens=out_len, temperature=1.0, seed=i, ignore_eos=True)
+            salt = i if mode == "separate" else None
+            rid = eng.add_request(prompt, params, fork_from=first, cache_salt=salt)
+            first = first or rid if mode == "forked" else None
+        peak, t0 = 0, time.perf_counter()
+        with console.status(f"n={n}, {mode}"):
+            while eng.has_unfinished():
+                eng.step()
+                peak = max(peak, eng.allocator.stats().used_bytes)
+        figs[f"{mode}_kv_bytes"] = peak
+        figs[f"{mode}_output_throughput"] = n * out_len / (time.perf_counter() - t0)
+    eng.close()
+    forked_kv, forked_tps = figs["forked_kv_bytes"], figs["forked_output_throughput"]
+    return {
+        f"n{n}_kv_bytes_vs_separate": forked_kv / figs["separate_kv_bytes"],
+        f"n{n}_kv_bytes_vs_separate_prefix_cached": forked_kv / figs["cached_kv_bytes"],
+        f"n{n}_kv_bytes": forked_kv,
+        f"separate{n}_kv_bytes": figs["separate_kv_bytes"],
+        f"separate{n}_prefix_cached_kv_bytes": figs["cached_kv_bytes"],
+        f"n{n}_output_throughput": forked_tps,
+        f"separate{n}_output_throughput": figs["separate_output_throughput"],
+        f"n{n}_vs_separate_throughput": forked_tps / figs["separate_output_throughput"],
+        f"n{n}_vs_separate_prefix_cached_throughput": forked_tps / figs["cached_output_throughput"],
+    }
+
+
 def _rates(text: str) -> list[float]:
     return [math.inf if x.strip() == "inf" else float(x) for x in text.split(",")]
 
@@ -485,6 +544,7 @@ def main() -> None:
                 proc.kill()
     # the last rate's requests again, in-process, with the server gone
     offline, offline_rps = offline_throughput(args, reqs) if not args.url else (None, None)
+    parallel = parallel_sampling(args) if not args.url else {}
 
     labels = [f"{r:g}" if math.isfinite(r) else "inf" for r in args.rates]
     shown = [
@@ -515,7 +575,10 @@ def main() -> None:
             f"server at rate {labels[-1]} reaches "
             f"{rows[-1]['output_throughput'] / offline:.2f}x of it"
         )
+    for k, v in parallel.items():
+        console.print(f"{k}: {v:.4g}")
     figures: dict[str, Any] = {
+        **parallel,
         "model": args.model_desc,
         "backend": args.backend,
         "kv_format": args.kv_format,

@@ -24,7 +24,13 @@ from kvmem.engine.predictors import (
     NoisyOraclePredictor,
     OraclePredictor,
 )
-from kvmem.engine.request import Completion, Request, RequestOutput, SamplingParams
+from kvmem.engine.request import (
+    Completion,
+    Request,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprob,
+)
 from kvmem.engine.scheduler import Scheduler, SchedulerConfig, StepKV
 from kvmem.engine.simulate import CostModel, SimulatedExecutor
 from kvmem.engine.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
@@ -62,6 +68,7 @@ __all__ = [
     "SimulatedExecutor",
     "StepKV",
     "SwapUnavailable",
+    "TokenLogprob",
     "WallClock",
     "load_model",
     "load_tokenizer",

@@ -57,8 +57,9 @@ from kvmem.engine.request import (
     RequestOutput,
     RequestStatus,
     SamplingParams,
+    TokenLogprob,
 )
-from kvmem.engine.sampling import sample
+from kvmem.engine.sampling import read_logits, sample_requests
 from kvmem.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from kvmem.engine.stopping import advance_text, stop_reason
 from kvmem.engine.tokenizer import ByteTokenizer, IncrementalDecoder, Tokenizer
@@ -183,6 +184,7 @@ class Engine:
         on_output: OutputCallback | None = None,
         output_len_hint: int | None = None,
         cache_salt: Hashable = None,
+        fork_from: str | None = None,
     ) -> str:
         """Queue a request; return its id. Thread-safe.
 
@@ -190,6 +192,13 @@ class Engine:
         ``cache_salt`` keeps its prefix-cache entries apart from other
         salts' (pass the tenant to isolate tenants); ``output_len_hint`` is
         the true output length, for oracle predictors in trace replays.
+
+        ``fork_from`` names a request in the engine with the same prompt
+        (parallel sampling, as for OpenAI's ``n``): on backends that declare
+        ``fork`` this one is forked from it when its prompt is computed, so
+        the prompt is prefilled once and its KV held once; otherwise it runs
+        on its own. Either way it samples from the same logits as a request
+        of its own would, so with its own ``seed`` its tokens are the same.
 
         Raises :class:`InvalidRequest` (nothing queued, nothing else
         affected) for an empty prompt, token ids outside the vocabulary, a
@@ -206,6 +215,7 @@ class Engine:
             on_output=on_output,
             output_len_hint=output_len_hint,
             cache_salt=cache_salt,
+            fork_from=fork_from,
         ).request_id
 
     def _add(
@@ -220,6 +230,7 @@ class Engine:
         on_output: OutputCallback | None = None,
         output_len_hint: int | None = None,
         cache_salt: Hashable = None,
+        fork_from: str | None = None,
     ) -> Request:
         """``add_request``, returning the queued Request."""
         params = params if params is not None else SamplingParams()
@@ -255,6 +266,8 @@ class Engine:
                 raise InvalidRequest("request_id must be a non-empty string")
             if rid in self._ids:
                 raise InvalidRequest(f"request id {rid!r} is already in the engine")
+            if fork_from is not None and fork_from not in self._ids:
+                raise InvalidRequest(f"fork_from: no request {fork_from!r} in the engine")
             req = Request(
                 request_id=rid,
                 prompt_token_ids=ids,
@@ -273,7 +286,7 @@ class Engine:
             if self.config.detokenize:
                 req.decoder = IncrementalDecoder(self.tokenizer)
             self._ids.add(rid)
-            self._inbox.append(("add", req))
+            self._inbox.append(("add", (req, fork_from)))
         self._wake.set()
         return req
 
@@ -312,8 +325,11 @@ class Engine:
             inbox, self._inbox = self._inbox, []
         for kind, arg in inbox:
             if kind == "add":
-                self._requests[arg.request_id] = arg
-                self.scheduler.add(arg)
+                req, parent = arg
+                if parent is not None:
+                    req.fork_of = self._requests.get(parent)
+                self._requests[req.request_id] = req
+                self.scheduler.add(req)
             elif kind == "abort":
                 r = self._requests.get(arg)
                 if r is not None and not r.finished:
@@ -352,39 +368,38 @@ class Engine:
                 c.request.metrics.first_scheduled_time = now
         logits = self.executor.execute(chunks, plan.kv)
         self.num_steps += 1
-        samplers: list[Request] = []
         for c in chunks:
             if not c.is_decode:
                 self.prompt_tokens += c.num_tokens
                 self.policy.on_served(c.request, c.num_tokens, 0)
-            if c.samples:
-                samplers.append(c.request)
-        news: list[tuple[Request, int, str, str | None]] = []
-        if samplers:
-            toks = sample(
-                logits,
-                [r.params for r in samplers],
-                [r.generator or self._generator for r in samplers],
-            )
+        rows = read_logits(chunks, logits, self.scheduler.forks_due)
+        news: list[tuple[Request, int, str, str | None, TokenLogprob | None]] = []
+        if rows.samplers:
+            reqs = [r for r, _ in rows.samplers]
+            toks, lps = sample_requests(logits, rows.samplers, self._generator)
             t = self.clock.now()
-            for r, tok in zip(samplers, toks, strict=True):
+            for r, tok, lp in zip(reqs, toks, lps, strict=True):
                 r.token_ids.append(tok)
                 r.metrics.token_times.append(t)
                 self.generation_tokens += 1
                 self.policy.on_served(r, 0, 1)
                 reason = stop_reason(r, tok, self.eos_token_ids, self.max_model_len)
                 text, stopped = advance_text(r, tok, final=reason is not None)
-                news.append((r, tok, text, "stop" if stopped else reason))
+                news.append((r, tok, text, "stop" if stopped else reason, lp))
         self.scheduler.update(
             chunks,
-            [r for r, _, _, reason in news if reason is None],
-            [r for r, _, _, reason in news if reason is not None],
+            [r for r, _, _, reason, _ in news if reason is None],
+            [r for r, _, _, reason, _ in news if reason is not None] + rows.scored,
+            rows.forked,
         )
-        for r, tok, text, reason in news:
+        for r in rows.scored:
+            self._finish(r, "length", outputs, [])
+        for r, tok, text, reason, lp in news:
+            lpl = None if lp is None else [lp]
             if reason is None:
-                outputs.append((r, RequestOutput(r.request_id, [tok], text)))
+                outputs.append((r, r.output([tok], text, logprobs=lpl)))
             else:
-                self._finish(r, reason, outputs, [tok], text)
+                self._finish(r, reason, outputs, [tok], text, logprobs=lpl)
 
     def _finish(
         self,
@@ -394,6 +409,7 @@ class Engine:
         toks: list[int],
         text: str | None = None,
         error: str | None = None,
+        logprobs: list[TokenLogprob] | None = None,
     ) -> None:
         """Record that ``r`` (already out of the scheduler, its KV freed) has finished."""
         if text is None:
@@ -405,7 +421,7 @@ class Engine:
         with self._inbox_lock:
             self._ids.discard(r.request_id)
         self.finished.append(r)
-        outputs.append((r, RequestOutput(r.request_id, toks, text, True, reason, error)))
+        outputs.append((r, r.output(toks, text, True, reason, error, logprobs)))
 
     @staticmethod
     def _deliver(outputs: _Pending) -> None:

@@ -50,9 +50,12 @@ class Executor(ABC):
 
     @abstractmethod
     def execute(self, chunks: Sequence[ScheduledChunk], kv: StepKV | None) -> torch.Tensor:
-        """Compute the chunks' KV into ``kv``; return float32 logits [num sampling chunks, V].
+        """Compute the chunks' KV into ``kv``; return float32 logits [rows, V].
 
-        Rows follow the order of the chunks whose ``samples`` is true.
+        Each chunk contributes ``chunk.num_logit_rows`` rows, in chunk order:
+        its last row when it ``samples``, every row when it ``scores_prompt``
+        (an executor that never sees prompt-logprob requests may return the
+        sampling rows only).
         ``kv`` is None only for an executor whose ``uses_kv`` is False.
         """
 
@@ -88,8 +91,8 @@ class ModelExecutor(Executor):
         for c in chunks:
             ids.extend(c.request.token_ids[c.start : c.start + c.num_tokens])
             pos.extend(range(c.start, c.start + c.num_tokens))
-            if c.samples:
-                rows.append(len(ids) - 1)
+            k = c.num_logit_rows
+            rows.extend(range(len(ids) - k, len(ids)))
         dev = self.model.device
         return self.model(
             _to_device(ids, dev),

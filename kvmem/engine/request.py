@@ -28,6 +28,14 @@ class SamplingParams:
     what else is in the batch. Generation stops at ``max_tokens``, at an EOS
     token (unless ``ignore_eos``), at any of ``stop_token_ids``, or when the
     text contains one of ``stop`` (the text is cut before it).
+
+    ``logprobs`` (None: off) reports, for each generated token, its
+    log-probability and the ``logprobs`` most likely alternatives;
+    ``prompt_logprobs`` does the same for every prompt token after the first
+    (the prompt is then never served from the prefix cache, since its logits
+    are needed). Both come from the log-softmax of the model's raw logits,
+    before temperature, top-k or top-p. ``max_tokens == 0`` is allowed only
+    with ``prompt_logprobs``: the prompt is scored and nothing generated.
     """
 
     max_tokens: int = 16
@@ -38,11 +46,19 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise InvalidRequest(f"{name} must be an int >= 0 or None, got {v!r}")
         mt = self.max_tokens
-        if isinstance(mt, bool) or not isinstance(mt, int) or mt <= 0:
-            raise InvalidRequest(f"max_tokens must be a positive int, got {mt!r}")
+        least = 0 if self.prompt_logprobs is not None else 1
+        if isinstance(mt, bool) or not isinstance(mt, int) or mt < least:
+            what = "an int >= 0 (prompt_logprobs set)" if least == 0 else "a positive int"
+            raise InvalidRequest(f"max_tokens must be {what}, got {mt!r}")
         t = self.temperature
         if not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
             raise InvalidRequest(f"temperature must be a finite number >= 0, got {t!r}")
@@ -75,12 +91,28 @@ class RequestStatus(Enum):
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One position's log-probabilities: the token there, its own, and the top alternatives.
+
+    ``top`` lists ``(token_id, logprob)`` pairs, most likely first (empty when
+    no alternatives were asked for).
+    """
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class RequestOutput:
     """One step's news for one request, as streamed to callbacks and iterators.
 
     ``finish_reason`` is ``"stop"`` (EOS, stop token or string), ``"length"``
     (max_tokens, the model's context, or the whole KV capacity), ``"abort"``,
     or ``"error"`` (then ``error`` says why); None while running.
+    ``logprobs`` has one entry per new token when the request asked for
+    them; ``prompt_logprobs`` (prompt tokens 1.., the first has none) comes
+    once, with the first output, when asked for.
     """
 
     request_id: str
@@ -89,6 +121,8 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)
@@ -142,6 +176,11 @@ class Request:
     predicted_remaining: float = 0.0
     predicted_at: int = 0
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
+    #: The request whose prompt KV this one forks from once it is computed (parallel sampling).
+    fork_of: Request | None = field(default=None, repr=False)
+    #: Prompt tokens 1.. scored so far (``params.prompt_logprobs``), sent with the first output.
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list, repr=False)
+    prompt_logprobs_sent: bool = False
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -183,6 +222,24 @@ class Request:
         """True once the request has left the engine."""
         return self.status is RequestStatus.FINISHED
 
+    def output(
+        self,
+        toks: list[int],
+        text: str,
+        finished: bool = False,
+        reason: str | None = None,
+        error: str | None = None,
+        logprobs: list[TokenLogprob] | None = None,
+    ) -> RequestOutput:
+        """An output of this request; the prompt's logprobs ride on its first one."""
+        prompt_lps = None
+        if self.params.prompt_logprobs is not None and not self.prompt_logprobs_sent:
+            self.prompt_logprobs_sent = True
+            prompt_lps = list(self.prompt_logprobs)
+        return RequestOutput(
+            self.request_id, toks, text, finished, reason, error, logprobs, prompt_lps
+        )
+
 
 __all__ = [
     "Completion",
@@ -191,4 +248,5 @@ __all__ = [
     "RequestOutput",
     "RequestStatus",
     "SamplingParams",
+    "TokenLogprob",
 ]

@@ -38,6 +38,22 @@ are short; a waiting request is counted at its next chunk plus one
 allocation unit (``allocator.granularity``) of headroom. A request that
 alone exceeds the whole KV capacity ends with finish reason ``"length"``.
 Preemption by swap needs a backend declaring the ``swap`` capability.
+
+Parallel sampling: a request added with ``fork_of`` (another request with
+the same prompt that has not generated yet) waits beside that one instead
+of in the queue, on backends that declare ``fork``. In the ``update`` of the
+step that computes the prompt's last token, it is forked from it
+(``allocator.fork``: every page of the prompt shared copy-on-write) and
+joins the running requests with its first sampled token; the engine samples
+that token from the same logits row. It may briefly take the running count
+above ``max_num_seqs``. Without ``fork``, or if its parent leaves first, it
+is queued as a request of its own (the prefix cache, where there is one,
+still finds the prompt's full pages)::
+
+    step k:     parent  [p0 p1 ... p99]  -> samples t0          children wait
+    update k:   commit parent; fork -> c1, c2, c3 (pages of p0..p99 shared)
+                append t0 / t0' / t0'' / t0''' to each
+    step k+1:   [parent d | c1 d | c2 d | c3 d]                 four decodes
 """
 
 from __future__ import annotations
@@ -102,6 +118,21 @@ class ScheduledChunk:
     def samples(self) -> bool:
         """Whether the chunk reaches the last known token (its logits give the next token)."""
         return self.start + self.num_tokens == self.request.num_tokens
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether the executor returns logits of every row (prompt logprobs are asked for)."""
+        r = self.request
+        return (
+            r.params.prompt_logprobs is not None
+            and r.num_output_tokens == 0
+            and self.start < r.num_prompt_tokens
+        )
+
+    @property
+    def num_logit_rows(self) -> int:
+        """Rows of logits the executor returns for this chunk (all, the last, or none)."""
+        return self.num_tokens if self.scores_prompt else int(self.samples)
 
     @property
     def is_decode(self) -> bool:
@@ -172,30 +203,69 @@ class Scheduler:
         self._blocked: dict[str, int] = {}  # request id -> epoch its admission failed in
         self._watermark = int(config.watermark * allocator.stats().capacity_tokens)
         self._seq = 0
+        #: Parent request id -> requests waiting to fork from it once its prompt is computed.
+        self._forks: dict[str, list[Request]] = {}
 
     # ------------------------------------------------------------- membership
     def requests(self) -> list[Request]:
-        """Every request in the scheduler."""
-        return self.running + self.waiting + self.swapped
+        """Every request in the scheduler (those waiting to fork included)."""
+        forks = [c for cs in self._forks.values() for c in cs]
+        return self.running + self.waiting + self.swapped + forks
 
     def add(self, request: Request) -> None:
-        """Queue a new request."""
+        """Queue a new request; one with ``fork_of`` waits to fork (see the module doc)."""
         self._seq += 1
         request.seq_no = self._seq
         request.status = RequestStatus.WAITING
         self.policy.on_arrival(request, self.requests())
+        parent = request.fork_of
+        if (
+            parent is not None
+            and self.allocator.capabilities.fork
+            and parent.num_output_tokens == 0
+            and parent.prompt_token_ids == request.prompt_token_ids
+            and (parent in self.running or parent in self.waiting)
+        ):
+            self._forks.setdefault(parent.request_id, []).append(request)
+            return
+        request.fork_of = None
         self.waiting.append(request)
+
+    def forks_due(self, chunk: ScheduledChunk) -> list[Request]:
+        """The requests to fork from the chunk's request in this step's ``update``.
+
+        Those waiting on it, once the chunk computes the last prompt token.
+        """
+        r = chunk.request
+        if not chunk.samples or r.num_output_tokens:
+            return []
+        return list(self._forks.get(r.request_id, ()))
 
     def remove(self, request: Request) -> None:
         """Take a request out (finished or aborted) and release its KV."""
         for q in (self.running, self.waiting, self.swapped):
             if request in q:
                 q.remove(request)
+        self._unfork(request)
         self._blocked.pop(request.request_id, None)
         self._release(request)
 
+    def _unfork(self, r: Request) -> None:
+        """``r`` leaves or forks: requests waiting to fork from it queue on their own."""
+        for child in self._forks.pop(r.request_id, []):
+            child.fork_of = None
+            self.waiting.append(child)
+        parent = r.fork_of
+        if parent is not None:
+            waiting = self._forks.get(parent.request_id, [])
+            if r in waiting:
+                waiting.remove(r)
+                if not waiting:
+                    del self._forks[parent.request_id]
+
     def _end(self, r: Request, reason: str, error: str | None, out: SchedulerOutput) -> None:
         """End ``r`` from within ``schedule`` (it has left every queue): free its KV, report it."""
+        self._unfork(r)
         self._blocked.pop(r.request_id, None)
         self._release(r)
         out.ended.append((r, reason, error))
@@ -216,17 +286,30 @@ class Scheduler:
         chunks: Sequence[ScheduledChunk],
         appended: Sequence[Request],
         finished: Sequence[Request],
+        forked: Sequence[Request] = (),
     ) -> None:
-        """The one bookkeeping pass after a step's forward: commit, append, free.
+        """The one bookkeeping pass after a step's forward: commit, fork, append, free.
 
-        Every chunk's KV is committed; each request in ``appended`` has its
-        last token (the one just sampled) appended; each in ``finished``
-        leaves the scheduler and its KV is freed.
+        Every chunk's KV is committed; each request in ``forked`` (from
+        :meth:`forks_due`) is forked from its parent and runs; each request
+        in ``appended`` has its last token (the one just sampled) appended;
+        each in ``finished`` leaves the scheduler and its KV is freed.
         """
         alloc = self.allocator
         for c in chunks:
             alloc.commit(c.request.request_id, c.num_tokens)
             c.request.metrics.num_computed_tokens += c.num_tokens
+        for child in forked:
+            parent = child.fork_of
+            if parent is None:
+                raise InvalidArgument(f"request {child.request_id} has nothing to fork from")
+            alloc.fork(parent.request_id, child.request_id)
+            self._unfork(child)
+            child.kv = alloc
+            child.status = RequestStatus.RUNNING
+            child.metrics.num_cached_tokens += child.num_prompt_tokens
+            child.prompt_logprobs = list(parent.prompt_logprobs)
+            self.running.append(child)
         for r in appended:
             alloc.append(r.request_id, r.token_ids[-1:])
         for r in finished:
@@ -412,8 +495,12 @@ class Scheduler:
             if self._blocked.get(r.request_id) == self._kv_epoch:
                 break  # it did not fit, and no KV has been released since
             if r.kv is None:
+                # Prompt logprobs need the logits of every prompt position: a salt of
+                # its own keeps other requests' cached pages from standing in for them.
+                scoring = r.params.prompt_logprobs is not None and r.num_output_tokens == 0
+                salt = ("prompt-logprobs", r.request_id) if scoring else r.cache_salt
                 try:
-                    cached = self.allocator.add(r.request_id, r.token_ids, cache_salt=r.cache_salt)
+                    cached = self.allocator.add(r.request_id, r.token_ids, cache_salt=salt)
                 except OutOfKVMemory:
                     break
                 except KVError as e:

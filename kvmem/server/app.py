@@ -9,14 +9,23 @@ set, then ``data: [DONE]``. Errors are ``{"error": {"message", "type",
 "param", "code"}}`` with the HTTP status: 400 for a bad request or one
 that cannot fit the context or the KV pool, 404 for an unknown model, 429
 (with ``Retry-After``) when the waiting queue is full, 503 when the engine
-is down. A client that disconnects has its request aborted at once.
+is down, 401 for a missing or wrong API key (when the server has one). A
+client that disconnects has its request aborted at once.
+
+Each prompt (completions take a list) runs as ``n`` (or ``best_of``) engine
+requests; the first is the parent, the others name it with ``fork_from``,
+so the engine prefills the prompt once and forks the samples from it.
+Sample j is seeded ``seed + j``. Choice ``prompt_i * n + j`` is prompt i's
+sample j (for ``best_of``: its j-th most likely). Streams interleave the
+choices' chunks as their tokens come; ``usage`` counts every prompt once
+and every generated token (``best_of``'s discarded samples included).
+Response shapes live in :mod:`kvmem.server.formatting`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,7 +38,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from kvmem.engine import InvalidRequest, RequestOutput
+from kvmem.server.auth import APIKeyMiddleware
 from kvmem.server.chat import ChatTemplate
+from kvmem.server.formatting import Formatter, Sample, error_event
 from kvmem.server.metrics import CONTENT_TYPE, ServerMetrics
 from kvmem.server.protocol import (
     APIError,
@@ -50,6 +61,7 @@ class ServerState:
     chat_template: ChatTemplate
     max_body_bytes: int = 32 << 20
     created: int = 0
+    max_n: int = 16
 
 
 def create_app(
@@ -57,15 +69,31 @@ def create_app(
     model_name: str = "kvmem-tiny",
     chat_template: ChatTemplate | None = None,
     metrics: ServerMetrics | None = None,
+    api_key: str | None = None,
+    guard_metrics: bool = False,
+    max_n: int = 16,
 ) -> FastAPI:
-    """The application; the runner's engine thread starts and stops with the app's lifespan."""
+    """The application; the runner's engine thread starts and stops with the app's lifespan.
+
+    ``max_n`` bounds ``n`` and ``best_of`` (samples per prompt).
+
+    With ``api_key`` every ``/v1/*`` route (and ``/metrics`` if ``guard_metrics``)
+    answers 401 unless the request carries ``Authorization: Bearer <api_key>``.
+    """
     if metrics is None:
         metrics = runner.metrics or ServerMetrics(
             model_name, runner.engine.allocator.stats().bytes_per_token
         )
         runner.metrics = metrics
+    if max_n < 1:
+        raise ValueError(f"max_n must be >= 1, got {max_n}")
     state = ServerState(
-        runner, metrics, model_name, chat_template or ChatTemplate(), created=int(time.time())
+        runner,
+        metrics,
+        model_name,
+        chat_template or ChatTemplate(),
+        created=int(time.time()),
+        max_n=max_n,
     )
 
     @contextlib.asynccontextmanager
@@ -78,6 +106,8 @@ def create_app(
 
     app = FastAPI(title="kvmem", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.kvmem = state
+    if api_key is not None:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key, guard_metrics=guard_metrics)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -136,19 +166,24 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        req: CompletionRequest = parse_body(CompletionRequest, await _body(request, state))
+        body = await _body(request, state)
+        req: CompletionRequest = parse_body(CompletionRequest, body, max_n)
         _check_model(req.model, model_name)
-        prompt = req.single_prompt()
-        ids = runner.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        return await _serve(request, state, req, ids, chat=False)
+        tok = runner.engine.tokenizer
+        prompts = [
+            _Prompt(tok.encode(p), p) if isinstance(p, str) else _Prompt(list(p), tok.decode(p))
+            for p in req.prompts()
+        ]
+        return await _serve(request, state, req, prompts, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        req: ChatCompletionRequest = parse_body(ChatCompletionRequest, await _body(request, state))
+        body = await _body(request, state)
+        req: ChatCompletionRequest = parse_body(ChatCompletionRequest, body, max_n)
         _check_model(req.model, model_name)
         text = state.chat_template.render(req.messages, req.add_generation_prompt)
         ids = runner.engine.tokenizer.encode(text)
-        return await _serve(request, state, req, ids, chat=True)
+        return await _serve(request, state, req, [_Prompt(ids)], chat=True)
 
     return app
 
@@ -187,9 +222,15 @@ def _budget(
         if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None
         else "max_tokens"
     )
-    if asked is not None and asked < 1:
+    chat_req = isinstance(req, ChatCompletionRequest)
+    least = 0 if not chat_req and getattr(req, "echo", False) else 1
+    if asked is not None and asked < least:
         raise APIError(
-            400, f"{param} must be at least 1, got {asked}", param=param, code="invalid_value"
+            400,
+            f"{param} must be at least {least}, got {asked}"
+            + (" (0 only with echo)" if least and not chat_req else ""),
+            param=param,
+            code="invalid_value",
         )
     if n_prompt == 0:
         raise APIError(400, "the prompt is empty", param="prompt", code="invalid_value")
@@ -224,66 +265,116 @@ def _budget(
     return max_tokens
 
 
+@dataclass(frozen=True)
+class _Prompt:
+    """One prompt of a request: its token ids and, for ``echo``, its text."""
+
+    ids: list[int]
+    text: str | None = None
+
+
 async def _serve(
     request: Request,
     state: ServerState,
     req: CompletionRequest | ChatCompletionRequest,
-    ids: list[int],
+    prompts: list[_Prompt],
     chat: bool,
 ) -> Response:
-    max_tokens = _budget(req, len(ids), state)
+    budgets = [_budget(req, len(p.ids), state) for p in prompts]
+    echo = isinstance(req, CompletionRequest) and req.echo
+    asked = req.logprobs if isinstance(req, CompletionRequest) else req.engine_logprobs()
+    streams: list[tuple[int, RequestStream]] = []  # (prompt index, stream), samples in order
     try:
-        params = req.sampling_params(max_tokens)
-        stream = state.runner.submit(
-            ids, params, priority=req.priority, tenant=req.user or "default"
-        )
-    except InvalidRequest as e:
-        word = str(e).split(" ", 1)[0]
-        param = word if word in type(req).model_fields else None
-        raise APIError(400, str(e), param=param, code="invalid_value") from None
-    except QueueFull as e:
-        raise APIError(
-            429,
-            str(e),
-            type="rate_limit_error",
-            code="queue_full",
-            headers={"Retry-After": str(e.retry_after)},
-        ) from None
-    except EngineDead as e:
-        raise APIError(503, str(e), type="server_error", code="engine_dead") from None
+        for i, (p, max_tokens) in enumerate(zip(prompts, budgets, strict=True)):
+            scores = asked if echo and asked is not None else (0 if max_tokens == 0 else None)
+            first: str | None = None
+            for j in range(req.num_samples()):
+                params = req.sampling_params(max_tokens, j, scores)
+                s = state.runner.submit(
+                    p.ids,
+                    params,
+                    priority=req.priority,
+                    tenant=req.user or "default",
+                    fork_from=first,
+                )
+                first = first or s.request_id
+                streams.append((i, s))
+    except BaseException as e:
+        for _, s in streams:
+            state.runner.abort(s.request_id)
+        raise _submit_error(e, req) from None
 
-    def abort() -> None:  # a no-op once the request finished; frees the KV of one whose client left
-        state.runner.abort(stream.request_id)
+    def abort() -> None:  # a no-op once requests finished; frees the KV of those whose client left
+        for _, s in streams:
+            state.runner.abort(s.request_id)
 
     try:
         xid = request.headers.get("x-request-id")
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{xid or uuid.uuid4().hex}"
         headers = {"x-request-id": xid} if xid else {}
-        fmt = _Formatter(rid, state.model_name, chat, req.return_token_ids, len(ids))
+        fmt = Formatter(
+            rid,
+            state.model_name,
+            chat,
+            req.return_token_ids,
+            state.runner.engine.tokenizer,
+            asked,
+        )
+        n_prompt = sum(len(p.ids) for p in prompts)
         if req.stream:
-            gen = _sse(stream, fmt, req.include_usage())
+            gen = _sse([s for _, s in streams], fmt, req.include_usage(), n_prompt)
             return _AbortingStream(
                 abort,
                 gen,
                 media_type="text/event-stream",
                 headers={**headers, "Cache-Control": "no-cache"},
             )
-        outs = await _until_done_or_disconnect(stream, request.receive)
+        outs = await _until_done_or_disconnect([s for _, s in streams], request.receive)
     except BaseException:
         abort()
         raise
     abort()
     if outs is None:
         return Response(status_code=499)  # nobody is listening any more
-    return JSONResponse(fmt.full(outs), headers=headers)
+    samples = [Sample.collect(i, o) for (i, _), o in zip(streams, outs, strict=True)]
+    choices = []
+    for i, p in enumerate(prompts):
+        mine = [x for x in samples if x.prompt_index == i]
+        if len(mine) > req.n:  # best_of: the n most likely, most likely first
+            mine = sorted(mine, key=lambda x: x.cumulative_logprob, reverse=True)[: req.n]
+        for j, x in enumerate(mine):
+            choices.append(fmt.choice(i * req.n + j, x, p.ids if echo else None, p.text))
+    usage = fmt.usage(n_prompt, sum(len(x.token_ids) for x in samples))
+    return JSONResponse(fmt.full(choices, usage), headers=headers)
+
+
+def _submit_error(
+    e: BaseException, req: CompletionRequest | ChatCompletionRequest
+) -> BaseException:
+    """The HTTP error for a submission that failed (others pass through unchanged)."""
+    if isinstance(e, InvalidRequest):
+        word = str(e).split(" ", 1)[0]
+        param = word if word in type(req).model_fields else None
+        return APIError(400, str(e), param=param, code="invalid_value")
+    if isinstance(e, QueueFull):
+        return APIError(
+            429,
+            str(e),
+            type="rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": str(e.retry_after)},
+        )
+    if isinstance(e, EngineDead):
+        return APIError(503, str(e), type="server_error", code="engine_dead")
+    return e
 
 
 async def _until_done_or_disconnect(
-    stream: RequestStream, receive: Callable[[], Awaitable[Any]]
-) -> list[RequestOutput] | None:
-    """All of a request's outputs, or None if the client disconnected first."""
+    streams: list[RequestStream], receive: Callable[[], Awaitable[Any]]
+) -> list[list[RequestOutput]] | None:
+    """Every output of each stream, or None if the client disconnected first."""
 
-    async def collect() -> list[RequestOutput]:
+    async def collect(stream: RequestStream) -> list[RequestOutput]:
         got: list[RequestOutput] = []
         while not (got and got[-1].finished):
             got.extend(await stream.get())
@@ -293,15 +384,16 @@ async def _until_done_or_disconnect(
         while (await receive())["type"] != "http.disconnect":
             pass
 
-    work = asyncio.ensure_future(collect())
+    work: asyncio.Future[list[list[RequestOutput]]] = asyncio.gather(*(collect(s) for s in streams))
     watch = asyncio.ensure_future(disconnected())
     try:
-        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        both: list[asyncio.Future[Any]] = [work, watch]
+        await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watch.cancel()
         if not work.done():
             work.cancel()
-    return work.result() if work.done() and not work.cancelled() else None
+    return list(work.result()) if work.done() and not work.cancelled() else None
 
 
 class _AbortingStream(StreamingResponse):
@@ -320,106 +412,43 @@ class _AbortingStream(StreamingResponse):
             self._on_close()
 
 
-class _Formatter:
-    """Builds one request's OpenAI response objects."""
-
-    def __init__(self, rid: str, model: str, chat: bool, token_ids: bool, n_prompt: int) -> None:
-        self.rid, self.model, self.chat, self.token_ids = rid, model, chat, token_ids
-        self.n_prompt = n_prompt
-        self.created = int(time.time())
-        self.obj = "chat.completion" if chat else "text_completion"
-
-    def usage(self, n_out: int) -> dict[str, int]:
-        return {
-            "prompt_tokens": self.n_prompt,
-            "completion_tokens": n_out,
-            "total_tokens": self.n_prompt + n_out,
-        }
-
-    def full(self, outs: list[RequestOutput]) -> dict[str, Any]:
-        last = outs[-1]
-        if last.finish_reason in ("error", "abort"):
-            raise APIError(
-                500,
-                f"the request failed: {last.error or last.finish_reason}",
-                type="server_error",
-                code="request_failed",
-            )
-        text = "".join(o.new_text for o in outs)
-        toks = [t for o in outs for t in o.new_token_ids]
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": last.finish_reason}
-        if self.chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        if self.token_ids:
-            choice["token_ids"] = toks
-        return {
-            "id": self.rid,
-            "object": self.obj,
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-            "usage": self.usage(len(toks)),
-        }
-
-    def chunk(
-        self, choices: list[dict[str, Any]], usage: dict[str, int] | None, with_usage: bool
-    ) -> str:
-        c: dict[str, Any] = {
-            "id": self.rid,
-            "object": self.obj + ".chunk" if self.chat else self.obj,
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        }
-        if with_usage:
-            c["usage"] = usage
-        return f"data: {json.dumps(c, separators=(',', ':'))}\n\n"
-
-    def delta(
-        self, text: str, toks: list[int], finish: str | None, role: bool = False
-    ) -> dict[str, Any]:
-        ch: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
-        if self.chat:
-            d: dict[str, Any] = {"role": "assistant"} if role else {}
-            if text or role or finish is None:
-                d["content"] = text
-            ch["delta"] = d
-        else:
-            ch["text"] = text
-        if self.token_ids:
-            ch["token_ids"] = toks
-        return ch
-
-
-def _error_event(message: str) -> str:
-    err = APIError(500, message, type="server_error", code="request_failed")
-    return f"data: {json.dumps(err.body())}\n\n"
-
-
-async def _sse(stream: RequestStream, fmt: _Formatter, include_usage: bool) -> AsyncIterator[str]:
-    """The server-sent events of one streamed request."""
+async def _sse(
+    streams: list[RequestStream], fmt: Formatter, include_usage: bool, n_prompt: int
+) -> AsyncIterator[str]:
+    """The server-sent events of a streamed request: choice i follows ``streams[i]``."""
     n_out = 0
     if fmt.chat:
-        yield fmt.chunk([fmt.delta("", [], None, role=True)], None, include_usage)
-    while True:
-        outs = await stream.get()
-        last = outs[-1]
-        text = "".join(o.new_text for o in outs)
-        toks = [t for o in outs for t in o.new_token_ids]
-        n_out += len(toks)
-        if last.finished and last.finish_reason in ("error", "abort"):
-            if text or toks:
-                yield fmt.chunk([fmt.delta(text, toks, None)], None, include_usage)
-            yield _error_event(f"the request failed: {last.error or last.finish_reason}")
-            break
-        if last.finished:
-            yield fmt.chunk([fmt.delta(text, toks, last.finish_reason)], None, include_usage)
-            break
-        yield fmt.chunk([fmt.delta(text, toks, None)], None, include_usage)
+        for i in range(len(streams)):
+            yield fmt.chunk([fmt.delta(i, [], None, role=True)], None, include_usage)
+    merged: asyncio.Queue[tuple[int, list[RequestOutput]]] = asyncio.Queue()
+
+    async def pump(i: int, s: RequestStream) -> None:
+        while True:
+            outs = await s.get()
+            merged.put_nowait((i, outs))
+            if outs[-1].finished:
+                return
+
+    pumps = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(streams)
+        while left:
+            i, outs = await merged.get()
+            last = outs[-1]
+            n_out += sum(len(o.new_token_ids) for o in outs)
+            if last.finished and last.finish_reason in ("error", "abort"):
+                if any(o.new_token_ids or o.new_text for o in outs):
+                    yield fmt.chunk([fmt.delta(i, outs, None)], None, include_usage)
+                yield error_event(f"the request failed: {last.error or last.finish_reason}")
+                break
+            finish = last.finish_reason if last.finished else None
+            yield fmt.chunk([fmt.delta(i, outs, finish)], None, include_usage)
+            left -= last.finished
+    finally:
+        for p in pumps:
+            p.cancel()
     if include_usage:
-        yield fmt.chunk([], fmt.usage(n_out), True)
+        yield fmt.chunk([], fmt.usage(n_prompt, n_out), True)
     yield "data: [DONE]\n\n"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,12 +85,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=256,
         help="admitted requests allowed to wait for their first token; more get 429",
     )
+    p.add_argument(
+        "--max-n",
+        type=int,
+        default=16,
+        help="the most samples per prompt a request may ask for (n, best_of); more get 400",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--attention-impl", default="auto", help="attention kernels: auto, reference, ..."
     )
     p.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("KVMEM_API_KEY") or None,
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $KVMEM_API_KEY; none)",
+    )
+    p.add_argument(
+        "--metrics-need-key", action="store_true", help="put /metrics behind the API key too"
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -182,9 +197,22 @@ def build_app(args: argparse.Namespace) -> Any:
 
     if args.max_queue < 1:
         raise KVError(f"--max-queue must be at least 1, got {args.max_queue}")
+    if args.max_n < 1:
+        raise KVError(f"--max-n must be at least 1, got {args.max_n}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise KVError("--api-key must not be empty")
+    if args.metrics_need_key and args.api_key is None:
+        raise KVError("--metrics-need-key needs --api-key (or KVMEM_API_KEY)")
     built = build_engine(args)
     runner = AsyncEngine(built.engine, max_queue=args.max_queue)
-    return create_app(runner, built.model_name, ChatTemplate.from_dir(built.model_dir))
+    return create_app(
+        runner,
+        built.model_name,
+        ChatTemplate.from_dir(built.model_dir),
+        api_key=args.api_key,
+        guard_metrics=args.metrics_need_key,
+        max_n=args.max_n,
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,10 +7,15 @@ Fields that benchmark clients send are accepted: ``ignore_eos``,
 ``stream_options.include_usage``, ``min_tokens`` (0 only), vLLM's
 ``return_token_ids`` (each choice then carries the generated ``token_ids``)
 and ``priority``; ``user`` names the request's tenant (the ``fair`` policy
-shares the engine between tenants and preempts by priority). Features the engine does
-not have (``n > 1``, ``best_of``, ``logprobs``, ``echo``, ``suffix``,
-penalties, tools) are refused with a 400 that names the field, never
-silently ignored.
+shares the engine between tenants and preempts by priority).
+
+``n`` samples per prompt (up to the server's ``max_n``), completions'
+``best_of``, ``logprobs`` (up to :data:`MAX_LOGPROBS` alternatives), ``echo``
+(with ``max_tokens`` 0 to score a prompt) and lists of prompts are served
+(see :mod:`kvmem.server.app`). Features the engine does not have
+(``suffix``, penalties, tools) and combinations that cannot be served
+(``best_of`` above ``n`` or ``echo`` with ``stream``) are refused with a 400
+that names the field, never silently ignored.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kvmem.engine import SamplingParams
+
+#: The most alternatives per position ``logprobs`` / ``top_logprobs`` may ask for (OpenAI's 20).
+MAX_LOGPROBS = 20
 
 
 class APIError(Exception):
@@ -95,10 +103,18 @@ class _SamplingRequest(_Strict):
         """The output budget the client asked for (None: not given)."""
         raise NotImplementedError
 
-    def check_supported(self) -> None:
-        """Refuse (400) what the engine cannot do."""
-        if self.n != 1:
-            raise APIError(400, f"n={self.n} is not supported; only n=1", param="n")
+    def num_samples(self) -> int:
+        """Samples generated per prompt (``best_of`` where given, else ``n``)."""
+        return self.n
+
+    def engine_logprobs(self) -> int | None:
+        """Alternatives per generated token the engine reports (None: no logprobs)."""
+        raise NotImplementedError
+
+    def check_supported(self, max_n: int = 16) -> None:
+        """Refuse (400) what the engine cannot do, and ``n`` beyond ``max_n``."""
+        if not 1 <= self.n <= max_n:
+            raise APIError(400, f"n must be in 1..{max_n} on this server, got {self.n}", param="n")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if v not in (None, 0):
@@ -114,8 +130,14 @@ class _SamplingRequest(_Strict):
                 400, "stream_options is only allowed with stream=true", param="stream_options"
             )
 
-    def sampling_params(self, max_tokens: int) -> SamplingParams:
-        """The engine's SamplingParams (raises the engine's InvalidRequest on bad values)."""
+    def sampling_params(
+        self, max_tokens: int, sample: int = 0, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
+        """The engine's SamplingParams of sample ``sample`` (raises the engine's InvalidRequest).
+
+        Sample i of a request with ``seed`` s is seeded ``s + i``: it is the
+        same as a one-sample request with seed ``s + i``.
+        """
         top_k = self.top_k if self.top_k is not None and self.top_k > 0 else 0
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(
@@ -123,17 +145,19 @@ class _SamplingRequest(_Strict):
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=top_k,
-            seed=self.seed,
+            seed=None if self.seed is None else self.seed + sample,
             stop=stop,
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos,
+            logprobs=self.engine_logprobs(),
+            prompt_logprobs=prompt_logprobs,
         )
 
 
 class CompletionRequest(_SamplingRequest):
-    """``POST /v1/completions``. One prompt: a string, token ids, or a list holding one of those."""
+    """``POST /v1/completions``. Prompts: a string, token ids, or a list of either."""
 
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | list[int] | list[str | list[int]]
     max_tokens: int | None = 16
     best_of: int | None = None
     logprobs: int | None = None
@@ -144,34 +168,50 @@ class CompletionRequest(_SamplingRequest):
         """``max_tokens`` (OpenAI's default 16; null means up to the context)."""
         return self.max_tokens
 
-    def check_supported(self) -> None:
-        """Refuse (400) what the engine cannot do."""
-        super().check_supported()
-        if self.best_of not in (None, 1):
-            raise APIError(400, "best_of is not supported", param="best_of")
-        if self.logprobs is not None:
-            raise APIError(400, "logprobs are not supported by this server", param="logprobs")
-        if self.echo:
-            raise APIError(400, "echo is not supported", param="echo")
+    def num_samples(self) -> int:
+        """Samples generated per prompt: ``best_of`` where given, else ``n``."""
+        return self.best_of if self.best_of is not None else self.n
+
+    def engine_logprobs(self) -> int | None:
+        """``logprobs``; 0 when only ``best_of`` needs the samples' cumulative logprobs."""
+        if self.logprobs is None and self.num_samples() > self.n:
+            return 0
+        return self.logprobs
+
+    def check_supported(self, max_n: int = 16) -> None:
+        """Refuse (400) what the engine cannot do, and ``n`` or ``best_of`` beyond ``max_n``."""
+        super().check_supported(max_n)
+        if self.best_of is not None:
+            if not self.n <= self.best_of <= max_n:
+                raise APIError(
+                    400,
+                    f"best_of must be in n..{max_n} (n={self.n}) on this server, "
+                    f"got {self.best_of}",
+                    param="best_of",
+                )
+            if self.stream and self.best_of > self.n:
+                raise APIError(400, "best_of greater than n cannot be streamed", param="best_of")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise APIError(
+                400,
+                f"logprobs must be in 0..{MAX_LOGPROBS}, got {self.logprobs}",
+                param="logprobs",
+            )
+        if self.echo and self.stream:
+            raise APIError(400, "echo cannot be used with stream=true", param="echo")
         if self.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
 
-    def single_prompt(self) -> str | list[int]:
-        """The one prompt of the request (a batch of several is a 400)."""
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts, in order (a string, or token ids, each)."""
         p = self.prompt
         if isinstance(p, str):
-            return p
+            return [p]
         if not p:
             raise APIError(400, "the prompt is empty", param="prompt")
         if isinstance(p[0], int):
-            return p  # type: ignore[return-value]
-        if len(p) != 1:
-            raise APIError(
-                400,
-                f"a batch of {len(p)} prompts is not supported; send one prompt per request",
-                param="prompt",
-            )
-        return p[0]  # type: ignore[return-value]
+            return [p]  # type: ignore[list-item]
+        return list(p)  # type: ignore[arg-type]
 
 
 class TextPart(_Strict):
@@ -227,11 +267,22 @@ class ChatCompletionRequest(_SamplingRequest):
             else self.max_tokens
         )
 
-    def check_supported(self) -> None:
-        """Refuse (400) what the engine cannot do."""
-        super().check_supported()
-        if self.logprobs or self.top_logprobs:
-            raise APIError(400, "logprobs are not supported by this server", param="logprobs")
+    def engine_logprobs(self) -> int | None:
+        """``top_logprobs`` (0 if not given) when ``logprobs`` is true, else None."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def check_supported(self, max_n: int = 16) -> None:
+        """Refuse (400) what the engine cannot do, and ``n`` beyond ``max_n``."""
+        super().check_supported(max_n)
+        if self.top_logprobs is not None:
+            if not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+                raise APIError(
+                    400,
+                    f"top_logprobs must be in 0..{MAX_LOGPROBS}, got {self.top_logprobs}",
+                    param="top_logprobs",
+                )
+            if not self.logprobs:
+                raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
         if self.tools:
             raise APIError(400, "tools are not supported by this server", param="tools")
         rf = self.response_format
@@ -241,13 +292,13 @@ class ChatCompletionRequest(_SamplingRequest):
             )
 
 
-def parse_body(model: type[_SamplingRequest], body: bytes) -> Any:
+def parse_body(model: type[_SamplingRequest], body: bytes, max_n: int = 16) -> Any:
     """Validate a JSON body into ``model``; malformed JSON or a wrong field is an APIError 400."""
     try:
         req = model.model_validate_json(body)
     except ValidationError as e:
         raise _validation_error(e) from None
-    req.check_supported()
+    req.check_supported(max_n)
     return req
 
 
@@ -277,6 +328,7 @@ __all__ = [
     "ChatCompletionRequest",
     "ChatMessage",
     "CompletionRequest",
+    "MAX_LOGPROBS",
     "StreamOptions",
     "parse_body",
 ]

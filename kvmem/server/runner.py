@@ -210,8 +210,13 @@ class AsyncEngine:
         *,
         priority: int = 0,
         tenant: str = "default",
+        fork_from: str | None = None,
     ) -> RequestStream:
-        """Admit a request (call on the event loop); raises QueueFull or the engine's errors."""
+        """Admit a request (call on the event loop); raises QueueFull or the engine's errors.
+
+        ``fork_from`` is the id of an earlier stream of the same prompt: this
+        one is another sample of it (see :meth:`Engine.add_request`).
+        """
         if not self.alive:
             raise EngineDead("the engine is not running")
         if self._num_waiting >= self.max_queue:
@@ -232,6 +237,7 @@ class AsyncEngine:
                 tenant=tenant,
                 priority=priority,
                 on_output=on_output,
+                fork_from=fork_from,
             )
         except Exception:
             del self._streams[rid]

@@ -86,11 +86,13 @@ def test_checkpoint_dir_is_served_with_its_name_and_chat_template(tmp_path):
             "fair",
             "--backend-option",
             "page_size=8",
+            "--max-n",
+            "4",
         ]
     )
     app = build_app(args)
     state = app.state.kvmem
-    assert state.model_name == "my-llama"
+    assert state.model_name == "my-llama" and state.max_n == 4
     eng = state.runner.engine
     assert eng.max_model_len == 512 and eng.config.kv_format == "fp8_e4m3"
     assert eng.allocator.stats().page_size == 8
@@ -125,6 +127,8 @@ def test_bad_options_exit_2_with_a_message(capsys, tmp_path):
     assert "does not exist" in capsys.readouterr().err
     assert main(["--backend-option", "oops", "--port", "1"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+    assert main(["--max-n", "0", "--port", "1"]) == 2
+    assert "--max-n" in capsys.readouterr().err
 
 
 def _free_port() -> int:
