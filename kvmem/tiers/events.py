@@ -23,6 +23,7 @@ msgspec encodes exactly as vLLM's tagged structs (``{"type": "BlockStored",
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from typing import Any
 from kvmem.errors import InvalidArgument
 
 BlockKey = tuple[int, tuple[int, ...]]
+
+_log = logging.getLogger(__name__)
 
 #: Tier name -> the medium string of the events.
 MEDIUMS: dict[str, str] = {"device": "GPU", "host": "CPU", "disk": "DISK"}
@@ -102,8 +105,9 @@ class EventHub:
     """Collects events; :meth:`flush` sends them as one batch to every subscriber.
 
     Subscribers run on the thread that flushes (the allocator's), in
-    subscription order; one that raises does not stop the others, and its
-    error is re-raised after all have run.
+    subscription order. A subscriber that raises is logged and counted in
+    :attr:`errors`; the others still run and the allocator call that flushed
+    is not failed by it (its own change is already complete).
     """
 
     def __init__(self) -> None:
@@ -111,6 +115,7 @@ class EventHub:
         self._pending: list[KVEvent] = []
         self.num_batches = 0
         self.num_events = 0
+        self.errors = 0
 
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
         """Add a subscriber; returns a function that removes it."""
@@ -142,14 +147,12 @@ class EventHub:
         self._pending = []
         self.num_batches += 1
         self.num_events += len(batch.events)
-        error: BaseException | None = None
         for cb in list(self._subscribers):
             try:
                 cb(batch)
-            except Exception as e:  # noqa: BLE001 - every subscriber gets the batch
-                error = error or e
-        if error is not None:
-            raise error
+            except Exception:  # noqa: BLE001 - every subscriber gets the batch
+                self.errors += 1
+                _log.exception("KV event subscriber %r failed", cb)
 
 
 class KVEventIndex:

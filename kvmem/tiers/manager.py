@@ -102,7 +102,10 @@ class LoadHandle:
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until done (TimeoutError if ``timeout`` passes first); see :meth:`result`."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        t0 = time.monotonic()
+        deadline = None if timeout is None else t0 + timeout
+        if not self.done():
+            self._manager._counts["load_waits"] += 1
         while not self.done():
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"tier load not done after {timeout} s")
@@ -114,6 +117,7 @@ class LoadHandle:
                     continue
             elif self._transfer is not None:
                 time.sleep(50e-6)
+        self._manager._counts["load_wait_seconds"] += time.monotonic() - t0
         self.result()
 
     def result(self) -> int:

@@ -22,6 +22,7 @@ module does not. A server wires it as::
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import queue
 import threading
@@ -113,9 +114,10 @@ class ZmqEventPublisher:
         self.publish(batch)
 
     def publish(self, batch: EventBatch) -> None:
-        """Queue ``batch`` for sending; KVError once closed."""
+        """Queue ``batch`` for sending (dropped, and counted, once closed or when full)."""
         if self._closed:
-            raise KVError("KV event publisher is closed")
+            self.dropped += 1
+            return
         try:
             self._queue.put_nowait(batch)
         except queue.Full:
@@ -158,7 +160,8 @@ class ZmqEventPublisher:
         if self._closed:
             return
         self._closed = True
-        self._queue.put(None)
+        with contextlib.suppress(queue.Full):
+            self._queue.put(None, timeout=timeout)
         self._thread.join(timeout)
         self._sock.close(0)
 
