@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Literal
@@ -174,7 +174,7 @@ class TierManager:
         self.swapper = swapper if swapper is not None else SwapManager(pool.device)
         self._reads: dict[int, Transfer] = {}  # device page -> write-through copy reading it
         self._loads: list[LoadHandle] = []
-        self._counts: Counter[str] = Counter()
+        self._counts: defaultdict[str, float] = defaultdict(float)
         self._closed = False
 
     @property
