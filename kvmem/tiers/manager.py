@@ -47,6 +47,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Literal
 
 import torch
@@ -113,7 +114,7 @@ class LoadHandle:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 try:
                     self._future.result(left)
-                except TimeoutError:
+                except (TimeoutError, FutureTimeout):
                     continue
             elif self._transfer is not None:
                 time.sleep(50e-6)

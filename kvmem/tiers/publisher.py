@@ -89,6 +89,7 @@ class ZmqEventPublisher:
         sock = self._ctx.socket(zmq.XPUB)  # a PUB that also sees subscriptions
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscription, not only a topic's first
         try:
             if bind:
                 sock.bind(endpoint)

@@ -264,9 +264,12 @@ def test_pages_being_loaded_are_not_evicted() -> None:
         m.evicted([(keys[2], 2)])  # no victim: every host page is being read
         assert m.stats()["store_skipped"] == 1
         assert m.match(keys[:2]) == ["host", "host"]
+        assert not h.done()
+        with pytest.raises(TimeoutError):
+            h.wait(0.05)
         gate.set()
         h.wait(10)
-        assert h.result() == 2 and m.stats()["load_waits"] == 1
+        assert h.done() and h.result() == 2 and m.stats()["load_waits"] == 2
         m.evicted([(keys[3], 3)])
         assert m.host is not None
         assert m.host.lru_keys() == [keys[1], keys[3]]  # keys[0] was the least recently used
