@@ -162,7 +162,12 @@ class DeviceCache:
         return out
 
     def serve(self, turn: Turn) -> tuple[int, int, int]:
-        """Prefill and decode ``turn``; returns (device, host, disk) hit pages."""
+        """Prefill and decode ``turn``; returns (device, host, disk) hit pages.
+
+        The order of the paged backend: the device hit, then pages for what
+        the tiers hold (evicting), the tiers asked again, the loads; then
+        pages for the rest; pages fill; all are freed, last page first.
+        """
         prompt = turn.prompt
         look = page_keys(prompt, (len(prompt) - 1) // PAGE)
         d = 0
@@ -170,15 +175,20 @@ class DeviceCache:
         while d < len(look) and look[d] in self.lru:
             held.append(self.lru.pop(look[d]))
             d += 1
-        total = len(prompt) + len(turn.answer)
-        pages = self._take(-(-total // PAGE) - d)
         h = k = 0
         if self.tiers is not None and d < len(look):
-            found = self.tiers.match(look[d:])
-            loaded = self.tiers.load(look[d : d + len(found)], pages[: len(found)]).result()
-            h = found[:loaded].count("host")
-            k = found[:loaded].count("disk")
-        held += pages
+            room = len(self.free) + len(self.lru)
+            n = min(len(self.tiers.match(look[d:])), room)
+            if n:
+                pages = self._take(n)
+                found = self.tiers.match(look[d : d + n])
+                self.free += pages[len(found) :]
+                loaded = self.tiers.load(look[d : d + len(found)], pages[: len(found)]).result()
+                h = found[:loaded].count("host")
+                k = found[:loaded].count("disk")
+                held += pages[: len(found)]
+        total = len(prompt) + len(turn.answer)
+        held += self._take(-(-total // PAGE) - len(held))
         full = page_keys(np.concatenate([prompt, turn.answer]), (total - 1) // PAGE)
         if self.tiers is not None:
             self.tiers.filled(list(zip(full[d + h + k :], held[d + h + k :], strict=False)))
@@ -210,6 +220,23 @@ class ExactLRU:
             self._put(level + 1, old)
         lv[h] = None
 
+    def _evict(self, need: int) -> None:
+        dev = self.levels[0]
+        while self.free < need and dev:
+            old, _ = dev.popitem(last=False)
+            self.free += 1
+            self._put(1, old)
+
+    def _match(self, hashes: list[int]) -> list[int]:
+        """The level (1 host, 2 disk) of each leading hash some lower level holds."""
+        out = []
+        for h in hashes:
+            lv = next((i for i in (1, 2) if h in self.levels[i]), None)
+            if lv is None:
+                break
+            out.append(lv)
+        return out
+
     def serve(self, turn: Turn) -> tuple[int, int, int]:
         """Returns (device, host, disk) hit pages, as :meth:`DeviceCache.serve`."""
         prompt = turn.prompt
@@ -219,23 +246,24 @@ class ExactLRU:
         while d < len(look) and look[d] in dev:
             del dev[look[d]]
             d += 1
-        total = len(prompt) + len(turn.answer)
-        need = -(-total // PAGE) - d
-        while self.free < need and dev:
-            old, _ = dev.popitem(last=False)
-            self.free += 1
-            self._put(1, old)
-        self.free -= need
+        held = d
         hits = [0, 0]
-        for h in look[d:]:
-            lv = next((i for i in (1, 2) if h in self.levels[i]), None)
-            if lv is None:
-                break
-            self.levels[lv].move_to_end(h)
-            hits[lv - 1] += 1
+        if d < len(look) and (self.cap[1] or self.cap[2]):
+            n = min(len(self._match(look[d:])), self.free + len(dev))
+            self._evict(n)
+            found = self._match(look[d : d + n])
+            for h, lv in zip(look[d:], found, strict=False):
+                self.levels[lv].move_to_end(h)
+                hits[lv - 1] += 1
+            self.free -= len(found)
+            held += len(found)
+        total = len(prompt) + len(turn.answer)
+        need = -(-total // PAGE) - held
+        self._evict(need)
+        self.free -= need
+        held += need
         seq = np.concatenate([prompt, turn.answer])
         full = [hash(k) for k in page_keys(seq, (total - 1) // PAGE)]
-        held = d + need
         for i in reversed(range(held)):
             if i < len(full) and full[i] not in dev:
                 dev[full[i]] = None

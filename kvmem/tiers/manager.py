@@ -33,7 +33,8 @@ The allocator keeps its device prefix cache and calls four hooks:
 
 A host eviction in ``write_back`` writes the page to the disk tier. Tiers
 are inclusive: a loaded page stays in its tier (touched) and is not copied
-down again while there. A tier that cannot make room (every page pinned)
+down again while there; a page written down to a tier that already holds it
+is touched there instead. A tier that cannot make room (every page pinned)
 skips the store, counted in ``store_skipped``: a cache never fails a caller.
 
 Everything but the byte copies runs on the caller's thread; one manager is
@@ -384,7 +385,9 @@ class TierManager:
         if tier is self.host and self.write_policy == "write_back" and self.disk is not None:
             e = self.host.get(key)
             assert e is not None
-            if key not in self.disk:
+            if key in self.disk:
+                self.disk.touch(key)
+            else:
                 if e.pending is not None:
                     self.swapper.settle(e.pending)
                     e.pending = None
