@@ -183,7 +183,9 @@ class KVAllocator(ABC):
 
     Subclasses register with :func:`register_backend` and are built through
     :func:`create_allocator`. Constructors take the spec first and accept at
-    least ``num_tokens`` or ``num_bytes`` (capacity) and ``device``.
+    least ``num_tokens`` or ``num_bytes`` (capacity) and ``device``. A backend
+    normally subclasses :class:`kvmem.backends.base.KVBackend`, which implements
+    the sequence bookkeeping and leaves only the memory to the backend.
     """
 
     spec: KVSpec
@@ -248,9 +250,7 @@ class KVAllocator(ABC):
         taken back with :meth:`resume`; parked KV may be evicted at any time.
         """
 
-    def resume(
-        self, seq_id: SeqId, token_ids: Sequence[int], cache_salt: Hashable = None
-    ) -> int:
+    def resume(self, seq_id: SeqId, token_ids: Sequence[int], cache_salt: Hashable = None) -> int:
         """Start the next turn of a sequence parked with ``free(keep_on_host=True)``.
 
         If ``seq_id`` is parked with the same ``cache_salt`` and ``token_ids``
@@ -368,10 +368,10 @@ def create_allocator(kind: str, spec: KVSpec, **options: Any) -> KVAllocator:
     """Build the backend registered as ``kind`` (``"paged"``, ``"vmem"``, ...)."""
     if not isinstance(kind, str):
         raise InvalidArgument(f"backend kind must be a str, got {kind!r}")
-    cls = backend_class(kind)
+    factory: Callable[..., KVAllocator] = backend_class(kind)  # constructors take the spec
     if not isinstance(spec, KVSpec):
         raise InvalidArgument(f"spec must be a KVSpec, got {type(spec).__name__}")
-    return cls(spec, **options)
+    return factory(spec, **options)
 
 
 def capacity_pages(

@@ -17,9 +17,16 @@ BACKEND_OPTIONS: dict[str, dict[str, Any]] = {
     # without a process group the sharded backend runs as a world of one;
     # tests/distributed runs the contract tests again on 2 ranks
     "sharded": {"page_size": 4, "rblock_size": 8, "attention_impl": "reference"},
-    # smallest host pages; no map-ahead thread, so that stats() snapshots are stable
+    # smallest host pages (with the suite's specs a page group holds 4 tokens, so a
+    # 48-token pool has room for 12 sequences); no map-ahead thread, so that stats()
+    # snapshots are stable
     "vmem": {"page_bytes": 4096, "max_seqs": 64, "max_seq_len": 16384, "map_ahead": False},
 }
+
+#: The suite's pools must hold at least this many sequences at once on every backend
+#: (tests/conformance/test_contract.py checks it), so that sharing, eviction and
+#: out-of-memory paths are reached with several sequences live.
+MIN_CONCURRENT_SEQS = 4
 
 #: Backends the shared suite does not build in-process (they need a process group).
 MULTIPROCESS_BACKENDS: set[str] = set()
@@ -42,10 +49,16 @@ def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+def small_spec() -> KVSpec:
+    """2 layers, 2 KV heads, head dim 64, fp32: 1 KiB per token and layer, so that one 4 KiB
+    host page of the vmem backend holds 4 tokens, as a page of the paged backend does."""
+    return KVSpec(2, 2, 64, dtype=torch.float32)
+
+
 @pytest.fixture
 def spec() -> KVSpec:
-    """A small fp32 spec: 2 layers, 2 KV heads, head dim 8."""
-    return KVSpec(2, 2, 8, dtype=torch.float32)
+    """The suite's spec (:func:`small_spec`)."""
+    return small_spec()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -3,6 +3,10 @@
 import subprocess
 import sys
 
+import pytest
+
+from kvmem import available_backends, backend_class
+from kvmem.allocator import Capabilities, KVAllocator
 from kvmem.cli import main
 
 
@@ -15,6 +19,19 @@ def test_demo_serves_every_request_and_frees_all_kv(capsys):
 def test_info_lists_backends(capsys):
     assert main(["info"]) == 0
     assert "paged" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", available_backends())
+def test_every_backend_declares_its_capabilities_and_info_prints_them(name, capsys):
+    cls = backend_class(name)
+    declared = [c for c in cls.__mro__ if "capabilities" in vars(c)]
+    assert declared and declared[0] is not KVAllocator, f"{name} declares no capabilities"
+    caps = cls.capabilities
+    assert isinstance(caps, Capabilities)
+    assert main(["info"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    want = f"  {name}: {', '.join(caps.names()) or 'core contract'}"
+    assert want in lines, f"{want!r} not in the output of kvmem info"
 
 
 def test_unknown_benchmark_is_an_error(capsys):

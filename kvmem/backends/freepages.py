@@ -1,10 +1,11 @@
 """Free-page policies of the block-table backends: which free page a sequence gets next.
 
-The paged backend keeps the bookkeeping of pages (reference counts, prefix
-keys, block tables) and asks a :class:`FreePages` policy only for *which*
-free pages to hand out. A page is free when no sequence holds it; a free
-page may still hold prefix-cached KV (it has a key), and handing it out
-evicts that (the backend drops the key).
+The block-table backends (:mod:`kvmem.backends.blocks`: paged, grouped)
+keep the bookkeeping of pages (reference counts, prefix keys, block tables)
+and ask a :class:`FreePages` policy only for *which* free pages to hand out.
+A page is free when no sequence holds it; a free page may still hold
+prefix-cached KV (it has a key), and handing it out evicts that (the backend
+drops the key).
 
 * :class:`FreeQueue` (``paged``): one queue, never-filled pages first, then
   cached pages least recently freed first.

@@ -1,30 +1,10 @@
-r"""The paged backend: fixed-size pages, prefix caching, copy-on-write fork.
+r"""The paged backend: vLLM-style paged KV with prefix caching, copy-on-write fork and swap.
 
-Memory is a pool of pages of ``page_size`` token slots (see
-:class:`~kvmem.storage.PagePool`). A sequence holds a list of pages, its
-block table; KV entry ``i`` lives in slot ``i % page_size`` of page
-``blocks[i // page_size]``.
-
-Prefix caching. When a page fills up (``commit``), it gets a key chained
-from the keys before it, ``(hash(previous key), its tokens)``, and becomes
-findable. ``add`` walks a new prompt's full pages through those keys and
-shares every leading page it finds. Pages no sequence holds sit in one free
-queue, which is also the eviction order::
-
-    front (taken first)                                        back
-    [ never-filled pages ] [ cached pages, least recently freed first ]
-
-A cached page found again by ``add`` leaves the queue; a cached page taken
-for new KV loses its key (eviction).
-
-Fork shares every page holding the parent's KV. The page that the next KV
-entry goes to is copied on the first ``reserve`` that would write into it
-while it is shared (copy-on-write); full pages are never written again and
-stay shared.
-
-Which free page a sequence gets is a pluggable policy
-(:mod:`kvmem.backends.freepages`); the grouped backend subclasses this one
-with a buddy policy and keeps everything else.
+Pages, the prefix cache, block tables and fork are
+:class:`~kvmem.backends.blocks.BlockTableBackend`'s (see
+:mod:`kvmem.backends.blocks`); the sequence bookkeeping is
+:class:`~kvmem.backends.base.KVBackend`'s. This module adds swap and
+keep-on-host.
 
 Swap. ``swap_out`` copies a sequence's KV pages to a host pool laid out like
 the device pool (:mod:`kvmem.swap`) and releases its device pages;
@@ -56,40 +36,23 @@ handle completes in submission order. A sequence's states::
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Hashable, Mapping, Sequence
 from functools import partial
 
-import numpy as np
 import torch
 
-from kvmem.allocator import (
-    Capabilities,
-    KVAllocator,
-    KVStats,
-    SeqInfo,
-    SwapHandle,
-    batch_ids,
-    capacity_pages,
-    check_commit,
-    check_count,
-    check_new_tokens,
-    check_seq_ids,
-    check_tokens,
-    raise_unknown,
-)
-from kvmem.backends.freepages import FreePages, FreeQueue
+from kvmem.allocator import Capabilities, SwapHandle, check_tokens
+from kvmem.backends.base import ceil_div
+from kvmem.backends.blocks import BlockSeq, BlockTableBackend
 from kvmem.errors import (
     DuplicateSequence,
     IntegrityError,
     InvalidArgument,
-    KVError,
     OutOfHostMemory,
     OutOfKVMemory,
 )
-from kvmem.layout import BatchLayout, build_layout
 from kvmem.spec import KVSpec
-from kvmem.storage import LayerKV, PagePool, StorageLayout
+from kvmem.storage import StorageLayout
 from kvmem.swap import (
     COPY_MODES,
     CopyMode,
@@ -99,52 +62,18 @@ from kvmem.swap import (
     SwapManager,
     Tier,
     Transfer,
-    block_runs,
     page_runs,
 )
 
-BlockKey = tuple[int, tuple[int, ...]]
-
-
-class _Seq:
-    """Per-sequence state: tokens, pages, counts."""
-
-    __slots__ = (
-        "tokens",
-        "blocks",
-        "hashes",
-        "num_computed",
-        "reserved",
-        "row",
-        "root",
-        "swapped",
-        "parked",
-        "transfer",
-    )
-
-    def __init__(self, tokens: list[int], row: int, root: int) -> None:
-        self.tokens = tokens
-        self.blocks: list[int] = []
-        self.hashes: list[int] = []  # hash of the key of each full, computed page
-        self.num_computed = 0
-        self.reserved = 0
-        self.row = row
-        self.root = root  # chain seed: hash of the cache salt
-        self.swapped = False  # KV on the host, no device pages
-        self.parked = False  # swapped and finished: evictable (free(keep_on_host=True))
-        self.transfer: Transfer | None = None  # a swap of this sequence in flight
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
+__all__ = ["PagedAllocator"]
 
 
 def _nothing() -> None:
     """The work of a swap of no sequences."""
 
 
-class PagedAllocator(KVAllocator):
-    """vLLM-style paged KV with prefix caching.
+class PagedAllocator(BlockTableBackend):
+    """vLLM-style paged KV with prefix caching and swap.
 
     Options: ``num_tokens`` or ``num_bytes`` (capacity), ``page_size`` (a
     power of two, default 16), ``device``, ``storage_layout`` (``"block"``
@@ -156,8 +85,8 @@ class PagedAllocator(KVAllocator):
     ``swap_reuse`` (keep host copies after swap-in for reuse, default True).
     """
 
-
     capabilities = Capabilities(prefix_caching=True, swap=True, keep_on_host=True, fork=True)
+
     def __init__(
         self,
         spec: KVSpec,
@@ -172,40 +101,25 @@ class PagedAllocator(KVAllocator):
         swap_mode: CopyMode = "runs",
         swap_reuse: bool = True,
     ) -> None:
-        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size <= 0:
-            raise InvalidArgument(f"page_size must be a positive int, got {page_size!r}")
-        if page_size & (page_size - 1):
-            raise InvalidArgument(f"page_size must be a power of two, got {page_size}")
         if swap_mode not in COPY_MODES:
             raise InvalidArgument(f"swap_mode must be one of {COPY_MODES}, got {swap_mode!r}")
         if host_num_tokens is not None and (
             isinstance(host_num_tokens, bool)
             or not isinstance(host_num_tokens, int)
-            or host_num_tokens < page_size
+            or (isinstance(page_size, int) and host_num_tokens < page_size)
         ):
             raise InvalidArgument(
                 f"host_num_tokens must be an int >= page_size, got {host_num_tokens!r}"
             )
-        self.spec = spec
-        self.page_size = page_size
-        self.granularity = page_size
-        self.device = torch.device(device)
-        self.prefix_caching = prefix_caching
-        if not prefix_caching:
-            self.capabilities = replace(self.capabilities, prefix_caching=False)
-        self.num_pages = capacity_pages(spec, page_size, num_tokens, num_bytes)
-        self.pool = PagePool(spec, self.num_pages, page_size, self.device, storage_layout)
-        self._ref = [0] * self.num_pages
-        self._key: list[BlockKey | None] = [None] * self.num_pages
-        self._cached: dict[BlockKey, int] = {}
-        self._free: FreePages = self._make_free_pages()
-        self._num_cached_free = 0
-        self._seqs: dict[Hashable, _Seq] = {}
-        self._table = np.zeros((16, 16), dtype=np.int32)
-        self._free_rows = list(range(15, -1, -1))
-        self._prefix_queries = 0
-        self._prefix_hits = 0
-        self._closed = False
+        super().__init__(
+            spec,
+            num_tokens=num_tokens,
+            num_bytes=num_bytes,
+            page_size=page_size,
+            device=device,
+            storage_layout=storage_layout,
+            prefix_caching=prefix_caching,
+        )
         self.swap_mode: CopyMode = swap_mode
         self.swap_reuse = bool(swap_reuse)
         self._host_pages = (host_num_tokens or self.num_pages * page_size) // page_size
@@ -214,72 +128,14 @@ class PagedAllocator(KVAllocator):
         self._held: dict[int, int] = {}  # pages read by in-flight swap-outs: count
         self._swap_counts = {"swap_out_bytes": 0, "swap_in_bytes": 0, "swap_copies": 0}
 
-    def _make_free_pages(self) -> FreePages:
-        """The free-page policy (subclasses hand out pages differently)."""
-        return FreeQueue(self.num_pages)
+    # ---------------------------------------------------------- base hooks
+    def _sync(self) -> None:
+        """Run what finished swaps left to do (finished swap-ins publish their pages)."""
+        if not self._closed:
+            self._swapper.reap()
 
-    # ------------------------------------------------------------------ helpers
-    def _lookup(self, seq_id: Hashable) -> _Seq | None:
-        """The sequence, its swap (if one is in flight) finished first."""
-        if self._closed:
-            raise KVError("allocator is closed")
-        s = self._seqs.get(seq_id)
-        if s is not None and s.transfer is not None:
-            self._swapper.settle(s.transfer)
-            s = self._seqs.get(seq_id)
-        return s
-
-    def _get(self, seq_id: Hashable) -> _Seq:
-        s = self._seqs.get(seq_id)
-        if s is None or s.transfer is not None:
-            s = self._lookup(seq_id)
-            if s is None:
-                raise raise_unknown(seq_id)
-        return s
-
-    def _resident(self, seq_id: Hashable) -> _Seq:
-        s = self._get(seq_id)
-        if s.swapped:
-            raise self._swapped_error(seq_id)
-        return s
-
-    @staticmethod
-    def _swapped_error(seq_id: Hashable) -> InvalidArgument:
-        return InvalidArgument(f"sequence {seq_id!r} is swapped out; swap it in first")
-
-    def _take_row(self) -> int:
-        if not self._free_rows:
-            n = self._table.shape[0]
-            self._table = np.concatenate([self._table, np.zeros_like(self._table)])
-            self._free_rows = list(range(2 * n - 1, n - 1, -1))
-        return self._free_rows.pop()
-
-    def _set_row(self, s: _Seq, start: int) -> None:
-        n = len(s.blocks)
-        if n > self._table.shape[1]:
-            w = max(n, 2 * self._table.shape[1])
-            self._table = np.pad(self._table, ((0, 0), (0, w - self._table.shape[1])))
-        self._table[s.row, start:n] = s.blocks[start:]
-
-    def _take(self, s: _Seq, n: int, after: int | None) -> list[int]:
-        """``n`` free pages for ``s`` (the caller checked there are), held once each."""
-        pages = self._free.take(n, s, len(s.blocks), after)
-        for b in pages:
-            key = self._key[b]
-            if key is not None:  # evict its cached prefix
-                self._num_cached_free -= 1
-                if self._cached.get(key) == b:
-                    del self._cached[key]
-                self._key[b] = None
-            self._ref[b] = 1
-        return pages
-
-    def _release(self, b: int) -> None:
-        self._ref[b] -= 1
-        if self._ref[b] == 0:
-            cached = self._key[b] is not None
-            self._free.put(b, cached)
-            self._num_cached_free += cached
+    def _await_transfer(self, s: BlockSeq) -> None:
+        self._swapper.settle(s.transfer)
 
     def _ensure_free(self, n: int) -> bool:
         """Whether ``n`` pages are free, after waiting for in-flight swaps if that helps."""
@@ -288,209 +144,31 @@ class PagedAllocator(KVAllocator):
             self._swapper.settle(t)
         return len(self._free) >= n
 
-    def _key_of(self, s: _Seq, i: int) -> BlockKey:
-        ps = self.page_size
-        return (s.hashes[i - 1] if i else s.root, tuple(s.tokens[i * ps : (i + 1) * ps]))
-
-    def _publish(self, b: int, key: BlockKey) -> None:
-        if self._key[b] is None and key not in self._cached:
-            self._cached[key] = b
-            self._key[b] = key
-
-    def _needed(self, s: _Seq, n: int) -> tuple[int, bool]:
-        """(new pages, copy-on-write needed) for reserve(s, n)."""
-        target = s.num_computed + n
-        if target <= s.reserved:
-            return 0, False
-        new = max(0, _ceil_div(target, self.page_size) - len(s.blocks))
-        idx = s.num_computed // self.page_size
-        cow = idx < len(s.blocks) and self._ref[s.blocks[idx]] > 1
-        return new, cow
-
-    # --------------------------------------------------------------- interface
-    def add(self, seq_id: Hashable, token_ids: Sequence[int], cache_salt: Hashable = None) -> int:
-        """Register a sequence; share the longest cached prefix of full pages."""
-        if self._closed:
-            raise KVError("allocator is closed")
-        self._swapper.reap()  # finished swap-ins publish their pages to the cache
-        if seq_id in self._seqs:
-            raise DuplicateSequence(f"sequence {seq_id!r} is already registered")
-        toks = check_tokens(token_ids)
-        ps = self.page_size
-        s = _Seq(toks, -1, hash(("kvmem", cache_salt)))
-        if self.prefix_caching:
-            parent = s.root
-            for i in range((len(toks) - 1) // ps):
-                key = (parent, tuple(toks[i * ps : (i + 1) * ps]))
-                b = self._cached.get(key)
-                if b is None:
-                    break
-                parent = hash(key)
-                s.blocks.append(b)
-                s.hashes.append(parent)
-            for b in s.blocks:
-                if self._ref[b] == 0:
-                    self._free.remove(b)
-                    self._num_cached_free -= 1
-                self._ref[b] += 1
-            self._prefix_queries += len(toks)
-            self._prefix_hits += len(s.blocks) * ps
-        s.num_computed = s.reserved = len(s.blocks) * ps
-        s.row = self._take_row()
-        self._set_row(s, 0)
-        self._seqs[seq_id] = s
-        return s.num_computed
-
-    def append(self, seq_id: Hashable, token_ids: Sequence[int]) -> None:
-        """Add known tokens whose KV is still to be written."""
-        s = self._get(seq_id)
-        if len(token_ids) == 1 and type(token_ids[0]) is int and token_ids[0] >= 0:
-            s.tokens.append(token_ids[0])
-        else:
-            s.tokens.extend(check_tokens(token_ids))
-
-    def reserve(self, seq_id: Hashable, num_tokens: int) -> None:
-        """Ensure slots for the next ``num_tokens`` KV entries (all or nothing)."""
-        s = self._get(seq_id)
-        if s.swapped:
-            raise self._swapped_error(seq_id)
-        if type(num_tokens) is not int or num_tokens <= 0:
-            check_count("num_tokens", num_tokens)
-        target = s.num_computed + num_tokens
-        if target <= s.reserved:
-            return
-        if target <= len(s.blocks) * self.page_size and (
-            self._ref[s.blocks[s.num_computed // self.page_size]] == 1
-        ):
-            s.reserved = target  # fits in pages already held, none shared: the common step
-            return
-        new, cow = self._needed(s, num_tokens)
-        if not self._ensure_free(new + cow):
-            raise OutOfKVMemory(
-                f"sequence {seq_id!r} needs {new + cow} pages, {len(self._free)} free"
-            )
-        if cow:
-            idx = s.num_computed // self.page_size
-            old = s.blocks[idx]
-            (b,) = self._take(s, 1, s.blocks[idx - 1] if idx else None)
-            self.pool.copy_pages([old], [b])
-            self._release(old)
-            s.blocks[idx] = b
-            self._table[s.row, idx] = b
-        if new:
-            start = len(s.blocks)
-            s.blocks.extend(self._take(s, new, s.blocks[-1] if s.blocks else None))
-            self._set_row(s, start)
-        s.reserved = target
-
-    def can_reserve(self, requests: Mapping[Hashable, int]) -> bool:
-        """Whether every ``reserve(seq, n)`` of ``requests`` fits at once.
-
-        Waits for in-flight swap-outs when the pages they free are needed.
-        """
-        total = 0
-        for sid, n in requests.items():
-            check_count("num_tokens", n)
-            new, cow = self._needed(self._resident(sid), n)
-            total += new + cow
-        return self._ensure_free(total)
-
-    def layout(self, batch: Sequence[tuple[Hashable, int]]) -> BatchLayout:
-        """Block-table layout of ``[(seq_id, num_new_tokens), ...]``."""
-        if not batch:
-            raise InvalidArgument("layout of an empty batch")
-        b = len(batch)
-        rows = np.empty(b, dtype=np.int64)
-        seq_lens = np.empty(b, dtype=np.int32)
-        qlens = np.empty(b, dtype=np.int32)
-        seqs = self._seqs
-        for i, (sid, n) in enumerate(batch):
-            s = seqs.get(sid)
-            if s is None or s.swapped or s.transfer is not None:
-                s = self._resident(sid)
-            if type(n) is not int or n <= 0 or s.num_computed + n > s.reserved:
-                check_new_tokens(sid, s.num_computed, s.reserved, n)  # raises
-            end = s.num_computed + n
-            rows[i] = s.row
-            seq_lens[i] = end
-            qlens[i] = n
-        ids = batch_ids(batch)
-        max_pages = -(-int(seq_lens.max()) // self.page_size)
-        return build_layout(
-            self.page_size,
-            self._table[rows, :max_pages],
-            seq_lens,
-            qlens,
-            ids,
-            self.device,
-            self.spec,
-            zero_padded=False,  # rows also hold pages reserved past seq_lens
-        )
-
-    def commit(self, seq_id: Hashable, num_tokens: int) -> None:
-        """Mark ``num_tokens`` more KV entries written; publish pages that filled up."""
-        s = self._get(seq_id)
-        if s.swapped:
-            raise self._swapped_error(seq_id)
-        end = check_commit(seq_id, s.num_computed, s.reserved, len(s.tokens), num_tokens)
-        if self.prefix_caching:
-            ps = self.page_size
-            for i in range(s.num_computed // ps, end // ps):
-                key = self._key_of(s, i)
-                s.hashes.append(hash(key))
-                self._publish(s.blocks[i], key)
-        s.num_computed = end
-
-    def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
-        """The child shares the parent's computed pages and knows its tokens."""
-        p = self._resident(parent_id)
-        if child_id in self._seqs:
-            raise DuplicateSequence(f"sequence {child_id!r} is already registered")
-        c = _Seq(list(p.tokens), self._take_row(), p.root)
-        c.blocks = p.blocks[: _ceil_div(p.num_computed, self.page_size)]
-        c.hashes = list(p.hashes)
-        c.num_computed = c.reserved = p.num_computed
-        for b in c.blocks:
-            self._ref[b] += 1
-        self._set_row(c, 0)
-        self._seqs[child_id] = c
-
-    def free(self, seq_id: Hashable, keep_on_host: bool = False) -> None:
-        """Release the sequence's pages; full ones stay cached until evicted.
-
-        ``keep_on_host=True`` parks the finished sequence instead: its KV is
-        swapped out (only pages not already current on the host are copied)
-        and kept for its next turn (see :meth:`resume`), until evicted from
-        the host pool (LRU), which unregisters it. Best effort: if the host
-        pool has no room, or the copy fails, the sequence is simply freed.
-        """
-        s = self._get(seq_id)
-        if keep_on_host:
-            if s.swapped:
-                s.parked = True
-                assert self._host is not None
-                self._host.set_tier(seq_id, "parked")
-                return
-            try:
-                self._swap_out([seq_id], park=True)
-                return
-            except OutOfHostMemory:
-                pass
-        self._drop(seq_id, s)
-
-    def _drop(self, seq_id: Hashable, s: _Seq) -> None:
-        del self._seqs[seq_id]
-        for b in reversed(s.blocks):
-            self._release(b)
-        self._table[s.row, : len(s.blocks)] = 0
-        s.blocks = []
-        self._free_rows.append(s.row)
-        self._free.forget(s)
+    def _drop(self, seq_id: Hashable, s: BlockSeq) -> None:
+        """Release the sequence's pages (full ones stay cached) and its host copy."""
+        super()._drop(seq_id, s)
         if self._host is not None:
             self._host.release(seq_id)
 
-    # -------------------------------------------------------------------- swap
-    def swap_out(self, seq_ids: Iterable[Hashable]) -> SwapHandle:
+    def _park(self, seq_id: Hashable, s: BlockSeq) -> bool:
+        """Swap the finished sequence out and keep it for its next turn (see :meth:`resume`).
+
+        Only pages not already current on the host are copied; the copy is
+        kept until evicted from the host pool (LRU), which unregisters it.
+        Best effort: False (the sequence is freed) if the host pool has no room.
+        """
+        if s.swapped:
+            s.parked = True
+            assert self._host is not None
+            self._host.set_tier(seq_id, "parked")
+            return True
+        try:
+            self._swap_out([seq_id], park=True)
+        except OutOfHostMemory:
+            return False
+        return True
+
+    def _start_swap_out(self, ids: list[Hashable]) -> SwapHandle:
         """Copy the sequences' KV to the host pool and release their device pages.
 
         All or nothing: raises UnknownSequence, InvalidArgument (a sequence
@@ -499,12 +177,11 @@ class PagedAllocator(KVAllocator):
         Reserved slots are kept in ``seq_info().capacity`` and taken again
         by ``swap_in``. The device pages stay held until the copy is done.
         """
-        ids = self._swap_ids(seq_ids)
         if not ids:
             return self._swapper.submit(_nothing)
         return self._swap_out(ids, park=False)
 
-    def swap_in(self, seq_ids: Iterable[Hashable]) -> SwapHandle:
+    def _start_swap_in(self, ids: list[Hashable]) -> SwapHandle:
         """Take device pages for swapped-out (or parked) sequences and copy their KV back.
 
         All or nothing: raises UnknownSequence, InvalidArgument (a sequence
@@ -513,7 +190,6 @@ class PagedAllocator(KVAllocator):
         sequences stay on the host, intact. The sequences can be used at
         once; calls that need their KV wait for the copy.
         """
-        ids = self._swap_ids(seq_ids)
         if not ids:
             return self._swapper.submit(_nothing)
         seqs = [self._get(sid) for sid in ids]
@@ -521,19 +197,19 @@ class PagedAllocator(KVAllocator):
             if not s.swapped:
                 raise InvalidArgument(f"sequence {sid!r} is not swapped out")
         ps = self.page_size
-        need = sum(_ceil_div(s.reserved, ps) for s in seqs)
+        need = sum(ceil_div(s.reserved, ps) for s in seqs)
         if not self._ensure_free(need):
             raise OutOfKVMemory(f"swap-in needs {need} pages, {len(self._free)} free")
         host = self._host
         assert host is not None
         src: list[int] = []
         dst: list[int] = []
-        done: list[tuple[Hashable, _Seq, bool]] = []
+        done: list[tuple[Hashable, BlockSeq, bool]] = []
         for sid, s in zip(ids, seqs, strict=True):
-            s.blocks = self._take(s, _ceil_div(s.reserved, ps), None)
+            s.blocks = self._take(s, ceil_div(s.reserved, ps), None)
             self._set_row(s, 0)
             copy = host.get(sid)
-            m = _ceil_div(s.num_computed, ps)
+            m = ceil_div(s.num_computed, ps)
             if m:
                 assert copy is not None
                 src += copy.pages[:m]
@@ -578,11 +254,6 @@ class PagedAllocator(KVAllocator):
             self._drop(seq_id, s)
         return self.add(seq_id, toks, cache_salt=cache_salt)
 
-    def _swap_ids(self, seq_ids: Iterable[Hashable]) -> list[Hashable]:
-        if self._closed:
-            raise KVError("allocator is closed")
-        return check_seq_ids(seq_ids)
-
     def _host_cache(self) -> HostCache:
         if self._host is None:
             self._host = HostCache(HostPagePool(self.pool, self._host_pages), self._evicted)
@@ -620,12 +291,12 @@ class PagedAllocator(KVAllocator):
                 raise InvalidArgument(f"sequence {sid!r} is already swapped out")
         ps = self.page_size
         host = self._host_cache()
-        sizes = {sid: _ceil_div(s.num_computed, ps) for sid, s in zip(ids, seqs, strict=True)}
+        sizes = {sid: ceil_div(s.num_computed, ps) for sid, s in zip(ids, seqs, strict=True)}
         before = {sid: (len(c.pages), c.valid) for sid in ids if (c := host.get(sid)) is not None}
         host.ensure(sizes)  # the one step that can fail: nothing changed before it
         src: list[int] = []
         dst: list[int] = []
-        done: list[tuple[Hashable, _Seq, list[int], tuple[int, int] | None, int]] = []
+        done: list[tuple[Hashable, BlockSeq, list[int], tuple[int, int] | None, int]] = []
         for sid, s in zip(ids, seqs, strict=True):
             copy = host.get(sid)
             assert copy is not None
@@ -657,7 +328,7 @@ class PagedAllocator(KVAllocator):
 
     def _swapped_out(
         self,
-        done: list[tuple[Hashable, _Seq, list[int], tuple[int, int] | None, int]],
+        done: list[tuple[Hashable, BlockSeq, list[int], tuple[int, int] | None, int]],
         err: BaseException | None,
     ) -> None:
         host = self._host
@@ -686,7 +357,7 @@ class PagedAllocator(KVAllocator):
                 self._set_row(s, 0)
 
     def _swapped_in(
-        self, done: list[tuple[Hashable, _Seq, bool]], err: BaseException | None
+        self, done: list[tuple[Hashable, BlockSeq, bool]], err: BaseException | None
     ) -> None:
         host = self._host
         assert host is not None
@@ -709,131 +380,39 @@ class PagedAllocator(KVAllocator):
                 self._free.forget(s)
                 host.set_tier(sid, "parked" if parked else None)
 
-    def layer(self, i: int) -> LayerKV:
-        """The KV storage of layer ``i``."""
-        if self._closed:
-            raise KVError("allocator is closed")
-        return self.pool.layer(i)
-
-    def seq_info(self, seq_id: Hashable) -> SeqInfo:
-        """Counts of one sequence."""
-        s = self._get(seq_id)
-        return SeqInfo(len(s.tokens), s.num_computed, s.reserved, s.swapped)
-
-    def seq_ids(self) -> list[Hashable]:
-        """Every registered sequence, swapped-out and parked ones included."""
-        return list(self._seqs)
-
-    def block_table(self, seq_id: Hashable) -> list[int]:
-        """The pages the sequence holds, in order (none while swapped out)."""
-        return list(self._get(seq_id).blocks)
-
-    def runs(self, seq_id: Hashable) -> list[tuple[int, int]]:
-        """``(first_page, length)`` of each run of consecutive pages of the block table."""
-        return block_runs(self._get(seq_id).blocks)
-
-    def stats(self) -> KVStats:
-        """Memory use; ``filled`` counts shared pages once.
-
-        Pages read by an in-flight swap-out count as used until it is done.
-        ``extra`` has the host pool (``host_capacity_tokens``,
-        ``host_used_tokens``), ``parked_seqs``, ``swaps_in_flight`` and
-        cumulative ``swap_out_bytes``, ``swap_in_bytes``, ``swap_copies``.
+    # ----------------------------------------------------------- figures, checks
+    def _stats_extra(self) -> dict[str, float]:
+        """The host pool (``host_capacity_tokens``, ``host_used_tokens``), ``parked_seqs``,
+        ``swaps_in_flight`` and cumulative ``swap_out_bytes``, ``swap_in_bytes``,
+        ``swap_copies``. Pages read by an in-flight swap-out count as used until it is done.
         """
-        if not self._closed:
-            self._swapper.reap()
         ps = self.page_size
-        filled: dict[int, int] = {}
-        for s in self._seqs.values():
-            for i, b in enumerate(s.blocks):
-                f = min(ps, max(0, s.num_computed - i * ps))
-                if f > filled.get(b, 0):
-                    filled[b] = f
-        used = self.num_pages - len(self._free)
-        swapped = [s for s in self._seqs.values() if s.swapped]
         host = self._host
-        extra = {
+        return {
             "host_capacity_tokens": float(self._host_pages * ps),
             "host_used_tokens": float(host.used_pages() * ps if host else 0),
-            "parked_seqs": float(sum(s.parked for s in swapped)),
+            "parked_seqs": float(sum(s.parked for s in self._seqs.values())),
             "swaps_in_flight": float(self._swapper.pending),
             **{k: float(v) for k, v in self._swap_counts.items()},
         }
-        return KVStats(
-            page_size=ps,
-            bytes_per_token=self.spec.bytes_per_token,
-            capacity_tokens=self.num_pages * ps,
-            used_tokens=used * ps,
-            filled_tokens=sum(filled.values()),
-            reserved_tokens=sum(
-                s.reserved - s.num_computed for s in self._seqs.values() if not s.swapped
-            ),
-            cached_tokens=self._num_cached_free * ps,
-            free_tokens=len(self._free) * ps,
-            swapped_tokens=sum(s.num_computed for s in swapped),
-            num_seqs=len(self._seqs),
-            num_swapped_seqs=len(swapped),
-            prefix_queries=self._prefix_queries,
-            prefix_hits=self._prefix_hits,
-            extra=extra,
-        )
 
-    def check_integrity(self) -> None:
-        """Verify reference counts, free pages, the cache index, block tables and the host pool."""
-        if self._closed:
-            raise KVError("allocator is closed")
-        self._swapper.reap()
-        ps = self.page_size
-        refs = [0] * self.num_pages
-        for b, n in self._held.items():
-            refs[b] += n
-        rows: set[int] = set()
-        for sid, s in self._seqs.items():
-            for b in s.blocks:
-                refs[b] += 1
-            if s.swapped:
-                self._check_swapped(sid, s)
-            elif not 0 <= s.num_computed <= s.reserved <= len(s.blocks) * ps:
-                raise IntegrityError(f"{sid!r}: counts out of order")
-            elif len(s.blocks) != _ceil_div(s.reserved, ps):
-                raise IntegrityError(f"{sid!r}: {len(s.blocks)} pages for {s.reserved} slots")
-            elif s.parked:
-                raise IntegrityError(f"{sid!r}: parked but not swapped out")
-            if s.num_computed > len(s.tokens):
-                raise IntegrityError(f"{sid!r}: more KV than tokens")
-            if self.prefix_caching and len(s.hashes) != s.num_computed // ps:
-                raise IntegrityError(f"{sid!r}: {len(s.hashes)} page keys")
-            row, n = self._table[s.row], len(s.blocks)
-            if s.row in rows or list(row[:n]) != s.blocks or row[n:].any():
-                raise IntegrityError(f"{sid!r}: block table row out of sync")
-            rows.add(s.row)
-        if refs != self._ref:
-            raise IntegrityError("reference counts do not match the block tables")
-        free = set(self._free)
-        if len(free) != len(self._free) or free != {b for b, r in enumerate(refs) if r == 0}:
-            raise IntegrityError("free pages are not exactly the unreferenced pages")
-        self._free.check()
-        for key, b in self._cached.items():
-            if self._key[b] != key:
-                raise IntegrityError(f"cache entry points at page {b}, which has another key")
-        keyed = [b for b, k in enumerate(self._key) if k is not None]
-        if len(keyed) != len(self._cached):
-            raise IntegrityError("pages with keys and the cache index differ")
-        if self._num_cached_free != sum(1 for b in free if self._key[b] is not None):
-            raise IntegrityError("cached page count is off")
-        if rows & set(self._free_rows) or len(rows) + len(self._free_rows) != self._table.shape[0]:
-            raise IntegrityError("block table rows leaked")
+    def _pinned(self) -> Mapping[int, int]:
+        return self._held
+
+    def _check_backend(self) -> None:
+        """Verify the pages, the cache index, the block tables and the host pool."""
+        super()._check_backend()
         if self._host is not None:
             self._check_host()
 
-    def _check_swapped(self, sid: Hashable, s: _Seq) -> None:
+    def _check_swapped(self, sid: Hashable, s: BlockSeq) -> None:
         host = self._host
         copy = host.get(sid) if host is not None else None
         if s.blocks:
             raise IntegrityError(f"{sid!r}: swapped out but holds device pages")
         if not 0 <= s.num_computed <= s.reserved:
             raise IntegrityError(f"{sid!r}: counts out of order")
-        if copy is None or len(copy.pages) < _ceil_div(s.num_computed, self.page_size):
+        if copy is None or len(copy.pages) < ceil_div(s.num_computed, self.page_size):
             raise IntegrityError(f"{sid!r}: swapped out without its KV on the host")
         if s.transfer is None and copy.valid < s.num_computed:
             raise IntegrityError(
@@ -856,16 +435,8 @@ class PagedAllocator(KVAllocator):
             if host.tier(sid) != want:
                 raise IntegrityError(f"{sid!r}: host copy in tier {host.tier(sid)}, not {want}")
 
-    def close(self) -> None:
-        """Wait for swaps in flight, then drop every sequence, the page pool and the host pool."""
-        if self._closed:
-            return
+    def _shutdown(self) -> None:
+        """Wait for swaps in flight, then drop the page pool and the host pool."""
         self._swapper.close()
-        self._seqs.clear()
-        self._cached.clear()
-        self._closed = True
-        self.pool.buffers.clear()
+        super()._shutdown()
         self._host = None
-
-
-__all__ = ["PagedAllocator"]

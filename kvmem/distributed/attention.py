@@ -19,6 +19,7 @@ normalised partials by their LSEs is exact.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Hashable, Sequence
 from typing import Any
@@ -28,6 +29,34 @@ import torch
 
 from kvmem import attention as kernels
 from kvmem.errors import InvalidArgument
+
+
+@dataclasses.dataclass
+class StepProfile:
+    """Where distributed attention spent its time and bytes, summed over calls.
+
+    ``send_s``: posting and handing over the requests (queries, new K/V);
+    ``local_s``: this rank's own partial attention (overlaps the remote ones);
+    ``gather_s``: waiting for and receiving the holders' partials;
+    ``merge_s``: merging the partials; ``remote_s``: the holders' own compute,
+    as they report it (the largest per call). Bytes count requests sent and
+    replies received by this rank.
+    """
+
+    calls: int = 0
+    send_s: float = 0.0
+    local_s: float = 0.0
+    gather_s: float = 0.0
+    merge_s: float = 0.0
+    remote_s: float = 0.0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    messages: int = 0
+
+    def reset(self) -> None:
+        """Zero every figure."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, f.default)
 
 
 def attend(
@@ -163,4 +192,4 @@ def prefill(
     return attend(alloc, layer, [(seq_id, int(q.shape[0]))], q, k, v, scale)
 
 
-__all__ = ["attend", "decode", "prefill"]
+__all__ = ["StepProfile", "attend", "decode", "prefill"]

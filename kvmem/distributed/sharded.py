@@ -41,6 +41,12 @@ Without an initialised ``torch.distributed`` (or in a group of one) the
 allocator runs as a world of one: same code, no threads, an in-memory
 directory.
 
+The sequence bookkeeping (tokens, counts, argument checks, the layout loop)
+is :class:`~kvmem.backends.base.KVBackend`'s; the requests to the holders
+are :mod:`kvmem.distributed.calls`. The backend declares ``fork`` and
+``multi_process`` only: ``swap_out``, ``swap_in`` and
+``free(keep_on_host=True)`` raise InvalidArgument (preempt by recompute).
+
 Faults: every wait on another rank is bounded by ``timeout`` seconds (see
 :mod:`kvmem.distributed.comm`); a rank that dies is reported as soon as its
 connection closes, one that stops answering after ``timeout``, both as
@@ -53,8 +59,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import time
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -64,17 +69,14 @@ import torch.distributed as dist
 
 from kvmem.allocator import (
     Capabilities,
-    KVAllocator,
     KVStats,
-    SeqInfo,
-    SwapHandle,
-    check_commit,
     check_count,
     check_new_tokens,
-    check_tokens,
     create_allocator,
-    raise_unknown,
 )
+from kvmem.backends.base import KVBackend, SeqState, ceil_div
+from kvmem.distributed.attention import StepProfile
+from kvmem.distributed.calls import Calls, failed_ranks
 from kvmem.distributed.comm import Channel, PeerFailure, Traffic
 from kvmem.distributed.directory import (
     PLACEMENTS,
@@ -83,7 +85,7 @@ from kvmem.distributed.directory import (
     PlacementDirectory,
 )
 from kvmem.distributed.holder import Holder
-from kvmem.errors import DuplicateSequence, IntegrityError, InvalidArgument, KVError, OutOfKVMemory
+from kvmem.errors import IntegrityError, InvalidArgument, KVError, OutOfKVMemory
 from kvmem.layout import BatchLayout, build_layout
 from kvmem.spec import KVSpec
 from kvmem.storage import LayerKV
@@ -102,57 +104,18 @@ class _Block:
         self.refs = 1
 
 
-class _Seq:
-    """A sequence this rank owns."""
+class _Seq(SeqState):
+    """A sequence this rank owns: its handle (unique in the group) and its rBlocks."""
 
-    __slots__ = ("handle", "tokens", "num_computed", "reserved", "blocks")
+    __slots__ = ("handle", "blocks")
 
     def __init__(self, handle: int, tokens: list[int]) -> None:
+        super().__init__(tokens)
         self.handle = handle
-        self.tokens = tokens
-        self.num_computed = 0
-        self.reserved = 0
         self.blocks: list[_Block] = []
 
 
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def failed_ranks(results: Mapping[int, Any]) -> set[int]:
-    """Ranks whose result is an error."""
-    return {r for r, v in results.items() if isinstance(v, KVError)}
-
-
-@dataclasses.dataclass
-class StepProfile:
-    """Where distributed attention spent its time and bytes, summed over calls.
-
-    ``send_s``: posting and handing over the requests (queries, new K/V);
-    ``local_s``: this rank's own partial attention (overlaps the remote ones);
-    ``gather_s``: waiting for and receiving the holders' partials;
-    ``merge_s``: merging the partials; ``remote_s``: the holders' own compute,
-    as they report it (the largest per call). Bytes count requests sent and
-    replies received by this rank.
-    """
-
-    calls: int = 0
-    send_s: float = 0.0
-    local_s: float = 0.0
-    gather_s: float = 0.0
-    merge_s: float = 0.0
-    remote_s: float = 0.0
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    messages: int = 0
-
-    def reset(self) -> None:
-        """Zero every figure."""
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, f.default)
-
-
-class ShardedAllocator(KVAllocator):
+class ShardedAllocator(KVBackend[_Seq]):
     """DistAttention-style KV sharded over a torch.distributed group (Infinite-LLM rBlocks).
 
     Options: ``num_tokens`` or ``num_bytes`` (this rank's capacity),
@@ -171,8 +134,8 @@ class ShardedAllocator(KVAllocator):
     travel through host memory over gloo (not run yet: no GPU here).
     """
 
-
     capabilities = Capabilities(fork=True, multi_process=True)
+
     def __init__(
         self,
         spec: KVSpec,
@@ -196,6 +159,7 @@ class ShardedAllocator(KVAllocator):
             raise InvalidArgument("the local backend of a sharded allocator cannot be sharded")
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
             raise InvalidArgument(f"timeout must be a positive number of seconds, got {timeout!r}")
+        super().__init__()
         opts = {"page_size": page_size, **(local_options or {})}
         local = create_allocator(
             local_backend, spec, num_tokens=num_tokens, num_bytes=num_bytes, device=device, **opts
@@ -220,12 +184,11 @@ class ShardedAllocator(KVAllocator):
         self.timeout = float(timeout)
         self.attention_impl = attention_impl
         self.profile = StepProfile()
-        self._seqs: dict[Hashable, _Seq] = {}
-        self._closed = False
         self._own_group = False
         self._pg, self.channel = self._connect(group, heartbeat)
         self.rank = self.channel.rank if self.channel else 0
         self.world_size = self.channel.size if self.channel else 1
+        self.calls = Calls(self.rank, self.channel, self.holder)
         self._handles = itertools.count(self.rank << _HANDLE_BITS)
         store = self._pg.get_group_store() if self._pg is not None else dist.HashStore()
         if self._pg is not None:
@@ -256,50 +219,15 @@ class ShardedAllocator(KVAllocator):
         return group, Channel(group, self.timeout, heartbeat)
 
     # ------------------------------------------------------------ helpers
-    def _check(self) -> None:
-        if self._closed:
-            raise KVError("allocator is closed")
+    def _check_open(self) -> None:
+        """Refuse calls once closed, or once a peer has failed (PeerFailure)."""
+        super()._check_open()
         if self.channel is not None:
             self.channel.check()
 
     def _get(self, seq_id: Hashable) -> _Seq:
-        self._check()
-        s = self._seqs.get(seq_id)
-        if s is None:
-            raise raise_unknown(seq_id)
-        return s
-
-    def _call_many(
-        self, requests: Mapping[int, tuple[Any, Sequence[torch.Tensor]]]
-    ) -> dict[int, Any]:
-        """Run each ``{rank: (meta, tensors)}`` request (this rank's directly); results or errors.
-
-        Every request runs even if another fails; a KVError is returned in
-        place of that rank's result. PeerFailure is raised.
-        """
-        remote = {r: (m, list(t)) for r, (m, t) in requests.items() if r != self.rank}
-        pending = self.channel.post(remote) if remote and self.channel else None
-        out: dict[int, Any] = {}
-        try:
-            if self.rank in requests:
-                meta, tensors = requests[self.rank]
-                try:
-                    out[self.rank] = self.holder.handle(self.rank, meta, list(tensors))
-                except PeerFailure:
-                    raise
-                except KVError as e:
-                    out[self.rank] = e
-        finally:  # the replies are always taken, so the channel stays in step
-            if pending is not None:
-                assert self.channel is not None
-                out.update(self.channel.collect(pending, raise_errors=False))
-        return out
-
-    def _call(self, rank: int, meta: Any, tensors: Sequence[torch.Tensor] = ()) -> Any:
-        res = self._call_many({rank: (meta, tensors)})[rank]
-        if isinstance(res, KVError):
-            raise res
-        return res
+        self._check_open()
+        return super()._get(seq_id)
 
     def _give_back(self, results: Mapping[int, Any]) -> None:
         """Return to the directory the rBlocks that "drop"/"cow" results say were released."""
@@ -310,28 +238,13 @@ class ShardedAllocator(KVAllocator):
     def _record(self, s: _Seq) -> None:
         self.directory.record(s.handle, [b.rank for b in s.blocks])
 
-    # ------------------------------------------------------------ interface
-    def add(self, seq_id: Hashable, token_ids: Sequence[int], cache_salt: Hashable = None) -> int:
-        """Register a sequence this rank owns; returns 0 (no prefix caching across ranks).
+    # ------------------------------------------------------------ base hooks
+    def _admit(self, seq_id: Hashable, tokens: list[int], cache_salt: Hashable) -> _Seq:
+        """A sequence this rank owns; nothing is cached across ranks (``cache_salt`` unused)."""
+        return _Seq(next(self._handles), tokens)
 
-        ``cache_salt`` is accepted and has no effect: nothing is shared by prefix.
-        """
-        self._check()
-        if seq_id in self._seqs:
-            raise DuplicateSequence(f"sequence {seq_id!r} is already registered")
-        self._seqs[seq_id] = _Seq(next(self._handles), check_tokens(token_ids))
-        return 0
-
-    def append(self, seq_id: Hashable, token_ids: Sequence[int]) -> None:
-        """Add known tokens whose KV is still to be written."""
-        s = self._get(seq_id)
-        s.tokens.extend(check_tokens(token_ids))
-
-    def _needed(self, s: _Seq, n: int) -> tuple[int, bool]:
-        target = s.num_computed + n
-        if target <= s.reserved:
-            return 0, False
-        new = max(0, _ceil_div(target, self.rblock_size) - len(s.blocks))
+    def _needed(self, s: _Seq, target: int) -> tuple[int, bool]:
+        new = max(0, ceil_div(target, self.rblock_size) - len(s.blocks))
         idx = s.num_computed // self.rblock_size
         return new, idx < len(s.blocks) and s.blocks[idx].refs > 1
 
@@ -343,16 +256,13 @@ class ShardedAllocator(KVAllocator):
             f"free rBlocks: {per}"
         )
 
-    def reserve(self, seq_id: Hashable, num_tokens: int) -> None:
-        """Ensure slots for the next ``num_tokens`` KV entries, borrowing from other ranks.
+    def _grow(self, seq_id: Hashable, s: _Seq, target: int) -> None:
+        """Place the new rBlocks, borrowing from other ranks.
 
         All or nothing: space for every new rBlock is taken in the directory
         first; if the group is short, OutOfKVMemory and nothing changed.
         """
-        s = self._get(seq_id)
-        check_count("num_tokens", num_tokens)
-        new, cow = self._needed(s, num_tokens)
-        target = s.num_computed + num_tokens
+        new, cow = self._needed(s, target)
         if new + cow == 0:
             s.reserved = max(s.reserved, target)
             return
@@ -384,15 +294,16 @@ class ShardedAllocator(KVAllocator):
         old = s.blocks[idx]
         nslots = s.num_computed - idx * self.rblock_size
         if dst == old.rank:
-            released = self._call(dst, ("cow", s.handle, idx, nslots))[0]
+            released = self.calls.one(dst, ("cow", s.handle, idx, nslots))[0]
             self.directory.give(dst, released)
         else:
-            _, parts = self._call(old.rank, ("read", s.handle, idx, nslots))
-            self._call(dst, ("place", s.handle, [idx]), parts)
+            _, parts = self.calls.one(old.rank, ("read", s.handle, idx, nslots))
+            self.calls.one(dst, ("place", s.handle, [idx]), parts)
             try:
-                released = self._call(old.rank, ("drop", s.handle, [idx]))[0]
+                released = self.calls.one(old.rank, ("drop", s.handle, [idx]))[0]
             except KVError:
-                self._call(dst, ("drop", s.handle, [idx]))  # its space is the caller's to return
+                # its space is the caller's to return
+                self.calls.one(dst, ("drop", s.handle, [idx]))
                 raise
             self.directory.give(old.rank, released)
         old.refs -= 1
@@ -412,7 +323,7 @@ class ShardedAllocator(KVAllocator):
         placed one is dropped, all the space is returned, and the error raised.
         """
         per = self._per_rank(len(s.blocks), ranks)
-        res = self._call_many({r: (("place", s.handle, idxs), []) for r, idxs in per.items()})
+        res = self.calls.many({r: (("place", s.handle, idxs), []) for r, idxs in per.items()})
         failed = {r: e for r, e in res.items() if isinstance(e, KVError)}
         if failed:
             self._unplace(s.handle, {r: i for r, i in per.items() if r not in failed})
@@ -423,19 +334,27 @@ class ShardedAllocator(KVAllocator):
 
     def _unplace(self, handle: int, per: Mapping[int, list[int]]) -> None:
         """Drop rBlocks ``{rank: [index, ...]}`` just placed for ``handle``; return their space."""
-        self._give_back(self._call_many({r: (("drop", handle, i), []) for r, i in per.items()}))
+        self._give_back(self.calls.many({r: (("drop", handle, i), []) for r, i in per.items()}))
 
-    def can_reserve(self, requests: Mapping[Hashable, int]) -> bool:
-        """Whether every ``reserve(seq, n)`` of ``requests`` fits in the group's free rBlocks."""
+    def _can_grow(self, grow: list[tuple[_Seq, int]]) -> bool:
+        """Whether the new rBlocks fit in the group's free rBlocks."""
         total = 0
-        for sid, n in requests.items():
-            check_count("num_tokens", n)
-            new, cow = self._needed(self._get(sid), n)
+        for s, target in grow:
+            new, cow = self._needed(s, target)
             total += new + cow
-        self._check()
         return total <= sum(self.directory.free())
 
-    def layout(self, batch: Sequence[tuple[Hashable, int]]) -> BatchLayout:
+    def _pages(self, s: _Seq) -> Sequence[int]:
+        """The local pages of the rBlocks of ``s`` held on this rank."""
+        return [int(p) for p in self.holder.row(s.handle)]
+
+    def _make_layout(
+        self,
+        ids: tuple[Hashable, ...],
+        seqs: list[_Seq],
+        seq_lens: np.ndarray,
+        query_lens: np.ndarray,
+    ) -> BatchLayout:
         """This rank's part of the batch: its rBlocks of each sequence and its new-token slots.
 
         ``seq_lens`` counts the KV of each sequence held on this rank (up to
@@ -443,32 +362,29 @@ class ShardedAllocator(KVAllocator):
         whose slot lies on another rank; ``query_start_loc`` spans every new
         token. In a world of one this is the whole sequence.
         """
-        self._check()
-        if not batch:
-            raise InvalidArgument("layout of an empty batch")
-        seen: set[Hashable] = set()
         rows: list[np.ndarray] = []
-        seq_lens, local_new, masks, qlens = [], [], [], []
+        lens, local_new, masks = [], [], []
+        qlens = query_lens.tolist()
         with self.holder.lock:
-            for sid, n in batch:
-                s = self._get(sid)
-                if sid in seen:
-                    raise InvalidArgument(f"sequence {sid!r} appears twice in the batch")
-                seen.add(sid)
-                p0, p1 = s.num_computed, check_new_tokens(sid, s.num_computed, s.reserved, n)
+            for s, p1 in zip(seqs, seq_lens.tolist(), strict=True):
                 rows.append(self.holder.row(s.handle))
-                seq_lens.append(int(self.holder.visible(s.handle, np.array([p1 - 1]))[0]))
-                mask = self.holder.held_mask(s.handle, p0, p1)
+                lens.append(int(self.holder.visible(s.handle, np.array([p1 - 1]))[0]))
+                mask = self.holder.held_mask(s.handle, s.num_computed, p1)
                 masks.append(mask)
                 local_new.append(int(mask.sum()))
-                qlens.append(n)
         width = max([len(r) for r in rows] + [1])
         table = np.zeros((len(rows), width), dtype=np.int32)
         for i, r in enumerate(rows):
             table[i, : len(r)] = r
-        ids = tuple(sid for sid, _ in batch)
-        lens, new = np.asarray(seq_lens), np.asarray(local_new)
-        lay = build_layout(self.page_size, table, lens, new, ids, self.device, self.spec)
+        lay = build_layout(
+            self.page_size,
+            table,
+            np.asarray(lens),
+            np.asarray(local_new),
+            ids,
+            self.device,
+            self.spec,
+        )
         if local_new == qlens:
             return lay
         here = torch.from_numpy(np.concatenate(masks)).to(self.device)
@@ -483,42 +399,30 @@ class ShardedAllocator(KVAllocator):
             max_query_len=max(qlens),
         )
 
-    def commit(self, seq_id: Hashable, num_tokens: int) -> None:
-        """Record that ``num_tokens`` more KV entries are written (no messages)."""
-        s = self._get(seq_id)
-        end = check_commit(seq_id, s.num_computed, s.reserved, len(s.tokens), num_tokens)
-        s.num_computed = end
-
-    def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
+    def _fork(self, parent_id: Hashable, p: _Seq, child_id: Hashable) -> _Seq:
         """The child shares the parent's rBlocks that hold KV, copy-on-write, on the same ranks."""
-        p = self._get(parent_id)
-        if child_id in self._seqs:
-            raise DuplicateSequence(f"sequence {child_id!r} is already registered")
         c = _Seq(next(self._handles), list(p.tokens))
-        nb = _ceil_div(p.num_computed, self.rblock_size)
+        nb = ceil_div(p.num_computed, self.rblock_size)
         c.blocks = p.blocks[:nb]
         c.num_computed = c.reserved = p.num_computed
         ranks = {b.rank for b in c.blocks}
-        res = self._call_many({r: (("fork", p.handle, c.handle, nb), []) for r in ranks})
+        res = self.calls.many({r: (("fork", p.handle, c.handle, nb), []) for r in ranks})
         failed = [e for e in res.values() if isinstance(e, KVError)]
         if failed:
-            self._call_many(
+            self.calls.many(
                 {r: (("drop", c.handle, None), []) for r in res if r not in failed_ranks(res)}
             )
             raise failed[0]
         for b in c.blocks:
             b.refs += 1
-        self._seqs[child_id] = c
         if c.blocks:
             self._record(c)
+        return c
 
-    def free(self, seq_id: Hashable, keep_on_host: bool = False) -> None:
+    def _drop(self, seq_id: Hashable, s: _Seq) -> None:
         """Release the sequence's rBlocks on every rank that holds them."""
-        if keep_on_host:
-            raise InvalidArgument("the sharded backend does not keep KV on the host after free")
-        s = self._get(seq_id)
         ranks = {b.rank for b in s.blocks}
-        res = self._call_many({r: (("drop", s.handle, None), []) for r in ranks})
+        res = self.calls.many({r: (("drop", s.handle, None), []) for r in ranks})
         self._give_back(res)
         failed = [e for e in res.values() if isinstance(e, KVError)]
         if failed:
@@ -529,27 +433,9 @@ class ShardedAllocator(KVAllocator):
             self.directory.record(s.handle, [])
         del self._seqs[seq_id]
 
-    def swap_out(self, seq_ids: Iterable[Hashable]) -> SwapHandle:
-        """Not available in the sharded backend: raises NotImplementedError."""
-        raise NotImplementedError("the sharded backend does not swap; use recompute")
-
-    def swap_in(self, seq_ids: Iterable[Hashable]) -> SwapHandle:
-        """Not available in the sharded backend: raises NotImplementedError."""
-        raise NotImplementedError("the sharded backend does not swap; use recompute")
-
-    def layer(self, i: int) -> LayerKV:
+    def _layer(self, i: int) -> LayerKV:
         """The KV storage of layer ``i`` on this rank."""
-        self._check()
         return self.local.layer(i)
-
-    def seq_info(self, seq_id: Hashable) -> SeqInfo:
-        """Counts of one sequence this rank owns."""
-        s = self._get(seq_id)
-        return SeqInfo(len(s.tokens), s.num_computed, s.reserved, False)
-
-    def seq_ids(self) -> list[Hashable]:
-        """Every sequence this rank owns."""
-        return list(self._seqs)
 
     def placement_of(self, seq_id: Hashable) -> list[int]:
         """The rank holding each rBlock of a sequence this rank owns, in position order."""
@@ -557,7 +443,7 @@ class ShardedAllocator(KVAllocator):
 
     def stats(self) -> KVStats:
         """The group's capacity and free rBlocks, this rank's sequences (see the module doc)."""
-        self._check()
+        self._check_open()
         r = self.rblock_size
         caps, free = self.directory.capacities, self.directory.free()
         filled: dict[int, int] = {}
@@ -594,23 +480,18 @@ class ShardedAllocator(KVAllocator):
             },
         )
 
-    def check_integrity(self) -> None:
+    def _check_backend(self) -> None:
         """Check this rank's sequences against every holder's view and the directory.
 
         Exact while no other rank is in the middle of a reserve or free.
         """
-        self._check()
         r = self.rblock_size
         refs: dict[int, int] = {}
         blocks: dict[int, _Block] = {}
         expect: dict[int, dict[int, list[int]]] = {}
         for sid, s in self._seqs.items():
-            if not 0 <= s.num_computed <= s.reserved <= len(s.blocks) * r:
-                raise IntegrityError(f"{sid!r}: counts out of order")
-            if len(s.blocks) != _ceil_div(s.reserved, r):
+            if s.reserved > len(s.blocks) * r or len(s.blocks) != ceil_div(s.reserved, r):
                 raise IntegrityError(f"{sid!r}: {len(s.blocks)} rBlocks for {s.reserved} slots")
-            if s.num_computed > len(s.tokens):
-                raise IntegrityError(f"{sid!r}: more KV than tokens")
             for i, b in enumerate(s.blocks):
                 refs[id(b)] = refs.get(id(b), 0) + 1
                 blocks[id(b)] = b
@@ -622,8 +503,8 @@ class ShardedAllocator(KVAllocator):
         self.holder.check()
         handles = [s.handle for s in self._seqs.values()]
         ranks = set(range(self.world_size)) if self.channel else {self.rank}
-        views = self._call_many({k: (("views", handles), []) for k in ranks})
-        checks = self._call_many({k: (("check",), []) for k in ranks - {self.rank}})
+        views = self.calls.many({k: (("views", handles), []) for k in ranks})
+        checks = self.calls.many({k: (("check",), []) for k in ranks - {self.rank}})
         for v in itertools.chain(views.values(), checks.values()):
             if isinstance(v, KVError):
                 raise v
@@ -639,34 +520,17 @@ class ShardedAllocator(KVAllocator):
                     f"it holds {held} of {caps[k]}"
                 )
 
-    def close(self) -> None:
-        """Collective: serve the other ranks until all of them close, then release everything."""
-        if self._closed:
-            return
-        self._closed = True
+    def _shutdown(self) -> None:
+        """``close`` is collective: serve the other ranks until all of them close, then release
+        everything."""
         try:
             if self.channel is not None and self.channel.failure is None:
-                self._barrier("closing")
+                self.calls.barrier(self.directory.store, "closing", self.world_size)
                 self.channel.stop()
                 if self._own_group:
                     dist.destroy_process_group(self._pg)
         finally:
-            self._seqs.clear()
             self.local.close()
-
-    def _barrier(self, name: str) -> None:
-        """Wait until every rank has arrived at ``name``; a dead or stopped peer is reported.
-
-        Unbounded on purpose (the others may have work left); liveness comes
-        from the heartbeat, which records a PeerFailure that is raised here.
-        """
-        assert self.channel is not None
-        self.directory.store.add(f"barrier/{name}", 1)
-        pause = 0.002
-        while int(self.directory.store.add(f"barrier/{name}", 0)) < self.world_size:
-            self.channel.check()
-            time.sleep(pause)
-            pause = min(0.1, pause * 2)
 
     # ------------------------------------------------------------ for attention
     def traffic(self) -> Traffic:
@@ -677,7 +541,7 @@ class ShardedAllocator(KVAllocator):
         self, batch: Sequence[tuple[Hashable, int]]
     ) -> list[tuple[int, int, int, list[int]]]:
         """``(handle, p0, p1, rank of each rBlock)`` per sequence, checked for attention."""
-        self._check()
+        self._check_open()
         if not batch:
             raise InvalidArgument("attention over an empty batch")
         out = []

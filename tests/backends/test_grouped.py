@@ -15,7 +15,7 @@ from kvmem.errors import IntegrityError
 SPEC = KVSpec(2, 1, 4, dtype=torch.float32)
 
 
-def alloc(kind: str, pages: int, **opts):
+def make_with_pages(kind: str, pages: int, **opts):
     return create_allocator(kind, SPEC, num_tokens=pages * 4, page_size=4, **opts)
 
 
@@ -84,7 +84,7 @@ def test_buddy_check_catches_a_broken_structure():
 
 
 def test_prefill_is_one_run_and_decode_growth_few_runs():
-    with alloc("grouped", 512) as a:
+    with make_with_pages("grouped", 512) as a:
         a.add("p", [1] * 400)
         a.reserve("p", 400)
         assert a.runs("p") == [(0, 100)]
@@ -115,7 +115,7 @@ def churn(a, rng: random.Random, rounds: int) -> None:
 def test_after_churn_a_request_lies_in_far_fewer_runs_than_paged():
     runs = {}
     for kind in ("paged", "grouped"):
-        with alloc(kind, 256) as a:
+        with make_with_pages(kind, 256) as a:
             churn(a, random.Random(3), 300)
             free_pages = a.stats().free_tokens // 4
             a.add("req", [5] * 4 * (free_pages // 2))
@@ -126,7 +126,7 @@ def test_after_churn_a_request_lies_in_far_fewer_runs_than_paged():
 
 
 def test_group_pages_are_free_capacity_and_get_taken_when_needed():
-    with alloc("grouped", 16, max_group_pages=8, min_group_pages=1) as a:
+    with make_with_pages("grouped", 16, max_group_pages=8, min_group_pages=1) as a:
         a.add("a", [1] * 32)
         a.reserve("a", 32)  # 8 pages: the block [0, 8)
         a.reserve("a", 33)  # one more: a new block of 8, 7 left as a's group
@@ -144,7 +144,7 @@ def test_group_pages_are_free_capacity_and_get_taken_when_needed():
 
 
 def test_prefix_cache_and_fork_work_on_groups():
-    with alloc("grouped", 64) as a:
+    with make_with_pages("grouped", 64) as a:
         a.add("a", list(range(1, 14)))
         a.reserve("a", 13)
         a.commit("a", 13)
@@ -164,6 +164,6 @@ def test_prefix_cache_and_fork_work_on_groups():
 @pytest.mark.parametrize("bad", [0, 3, True, 2.0])
 def test_group_sizes_must_be_powers_of_two(bad):
     with pytest.raises(InvalidArgument):
-        alloc("grouped", 16, max_group_pages=bad)
+        make_with_pages("grouped", 16, max_group_pages=bad)
     with pytest.raises(InvalidArgument):
-        alloc("grouped", 16, min_group_pages=bad)
+        make_with_pages("grouped", 16, min_group_pages=bad)

@@ -9,11 +9,11 @@ from tests.conformance.kvmodel import check_kv, write_step
 SPEC = KVSpec(2, 2, 8, dtype=torch.float32)
 
 
-def paged(num_tokens=64, **kw):
+def make_paged(num_tokens=64, **kw):
     return create_allocator("paged", SPEC, num_tokens=num_tokens, page_size=4, **kw)
 
 
-def run_prompt(a, sid, toks, tokens):
+def prefill_prompt(a, sid, toks, tokens):
     cached = a.add(sid, toks)
     tokens[sid] = list(toks)
     if len(toks) > cached:
@@ -23,8 +23,8 @@ def run_prompt(a, sid, toks, tokens):
 
 
 def test_prefix_cache_shares_full_pages_only_and_never_the_last_token():
-    a, tokens = paged(), {}
-    run_prompt(a, "a", list(range(10)), tokens)  # pages [0-3] [4-7] full, [8-9] partial
+    a, tokens = make_paged(), {}
+    prefill_prompt(a, "a", list(range(10)), tokens)  # pages [0-3] [4-7] full, [8-9] partial
     assert a.add("b", list(range(10))) == 8  # the partial page is not shared
     assert a.block_table("b") == a.block_table("a")[:2]
     assert a.add("c", list(range(8))) == 4  # 8 tokens: the last is never reported cached
@@ -36,16 +36,16 @@ def test_prefix_cache_shares_full_pages_only_and_never_the_last_token():
 
 
 def test_cache_salt_separates_namespaces():
-    a, tokens = paged(), {}
-    run_prompt(a, "a", list(range(9)), tokens)
+    a, tokens = make_paged(), {}
+    prefill_prompt(a, "a", list(range(9)), tokens)
     assert a.add("b", list(range(9)), cache_salt="tenant-2") == 0
     assert a.add("c", list(range(9))) == 8
 
 
 def test_freed_pages_stay_cached_and_are_evicted_least_recently_freed_first():
-    a, tokens = paged(num_tokens=32), {}  # 8 pages
-    run_prompt(a, "old", [1] * 9, tokens)  # 3 pages, 2 full
-    run_prompt(a, "new", [2] * 9, tokens)
+    a, tokens = make_paged(num_tokens=32), {}  # 8 pages
+    prefill_prompt(a, "old", [1] * 9, tokens)  # 3 pages, 2 full
+    prefill_prompt(a, "new", [2] * 9, tokens)
     a.free("old")
     a.free("new")
     st = a.stats()
@@ -60,8 +60,8 @@ def test_freed_pages_stay_cached_and_are_evicted_least_recently_freed_first():
 
 
 def test_a_cache_hit_takes_a_cached_page_out_of_the_free_queue():
-    a, tokens = paged(num_tokens=16), {}  # 4 pages
-    run_prompt(a, "a", [5] * 5, tokens)
+    a, tokens = make_paged(num_tokens=16), {}  # 4 pages
+    prefill_prompt(a, "a", [5] * 5, tokens)
     a.free("a")
     assert a.add("b", [5] * 5) == 4
     a.reserve("b", 1)
@@ -73,8 +73,8 @@ def test_a_cache_hit_takes_a_cached_page_out_of_the_free_queue():
 
 
 def test_fork_copies_only_the_shared_partial_page():
-    a, tokens = paged(), {}
-    run_prompt(a, "p", list(range(6)), tokens)  # one full page, one partial
+    a, tokens = make_paged(), {}
+    prefill_prompt(a, "p", list(range(6)), tokens)  # one full page, one partial
     a.fork("p", "c")
     before = a.stats().used_tokens
     a.append("c", [99])
@@ -88,8 +88,8 @@ def test_fork_copies_only_the_shared_partial_page():
 
 @pytest.mark.parametrize("layout", ["block", "layer"])
 def test_storage_layouts_hold_the_same_kv(layout):
-    a, tokens = paged(storage_layout=layout), {}
-    run_prompt(a, "s", list(range(11)), tokens)
+    a, tokens = make_paged(storage_layout=layout), {}
+    prefill_prompt(a, "s", list(range(11)), tokens)
     a.append("s", [1])
     tokens["s"].append(1)
     a.reserve("s", 1)
@@ -116,8 +116,8 @@ def test_meta_device_allocates_nothing_but_keeps_books():
 
 
 def test_stats_count_shared_pages_once():
-    a, tokens = paged(), {}
-    run_prompt(a, "a", list(range(9)), tokens)
+    a, tokens = make_paged(), {}
+    prefill_prompt(a, "a", list(range(9)), tokens)
     a.add("b", list(range(9)))
     st = a.stats()
     assert st.filled_tokens == 9 and st.used_tokens == 12 and st.num_seqs == 2

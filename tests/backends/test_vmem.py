@@ -25,7 +25,7 @@ from kvmem.attention import reference
 from kvmem.backends.vmem import VMemAllocator
 from kvmem.backends.vmem.host import HostDriver
 from kvmem.layout import build_layout
-from tests.conformance.kvmodel import check_kv, write_step
+from tests.conformance.kvmodel import token_values
 
 KIB = 1024
 SPEC = KVSpec(2, 2, 8, dtype=torch.float32)  # 128 bytes per token per layer
@@ -44,6 +44,39 @@ def vmem(spec: KVSpec = SPEC, **opts) -> VMemAllocator:
     a = create_allocator("vmem", spec, device="cpu", **opts)
     assert isinstance(a, VMemAllocator)
     return a
+
+
+def write_step(a: VMemAllocator, batch, tokens) -> None:
+    """Lay out ``batch``, check each sequence's KV so far, write the new KV, commit.
+
+    The KV model of the conformance suite (K row = the token's marker + layer,
+    V row = its negation), built on the allocator's device.
+    """
+    lay = a.layout(batch)
+    spec = a.spec
+    rows = []
+    for b, (sid, n) in enumerate(batch):
+        done = int(lay.seq_lens[b]) - n
+        check_kv(a, lay, b, tokens[sid][:done])
+        rows += token_values(tokens[sid])[done : done + n]
+    vals = torch.tensor(rows, dtype=torch.float32, device=a.device)[:, None, None]
+    k = vals.expand(-1, spec.num_kv_heads, spec.head_dim)
+    for i in range(spec.num_layers):
+        reference.write_kv(a.layer(i), lay, k + i, -k - i)
+    for sid, n in batch:
+        a.commit(sid, n)
+
+
+def check_kv(a: VMemAllocator, lay, b: int, toks) -> None:
+    """Assert that sequence ``b`` of ``lay`` holds the KV of ``toks`` in every layer."""
+    if not toks:
+        return
+    pages = lay.kv_indices[int(lay.kv_indptr[b]) : int(lay.kv_indptr[b + 1])]
+    expect = torch.tensor(token_values(toks), dtype=torch.float64, device=a.device)
+    for i in range(a.spec.num_layers):
+        k, v = reference.gather_kv(a.layer(i), pages, len(toks), torch.float64)
+        assert torch.equal(k[:, 0, 0], expect + i), f"layer {i} K of {lay.seq_ids[b]!r} is wrong"
+        assert torch.equal(v[:, -1, -1], -expect - i), f"layer {i} V of {lay.seq_ids[b]!r} is wrong"
 
 
 def snapshot(a):
@@ -453,7 +486,7 @@ def test_close_releases_every_mapping_range_and_the_memfd():
     write_step(a, [("s", 50)], tokens)
     a.wait_map_ahead(10)
     fd, base, size = a.driver.fd, a.space.base, a.space.virtual_bytes
-    worker = a._thread
+    worker = a._mapper.thread
     assert any(lo <= base < hi for lo, hi in mapped_ranges())
     a.close()
     assert not any(lo < base + size and base < hi for lo, hi in mapped_ranges())
@@ -511,15 +544,21 @@ def test_cuda_driver_maps_and_unmaps_device_pages():
     drv = CudaDriver("cuda")
     g = drv.granularity
     base = drv.reserve(4 * g)
+    whole = drv.tensor(base, 4 * g)  # over reserved, unmapped addresses: no pointer query
+    assert whole.device == drv.device and whole.data_ptr() == base
     page = drv.create(g)
     drv.map(base + g, g, page)
     t = drv.tensor(base + g, g)
     t.fill_(7)
     assert int(t.sum()) == 7 * g and drv.allocated_bytes() == g
+    assert int(whole[g : g + 16].sum()) == 7 * 16  # the earlier view sees the page mapped later
+    drv.synchronize()
     drv.unmap(base + g, g)
     drv.map(base, g, page)  # the same physical page at another address keeps its bytes
     assert int(drv.tensor(base, g)[:16].sum()) == 7 * 16
+    drv.synchronize()
     drv.unmap(base, g)
+    del t, whole
     drv.release(page)
     drv.free_range(base, 4 * g)
     drv.close()

@@ -8,8 +8,7 @@ import torch
 
 from kvmem import InvalidArgument, KVSpec, OutOfKVMemory, UnknownSequence, create_allocator
 from kvmem.attention import reference
-from kvmem.backends import vmem as vmem_mod
-from kvmem.backends.vmem import VMemAllocator
+from kvmem.backends.vmem import VMemAllocator, swapping
 from kvmem.errors import OutOfHostMemory
 from kvmem.layout import build_layout
 from tests.backends.test_vmem import snapshot
@@ -45,8 +44,8 @@ def fill(a: VMemAllocator, sid, n: int, seed: int) -> None:
     )
     sp = a.spec
     for i in range(sp.num_layers):
-        k = torch.randn(n, sp.num_kv_heads, sp.head_dim, generator=g).to(sp.dtype)
-        v = torch.randn(n, sp.num_kv_heads, sp.head_dim, generator=g).to(sp.dtype)
+        k = torch.randn(n, sp.num_kv_heads, sp.head_dim, generator=g).to(a.device, sp.dtype)
+        v = torch.randn(n, sp.num_kv_heads, sp.head_dim, generator=g).to(a.device, sp.dtype)
         reference.write_kv(a.layer(i), lay, k, v)
     a.commit(sid, n)
 
@@ -78,29 +77,45 @@ def assert_same(a, b) -> None:
             assert torch.equal(la[name].view(torch.uint8), lb[name].view(torch.uint8)), name
 
 
+def round_trip(a: VMemAllocator) -> None:
+    """Swap a sequence out, let another overwrite its slot, swap it back: same bytes."""
+    fill(a, "a", 300, seed=1)
+    a.reserve("a", 20)  # reserved beyond the written KV: restored by swap_in
+    before = stored(a, "a")
+    if a.spec.fmt.kind == "int4":
+        assert before[0]["k_scale"].abs().sum() > 0  # real scales travel, not zeros
+    slot = a.slot("a")
+    a.swap_out(["a"]).wait(timeout=10)
+    info = a.seq_info("a")
+    assert info.swapped and info.num_computed == 300 and info.capacity == 320
+    assert a.slot("a") == -1
+    # another sequence takes the freed slot and overwrites its KV
+    fill(a, "b", 400, seed=2)
+    assert a.slot("b") == slot
+    a.free("b")
+    a.swap_in(["a"]).wait(timeout=10)
+    info = a.seq_info("a")
+    assert not info.swapped and info.capacity == 320
+    assert_same(stored(a, "a"), before)
+    assert a.stats().extra["swap_out_bytes"] == 300 * a.spec.bytes_per_token
+    a.check_integrity()
+
+
 @pytest.mark.parametrize("fmt", sorted(SPECS))
 def test_round_trip_is_bit_identical_scales_included(fmt):
     with vmem(SPECS[fmt]) as a:
-        fill(a, "a", 300, seed=1)
-        a.reserve("a", 20)  # reserved beyond the written KV: restored by swap_in
-        before = stored(a, "a")
-        if fmt == "int4":
-            assert before[0]["k_scale"].abs().sum() > 0  # real scales travel, not zeros
-        slot = a.slot("a")
-        a.swap_out(["a"]).wait(timeout=10)
-        info = a.seq_info("a")
-        assert info.swapped and info.num_computed == 300 and info.capacity == 320
-        assert a.slot("a") == -1
-        # another sequence takes the freed slot and overwrites its KV
-        fill(a, "b", 400, seed=2)
-        assert a.slot("b") == slot
-        a.free("b")
-        a.swap_in(["a"]).wait(timeout=10)
-        info = a.seq_info("a")
-        assert not info.swapped and info.capacity == 320
-        assert_same(stored(a, "a"), before)
-        assert a.stats().extra["swap_out_bytes"] == 300 * a.spec.bytes_per_token
-        a.check_integrity()
+        round_trip(a)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", sorted(SPECS))
+def test_round_trip_on_cuda_is_bit_identical(fmt):
+    pytest.importorskip("cuda")
+    spec = SPECS[fmt]
+    a = create_allocator("vmem", spec, device="cuda", num_bytes=16 << 20, max_seqs=4)
+    assert isinstance(a, VMemAllocator) and a.layer(0).k.device.type == "cuda"
+    with a:
+        round_trip(a)
 
 
 def test_swap_without_waiting_and_calls_that_wait_for_the_copy():
@@ -216,14 +231,14 @@ def test_a_failed_copy_leaves_the_sequence_where_it_was(monkeypatch):
         def broken(*args):
             raise RuntimeError("copy failed")
 
-        monkeypatch.setattr(vmem_mod, "copy_out", broken)
+        monkeypatch.setattr(swapping, "copy_out", broken)
         with pytest.raises(RuntimeError, match="copy failed"):
             a.swap_out(["a"]).wait(timeout=10)
         assert not a.seq_info("a").swapped
         assert_same(stored(a, "a"), before)
         monkeypatch.undo()
         a.swap_out(["a"]).wait(timeout=10)
-        monkeypatch.setattr(vmem_mod, "copy_in", broken)
+        monkeypatch.setattr(swapping, "copy_in", broken)
         with pytest.raises(RuntimeError, match="copy failed"):
             a.swap_in(["a"]).wait(timeout=10)
         assert a.seq_info("a").swapped and a.stats().used_tokens == 0

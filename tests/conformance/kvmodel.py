@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Hashable, Sequence
+from typing import Any
 
 import torch
 
@@ -24,6 +25,17 @@ def token_values(tokens: Sequence[int]) -> list[float]:
         h = (h * 1_000_003 + t + 1) % 16_777_213
         out.append(float(h))
     return out
+
+
+def snapshot(alloc: KVAllocator) -> tuple[Any, dict[Hashable, Any]]:
+    """Everything observable about an allocator's state: stats and every sequence's counts."""
+    return alloc.stats(), {s: alloc.seq_info(s) for s in alloc.seq_ids()}
+
+
+def fill(alloc: KVAllocator, sid: Hashable, tokens: dict, n: int) -> None:
+    """Reserve, write (the model's values) and commit the next ``n`` tokens of ``sid``."""
+    alloc.reserve(sid, n)
+    write_step(alloc, [(sid, n)], tokens)
 
 
 def write_step(alloc: KVAllocator, batch: list[tuple[Hashable, int]], tokens: dict) -> None:
@@ -48,11 +60,14 @@ def check_kv(alloc: KVAllocator, lay, b: int, tokens: Sequence[int]) -> None:
     if not tokens:
         return
     pages = lay.kv_indices[int(lay.kv_indptr[b]) : int(lay.kv_indptr[b + 1])]
-    expect = torch.tensor(token_values(tokens), dtype=torch.float64)
-    for i in range(alloc.spec.num_layers):
+    spec = alloc.spec
+    marks = torch.tensor(token_values(tokens), dtype=torch.float64)[:, None, None]
+    expect = marks.expand(-1, spec.num_kv_heads, spec.head_dim)
+    for i in range(spec.num_layers):
         k, v = reference.gather_kv(alloc.layer(i), pages, len(tokens), torch.float64)
-        assert torch.equal(k[:, 0, 0], expect + i), f"layer {i} K of {lay.seq_ids[b]!r} is wrong"
-        assert torch.equal(v[:, -1, -1], -expect - i), f"layer {i} V of {lay.seq_ids[b]!r} is wrong"
+        k, v = k.cpu(), v.cpu()
+        assert torch.equal(k, expect + i), f"layer {i} K of {lay.seq_ids[b]!r} is wrong"
+        assert torch.equal(v, -expect - i), f"layer {i} V of {lay.seq_ids[b]!r} is wrong"
 
 
 def kv_digest(alloc: KVAllocator, lay, b: int, length: int) -> str:

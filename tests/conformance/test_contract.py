@@ -14,19 +14,8 @@ from kvmem import (
     UnknownSequence,
     create_allocator,
 )
-from tests.conformance.kvmodel import check_kv, write_step
-from tests.conftest import make_allocator
-
-
-def snapshot(alloc):
-    """Everything observable about an allocator's state."""
-    return alloc.stats(), {s: alloc.seq_info(s) for s in alloc.seq_ids()}
-
-
-def grow(alloc, sid, tokens, n):
-    """Reserve, write and commit the next n tokens of sid."""
-    alloc.reserve(sid, n)
-    write_step(alloc, [(sid, n)], tokens)
+from tests.conformance.kvmodel import check_kv, fill, snapshot, write_step
+from tests.conftest import MIN_CONCURRENT_SEQS, make_allocator
 
 
 def test_decode_loop_keeps_every_token_where_the_layout_says(backend, spec):
@@ -34,8 +23,8 @@ def test_decode_loop_keeps_every_token_where_the_layout_says(backend, spec):
         tokens = {"a": list(range(1, 12)), "b": list(range(50, 53))}
         assert a.add("a", tokens["a"]) == 0
         assert a.add("b", tokens["b"]) == 0
-        grow(a, "a", tokens, 11)
-        grow(a, "b", tokens, 3)
+        fill(a, "a", tokens, 11)
+        fill(a, "b", tokens, 3)
         for step in range(20):
             batch = []
             for sid in ("a", "b"):
@@ -110,14 +99,14 @@ def test_fork_shares_kv_and_copies_on_write(backend, spec):
     with make_allocator(backend, spec, 256) as a:
         tokens = {"p": [5, 6, 7, 8, 9, 10]}
         a.add("p", tokens["p"])
-        grow(a, "p", tokens, 6)
+        fill(a, "p", tokens, 6)
         a.fork("p", "c")
         tokens["c"] = list(tokens["p"])
         assert a.seq_info("c").num_computed == 6
         for sid, t in (("p", 1), ("c", 2)):  # diverge in the shared partial page
             tokens[sid].append(t)
             a.append(sid, [t])
-            grow(a, sid, tokens, 1)
+            fill(a, sid, tokens, 1)
         for sid in ("p", "c"):
             tokens[sid].append(3)
             a.append(sid, [3])
@@ -230,7 +219,7 @@ def test_fork_after_reserving_ahead_copies_the_right_page(backend, spec):
     with make_allocator(backend, spec, 256) as a:
         tokens = {"p": list(range(1, 10))}
         a.add("p", tokens["p"])
-        grow(a, "p", tokens, 9)
+        fill(a, "p", tokens, 9)
         a.reserve("p", 20)  # reserved ahead, past the shared page
         a.fork("p", "c")
         tokens["c"] = list(tokens["p"])
@@ -238,7 +227,7 @@ def test_fork_after_reserving_ahead_copies_the_right_page(backend, spec):
         for sid, t in (("p", 7), ("c", 8), ("p", 9)):
             tokens[sid].append(t)
             a.append(sid, [t])
-            grow(a, sid, tokens, 1)
+            fill(a, sid, tokens, 1)
         for sid in ("p", "c"):
             tokens[sid].append(1)
             a.append(sid, [1])
@@ -258,3 +247,42 @@ def test_block_table_pads_with_page_zero_past_each_sequence(backend, spec):
         n = -(-1 // lay.page_size)
         assert lay.block_table.shape[1] == -(-9 // lay.page_size)
         assert (lay.block_table[0, n:] == 0).all()
+
+
+@pytest.mark.parametrize("pool", ["contract", "stateful"])
+def test_small_pools_hold_several_sequences_at_once(backend, spec, pool):
+    """The suite's pools are small, but never so coarse that only one sequence fits."""
+    from tests.conformance.test_stateful import CAPACITY
+
+    with make_allocator(backend, spec, 64 if pool == "contract" else CAPACITY) as a:
+        ids = list(range(MIN_CONCURRENT_SEQS))
+        for sid in ids:
+            a.add(sid, [sid + 1, sid + 2])
+        assert a.can_reserve({sid: 2 for sid in ids})
+        for sid in ids:
+            a.reserve(sid, 2)
+        assert a.stats().num_seqs == MIN_CONCURRENT_SEQS
+        a.check_integrity()
+
+
+def test_undeclared_calls_raise_invalid_argument_and_change_nothing(backend, spec):
+    with make_allocator(backend, spec, 64) as a:
+        caps = a.capabilities
+        assert caps.names() == [k for k, v in vars(caps).items() if v]
+        a.add("s", [1, 2, 3])
+        a.reserve("s", 3)
+        before = snapshot(a)
+        calls = {
+            "swap": [lambda: a.swap_out(["s"]), lambda: a.swap_in(["s"]), lambda: a.swap_out([])],
+            "keep_on_host": [lambda: a.free("s", keep_on_host=True)],
+            "fork": [lambda: a.fork("s", "child")],
+        }
+        for cap, refused in calls.items():
+            if getattr(caps, cap):
+                continue
+            for call in refused:
+                with pytest.raises(InvalidArgument):
+                    call()
+                assert snapshot(a) == before
+        assert "s" in a and "child" not in a and ["unhashable"] not in a
+        a.check_integrity()

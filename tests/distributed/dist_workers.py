@@ -28,7 +28,7 @@ RB = 8  # rBlock size in tokens
 PAGE = 4
 
 
-def make(cap: int, timeout: float = 10.0, **kw: Any) -> ShardedAllocator:
+def make_sharded(cap: int, timeout: float = 10.0, **kw: Any) -> ShardedAllocator:
     """A sharded allocator with ``cap`` tokens on this rank."""
     return ShardedAllocator(
         SPEC,
@@ -106,7 +106,7 @@ def local_used_after_barrier(alloc: ShardedAllocator) -> int:
 # ---------------------------------------------------------------- 2 ranks
 def two_ranks_lend_fork_free(rank: int, world: int) -> dict[str, Any]:
     """Prefill + decode vs the reference; lending; a cross-rank copy-on-write; free empties all."""
-    alloc = make(64)  # 8 rBlocks per rank
+    alloc = make_sharded(64)  # 8 rBlocks per rank
     out: dict[str, Any] = {}
     if rank == 0:
         m = Mirror(alloc)
@@ -151,7 +151,7 @@ def two_ranks_lend_fork_free(rank: int, world: int) -> dict[str, Any]:
 
 def two_ranks_lender_refusal(rank: int, world: int) -> dict[str, Any]:
     """Both ranks own sequences; a full lender is refused before any message is sent."""
-    alloc = make(32)  # 4 rBlocks per rank
+    alloc = make_sharded(32)  # 4 rBlocks per rank
     out: dict[str, Any] = {}
     if rank == 1:
         alloc.add("mine", [1] * 32)
@@ -188,7 +188,7 @@ def two_ranks_lender_refusal(rank: int, world: int) -> dict[str, Any]:
 def four_ranks_long_context(rank: int, world: int) -> dict[str, Any]:
     """A context over 3x one rank's capacity, spread over 4 ranks; then "spread" placement."""
     cap = 64
-    alloc = make(cap)
+    alloc = make_sharded(cap)
     out: dict[str, Any] = {"cap": cap}
     if rank == 0:
         m = Mirror(alloc, seed=1)
@@ -207,7 +207,7 @@ def four_ranks_long_context(rank: int, world: int) -> dict[str, Any]:
     out["local_used"] = local_used_after_barrier(alloc)
     alloc.close()
 
-    spread = make(cap, placement="spread")
+    spread = make_sharded(cap, placement="spread")
     if rank == 0:
         m = Mirror(spread, seed=2)
         m.add("s", list(range(40)))
@@ -224,7 +224,7 @@ def four_ranks_long_context(rank: int, world: int) -> dict[str, Any]:
 # ---------------------------------------------------------------- every rank an owner
 def three_owners_at_once(rank: int, world: int) -> dict[str, Any]:
     """Each rank owns a sequence spread over all ranks; all run attention at the same time."""
-    alloc = make(64, placement="spread")
+    alloc = make_sharded(64, placement="spread")
     m = Mirror(alloc, seed=10 + rank)
     sid = f"seq-{rank}"
     m.add(sid, list(range(40)))
@@ -258,7 +258,7 @@ def three_owners_at_once(rank: int, world: int) -> dict[str, Any]:
 def rank_fails(rank: int, world: int, how: str, timeout: float) -> dict[str, Any]:
     """Rank 1 dies (``how="die"``) or stops (``"stop"``) mid-run and rank 0 must fail cleanly;
     or rank 0, the owner, dies (``"owner_dies"``) while rank 1 waits in ``close``."""
-    alloc = make(32, timeout=timeout)
+    alloc = make_sharded(32, timeout=timeout)
     out: dict[str, Any] = {}
     if rank == 0:
         m = Mirror(alloc)
@@ -340,7 +340,7 @@ def conformance_two_ranks(rank: int, world: int, names: list[str]) -> dict[str, 
         return real(kind, spec, mine, **options)
 
     contract.make_allocator = split
-    values = {"backend": ["sharded"], "spec": [KVSpec(2, 2, 8, dtype=torch.float32)]}
+    values = {"backend": ["sharded"], "spec": [conftest.small_spec()]}
     passed: list[str] = []
     failed: dict[str, str] = {}
     for name in names:

@@ -69,7 +69,7 @@ def test_directory_takes_atomically_and_plans_lenders():
 
 
 def test_world_of_one_attention_matches_the_reference():
-    alloc = w.make(256)
+    alloc = w.make_sharded(256)
     m = w.Mirror(alloc, seed=3)
     m.add("a", list(range(50)))
     for n in (17, 20, 13):

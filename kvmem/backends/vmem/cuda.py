@@ -10,7 +10,10 @@
 
 The page granularity comes from ``cuMemGetAllocationGranularity`` (2 MiB
 with the stock driver, so page sizes are multiples of 2 MiB). Tensors over a
-range are made through ``__cuda_array_interface__`` (no copy).
+range are made from a DLPack capsule naming the device (no copy, and no
+pointer query, which fails on reserved but unmapped addresses: see
+:mod:`kvmem.backends.vmem.dlpack`). ``unmap`` does not synchronize;
+:meth:`CudaDriver.synchronize` does, once per batch of unmaps.
 
 cuda-python (the ``cuda`` extra) is imported when a :class:`CudaDriver` is
 built, never at package import, so kvmem works without it. The calls run on
@@ -30,6 +33,7 @@ from typing import Any
 
 import torch
 
+from kvmem.backends.vmem.dlpack import tensor_at
 from kvmem.backends.vmem.driver import VMemDriver
 from kvmem.errors import DriverError, InvalidArgument
 
@@ -48,19 +52,6 @@ def load_bindings() -> Any:
                 "the cuda vmem driver needs cuda-python: pip install 'kvmem[cuda]'"
             ) from None
     return driver
-
-
-class _Array:
-    """Holds ``__cuda_array_interface__`` for a uint8 device range."""
-
-    def __init__(self, addr: int, size: int) -> None:
-        self.__cuda_array_interface__ = {
-            "shape": (size,),
-            "typestr": "|u1",
-            "data": (addr, False),
-            "strides": None,
-            "version": 3,
-        }
 
 
 class CudaDriver(VMemDriver):
@@ -188,14 +179,20 @@ class CudaDriver(VMemDriver):
             raise
 
     def unmap(self, addr: int, size: int) -> None:
-        """cuMemUnmap (after the device finished its queued work on the range)."""
+        """cuMemUnmap; the caller synchronized the device first (see :meth:`synchronize`)."""
         self._current()
-        torch.cuda.synchronize(self.device)
         self._check("cuMemUnmap", self.cu.cuMemUnmap(self.cu.CUdeviceptr(addr), size))
 
+    def synchronize(self) -> None:
+        """Wait for every stream of the device (torch's and the swap stream alike)."""
+        try:
+            torch.cuda.synchronize(self.device)
+        except RuntimeError as e:
+            raise DriverError(f"device synchronize failed: {e}") from e
+
     def tensor(self, addr: int, size: int) -> torch.Tensor:
-        """A uint8 device tensor over the range (``__cuda_array_interface__``)."""
-        return torch.as_tensor(_Array(addr, size), device=self.device)
+        """A uint8 device tensor over the range, made from a DLPack capsule (see :mod:`.dlpack`)."""
+        return tensor_at(addr, size, self.device)
 
     def allocated_bytes(self) -> int:
         """Bytes of pages created and not released."""

@@ -10,6 +10,8 @@ A driver manages two kinds of object, as the CUDA VMM API does::
                     map(addr, size, handle) / unmap(addr, size)
 
 Addresses and sizes are in bytes and must be multiples of ``granularity``.
+``unmap`` does not wait for the device: callers call ``synchronize`` once
+before a batch of unmaps of pages the device may still be using.
 ``tensor(addr, size)`` views a piece of a range as a uint8 torch tensor
 without a copy; reading or writing an unmapped part of it faults (SIGSEGV on
 the host, an illegal-address error on a GPU), so callers touch only what is
@@ -19,7 +21,8 @@ driver's own message.
 Implementations: :class:`~kvmem.backends.vmem.host.HostDriver` (memfd and
 mmap, ``device="cpu"``), :class:`~kvmem.backends.vmem.cuda.CudaDriver`
 (cuda-python VMM, ``device="cuda"``) and :class:`MetaDriver` (bookkeeping
-only, ``device="meta"``).
+only, ``device="meta"``); :func:`~kvmem.backends.vmem.drivers.make_driver`
+picks one. This module imports none of the implementations: they import it.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from kvmem.errors import DriverError, InvalidArgument
 #: A physical page as the driver names it (a file offset, a CUDA handle, ...).
 PageHandle = Any
 
-__all__ = ["MetaDriver", "PageHandle", "VMemDriver", "make_driver"]
+__all__ = ["MetaDriver", "PageHandle", "VMemDriver"]
 
 
 class VMemDriver(ABC):
@@ -116,7 +119,18 @@ class VMemDriver(ABC):
 
     @abstractmethod
     def unmap(self, addr: int, size: int) -> None:
-        """Unmap ``[addr, addr + size)``; the addresses stay reserved and fault on access."""
+        """Unmap ``[addr, addr + size)``; the addresses stay reserved and fault on access.
+
+        Does not wait for the device: call :meth:`synchronize` first when work
+        queued on it may still touch the page (once for a batch of unmaps).
+        """
+
+    def synchronize(self) -> None:  # noqa: B027 - optional hook, nothing to wait for by default
+        """Wait until the device has finished the work queued on it (kernels, copies).
+
+        After it, pages the device used may be unmapped. The host driver has
+        no queue: nothing to wait for.
+        """
 
     @abstractmethod
     def tensor(self, addr: int, size: int) -> torch.Tensor:
@@ -189,31 +203,3 @@ class MetaDriver(VMemDriver):
     def tensor(self, addr: int, size: int) -> torch.Tensor:
         """A meta tensor of ``size`` bytes."""
         return torch.empty(size, dtype=torch.uint8, device="meta")
-
-
-def make_driver(driver: str | VMemDriver | None, device: torch.device | str) -> VMemDriver:
-    """The driver for ``device``: ``"host"`` for cpu, ``"cuda"`` for cuda, ``"meta"`` for meta.
-
-    ``driver`` may name one of those or be a driver instance (used as is).
-    """
-    if isinstance(driver, VMemDriver):
-        return driver
-    dev = torch.device(device)
-    name = driver or {"cpu": "host", "cuda": "cuda", "meta": "meta"}.get(dev.type)
-    if name == "host":
-        if dev.type != "cpu":
-            raise InvalidArgument(f"the host driver maps cpu memory, not {dev}")
-        from kvmem.backends.vmem.host import HostDriver
-
-        return HostDriver()
-    if name == "cuda":
-        if dev.type != "cuda":
-            raise InvalidArgument(f"the cuda driver maps cuda memory, not {dev}")
-        from kvmem.backends.vmem.cuda import CudaDriver
-
-        return CudaDriver(dev)
-    if name == "meta":
-        return MetaDriver()
-    if name is None:
-        raise InvalidArgument(f"no vmem driver for device {dev}")
-    raise InvalidArgument(f"unknown vmem driver {driver!r}; use 'host', 'cuda' or 'meta'")

@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
 from kvmem.backends.vmem.driver import PageHandle, VMemDriver
-from kvmem.errors import DriverError
+from kvmem.errors import DriverError, IntegrityError
 from kvmem.spec import KVSpec
 from kvmem.storage import LayerKV
 
@@ -111,6 +111,8 @@ class VirtualKV:
         self.shared_below = [0] * max_seqs
         self._handles: list[PageHandle] = []
         self._range = False
+        self._batching = False  # inside unmapping(): one device sync for every unmap
+        self._synced = False  # the device was synchronized in this batch
         try:
             self.base = driver.reserve(self.virtual_bytes)
             self._range = True
@@ -191,14 +193,57 @@ class VirtualKV:
         nl, h = self.num_layers, self._handles
         return [(self._addr(li, slot, j), h[g * nl + li]) for li in range(nl)]
 
-    def _unmap_group(self, slot: int, j: int) -> None:
-        drv, pb, nl = self.driver, self.page_bytes, self.num_layers
+    @contextlib.contextmanager
+    def unmapping(self) -> Iterator[None]:
+        """A batch of unmaps: the device is synchronized once, before the first of them.
+
+        Every unmapping method is a batch of its own; wrap several calls (a
+        reclaim that shrinks many slots) to make them one.
+        """
+        outer = self._batching
+        self._batching = True
+        try:
+            yield
+        finally:
+            if not outer:
+                self._batching = self._synced = False
+
+    def _unmap(self, addrs: list[int], keep_going: bool = False) -> tuple[int, DriverError | None]:
+        """Unmap the pages at ``addrs`` in order after one device sync (per batch).
+
+        Stops at the first failure unless ``keep_going``; returns how many
+        were unmapped and the first error.
+        """
+        drv, pb = self.driver, self.page_bytes
         if drv.bookkeeping_only:
-            self.unmap_calls += nl
-            return
-        for li in range(nl):
-            drv.unmap(self._addr(li, slot, j), pb)
-            self.unmap_calls += 1
+            self.unmap_calls += len(addrs)
+            return len(addrs), None
+        if not addrs:
+            return 0, None
+        if not self._synced:
+            try:
+                drv.synchronize()
+            except DriverError as e:
+                return 0, e
+            self._synced = self._batching
+        done, first = 0, None
+        for addr in addrs:
+            try:
+                drv.unmap(addr, pb)
+            except DriverError as e:
+                first = first or e
+                if not keep_going:
+                    break
+                continue
+            done += 1
+        self.unmap_calls += done
+        return done, first
+
+    def _tail_addrs(self, slot: int, count: int) -> list[int]:
+        """Addresses of the last ``count`` pages of ``slot``, every layer, last page first."""
+        n, nl = len(self.groups[slot]), self.num_layers
+        pages = range(n - 1, n - 1 - count, -1)
+        return [self._addr(li, slot, j) for j in pages for li in range(nl)]
 
     def _take(self, g: int) -> None:
         if self.ref[g]:
@@ -214,11 +259,22 @@ class VirtualKV:
         self.pool.append(g)
         return True
 
-    def _pop_tail(self, slot: int) -> bool:
+    def _pop_tail(self, slot: int, count: int = 1) -> int:
+        """Unmap the last ``count`` groups of ``slot`` in one batch; return those pooled again.
+
+        On a driver failure the groups unmapped on every layer are dropped
+        from the slot and the error is raised.
+        """
         lst = self.groups[slot]
-        self._unmap_group(slot, len(lst) - 1)
-        freed = self._drop(lst.pop())
+        if count <= 0:
+            return 0
+        done, err = self._unmap(self._tail_addrs(slot, count))
+        freed = 0
+        for _ in range(done // self.num_layers):
+            freed += self._drop(lst.pop())
         self.covered[slot] = self.cover(len(lst))
+        if err is not None:
+            raise err
         return freed
 
     def grow(self, slot: int, n: int) -> int:
@@ -238,8 +294,7 @@ class VirtualKV:
                 lst.append(g)
                 done += 1
         except DriverError:
-            for _ in range(done):
-                self._pop_tail(slot)
+            self._pop_tail(slot, done)
             raise
         finally:
             self.covered[slot] = self.cover(len(lst))
@@ -295,24 +350,23 @@ class VirtualKV:
         given back to the pool (a shared group unmapped here stays mapped
         elsewhere).
         """
-        floor = self.pages(keep)
-        freed = 0
-        while freed < count and len(self.groups[slot]) > floor:
-            freed += self._pop_tail(slot)
-        return freed
+        lst, floor = self.groups[slot], self.pages(keep)
+        tail = freed = 0
+        while freed < count and len(lst) - tail > floor:
+            tail += 1
+            freed += self.ref[lst[-tail]] == 1  # the last mapping: it goes back to the pool
+        return self._pop_tail(slot, tail)
 
     def clear(self, slot: int) -> None:
         """Unmap everything under ``slot``."""
-        while self.groups[slot]:
-            self._pop_tail(slot)
+        self._pop_tail(slot, len(self.groups[slot]))
         self.shared_below[slot] = 0
 
     def unshare(self, slot: int) -> None:
         """Unmap the first shared page of ``slot`` and every page after it."""
         lst = self.groups[slot]
         first = next((j for j, g in enumerate(lst) if self.ref[g] > 1), len(lst))
-        while len(lst) > first:
-            self._pop_tail(slot)
+        self._pop_tail(slot, len(lst) - first)
         self.shared_below[slot] = 0
 
     def share(self, src: int, dst: int, n: int) -> None:
@@ -325,8 +379,7 @@ class VirtualKV:
                 self._take(g)
                 lst.append(g)
         except DriverError:
-            while lst:
-                self._pop_tail(dst)
+            self._pop_tail(dst, len(lst))
             raise
         finally:
             self.covered[dst] = self.cover(len(lst))
@@ -376,43 +429,71 @@ class VirtualKV:
             self.shared_below[slot] = self._shared_bound(slot)
 
     def _replace(self, slot: int, j: int, old: int, new: int, copy: bool = True) -> None:
-        """Map group ``new`` where ``old`` is (page ``j``), keeping the bytes if ``copy``."""
-        drv, pb, nl = self.driver, self.page_bytes, self.num_layers
+        """Map group ``new`` where ``old`` is (page ``j``), keeping the bytes if ``copy``.
+
+        Saves the page of every layer first, so that one device sync covers
+        the reads and the unmaps. A driver failure maps ``old`` back.
+        """
+        drv, pb, nl, h = self.driver, self.page_bytes, self.num_layers, self._handles
         if drv.bookkeeping_only:
             self.unmap_calls += nl
             self.map_calls += nl
             self.groups[slot][j] = new
             return
-        done = 0
-        try:
-            for li in range(nl):
-                addr = self._addr(li, slot, j)
-                saved = drv.tensor(addr, pb).clone() if copy else None
-                self._swap_page(addr, self._handles[old * nl + li], self._handles[new * nl + li])
-                if saved is not None:
-                    drv.tensor(addr, pb).copy_(saved)
-                done += 1
-        except DriverError:
-            for li in range(done):  # put the old page back on the layers already moved
-                addr = self._addr(li, slot, j)
-                cur, prev = self._handles[new * nl + li], self._handles[old * nl + li]
-                with contextlib.suppress(DriverError):
-                    self._swap_page(addr, cur, prev)
-            raise
+        addrs = [self._addr(li, slot, j) for li in range(nl)]
+        saved = [drv.tensor(a, pb).clone() for a in addrs] if copy else []
+        self._synced = False  # the copies were queued after any earlier sync of this batch
+        with self.unmapping():
+            unmapped, err = self._unmap(addrs)
+        if err is None:
+            mapped, err = drv.map_many([(a, h[new * nl + li]) for li, a in enumerate(addrs)], pb)
+            self.map_calls += mapped
+            if err is not None:
+                for a in addrs[:mapped]:  # never used by the device: no sync needed
+                    with contextlib.suppress(DriverError):
+                        drv.unmap(a, pb)
+                        self.unmap_calls += 1
+        if err is not None:
+            back = [(a, h[old * nl + li]) for li, a in enumerate(addrs[:unmapped])]
+            self.map_calls += drv.map_many(back, pb)[0]
+            raise err
+        for a, t in zip(addrs, saved, strict=False):
+            drv.tensor(a, pb).copy_(t)
+        self._synced = False
         self.groups[slot][j] = new
 
-    def _swap_page(self, addr: int, cur: PageHandle, to: PageHandle) -> None:
-        """Unmap the page at ``addr`` and map ``to`` there; on failure map ``cur`` back."""
-        drv, pb = self.driver, self.page_bytes
-        drv.unmap(addr, pb)
-        self.unmap_calls += 1
-        try:
-            drv.map(addr, pb, to)
-        except DriverError:
-            drv.map(addr, pb, cur)
-            self.map_calls += 1
-            raise
-        self.map_calls += 1
+    def filled_tokens(self, rows: list[tuple[int, int]]) -> int:
+        """Tokens of KV written, for ``(slot, tokens written)`` rows; shared pages count once."""
+        if not self.extra_refs:
+            return sum(n for _, n in rows)
+        pb, tb = self.page_bytes, self.token_bytes
+        written: dict[int, int] = {}  # group: bytes of it written
+        for slot, n in rows:
+            for j, g in enumerate(self.groups[slot][: self.pages(n)]):
+                written[g] = max(written.get(g, 0), min(pb, n * tb - j * pb))
+        return sum(written.values()) // tb
+
+    # ------------------------------------------------------------- integrity
+    def check(self) -> None:
+        """Raise IntegrityError unless mappings, reference counts, pool and call counts agree."""
+        refs = [0] * self.num_groups
+        for slot, lst in enumerate(self.groups):
+            for g in lst:
+                refs[g] += 1
+            if self.covered[slot] != self.cover(len(lst)):
+                raise IntegrityError(f"slot {slot}: covered count out of date")
+        for slot, lst in enumerate(self.groups):
+            shared = [j for j, g in enumerate(lst) if refs[g] > 1]
+            if shared and self.page_of(self.shared_below[slot] - 1) < shared[-1]:
+                raise IntegrityError(f"slot {slot}: shared pages beyond its shared bound")
+        if refs != self.ref:
+            raise IntegrityError("group reference counts do not match the slot mappings")
+        if sorted(self.pool) != [g for g, r in enumerate(refs) if r == 0]:
+            raise IntegrityError("the pool is not exactly the unmapped groups")
+        if self.extra_refs != sum(max(0, r - 1) for r in refs):
+            raise IntegrityError("shared mapping count is off")
+        if self.map_calls - self.unmap_calls != sum(refs) * self.num_layers:
+            raise IntegrityError("map and unmap calls do not add up to the mapped pages")
 
     # ----------------------------------------------------------------- close
     def close(self, on_error: Callable[[DriverError], None] | None = None) -> None:
@@ -430,13 +511,16 @@ class VirtualKV:
                     on_error(e)
 
         each = not (drv.free_unmaps and self._range)  # else freeing the range unmaps them all
-        for slot, lst in enumerate(self.groups):
-            while lst:
-                if each:
-                    attempt(self._unmap_group, slot, len(lst) - 1)
-                self._drop(lst.pop())
-            self.covered[slot] = 0
-            self.shared_below[slot] = 0
+        with self.unmapping():
+            for slot, lst in enumerate(self.groups):
+                if each and lst:
+                    err = self._unmap(self._tail_addrs(slot, len(lst)), keep_going=True)[1]
+                    if err is not None and on_error is not None:
+                        on_error(err)
+                while lst:
+                    self._drop(lst.pop())
+                self.covered[slot] = 0
+                self.shared_below[slot] = 0
         handles = [h for h in self._handles if h is not None]  # None: never created
         self._handles = []
         err = drv.release_many(handles) if handles else None

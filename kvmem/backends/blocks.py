@@ -1,0 +1,374 @@
+r"""Block-table memory: a pool of fixed-size pages, prefix caching, copy-on-write fork.
+
+The memory half of the paged and grouped backends (their swap layer is
+:mod:`kvmem.backends.paged`; the sequence bookkeeping is
+:mod:`kvmem.backends.base`).
+
+Memory is a pool of pages of ``page_size`` token slots (see
+:class:`~kvmem.storage.PagePool`). A sequence holds a list of pages, its
+block table; KV entry ``i`` lives in slot ``i % page_size`` of page
+``blocks[i // page_size]``. Block tables are rows of one dense int32 array,
+so a layout slices rows instead of building them::
+
+    row 0  [ 7  2  9  0  0 ]     seq "a": 3 pages
+    row 1  [ 5  0  0  0  0 ]     seq "b": 1 page
+    row 2  [ 0  0  0  0  0 ]     free row
+
+Prefix caching. When a page fills up (``commit``), it gets a key chained
+from the keys before it, ``(hash(previous key), its tokens)``, and becomes
+findable. ``add`` walks a new prompt's full pages through those keys and
+shares every leading page it finds. Pages no sequence holds sit in one free
+queue, which is also the eviction order::
+
+    front (taken first)                                        back
+    [ never-filled pages ] [ cached pages, least recently freed first ]
+
+A cached page found again by ``add`` leaves the queue; a cached page taken
+for new KV loses its key (eviction).
+
+Fork shares every page holding the parent's KV. The page that the next KV
+entry goes to is copied on the first ``reserve`` that would write into it
+while it is shared (copy-on-write); full pages are never written again and
+stay shared.
+
+Which free page a sequence gets is a pluggable policy
+(:mod:`kvmem.backends.freepages`); the grouped backend uses a buddy policy
+and keeps everything else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from kvmem.allocator import Capabilities, KVStats, capacity_pages
+from kvmem.backends.base import KVBackend, SeqState, ceil_div
+from kvmem.backends.freepages import FreePages, FreeQueue
+from kvmem.errors import IntegrityError, InvalidArgument, OutOfKVMemory
+from kvmem.spec import KVSpec
+from kvmem.storage import LayerKV, PagePool, StorageLayout
+from kvmem.swap import block_runs
+
+__all__ = ["BlockKey", "BlockSeq", "BlockTableBackend"]
+
+BlockKey = tuple[int, tuple[int, ...]]
+
+
+class BlockSeq(SeqState):
+    """A sequence of a block-table backend: its pages, their prefix keys, its table row."""
+
+    __slots__ = ("blocks", "hashes", "row", "root", "parked")
+
+    def __init__(self, tokens: list[int], row: int, root: int) -> None:
+        super().__init__(tokens)
+        self.blocks: list[int] = []
+        self.hashes: list[int] = []  # hash of the key of each full, computed page
+        self.row = row
+        self.root = root  # chain seed: hash of the cache salt
+        self.parked = False  # swapped and finished: evictable (free(keep_on_host=True))
+
+
+class BlockTableBackend(KVBackend[BlockSeq]):
+    """Pages, prefix cache and block tables; no swap (the paged backend adds it).
+
+    Options: ``num_tokens`` or ``num_bytes`` (capacity), ``page_size`` (a
+    power of two, default 16), ``device``, ``storage_layout`` (``"block"``
+    or ``"layer"``, see :mod:`kvmem.storage`), ``prefix_caching`` (default
+    True).
+    """
+
+    capabilities = Capabilities(prefix_caching=True, fork=True)
+
+    def __init__(
+        self,
+        spec: KVSpec,
+        *,
+        num_tokens: int | None = None,
+        num_bytes: int | None = None,
+        page_size: int = 16,
+        device: torch.device | str = "cpu",
+        storage_layout: StorageLayout = "block",
+        prefix_caching: bool = True,
+    ) -> None:
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size <= 0:
+            raise InvalidArgument(f"page_size must be a positive int, got {page_size!r}")
+        if page_size & (page_size - 1):
+            raise InvalidArgument(f"page_size must be a power of two, got {page_size}")
+        super().__init__()
+        self.spec = spec
+        self.page_size = page_size
+        self.granularity = page_size
+        self.device = torch.device(device)
+        self.prefix_caching = prefix_caching
+        if not prefix_caching:
+            self.capabilities = replace(self.capabilities, prefix_caching=False)
+        self.num_pages = capacity_pages(spec, page_size, num_tokens, num_bytes)
+        self.pool = PagePool(spec, self.num_pages, page_size, self.device, storage_layout)
+        self._ref = [0] * self.num_pages
+        self._key: list[BlockKey | None] = [None] * self.num_pages
+        self._cached: dict[BlockKey, int] = {}
+        self._free: FreePages = self._make_free_pages()
+        self._num_cached_free = 0
+        self._table = np.zeros((16, 16), dtype=np.int32)
+        self._free_rows = list(range(15, -1, -1))
+        self._prefix_queries = 0
+        self._prefix_hits = 0
+
+    def _make_free_pages(self) -> FreePages:
+        """The free-page policy (subclasses hand out pages differently)."""
+        return FreeQueue(self.num_pages)
+
+    # ------------------------------------------------------------------ pages
+    def _take_row(self) -> int:
+        if not self._free_rows:
+            n = self._table.shape[0]
+            self._table = np.concatenate([self._table, np.zeros_like(self._table)])
+            self._free_rows = list(range(2 * n - 1, n - 1, -1))
+        return self._free_rows.pop()
+
+    def _set_row(self, s: BlockSeq, start: int) -> None:
+        n = len(s.blocks)
+        if n > self._table.shape[1]:
+            w = max(n, 2 * self._table.shape[1])
+            self._table = np.pad(self._table, ((0, 0), (0, w - self._table.shape[1])))
+        self._table[s.row, start:n] = s.blocks[start:]
+
+    def _take(self, s: BlockSeq, n: int, after: int | None) -> list[int]:
+        """``n`` free pages for ``s`` (the caller checked there are), held once each."""
+        pages = self._free.take(n, s, len(s.blocks), after)
+        for b in pages:
+            key = self._key[b]
+            if key is not None:  # evict its cached prefix
+                self._num_cached_free -= 1
+                if self._cached.get(key) == b:
+                    del self._cached[key]
+                self._key[b] = None
+            self._ref[b] = 1
+        return pages
+
+    def _release(self, b: int) -> None:
+        self._ref[b] -= 1
+        if self._ref[b] == 0:
+            cached = self._key[b] is not None
+            self._free.put(b, cached)
+            self._num_cached_free += cached
+
+    def _ensure_free(self, n: int) -> bool:
+        """Whether ``n`` pages are free (the swap layer first waits for swaps that free some)."""
+        return len(self._free) >= n
+
+    def _key_of(self, s: BlockSeq, i: int) -> BlockKey:
+        ps = self.page_size
+        return (s.hashes[i - 1] if i else s.root, tuple(s.tokens[i * ps : (i + 1) * ps]))
+
+    def _publish(self, b: int, key: BlockKey) -> None:
+        if self._key[b] is None and key not in self._cached:
+            self._cached[key] = b
+            self._key[b] = key
+
+    def _needed(self, s: BlockSeq, target: int) -> tuple[int, bool]:
+        """(new pages, copy-on-write needed) to reserve up to ``target`` (> ``s.reserved``)."""
+        new = max(0, ceil_div(target, self.page_size) - len(s.blocks))
+        idx = s.num_computed // self.page_size
+        return new, idx < len(s.blocks) and self._ref[s.blocks[idx]] > 1
+
+    # ------------------------------------------------------------------ hooks
+    def _admit(self, seq_id: Hashable, tokens: list[int], cache_salt: Hashable) -> BlockSeq:
+        """Share the longest cached prefix of full pages (never the last token's page)."""
+        ps = self.page_size
+        s = BlockSeq(tokens, -1, hash(("kvmem", cache_salt)))
+        if self.prefix_caching:
+            parent = s.root
+            for i in range((len(tokens) - 1) // ps):
+                key = (parent, tuple(tokens[i * ps : (i + 1) * ps]))
+                b = self._cached.get(key)
+                if b is None:
+                    break
+                parent = hash(key)
+                s.blocks.append(b)
+                s.hashes.append(parent)
+            for b in s.blocks:
+                if self._ref[b] == 0:
+                    self._free.remove(b)
+                    self._num_cached_free -= 1
+                self._ref[b] += 1
+            self._prefix_queries += len(tokens)
+            self._prefix_hits += len(s.blocks) * ps
+        s.num_computed = s.reserved = len(s.blocks) * ps
+        s.row = self._take_row()
+        self._set_row(s, 0)
+        return s
+
+    def _grow(self, seq_id: Hashable, s: BlockSeq, target: int) -> None:
+        ps = self.page_size
+        if target <= len(s.blocks) * ps and self._ref[s.blocks[s.num_computed // ps]] == 1:
+            s.reserved = target  # fits in pages already held, none shared: the common step
+            return
+        new, cow = self._needed(s, target)
+        if not self._ensure_free(new + cow):
+            raise OutOfKVMemory(
+                f"sequence {seq_id!r} needs {new + cow} pages, {len(self._free)} free"
+            )
+        if cow:
+            idx = s.num_computed // ps
+            old = s.blocks[idx]
+            (b,) = self._take(s, 1, s.blocks[idx - 1] if idx else None)
+            self.pool.copy_pages([old], [b])
+            self._release(old)
+            s.blocks[idx] = b
+            self._table[s.row, idx] = b
+        if new:
+            start = len(s.blocks)
+            s.blocks.extend(self._take(s, new, s.blocks[-1] if s.blocks else None))
+            self._set_row(s, start)
+        s.reserved = target
+
+    def _can_grow(self, grow: list[tuple[BlockSeq, int]]) -> bool:
+        total = 0
+        for s, target in grow:
+            new, cow = self._needed(s, target)
+            total += new + cow
+        return self._ensure_free(total)
+
+    def _pages(self, s: BlockSeq) -> Sequence[int]:
+        return s.blocks
+
+    def _page_rows(self, seqs: list[BlockSeq], seq_lens: np.ndarray) -> tuple[np.ndarray, bool]:
+        rows = np.fromiter((s.row for s in seqs), dtype=np.int64, count=len(seqs))
+        max_pages = -(-int(seq_lens.max()) // self.page_size)
+        return self._table[rows, :max_pages], False  # rows hold pages reserved past seq_lens
+
+    def _on_commit(self, s: BlockSeq, end: int) -> None:
+        """Publish the pages that filled up to the prefix cache."""
+        if self.prefix_caching:
+            ps = self.page_size
+            for i in range(s.num_computed // ps, end // ps):
+                key = self._key_of(s, i)
+                s.hashes.append(hash(key))
+                self._publish(s.blocks[i], key)
+
+    def _fork(self, parent_id: Hashable, p: BlockSeq, child_id: Hashable) -> BlockSeq:
+        """The child shares the parent's computed pages and knows its tokens."""
+        c = BlockSeq(list(p.tokens), self._take_row(), p.root)
+        c.blocks = p.blocks[: ceil_div(p.num_computed, self.page_size)]
+        c.hashes = list(p.hashes)
+        c.num_computed = c.reserved = p.num_computed
+        for b in c.blocks:
+            self._ref[b] += 1
+        self._set_row(c, 0)
+        return c
+
+    def _drop(self, seq_id: Hashable, s: BlockSeq) -> None:
+        """Release the sequence's pages; full ones stay cached until evicted."""
+        del self._seqs[seq_id]
+        self._clear_blocks(s)
+        self._free_rows.append(s.row)
+
+    def _clear_blocks(self, s: BlockSeq) -> None:
+        """Release every page ``s`` holds (last first) and empty its table row."""
+        for b in reversed(s.blocks):
+            self._release(b)
+        self._table[s.row, : len(s.blocks)] = 0
+        s.blocks = []
+        self._free.forget(s)
+
+    def _layer(self, i: int) -> LayerKV:
+        return self.pool.layer(i)
+
+    def _shutdown(self) -> None:
+        self._cached.clear()
+        self.pool.buffers.clear()
+
+    # ---------------------------------------------------------------- queries
+    def block_table(self, seq_id: Hashable) -> list[int]:
+        """The pages the sequence holds, in order (none while swapped out)."""
+        return list(self._get(seq_id).blocks)
+
+    def runs(self, seq_id: Hashable) -> list[tuple[int, int]]:
+        """``(first_page, length)`` of each run of consecutive pages of the block table."""
+        return block_runs(self._get(seq_id).blocks)
+
+    def _stats_extra(self) -> dict[str, float]:
+        """Backend figures for ``KVStats.extra``."""
+        return {}
+
+    def stats(self) -> KVStats:
+        """Memory use; ``filled`` counts shared pages once."""
+        self._sync()
+        ps = self.page_size
+        filled: dict[int, int] = {}
+        for s in self._seqs.values():
+            for i, b in enumerate(s.blocks):
+                f = min(ps, max(0, s.num_computed - i * ps))
+                if f > filled.get(b, 0):
+                    filled[b] = f
+        swapped = [s for s in self._seqs.values() if s.swapped]
+        return KVStats(
+            page_size=ps,
+            bytes_per_token=self.spec.bytes_per_token,
+            capacity_tokens=self.num_pages * ps,
+            used_tokens=(self.num_pages - len(self._free)) * ps,
+            filled_tokens=sum(filled.values()),
+            reserved_tokens=sum(
+                s.reserved - s.num_computed for s in self._seqs.values() if not s.swapped
+            ),
+            cached_tokens=self._num_cached_free * ps,
+            free_tokens=len(self._free) * ps,
+            swapped_tokens=sum(s.num_computed for s in swapped),
+            num_seqs=len(self._seqs),
+            num_swapped_seqs=len(swapped),
+            prefix_queries=self._prefix_queries,
+            prefix_hits=self._prefix_hits,
+            extra=self._stats_extra(),
+        )
+
+    # -------------------------------------------------------------- integrity
+    def _pinned(self) -> Mapping[int, int]:
+        """Pages held outside the block tables (e.g. read by swaps in flight): page -> count."""
+        return {}
+
+    def _check_swapped(self, sid: Hashable, s: BlockSeq) -> None:
+        """Check a swapped-out sequence (the swap layer's; here none may exist)."""
+        raise IntegrityError(f"{sid!r}: swapped out in a backend without swap")
+
+    def _check_backend(self) -> None:
+        """Verify reference counts, free pages, the cache index and the block tables."""
+        ps = self.page_size
+        refs = [0] * self.num_pages
+        for b, n in self._pinned().items():
+            refs[b] += n
+        rows: set[int] = set()
+        for sid, s in self._seqs.items():
+            for b in s.blocks:
+                refs[b] += 1
+            if s.swapped:
+                self._check_swapped(sid, s)
+            elif s.reserved > len(s.blocks) * ps or len(s.blocks) != ceil_div(s.reserved, ps):
+                raise IntegrityError(f"{sid!r}: {len(s.blocks)} pages for {s.reserved} slots")
+            elif s.parked:
+                raise IntegrityError(f"{sid!r}: parked but not swapped out")
+            if self.prefix_caching and len(s.hashes) != s.num_computed // ps:
+                raise IntegrityError(f"{sid!r}: {len(s.hashes)} page keys")
+            row, n = self._table[s.row], len(s.blocks)
+            if s.row in rows or list(row[:n]) != s.blocks or row[n:].any():
+                raise IntegrityError(f"{sid!r}: block table row out of sync")
+            rows.add(s.row)
+        if refs != self._ref:
+            raise IntegrityError("reference counts do not match the block tables")
+        free = set(self._free)
+        if len(free) != len(self._free) or free != {b for b, r in enumerate(refs) if r == 0}:
+            raise IntegrityError("free pages are not exactly the unreferenced pages")
+        self._free.check()
+        for key, b in self._cached.items():
+            if self._key[b] != key:
+                raise IntegrityError(f"cache entry points at page {b}, which has another key")
+        keyed = [b for b, k in enumerate(self._key) if k is not None]
+        if len(keyed) != len(self._cached):
+            raise IntegrityError("pages with keys and the cache index differ")
+        if self._num_cached_free != sum(1 for b in free if self._key[b] is not None):
+            raise IntegrityError("cached page count is off")
+        if rows & set(self._free_rows) or len(rows) + len(self._free_rows) != self._table.shape[0]:
+            raise IntegrityError("block table rows leaked")

@@ -1,0 +1,173 @@
+"""The map-ahead worker: maps, off the decode step, the next pages of growing sequences.
+
+::
+
+    caller thread                         worker thread ("kvmem-vmem-map-ahead")
+    reserve(s, 1) -> want(slot)  --+
+    layout(batch) -> wake()      --+-->  queue  -->  run(slots):
+                                                       lock:   claim pool groups per slot
+                                                       (none): driver.map_many(...)
+                                                       lock:   publish, notify settle()
+
+Claimed groups are in neither the pool nor any slot until published, so the
+caller's thread waits (:meth:`MapAhead.settle`) before it touches a slot the
+worker is mapping, or before it counts the pool. The worker maps from the
+pool only, and only beyond what sequences reserved; it never unmaps. A driver
+failure in the worker is counted and left for the caller's own ``reserve`` to
+meet (and report) when it maps the same page itself.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import weakref
+from collections.abc import Callable
+
+from kvmem.backends.vmem.space import VirtualKV
+from kvmem.errors import DriverError
+
+__all__ = ["MapAhead"]
+
+_Item = list[int] | threading.Event | None
+
+
+def _worker(ref: weakref.ReferenceType[MapAhead], q: queue.SimpleQueue[_Item]) -> None:
+    """Map the next pages of the slots queued; set queued events once done; stop on None."""
+    while True:
+        items = [q.get()]
+        while not q.empty():
+            items.append(q.get())
+        slots = [slot for item in items if isinstance(item, list) for slot in item]
+        if slots:
+            mapper = ref()
+            if mapper is None:
+                return
+            mapper.run(slots)
+            del mapper
+        for item in items:
+            if isinstance(item, threading.Event):
+                item.set()
+        if any(item is None for item in items):
+            return
+
+
+class MapAhead:
+    """Requests, the worker thread and the slots it is mapping, for one virtual space.
+
+    ``lock`` is the allocator's lock; ``target(slot)`` (called with it held)
+    says how many tokens the slot should cover, or None when the slot has no
+    sequence any more. ``ahead`` is how far beyond the reserved KV a slot
+    should stay mapped before the worker is asked for more.
+    """
+
+    def __init__(
+        self,
+        space: VirtualKV,
+        lock: threading.Lock,
+        ahead: int,
+        target: Callable[[int], int | None],
+    ) -> None:
+        self.space = space
+        self.ahead = ahead
+        self._target = target
+        self._lock = lock
+        self._cv = threading.Condition(lock)  # notified when a batch of mappings lands
+        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        self._wanted = [False] * space.max_seqs  # slot already asked of the worker
+        self._requests: list[int] = []  # slots to hand the worker at the next wake-up
+        self._inflight: set[int] = set()  # slots the worker is mapping (lock not held)
+        self.thread: threading.Thread | None = None
+        self.closed = False
+        #: Page groups the worker mapped, driver errors it met, and the last one.
+        self.groups = 0
+        self.errors = 0
+        self.last_error: str | None = None
+
+    @property
+    def pending(self) -> bool:
+        """Requests are queued that the worker has not been handed yet."""
+        return bool(self._requests)
+
+    def want(self, slot: int, reserved: int) -> None:
+        """Ask for the slot's next pages if under ``ahead`` tokens are mapped past ``reserved``."""
+        covered = self.space.covered[slot]
+        if self._wanted[slot] or covered - reserved >= self.ahead:
+            return
+        if covered >= self.space.max_seq_len:
+            return
+        self._wanted[slot] = True
+        self._requests.append(slot)
+        if len(self._requests) >= 64:
+            self.wake()
+
+    def forget(self, slot: int) -> None:
+        """The slot changed hands: a request for it may be made again."""
+        self._wanted[slot] = False
+
+    def wake(self) -> None:
+        """Hand the queued requests to the worker (started on first use)."""
+        if not self._requests or self.closed:
+            return
+        if self.thread is None:
+            self.thread = threading.Thread(
+                target=_worker,
+                args=(weakref.ref(self), self._queue),
+                name="kvmem-vmem-map-ahead",
+                daemon=True,
+            )
+            self.thread.start()
+        self._queue.put(self._requests)
+        self._requests = []
+
+    def run(self, slots: list[int]) -> None:
+        """Worker side: map, from the pool only and without the lock, the slots' next pages."""
+        sp = self.space
+        claims: list[tuple[int, list[int]]] = []
+        with self._lock:
+            for slot in slots:
+                self._wanted[slot] = False
+                target = None if self.closed else self._target(slot)
+                if target is None or slot in self._inflight:
+                    continue
+                groups = sp.claim(slot, min(sp.max_seq_len, target + 2 * self.ahead))
+                if groups:
+                    claims.append((slot, groups))
+                    self._inflight.add(slot)
+        results: dict[int, tuple[int, int, DriverError | None]] = {}
+        try:
+            for slot, groups in claims:
+                results[slot] = sp.map_claimed(slot, groups)
+        finally:  # whatever happened, every claim lands (unmapped ones back in the pool)
+            with self._lock:
+                for slot, groups in claims:
+                    done, calls, err = results.get(slot, (0, 0, None))
+                    sp.publish(slot, groups, done, calls)
+                    self._inflight.discard(slot)
+                    self.groups += done
+                    if err is not None:
+                        self.last_error = str(err)
+                        self.errors += 1
+                self._cv.notify_all()
+
+    def settle(self, slot: int | None = None) -> None:
+        """(Lock held.) Wait until the worker is not mapping ``slot`` (any slot if None)."""
+        while self._inflight if slot is None else slot in self._inflight:
+            self._cv.wait()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the worker has handled everything queued so far; False on timeout."""
+        self.wake()
+        if self.thread is None or self.closed:
+            return True
+        done = threading.Event()
+        self._queue.put(done)
+        return done.wait(timeout)
+
+    def stop(self) -> None:
+        """Stop the worker and wait for it (set ``closed`` under the lock first)."""
+        thread = self.thread
+        if thread is not None:
+            self._queue.put(None)
+            if thread is not threading.current_thread():
+                thread.join()
