@@ -13,18 +13,16 @@ minute, a tenth after more than 20 minutes). One conversation in five
 begins with one of 32 shared system prompts (512 tokens, Zipf-popular).
 Every other token of a conversation is its own (random ids).
 
-Replay: turns in arrival order, one at a time (prefill, then decode), on a
-Llama-3-8B fp16 KV (128 KiB per token) in 512-token pages (bookkeeping only,
-``device="meta"``: no bytes move, bytes moved are counted). The device
-prefix cache holds N tokens (0.5M, about one GPU's KV pool; ``--quick``:
-64K); below it a :class:`kvmem.tiers.TierManager` (write-back) with a host
-tier of 8N and a disk tier of 32N tokens. The device cache is the paged
-backend's policy reproduced in this script (free pages in one LRU queue, a
-finished request's pages freed last page first, evicted pages written down
-through :meth:`TierManager.evicted`): the paged backend has no tier hooks
-yet. Configurations side by side on the same requests:
+Replay: turns in arrival order, one at a time (add, prefill, decode, free),
+through the paged backend on a Llama-3-8B fp16 KV (128 KiB per token) in
+512-token pages, bookkeeping only (``device="meta"``: no bytes move; bytes
+moved are counted). The device pool holds N tokens (0.5M, about one GPU's
+KV pool; ``--quick``: 64K); below it the backend's cache tiers
+(``host_cache_tokens``, ``disk_cache_dir``/``disk_cache_tokens``,
+write-back) of 8N and 32N tokens. Configurations side by side on the same
+requests:
 
-* ``device_only``: the device cache alone (kvmem's prefix cache today);
+* ``device_only``: the device prefix cache alone (kvmem's prefix cache without tiers);
 * ``host``: device + host tier (8N);
 * ``tiered``: device + host (8N) + disk (32N);
 * ``unlimited``: a device cache with no capacity limit (the upper bound).
@@ -62,8 +60,8 @@ from typing import Any
 import numpy as np
 
 from bench.common import console, print_table, progress, save_results
-from kvmem import KVSpec, PagePool
-from kvmem.tiers import BlockKey, TierManager
+from kvmem import KVSpec, create_allocator
+from kvmem.tiers import BlockKey
 from kvmem.traces import load_or_synthesize
 
 SPEC = KVSpec(32, 8, 128)  # Llama-3-8B, fp16
@@ -79,6 +77,7 @@ MAX_TURNS = 10
 SYSTEM_PROMPTS = 32
 SYSTEM_LEN = 512
 SYSTEM_SHARE = 0.2
+UNLIMITED = 1 << 62  # pages: a device cache that never evicts
 
 
 @dataclass(order=True)
@@ -134,70 +133,39 @@ def page_keys(tokens: np.ndarray, n: int) -> list[BlockKey]:
     return keys
 
 
-class DeviceCache:
-    """The paged backend's prefix cache policy over ``num_pages`` pages, with tier hooks."""
+class BackendCache:
+    """Serves turns through the paged backend with its cache tiers (``device="meta"``)."""
 
-    def __init__(self, num_pages: int | None, tiers: TierManager | None) -> None:
-        self.num_pages = num_pages
-        self.tiers = tiers
-        self.lru: OrderedDict[BlockKey, int] = OrderedDict()  # cached free pages
-        self.free: list[int] = list(range(num_pages or 0))
-        self.next_page = num_pages or 0
+    def __init__(self, n: int, host: int, disk: int, where: str) -> None:
+        opts: dict[str, Any] = {}
+        if host:
+            opts["host_cache_tokens"] = host
+        if disk:
+            opts.update(disk_cache_dir=where, disk_cache_tokens=disk)
+        self.alloc = create_allocator(
+            "paged", SPEC, num_tokens=n, page_size=PAGE, device="meta", **opts
+        )
+        self.num = 0
 
-    def _take(self, n: int) -> list[int]:
-        victims = []
-        while len(self.free) < n and self.lru and self.num_pages is not None:
-            key, p = self.lru.popitem(last=False)
-            victims.append((key, p))
-            self.free.append(p)
-        if victims and self.tiers is not None:
-            self.tiers.evicted(victims)
-        if self.num_pages is None:
-            while len(self.free) < n:
-                self.free.append(self.next_page)
-                self.next_page += 1
-        if len(self.free) < n:
-            raise RuntimeError(f"a request of {n} pages does not fit the device")
-        out, self.free = self.free[-n:], self.free[:-n]
-        return out
+    def _tier_hits(self) -> tuple[float, float]:
+        extra = self.alloc.stats().extra
+        return extra.get("tier_host_hit_pages", 0.0), extra.get("tier_disk_hit_pages", 0.0)
 
     def serve(self, turn: Turn) -> tuple[int, int, int]:
-        """Prefill and decode ``turn``; returns (device, host, disk) hit pages.
-
-        The order of the paged backend: the device hit, then pages for what
-        the tiers hold (evicting), the tiers asked again, the loads; then
-        pages for the rest; pages fill; all are freed, last page first.
-        """
-        prompt = turn.prompt
-        look = page_keys(prompt, (len(prompt) - 1) // PAGE)
-        d = 0
-        held: list[int] = []
-        while d < len(look) and look[d] in self.lru:
-            held.append(self.lru.pop(look[d]))
-            d += 1
-        h = k = 0
-        if self.tiers is not None and d < len(look):
-            room = len(self.free) + len(self.lru)
-            n = min(len(self.tiers.match(look[d:])), room)
-            if n:
-                pages = self._take(n)
-                found = self.tiers.match(look[d : d + n])
-                self.free += pages[len(found) :]
-                loaded = self.tiers.load(look[d : d + len(found)], pages[: len(found)]).result()
-                h = found[:loaded].count("host")
-                k = found[:loaded].count("disk")
-                held += pages[: len(found)]
-        total = len(prompt) + len(turn.answer)
-        held += self._take(-(-total // PAGE) - len(held))
-        full = page_keys(np.concatenate([prompt, turn.answer]), (total - 1) // PAGE)
-        if self.tiers is not None:
-            self.tiers.filled(list(zip(full[d + h + k :], held[d + h + k :], strict=False)))
-        for i in reversed(range(len(held))):  # freed last page first, as the paged backend
-            if i < len(full) and full[i] not in self.lru:
-                self.lru[full[i]] = held[i]
-            else:
-                self.free.append(held[i])
-        return d, h, k
+        """Prefill and decode ``turn``, then free it; returns (device, host, disk) hit pages."""
+        a, sid = self.alloc, self.num
+        self.num += 1
+        h0, k0 = self._tier_hits()
+        a.add(sid, turn.prompt.tolist())
+        done = a.seq_info(sid).num_computed  # waits for the loads
+        h1, k1 = self._tier_hits()
+        a.append(sid, turn.answer.tolist())
+        total = len(turn.prompt) + len(turn.answer)
+        a.reserve(sid, total - done)
+        a.commit(sid, total - 1 - done)  # the last token's KV is never written
+        a.free(sid)
+        h, k = int(h1 - h0), int(k1 - k0)
+        return done // PAGE - h - k, h, k
 
 
 class ExactLRU:
@@ -238,7 +206,12 @@ class ExactLRU:
         return out
 
     def serve(self, turn: Turn) -> tuple[int, int, int]:
-        """Returns (device, host, disk) hit pages, as :meth:`DeviceCache.serve`."""
+        """Returns (device, host, disk) hit pages, as :meth:`BackendCache.serve`.
+
+        The paged backend's order: the device hit; pages for what the tiers
+        hold (evicting, which writes down); the tiers asked again; then
+        pages for the rest; pages fill; all are freed, last page first.
+        """
         prompt = turn.prompt
         look = [hash(k) for k in page_keys(prompt, (len(prompt) - 1) // PAGE)]
         dev = self.levels[0]
@@ -296,21 +269,16 @@ def replay(turns: list[Turn], cache: Any, desc: str) -> dict[str, Any]:
 
 
 def run_config(turns: list[Turn], n: int, host: int, disk: int, name: str) -> dict[str, Any]:
-    """Replay through a TierManager with host and disk tiers of ``host``/``disk`` tokens."""
-    pool = PagePool(SPEC, n // PAGE, PAGE, "meta")
+    """Replay through the paged backend with cache tiers of ``host``/``disk`` tokens."""
     with tempfile.TemporaryDirectory() as where:
-        tiers = TierManager(
-            pool,
-            host_bytes=host * SPEC.bytes_per_token if host else None,
-            disk_dir=where if disk else None,
-            disk_bytes=disk * SPEC.bytes_per_token if disk else None,
-        )
+        cache = BackendCache(n, host, disk, where)
         t0 = time.perf_counter()
-        out = replay(turns, DeviceCache(n // PAGE, tiers), name)
+        out = replay(turns, cache, name)
         out["seconds"] = time.perf_counter() - t0
-        tiers.check_integrity()
-        out.update({k: v for k, v in tiers.stats().items() if k.startswith("bytes_")})
-        tiers.close()
+        cache.alloc.check_integrity()
+        extra = cache.alloc.stats().extra
+        out.update({k[5:]: v for k, v in extra.items() if k.startswith("tier_bytes_")})
+        cache.alloc.close()
     return out
 
 
@@ -419,7 +387,7 @@ def main() -> None:
         sim = replay(turns, ExactLRU(n // PAGE, host // PAGE, disk // PAGE), f"{name} (LRU sim)")
         figs[f"{name}_sim_hit_rate"] = sim["hit_rate"]
         figs[f"{name}_sim_rel_diff"] = abs(figs[f"{name}_hit_rate"] / sim["hit_rate"] - 1)
-    for k, v in replay(turns, DeviceCache(None, None), "unlimited").items():
+    for k, v in replay(turns, ExactLRU(UNLIMITED, 0, 0), "unlimited").items():
         figs[f"unlimited_{k}"] = v
     sweep = [] if args.quick else [n // 4, n // 2, 2 * n]
     for m in sweep:  # the ratio at other device sizes (tiers of 8m and 32m)

@@ -29,7 +29,7 @@ def test_turns_extend_the_previous_prompt_and_answer(turns: list[bt.Turn]) -> No
 
 
 @pytest.mark.parametrize("host,disk", [(0, 0), (8, 0), (8, 32), (2, 3)])
-def test_the_replay_through_the_tiers_matches_an_exact_lru(
+def test_the_paged_backend_with_tiers_replays_as_an_exact_lru(
     turns: list[bt.Turn], host: int, disk: int, tmp_path: Path
 ) -> None:
     n = 64 * bt.PAGE
@@ -46,5 +46,5 @@ def test_tiers_only_add_hits_up_to_the_unlimited_bound(turns: list[bt.Turn]) -> 
     n = 64 * bt.PAGE
     dev = bt.run_config(turns, n, 0, 0, "device")["hit_rate"]
     tiered = bt.run_config(turns, n, 8 * n, 32 * n, "tiered")["hit_rate"]
-    unlimited = bt.replay(turns, bt.DeviceCache(None, None), "unlimited")["hit_rate"]
+    unlimited = bt.replay(turns, bt.ExactLRU(bt.UNLIMITED, 0, 0), "unlimited")["hit_rate"]
     assert 0 < dev < tiered <= unlimited + 1e-12
