@@ -140,10 +140,11 @@ def _workspace(device: torch.device) -> torch.Tensor:
 
 
 class PagedAttention:
-    """A planned FlashInfer decode or prefill for one batch layout, run once per layer.
+    """A FlashInfer decode or prefill wrapper, planned for one batch layout, run once per layer.
 
     ``plan`` does FlashInfer's host-side scheduling for a layout (once per
-    step); ``run`` then attends any layer of the same spec. Not run yet.
+    step; the wrapper itself is built at the first plan and reused); ``run``
+    then attends any layer of the same spec. Not run yet on a GPU.
     """
 
     def __init__(self, kind: str, device: torch.device | str) -> None:
@@ -154,29 +155,41 @@ class PagedAttention:
         self.kind = kind
         self.device = torch.device(device)
         self._wrapper: Any = None
-        self._group = 0
+        self._planned = False
         self._sm_scale = 1.0
         self._k_scale = 1.0
+
+    def _get_wrapper(self, group: int) -> Any:
+        assert _fi is not None
+        if self._wrapper is None:
+            ws = _workspace(self.device)
+            if self.kind == "decode":
+                self._wrapper = _fi.BatchDecodeWithPagedKVCacheWrapper(
+                    ws, "NHD", use_tensor_cores=group >= 4
+                )
+            else:
+                self._wrapper = _fi.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD")
+        return self._wrapper
 
     def plan(
         self, layer: LayerKV, layout: BatchLayout, q: torch.Tensor, scale: float | None = None
     ) -> None:
-        """Schedule attention of queries shaped and typed like ``q`` over ``layout``."""
-        _check(layer, layout, q)
+        """Schedule attention of queries shaped and typed like ``q`` over ``layout``.
+
+        ``layer``'s fp8 K scale is folded into the softmax scale; a layer
+        run later with another K scale has its query rescaled instead.
+        """
+        check_inputs(layer, layout, q, None)
         spec = layer.spec
         _, _, k_scale, _ = _kv(layer)
         hq, hkv, d = q.shape[1], spec.num_kv_heads, spec.head_dim
         sm = float(scale) if scale is not None else 1.0 / math.sqrt(d)
         kv_dtype = spec.fmt.float8_dtype or spec.fmt.storage_dtype
-        ws = _workspace(q.device)
-        assert _fi is not None
+        wrapper = self._get_wrapper(hq // hkv)
         if self.kind == "decode":
             if layout.max_query_len != 1 or layout.num_tokens != layout.batch_size:
                 raise InvalidArgument("decode takes one new token per sequence; use prefill")
-            self._wrapper = _fi.BatchDecodeWithPagedKVCacheWrapper(
-                ws, "NHD", use_tensor_cores=hq // hkv >= 4
-            )
-            self._wrapper.plan(
+            wrapper.plan(
                 layout.kv_indptr,
                 layout.kv_indices,
                 layout.kv_last_page_len,
@@ -190,8 +203,7 @@ class PagedAttention:
                 sm_scale=sm * k_scale,
             )
         else:
-            self._wrapper = _fi.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD")
-            self._wrapper.plan(
+            wrapper.plan(
                 layout.query_start_loc,
                 layout.kv_indptr,
                 layout.kv_indices,
@@ -206,12 +218,13 @@ class PagedAttention:
                 kv_data_type=kv_dtype,
                 sm_scale=sm * k_scale,
             )
+        self._planned = True
         self._sm_scale = sm
         self._k_scale = k_scale
 
     def run(self, q: torch.Tensor, layer: LayerKV) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of ``q`` over ``layer`` with the planned layout; ``(out, natural-log lse)``."""
-        if self._wrapper is None:
+        if not self._planned:
             raise InvalidArgument("PagedAttention.run before plan")
         k, v, k_scale, v_scale = _kv(layer)
         if k_scale != self._k_scale:  # the plan folded the planning layer's K scale in

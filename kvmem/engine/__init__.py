@@ -6,7 +6,8 @@ prefill and preemption (:mod:`.scheduler`), policies ``fcfs``, ``isrtf``
 and ``fair`` (:mod:`.policies`), output-length predictors
 (:mod:`.predictors`), and the engine that ties them together
 (:mod:`.engine`). Memory is reached only through
-:class:`~kvmem.allocator.KVAllocator`.
+:class:`~kvmem.allocator.KVAllocator`, by the scheduler alone: the executor
+gets each step's layout and layers' KV as a :class:`StepKV`.
 """
 
 from kvmem.engine.clock import SimClock, WallClock
@@ -24,7 +25,7 @@ from kvmem.engine.predictors import (
     OraclePredictor,
 )
 from kvmem.engine.request import Completion, Request, RequestOutput, SamplingParams
-from kvmem.engine.scheduler import Scheduler, SchedulerConfig
+from kvmem.engine.scheduler import Scheduler, SchedulerConfig, StepKV
 from kvmem.engine.simulate import CostModel, SimulatedExecutor
 from kvmem.engine.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from kvmem.engine.weights import load_model, random_model
@@ -59,6 +60,7 @@ __all__ = [
     "SchedulerConfig",
     "SimClock",
     "SimulatedExecutor",
+    "StepKV",
     "SwapUnavailable",
     "WallClock",
     "load_model",

@@ -1,4 +1,5 @@
-"""ModelConfig: the shape of a Llama-architecture model, from a preset or a HF config.json.
+"""ModelConfig: the shape of a Llama-architecture model, from a preset or a HF config.json;
+EngineConfig: everything else an engine is built from.
 
 The presets build random-weight models small enough to run on two CPU
 cores; ``from_hf`` reads the ``config.json`` of a local Llama, Mistral or
@@ -8,6 +9,7 @@ Qwen2 checkpoint (the fields those three share, plus Qwen2's q/k/v biases).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -141,3 +143,35 @@ def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise InvalidArgument(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine is built from, besides the model.
+
+    ``backend`` and ``backend_options`` go to :func:`kvmem.create_allocator`
+    (with ``num_tokens=num_kv_tokens`` and ``device``, by default the
+    model's); ``policy`` and
+    ``policy_options`` to :func:`~kvmem.engine.policies.make_policy`.
+    ``max_model_len`` defaults to the model's context. ``attention_impl``
+    (see :mod:`kvmem.attention`) is resolved once, when the engine is built. ``detokenize=False``
+    skips text (and stop strings) for replay benchmarks.
+    """
+
+    backend: str = "paged"
+    backend_options: Mapping[str, Any] = field(default_factory=dict)
+    kv_format: str = "auto"
+    num_kv_tokens: int = 16384
+    device: str | None = None
+    policy: str = "fcfs"
+    policy_options: Mapping[str, Any] = field(default_factory=dict)
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 256
+    chunked_prefill: bool = True
+    preemption: str = "recompute"
+    watermark: float = 0.01
+    max_model_len: int | None = None
+    attention_impl: str = "auto"
+    seed: int = 0
+    detokenize: bool = True
+    finished_history: int = 100_000

@@ -3,12 +3,17 @@
 ::
 
     add_request ──► inbox ──► step():  drain inbox (adds, aborts, priorities)
-                                       scheduler.schedule()   reserve / preempt
+                                       scheduler.schedule()   add / reserve / preempt,
+                                                              the step's layout and layers
                                        executor.execute()     one forward, mixed batch
-                                       allocator.commit()     KV now written
-                                       sample, stop checks, allocator.append()
-                                       finished ──► allocator.free()
+                                       sample, stop checks
+                                       scheduler.update()     commit, append, free: the one
+                                                              KV update of the step
                                        stream RequestOutputs to callbacks
+
+The scheduler owns every allocator call (the engine only builds the
+allocator and reads its stats); the executor and the model get the step's
+layout and the layers' KV from the plan.
 
 Threads: ``step`` may run in a background thread while ``add_request``,
 ``abort`` and ``set_priority`` are called from another (a server's event
@@ -18,7 +23,10 @@ an aborted request's KV is freed immediately or at the end of the step in
 flight. Everything else (``metrics``) takes the step lock.
 
 Works with every registered backend and KV format: memory is reached only
-through :class:`~kvmem.allocator.KVAllocator` methods.
+through :class:`~kvmem.allocator.KVAllocator` methods and its declared
+capabilities. One loop serves: :meth:`Engine.serve_forever` (a server's
+engine thread, :mod:`kvmem.server.runner`) and :meth:`Engine.run` both step
+through it.
 """
 
 from __future__ import annotations
@@ -26,16 +34,18 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from collections import deque
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from kvmem.allocator import KVAllocator, create_allocator
 from kvmem.engine.clock import Clock, WallClock
-from kvmem.engine.errors import InvalidRequest, SwapUnavailable
+from kvmem.engine.config import EngineConfig
+from kvmem.engine.errors import InvalidRequest
 from kvmem.engine.executor import Executor, ModelExecutor
 from kvmem.engine.metrics import EngineMetrics
 from kvmem.engine.model import LlamaModel
@@ -49,7 +59,8 @@ from kvmem.engine.request import (
     SamplingParams,
 )
 from kvmem.engine.sampling import sample
-from kvmem.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
+from kvmem.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from kvmem.engine.stopping import advance_text, stop_reason
 from kvmem.engine.tokenizer import ByteTokenizer, IncrementalDecoder, Tokenizer
 from kvmem.errors import InvalidArgument, KVError
 
@@ -57,37 +68,8 @@ log = logging.getLogger(__name__)
 _Pending = list[tuple[Request, RequestOutput]]
 #: How long a step with nothing to run waits for a swap copy in flight.
 _IDLE_SWAP_WAIT_S = 0.005
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Everything the engine is built from, besides the model.
-
-    ``backend`` and ``backend_options`` go to :func:`kvmem.create_allocator`
-    (with ``num_tokens=num_kv_tokens`` and ``device``, by default the
-    model's); ``policy`` and
-    ``policy_options`` to :func:`~kvmem.engine.policies.make_policy`.
-    ``max_model_len`` defaults to the model's context. ``detokenize=False``
-    skips text (and stop strings) for replay benchmarks.
-    """
-
-    backend: str = "paged"
-    backend_options: Mapping[str, Any] = field(default_factory=dict)
-    kv_format: str = "auto"
-    num_kv_tokens: int = 16384
-    device: str | None = None
-    policy: str = "fcfs"
-    policy_options: Mapping[str, Any] = field(default_factory=dict)
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 256
-    chunked_prefill: bool = True
-    preemption: str = "recompute"
-    watermark: float = 0.01
-    max_model_len: int | None = None
-    attention_impl: str = "auto"
-    seed: int = 0
-    detokenize: bool = True
-    finished_history: int = 100_000
+#: The longest an idle serve loop sleeps before looking at its stop condition again.
+_IDLE_WAIT_S = 0.05
 
 
 class Engine:
@@ -149,15 +131,20 @@ class Engine:
                 config.backend, spec, num_tokens=config.num_kv_tokens, **options
             )
         self.allocator: KVAllocator = allocator
-        if config.preemption == "swap":
-            self._check_swap()
+        try:  # SwapUnavailable for preemption='swap' on a backend that does not declare swap
+            self.scheduler = Scheduler(allocator, self.policy, sched_cfg, executor.uses_kv)
+            executor.prepare(allocator.spec)
+        except KVError:
+            if self._owns_allocator:
+                allocator.close()
+            raise
         self.kv_capacity_tokens = self.allocator.stats().capacity_tokens
-        self.scheduler = Scheduler(self.allocator, self.policy, sched_cfg)
         self._generator = torch.Generator().manual_seed(config.seed)
         self._requests: dict[str, Request] = {}
         self._ids: set[str] = set()
         self._inbox: list[tuple[str, Any]] = []
         self._inbox_lock = threading.Lock()
+        self._wake = threading.Event()  # set by add/abort/priority: an idle loop looks again
         self._step_lock = threading.RLock()
         self._counter = itertools.count()
         self.finished: deque[Request] = deque(maxlen=config.finished_history)
@@ -182,18 +169,6 @@ class Engine:
         model = load_model(path, dtype=dtype)
         tok = load_tokenizer(path, tuple(model.config.eos_token_ids))
         return cls(model, tokenizer=tok, **overrides)
-
-    def _check_swap(self) -> None:
-        try:
-            self.allocator.swap_out([])
-        except NotImplementedError as e:
-            if self._owns_allocator:
-                self.allocator.close()
-            raise SwapUnavailable(
-                f"preemption='swap' is unavailable for backend {self.config.backend!r}: {e}"
-            ) from None
-        except KVError:
-            pass  # an empty swap may be refused; the backend does implement it
 
     # ------------------------------------------------------------------ input
     def add_request(
@@ -299,6 +274,7 @@ class Engine:
                 req.decoder = IncrementalDecoder(self.tokenizer)
             self._ids.add(rid)
             self._inbox.append(("add", req))
+        self._wake.set()
         return req
 
     def abort(self, request_id: str) -> bool:
@@ -310,6 +286,7 @@ class Engine:
             if request_id not in self._ids:
                 return False
             self._inbox.append(("abort", request_id))
+        self._wake.set()
         if self._step_lock.acquire(blocking=False):
             try:
                 outputs: _Pending = []
@@ -327,6 +304,7 @@ class Engine:
             if request_id not in self._ids:
                 return False
             self._inbox.append(("priority", (request_id, priority)))
+        self._wake.set()
         return True
 
     def _drain(self, outputs: _Pending) -> None:
@@ -340,6 +318,7 @@ class Engine:
                 r = self._requests.get(arg)
                 if r is not None and not r.finished:
                     self.num_aborted += 1
+                    self.scheduler.remove(r)
                     self._finish(r, "abort", outputs, [])
             else:
                 rid, prio = arg
@@ -356,94 +335,56 @@ class Engine:
             for r, reason, err in plan.ended:
                 self._finish(r, reason, outputs, [], None, err)
             if plan.chunks:
-                self._run(plan.chunks, outputs)
+                self._run(plan, outputs)
             elif not plan.ended:
                 self.scheduler.wait_for_swaps(_IDLE_SWAP_WAIT_S)
             self._drain(outputs)
         self._deliver(outputs)
         return [o for _, o in outputs]
 
-    def _run(self, chunks: list[ScheduledChunk], outputs: _Pending) -> None:
+    def _run(self, plan: SchedulerOutput, outputs: _Pending) -> None:
+        chunks = plan.chunks
         now = self.clock.now()
         if self._first_step_time is None:
             self._first_step_time = now
         for c in chunks:
             if c.request.metrics.first_scheduled_time is None:
                 c.request.metrics.first_scheduled_time = now
-        logits = self.executor.execute(chunks, self.allocator)
+        logits = self.executor.execute(chunks, plan.kv)
         self.num_steps += 1
         samplers: list[Request] = []
         for c in chunks:
-            r = c.request
-            self.allocator.commit(r.request_id, c.num_tokens)
-            r.num_computed += c.num_tokens
-            r.metrics.num_computed_tokens += c.num_tokens
             if not c.is_decode:
                 self.prompt_tokens += c.num_tokens
-                self.policy.on_served(r, c.num_tokens, 0)
+                self.policy.on_served(c.request, c.num_tokens, 0)
             if c.samples:
-                samplers.append(r)
-        if not samplers:
-            return
-        toks = sample(
-            logits,
-            [r.params for r in samplers],
-            [r.generator or self._generator for r in samplers],
+                samplers.append(c.request)
+        news: list[tuple[Request, int, str, str | None]] = []
+        if samplers:
+            toks = sample(
+                logits,
+                [r.params for r in samplers],
+                [r.generator or self._generator for r in samplers],
+            )
+            t = self.clock.now()
+            for r, tok in zip(samplers, toks, strict=True):
+                r.token_ids.append(tok)
+                r.metrics.token_times.append(t)
+                self.generation_tokens += 1
+                self.policy.on_served(r, 0, 1)
+                reason = stop_reason(r, tok, self.eos_token_ids, self.max_model_len)
+                text, stopped = advance_text(r, tok, final=reason is not None)
+                news.append((r, tok, text, "stop" if stopped else reason))
+        self.scheduler.update(
+            chunks,
+            [r for r, _, _, reason in news if reason is None],
+            [r for r, _, _, reason in news if reason is not None],
         )
-        t = self.clock.now()
-        for r, tok in zip(samplers, toks, strict=True):
-            r.token_ids.append(tok)
-            r.metrics.token_times.append(t)
-            self.generation_tokens += 1
-            self.policy.on_served(r, 0, 1)
-            reason = self._stop_reason(r, tok)
-            text, stopped = self._advance_text(r, tok, final=reason is not None)
-            if stopped:
-                reason = "stop"
+        for r, tok, text, reason in news:
             if reason is None:
-                self.allocator.append(r.request_id, [tok])
                 outputs.append((r, RequestOutput(r.request_id, [tok], text)))
             else:
                 self._finish(r, reason, outputs, [tok], text)
-
-    def _stop_reason(self, r: Request, tok: int) -> str | None:
-        p = r.params
-        if (not p.ignore_eos and tok in self.eos_token_ids) or tok in p.stop_token_ids:
-            return "stop"
-        if r.num_output_tokens >= p.max_tokens or r.num_tokens >= self.max_model_len:
-            return "length"
-        return None
-
-    def _advance_text(self, r: Request, tok: int | None, final: bool) -> tuple[str, bool]:
-        """Decode ``tok``; return the text now safe to stream and whether a stop string matched.
-
-        Text that could be the start of a stop string is held back until it
-        is known not to be one; a matched stop string and all after it are cut.
-        """
-        if r.decoder is None:
-            return "", False
-        old = len(r.text)
-        if tok is not None:
-            r.text += r.decoder.feed([tok])
-        if final:
-            r.text += r.decoder.flush()
-        stopped = False
-        for s in r.params.stop:
-            i = r.text.find(s, max(0, old - len(s) + 1))
-            if i >= 0:
-                r.text = r.text[:i]
-                stopped = True
-        hold = 0
-        if not (final or stopped):
-            for s in r.params.stop:
-                for k in range(min(len(s) - 1, len(r.text)), hold, -1):
-                    if r.text.endswith(s[:k]):
-                        hold = k
-                        break
-        end = len(r.text) - hold
-        new = r.text[r.emitted : end] if end > r.emitted else ""
-        r.emitted = max(r.emitted, end)
-        return new, stopped
 
     def _finish(
         self,
@@ -454,9 +395,9 @@ class Engine:
         text: str | None = None,
         error: str | None = None,
     ) -> None:
-        self.scheduler.remove(r)
+        """Record that ``r`` (already out of the scheduler, its KV freed) has finished."""
         if text is None:
-            text, _ = self._advance_text(r, None, final=True)
+            text, _ = advance_text(r, None, final=True)
         r.status = RequestStatus.FINISHED
         r.finish_reason = reason
         r.metrics.finish_time = self.clock.now()
@@ -537,19 +478,48 @@ class Engine:
 
     def run(self, until: Callable[[], bool] | None = None) -> None:
         """Step until ``until()`` is true (default: until no request is left)."""
-        stop = until or (lambda: not self.has_unfinished())
-        while not stop():
-            self.step()
+        self._loop(until or (lambda: not self.has_unfinished()))
 
-    def serve_forever(self, stop: threading.Event, idle_sleep: float = 0.002) -> None:
-        """Step until ``stop`` is set, sleeping ``idle_sleep`` s when there is nothing to do.
+    def serve_forever(
+        self,
+        stop: threading.Event,
+        idle_sleep: float = _IDLE_WAIT_S,
+        on_error: Callable[[Exception], None] | None = None,
+    ) -> None:
+        """Step until ``stop`` is set; when idle, sleep until a request arrives.
 
         Meant for a background thread (a server's), while other threads call
-        ``add_request``, ``abort`` and ``set_priority``.
+        ``add_request``, ``abort`` and ``set_priority`` (which wake it). An
+        idle loop looks at ``stop`` at least every ``idle_sleep`` seconds. A
+        step that raises ends the loop, unless ``on_error`` is given: then it
+        gets the exception and the loop goes on.
         """
-        while not stop.is_set():
-            if not self.step() and not self.has_unfinished():
-                stop.wait(idle_sleep)
+        self._loop(stop.is_set, idle_sleep, on_error)
+
+    def _loop(
+        self,
+        done: Callable[[], bool],
+        idle_sleep: float = _IDLE_WAIT_S,
+        on_error: Callable[[Exception], None] | None = None,
+    ) -> None:
+        """The one serve loop: step while there is work, sleep while there is none."""
+        while not done():
+            if not self.has_unfinished():
+                self._wake.wait(idle_sleep)
+                self._wake.clear()
+                continue
+            steps = self.num_steps
+            try:
+                outs = self.step()
+            except Exception as e:
+                if on_error is None:
+                    raise
+                on_error(e)
+                continue
+            if outs or self.num_steps != steps:
+                time.sleep(0)  # let other threads (a server's event loop) take the GIL
+            else:
+                time.sleep(0.001)  # nothing could be scheduled: do not spin
 
     @staticmethod
     def _completion(r: Request) -> Completion:

@@ -1,22 +1,27 @@
 """Executors: run one scheduled batch and return the logits to sample from.
 
 :class:`ModelExecutor` runs a :class:`~kvmem.engine.model.LlamaModel` over
-the allocator's :class:`~kvmem.layout.BatchLayout`. The scheduling
-benchmark swaps in :class:`~kvmem.engine.simulate.SimulatedExecutor`, which
-charges a cost model to a simulated clock instead, so the scheduling code
-under test is the same.
+the step's :class:`~kvmem.engine.scheduler.StepKV` (the batch layout and
+the layers' KV, handed out by the engine: an executor never calls the
+allocator). Its attention backend is chosen once, in :meth:`Executor.prepare`.
+The scheduling benchmark swaps in
+:class:`~kvmem.engine.simulate.SimulatedExecutor`, which charges a cost
+model to a simulated clock instead, so the scheduling code under test is
+the same.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 
-from kvmem.allocator import KVAllocator
+from kvmem.attention import AttentionBackend, stage_layout
 from kvmem.engine.model import LlamaModel
-from kvmem.engine.scheduler import ScheduledChunk
+from kvmem.engine.scheduler import ScheduledChunk, StepKV
+from kvmem.errors import InvalidArgument
 from kvmem.spec import KVSpec
 
 
@@ -28,16 +33,27 @@ class Executor(ABC):
     eos_token_ids: tuple[int, ...] = ()
     #: Where the KV should live (the model's device).
     device: torch.device = torch.device("cpu")
+    #: False for an executor that never reads KV (a simulation): it is then handed none.
+    uses_kv: ClassVar[bool] = True
 
     @abstractmethod
     def kv_spec(self, kv_format: str = "auto", **options: object) -> KVSpec:
         """The KV cache the model needs."""
 
+    def prepare(self, spec: KVSpec) -> None:
+        """Get ready to run over KV of ``spec`` (once, when the engine is built).
+
+        Raises a :class:`~kvmem.errors.KVError` when the executor cannot.
+        The default has nothing to prepare.
+        """
+        return None
+
     @abstractmethod
-    def execute(self, chunks: Sequence[ScheduledChunk], allocator: KVAllocator) -> torch.Tensor:
-        """Compute the chunks' KV (slots reserved); return float32 logits [num sampling chunks, V].
+    def execute(self, chunks: Sequence[ScheduledChunk], kv: StepKV | None) -> torch.Tensor:
+        """Compute the chunks' KV into ``kv``; return float32 logits [num sampling chunks, V].
 
         Rows follow the order of the chunks whose ``samples`` is true.
+        ``kv`` is None only for an executor whose ``uses_kv`` is False.
         """
 
 
@@ -46,7 +62,8 @@ class ModelExecutor(Executor):
 
     def __init__(self, model: LlamaModel, attention_impl: str = "auto") -> None:
         self.model = model
-        self.model.attention_impl = attention_impl
+        self.attention_impl = attention_impl
+        self.attention: AttentionBackend | None = None
         cfg = model.config
         self.max_model_len = cfg.max_position_embeddings
         self.vocab_size = cfg.vocab_size
@@ -57,9 +74,14 @@ class ModelExecutor(Executor):
         """The model's KV shape in ``kv_format``."""
         return self.model.kv_spec(kv_format, **options)
 
-    def execute(self, chunks: Sequence[ScheduledChunk], allocator: KVAllocator) -> torch.Tensor:
+    def prepare(self, spec: KVSpec) -> None:
+        """Choose the attention backend (``attention_impl``, ``auto`` resolved) once."""
+        self.attention = self.model.attention_backend(spec, self.attention_impl)
+
+    def execute(self, chunks: Sequence[ScheduledChunk], kv: StepKV | None) -> torch.Tensor:
         """One forward over the flattened chunks."""
-        layout = allocator.layout([(c.request.request_id, c.num_tokens) for c in chunks])
+        if self.attention is None or kv is None:
+            raise InvalidArgument("ModelExecutor.execute needs prepare and the step's KV")
         ids: list[int] = []
         pos: list[int] = []
         rows: list[int] = []
@@ -70,12 +92,20 @@ class ModelExecutor(Executor):
                 rows.append(len(ids) - 1)
         dev = self.model.device
         return self.model(
-            torch.tensor(ids, dtype=torch.long, device=dev),
-            torch.tensor(pos, dtype=torch.long, device=dev),
-            layout.to(dev) if layout.slot_mapping.device != dev else layout,
-            allocator,
-            torch.tensor(rows, dtype=torch.long, device=dev),
+            _to_device(ids, dev),
+            _to_device(pos, dev),
+            stage_layout(kv.layout, dev),
+            kv.layers,
+            _to_device(rows, dev),
+            self.attention,
         )
+
+
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    t = torch.tensor(values, dtype=torch.long)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 __all__ = ["Executor", "ModelExecutor"]

@@ -11,9 +11,11 @@ of prefill chunks and rows of decodes side by side, as a
     input_ids  [ a0 a1 a2 a3 | b7 | c12 ]     positions [ 0 1 2 3 | 7 | 12 ]
     layout.query_start_loc = [0, 4, 5, 6]      (a: prefill chunk, b, c: decodes)
 
-Each layer writes the new K/V through :func:`kvmem.attention.write_kv` at
-``layout.slot_mapping`` and attends through :func:`kvmem.attention.prefill`
-(or :func:`kvmem.attention.decode` when every row is a decode). The model
+The forward pass plans the batch once on an
+:class:`~kvmem.attention.AttentionBackend` (chosen once, by the engine or
+from ``attention_impl``); each layer then writes its new K/V at
+``layout.slot_mapping`` and attends (a decode kernel when every row is a
+decode, else a causal prefill). The model is handed the layers' KV; it
 never touches KV memory any other way.
 
 Mistral's sliding window is not applied (attention is full); it only
@@ -23,13 +25,14 @@ matters beyond the window (4096 tokens).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvmem import attention
+from kvmem.attention import AttentionBackend, create_backend
 from kvmem.engine.config import ModelConfig
 from kvmem.errors import InvalidArgument
 from kvmem.layout import BatchLayout
@@ -135,22 +138,16 @@ class Attention(nn.Module):
         x: torch.Tensor,
         positions: torch.Tensor,
         rotary: Rotary,
-        layout: BatchLayout,
-        kv: KVLayers,
-        impl: str,
+        layer: LayerKV,
+        attn: AttentionBackend,
     ) -> torch.Tensor:
-        """Write this step's K/V, attend over all of each sequence's KV."""
+        """Write this step's K/V to ``layer``, attend over all of each sequence's KV."""
         n = x.shape[0]
         q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
         q, k = rotary(q, k, positions)
-        layer = kv.layer(self.index)
-        attention.write_kv(layer, layout, k, v, impl=impl)
-        if layout.max_query_len == 1:
-            out, _ = attention.decode(q, layer, layout, impl=impl)
-        else:
-            out, _ = attention.prefill(q, layer, layout, impl=impl)
+        out = attn.forward(q, k, v, layer)
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
 
 
@@ -183,12 +180,11 @@ class DecoderLayer(nn.Module):
         x: torch.Tensor,
         positions: torch.Tensor,
         rotary: Rotary,
-        layout: BatchLayout,
-        kv: KVLayers,
-        impl: str,
+        layer: LayerKV,
+        attn: AttentionBackend,
     ) -> torch.Tensor:
         """One transformer block."""
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, layout, kv, impl)
+        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, layer, attn)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -214,11 +210,30 @@ class LlamaModel(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.attention_impl = "auto"
+        self._attn: AttentionBackend | None = None
+        self._attn_key: tuple[object, ...] = ()
 
     def kv_spec(self, kv_format: str = "auto", **options: object) -> KVSpec:
         """The KV cache this model needs, in ``kv_format``."""
         c = self.config
         return KVSpec(c.num_layers, c.num_kv_heads, c.head_dim, c.dtype, kv_format, **options)  # type: ignore[arg-type]
+
+    def attention_backend(self, spec: KVSpec, impl: str | None = None) -> AttentionBackend:
+        """An attention backend for this model over ``spec`` KV (``impl``: ``attention_impl``).
+
+        Chosen once here (``auto`` resolved for the model's dtype and
+        device); raises InvalidArgument when ``impl`` cannot take them.
+        """
+        w = self.lm_head.weight
+        return create_backend(impl or self.attention_impl, spec, w.dtype, w.device)
+
+    def _default_backend(self, spec: KVSpec) -> AttentionBackend:
+        a, w = self._attn, self.lm_head.weight
+        key = (self.attention_impl, spec, w.dtype, w.device)
+        if a is None or self._attn_key != key:
+            a = self._attn = self.attention_backend(spec)
+            self._attn_key = key
+        return a
 
     @property
     def device(self) -> torch.device:
@@ -231,13 +246,18 @@ class LlamaModel(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         layout: BatchLayout,
-        kv: KVLayers,
+        kv: KVLayers | Sequence[LayerKV],
         logit_rows: torch.Tensor | None = None,
+        attn: AttentionBackend | None = None,
     ) -> torch.Tensor:
         """Run the flattened batch; return float32 logits of ``logit_rows`` (default: every row).
 
         ``input_ids`` and ``positions`` are int64 [N], N = ``layout.num_tokens``.
-        The K/V of every row is written to ``kv`` at ``layout.slot_mapping``.
+        ``kv`` is the layers' KV storage (a list, one per layer) or anything
+        with ``layer(i)``. The K/V of every row is written there at
+        ``layout.slot_mapping``. ``attn`` is planned with ``layout`` once,
+        then runs every layer; without it, a backend for ``attention_impl``
+        is chosen on the first call and kept.
         """
         if input_ids.shape != positions.shape or input_ids.shape[0] != layout.num_tokens:
             raise InvalidArgument(
@@ -250,9 +270,17 @@ class LlamaModel(nn.Module):
                 f"of {self.config.max_position_embeddings}"
             )
         m = self.model
+        layers = (
+            list(kv) if isinstance(kv, Sequence) else [kv.layer(i) for i in range(len(m.layers))]
+        )
+        if len(layers) != len(m.layers):
+            raise InvalidArgument(f"{len(layers)} KV layers for a model of {len(m.layers)}")
+        if attn is None:
+            attn = self._default_backend(layers[0].spec)
+        attn.plan(layout)
         x = m.embed_tokens(input_ids)
-        for layer in m.layers:
-            x = layer(x, positions, m.rotary_emb, layout, kv, self.attention_impl)
+        for block, layer in zip(m.layers, layers, strict=True):
+            x = block(x, positions, m.rotary_emb, layer, attn)
         if logit_rows is not None:
             x = x[logit_rows]
         return self.lm_head(m.norm(x)).float()

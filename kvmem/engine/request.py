@@ -6,13 +6,16 @@ import math
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kvmem.engine.errors import InvalidRequest
 from kvmem.engine.metrics import RequestMetrics
 from kvmem.engine.tokenizer import IncrementalDecoder
+
+if TYPE_CHECKING:
+    from kvmem.allocator import KVAllocator
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,9 @@ class Request:
     """The engine's state of one request (tokens, KV progress, scheduling fields, metrics).
 
     ``token_ids`` is the prompt followed by the generated tokens;
-    ``num_computed`` of them have KV written in the allocator.
+    ``num_computed`` of them have KV written. That count is the allocator's
+    (read through ``kv``, set by the scheduler while the request's sequence
+    is registered), never a copy kept here.
     """
 
     request_id: str
@@ -123,9 +128,9 @@ class Request:
     #: Prefix-cache namespace: prompts with different salts never share KV.
     cache_salt: Hashable = None
     token_ids: list[int] = field(default_factory=list)
-    num_computed: int = 0
     status: RequestStatus = RequestStatus.WAITING
-    registered: bool = False  # known to the allocator
+    #: The allocator holding this request's sequence; None while it holds no KV.
+    kv: KVAllocator | None = field(default=None, repr=False)
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     decoder: IncrementalDecoder | None = None
@@ -161,6 +166,12 @@ class Request:
     def output_token_ids(self) -> list[int]:
         """The generated tokens."""
         return self.token_ids[len(self.prompt_token_ids) :]
+
+    @property
+    def num_computed(self) -> int:
+        """Tokens whose KV is written (0 while the request holds no KV)."""
+        kv = self.kv
+        return 0 if kv is None else kv.seq_info(self.request_id).num_computed
 
     @property
     def num_to_compute(self) -> int:

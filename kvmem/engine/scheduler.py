@@ -12,11 +12,20 @@ batching)::
     step k+1: [d d d d | prefill A 250..500 ]        decodes keep their pace
     step k+2: [d d d d d | prefill A 500..600 | B 0..150 ]
 
-Memory comes only from the allocator: ``add`` (which reports prefix-cache
-hits, skipped rather than recomputed), ``reserve`` before a chunk runs, and
-``free``. When ``reserve`` raises OutOfKVMemory, the running request with
-the largest policy key that is not yet in this step's batch is preempted,
-possibly the requester itself:
+The scheduler is the one owner of allocator calls. Each step::
+
+    schedule()   add (prefix-cache hits are skipped, not recomputed), reserve,
+                 preempt (free or swap_out), swap_in; then the batch's layout
+                 and the layers' KV, handed to the executor as ``StepKV``
+    ... the engine runs the forward pass and samples ...
+    update()     commit every chunk's KV, append the sampled tokens of
+                 requests that go on, free the finished ones
+
+A request's progress (``num_computed``) is the allocator's
+(:meth:`~kvmem.allocator.KVAllocator.seq_info`), never a copy. When
+``reserve`` raises OutOfKVMemory, the running request with the largest
+policy key that is not yet in this step's batch is preempted, possibly the
+requester itself:
 
 - ``recompute``: ``free`` it; it waits, and on readmission ``add`` finds
   its full pages in the prefix cache unless they were evicted meanwhile;
@@ -25,13 +34,16 @@ possibly the requester itself:
 
 A policy that preempts (priorities in ``fair``, ``isrtf`` with a ratio) may
 also displace running requests for a better waiting one when seats or KV
-are short. A request that alone exceeds the whole KV capacity ends with
-finish reason ``"length"``.
+are short; a waiting request is counted at its next chunk plus one
+allocation unit (``allocator.granularity``) of headroom. A request that
+alone exceeds the whole KV capacity ends with finish reason ``"length"``.
+Preemption by swap needs a backend declaring the ``swap`` capability.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvmem.allocator import KVAllocator
@@ -39,6 +51,8 @@ from kvmem.engine.errors import SwapUnavailable
 from kvmem.engine.policies import Policy
 from kvmem.engine.request import Request, RequestStatus
 from kvmem.errors import InvalidArgument, KVError, OutOfKVMemory
+from kvmem.layout import BatchLayout
+from kvmem.storage import LayerKV
 
 PREEMPTION_MODES = ("recompute", "swap")
 
@@ -96,14 +110,28 @@ class ScheduledChunk:
         return self.num_tokens == 1 and self.start == r.num_tokens - 1 and r.num_output_tokens > 0
 
 
+@dataclass(frozen=True)
+class StepKV:
+    """The KV memory one step's forward pass reads and writes, as the scheduler hands it out.
+
+    ``layout`` places the batch's new tokens (in chunk order) and all of
+    their sequences' KV; ``layers[i]`` is layer i's storage.
+    """
+
+    layout: BatchLayout
+    layers: tuple[LayerKV, ...]
+
+
 @dataclass
 class SchedulerOutput:
     """One step's plan."""
 
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
-    #: Requests the scheduler ended, with the finish reason and error text (or None).
+    #: Requests the scheduler ended (their KV already freed), with the reason and error text.
     ended: list[tuple[Request, str, str | None]] = field(default_factory=list)
+    #: The chunks' layout and the layers' KV (None without chunks, or if not ``builds_kv``).
+    kv: StepKV | None = None
 
     @property
     def num_decode_tokens(self) -> int:
@@ -119,8 +147,21 @@ class SchedulerOutput:
 class Scheduler:
     """Forms batches over the waiting, running and swapped requests."""
 
-    def __init__(self, allocator: KVAllocator, policy: Policy, config: SchedulerConfig) -> None:
+    def __init__(
+        self,
+        allocator: KVAllocator,
+        policy: Policy,
+        config: SchedulerConfig,
+        builds_kv: bool = True,
+    ) -> None:
+        if config.preemption == "swap" and not allocator.capabilities.swap:
+            raise SwapUnavailable(
+                f"preemption='swap' is unavailable: {type(allocator).__name__} does not "
+                "declare the swap capability; use preemption='recompute'"
+            )
         self.allocator = allocator
+        #: Whether plans carry the step's layout and layers (not for an executor that reads no KV).
+        self.builds_kv = builds_kv
         self.policy = policy
         self.config = config
         self.waiting: list[Request] = []
@@ -153,16 +194,43 @@ class Scheduler:
         self._blocked.pop(request.request_id, None)
         self._release(request)
 
+    def _end(self, r: Request, reason: str, error: str | None, out: SchedulerOutput) -> None:
+        """End ``r`` from within ``schedule`` (it has left every queue): free its KV, report it."""
+        self._blocked.pop(r.request_id, None)
+        self._release(r)
+        out.ended.append((r, reason, error))
+
     def _release(self, r: Request) -> None:
         if r.swap_handle is not None:
             with contextlib.suppress(Exception):  # the KV is being dropped anyway
                 r.swap_handle.wait()
             r.swap_handle = None
-        if r.registered:
+        if r.kv is not None:
             self.allocator.free(r.request_id)
-            r.registered = False
+            r.kv = None
             self._kv_epoch += 1
-        r.num_computed = 0
+
+    # ----------------------------------------------------------------- update
+    def update(
+        self,
+        chunks: Sequence[ScheduledChunk],
+        appended: Sequence[Request],
+        finished: Sequence[Request],
+    ) -> None:
+        """The one bookkeeping pass after a step's forward: commit, append, free.
+
+        Every chunk's KV is committed; each request in ``appended`` has its
+        last token (the one just sampled) appended; each in ``finished``
+        leaves the scheduler and its KV is freed.
+        """
+        alloc = self.allocator
+        for c in chunks:
+            alloc.commit(c.request.request_id, c.num_tokens)
+            c.request.metrics.num_computed_tokens += c.num_tokens
+        for r in appended:
+            alloc.append(r.request_id, r.token_ids[-1:])
+        for r in finished:
+            self.remove(r)
 
     # -------------------------------------------------------------- preemption
     def _preempt(self, r: Request, out: SchedulerOutput) -> None:
@@ -177,10 +245,6 @@ class Scheduler:
                 self.swapped.append(r)
                 self._kv_epoch += 1  # its device pages come free once the copy lands
                 return
-            except NotImplementedError as e:
-                raise SwapUnavailable(
-                    f"swap is unavailable for this backend ({e}); use preemption='recompute'"
-                ) from None
             except OutOfKVMemory:
                 pass  # host pool full: fall back to recompute
         self._release(r)
@@ -204,7 +268,7 @@ class Scheduler:
                 victim = self._victim(r, scheduled)
                 if victim is r and all(x is r for x in self.running):
                     self.running.remove(r)
-                    out.ended.append((r, "length", None))
+                    self._end(r, "length", None, out)
                     return False
                 self._preempt(victim, out)
                 if victim is r:
@@ -221,7 +285,7 @@ class Scheduler:
             need = w.num_to_compute
             if self.config.chunked_prefill:
                 need = min(need, self.config.max_num_batched_tokens)
-            need += self.allocator.page_size
+            need += self.allocator.granularity
             while seats <= 0 or free < need:
                 victims = [x for x in self.running if x.swap_handle is None]
                 if not victims:
@@ -248,7 +312,7 @@ class Scheduler:
                     h.wait()
                 except Exception as e:  # the KV stays on the host: end this request only
                     self.running.remove(r)
-                    out.ended.append((r, "error", f"swap-in failed: {e}"))
+                    self._end(r, "error", f"swap-in failed: {e}", out)
         for r in list(self.swapped):
             if r.swap_handle is not None and r.swap_handle.done():
                 self._land_swap_out(r)
@@ -293,8 +357,6 @@ class Scheduler:
             r.swap_handle = self.allocator.swap_in([r.request_id])
         except OutOfKVMemory:
             return False
-        except NotImplementedError as e:
-            raise SwapUnavailable(f"swap is unavailable for this backend ({e})") from None
         self.swapped.remove(r)
         r.status = RequestStatus.RUNNING
         self.running.append(r)
@@ -311,22 +373,30 @@ class Scheduler:
         budget = cfg.max_num_batched_tokens
         scheduled: set[int] = set()
         ready = sorted((r for r in self.running if r.swap_handle is None), key=self.policy.key)
-        decodes = [r for r in ready if r.num_to_compute == 1]
-        prefills = [r for r in ready if r.num_to_compute > 1]
-        for r in decodes + prefills:
+        todo = [(r, r.num_to_compute) for r in ready]
+        decodes = [x for x in todo if x[1] == 1]
+        prefills = [x for x in todo if x[1] > 1]
+        for r, left in decodes + prefills:
             if budget <= 0:
                 break
             if r.status is not RequestStatus.RUNNING or r not in self.running:
                 continue  # preempted as a victim earlier in this loop
-            n = min(r.num_to_compute, budget)
-            if not cfg.chunked_prefill and n < r.num_to_compute:
+            n = min(left, budget)
+            if not cfg.chunked_prefill and n < left:
                 continue
             if self._reserve(r, n, scheduled, out):
-                out.chunks.append(ScheduledChunk(r, r.num_computed, n))
+                out.chunks.append(ScheduledChunk(r, r.num_tokens - left, n))
                 scheduled.add(id(r))
                 budget -= n
         self._admit(budget, scheduled, out)
+        if out.chunks and self.builds_kv:
+            out.kv = self._step_kv(out.chunks)
         return out
+
+    def _step_kv(self, chunks: Sequence[ScheduledChunk]) -> StepKV:
+        alloc = self.allocator
+        layout = alloc.layout([(c.request.request_id, c.num_tokens) for c in chunks])
+        return StepKV(layout, tuple(alloc.layer(i) for i in range(alloc.spec.num_layers)))
 
     def _admit(self, budget: int, scheduled: set[int], out: SchedulerOutput) -> None:
         cfg = self.config
@@ -341,17 +411,16 @@ class Scheduler:
                 continue
             if self._blocked.get(r.request_id) == self._kv_epoch:
                 break  # it did not fit, and no KV has been released since
-            if not r.registered:
+            if r.kv is None:
                 try:
                     cached = self.allocator.add(r.request_id, r.token_ids, cache_salt=r.cache_salt)
                 except OutOfKVMemory:
                     break
                 except KVError as e:
                     self.waiting.remove(r)
-                    out.ended.append((r, "error", str(e)))
+                    self._end(r, "error", str(e), out)
                     continue
-                r.registered = True
-                r.num_computed = cached
+                r.kv = self.allocator
                 r.metrics.num_cached_tokens += cached
             n = min(r.num_to_compute, budget)
             fits = cfg.chunked_prefill or n == r.num_to_compute  # unchunked: wait for room
@@ -377,4 +446,11 @@ class Scheduler:
             seats -= 1
 
 
-__all__ = ["PREEMPTION_MODES", "ScheduledChunk", "Scheduler", "SchedulerConfig", "SchedulerOutput"]
+__all__ = [
+    "PREEMPTION_MODES",
+    "ScheduledChunk",
+    "Scheduler",
+    "SchedulerConfig",
+    "SchedulerOutput",
+    "StepKV",
+]

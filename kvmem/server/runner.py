@@ -2,9 +2,9 @@
 
 ::
 
-    event loop                              engine thread
-    submit() ── engine.add_request ──► inbox   loop: while work: engine.step()
-             ── wake ──────────────────────►         else: sleep until woken
+    event loop                              engine thread: Engine.serve_forever
+    submit() ── engine.add_request ──► inbox   (the engine's one loop: step while
+             (wakes the loop)                    there is work, else sleep until woken)
     RequestStream ◄── loop.call_soon_threadsafe ◄── on_output (per token)
     abort()   ── engine.abort (frees KV now, or when the step in flight ends)
 
@@ -86,8 +86,7 @@ class AsyncEngine:
         self._num_waiting = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._wake = threading.Event()
-        self._stop = False
+        self._stop = threading.Event()
         self._ids = itertools.count()
         self._recent_ttft = 0.5  # EWMA of time to first token, for Retry-After
         self.step_errors = 0
@@ -99,7 +98,7 @@ class AsyncEngine:
         if self._thread is not None:
             return
         self._loop = asyncio.get_running_loop()
-        self._stop = False
+        self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="kvmem-engine", daemon=True)
         self._thread.start()
 
@@ -110,8 +109,7 @@ class AsyncEngine:
                 RequestOutput(rid, [], "", True, "abort", "the server is shutting down")
             )
             self._abort(rid, disconnected=False)
-        self._stop = True
-        self._wake.set()
+        self._stop.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10.0)
             self._thread = None
@@ -133,25 +131,14 @@ class AsyncEngine:
 
     # --------------------------------------------------------------- engine
     def _run(self) -> None:
-        eng = self.engine
-        while not self._stop:
-            if not eng.has_unfinished():
-                self._wake.wait(1.0)
-                self._wake.clear()
-                continue
-            steps = eng.num_steps
-            try:
-                outs = eng.step()
-            except Exception as e:  # a bug in a step must not hang every client
-                log.exception("engine step failed")
-                self.step_errors += 1
-                self.last_error = f"{type(e).__name__}: {e}"
-                self._fail_all(self.last_error)
-                continue
-            if not outs and eng.num_steps == steps:
-                time.sleep(0.001)  # nothing could be scheduled: do not spin
-            else:
-                time.sleep(0)  # let the event loop take the GIL and stream what this step made
+        self.engine.serve_forever(self._stop, on_error=self._step_failed)
+
+    def _step_failed(self, e: Exception) -> None:
+        """A bug in a step must not hang every client: each gets the error, the loop goes on."""
+        log.error("engine step failed", exc_info=e)
+        self.step_errors += 1
+        self.last_error = f"{type(e).__name__}: {e}"
+        self._fail_all(self.last_error)
 
     def _fail_all(self, error: str) -> None:
         loop = self._loop
@@ -253,7 +240,6 @@ class AsyncEngine:
         if self.metrics:
             self.metrics.queued.set(self._num_waiting)
             self.metrics.in_flight.set(len(self._streams))
-        self._wake.set()
         return s
 
     def abort(self, request_id: str) -> None:
@@ -271,7 +257,6 @@ class AsyncEngine:
             self.metrics.disconnected.inc()
         self._close(s, "abort", time.perf_counter())
         self.engine.abort(request_id)
-        self._wake.set()
 
     async def engine_metrics(self) -> EngineMetrics:
         """The engine's metrics, read in a worker thread (it waits for the step in flight)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from engine_helpers import PROMPTS, run_checked
@@ -78,10 +80,12 @@ def test_greedy_identical_with_preemption_by_swap(backend, model32, reference, b
 
 
 class _NoSwap(PagedAllocator):
-    """A paged allocator that cannot swap (as the paged backend was before swap landed)."""
+    """A paged allocator that declares no swap (as the paged backend was before swap landed)."""
+
+    capabilities = replace(PagedAllocator.capabilities, swap=False)
 
     def swap_out(self, seq_ids):
-        raise NotImplementedError("no swap here")
+        raise AssertionError("the engine must read the capability, not try a swap")
 
 
 def test_swap_on_a_backend_without_swap_is_a_clear_error(model32):
