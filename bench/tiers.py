@@ -47,6 +47,7 @@ Run: ``KVMEM_TRACES=../shared/traces python -m bench.tiers [--quick]``.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import subprocess
 import sys
@@ -358,7 +359,10 @@ def main() -> None:
     rows, source = load_or_synthesize("azure_conv", args.rows or (2000 if args.quick else None))
     turns = conversations(rows, args.seed)
     figs: dict[str, Any] = {
-        "command": " ".join(["python -m bench.tiers", *sys.argv[1:]]),
+        "command": " ".join(
+            [f"KVMEM_TRACES={os.environ['KVMEM_TRACES']}"] * ("KVMEM_TRACES" in os.environ)
+            + ["python -m bench.tiers", *sys.argv[1:]]
+        ),
         "commit": git_commit(),
         "quick": args.quick,
         "trace": source if source.startswith("synthetic") else Path(source).name,
