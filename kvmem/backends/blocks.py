@@ -31,6 +31,23 @@ entry goes to is copied on the first ``reserve`` that would write into it
 while it is shared (copy-on-write); full pages are never written again and
 stay shared.
 
+Cache tiers (:mod:`kvmem.tiers`, options ``host_cache_tokens``,
+``disk_cache_dir``, ``disk_cache_tokens``). A cached page evicted from the
+pool is written down to a host tier, and from there to a disk tier, each an
+LRU of its own capacity (``write_through``: pages are copied down as they
+fill instead). ``add`` extends the device hit with the pages the tiers hold::
+
+    prompt pages   [ p0 ][ p1 ][ p2 ][ p3 ][ p4 ][ last, partial ]
+    found in       device device host  disk  --     (never cached)
+    add returns    4 pages' tokens; p2 and p3 start loading into new pages
+
+The loads run asynchronously (``s.transfer``); any call naming the sequence
+waits for them, as for a swap. A page that fails to load (a disk error, a
+checksum) ends the hit there: ``seq_info().num_computed`` then shows what
+loaded, and the pages after it stay reserved for the engine to compute.
+Every page that gains or loses a key in any tier is a KV event
+(:attr:`BlockTableBackend.kv_events`).
+
 Which free page a sequence gets is a pluggable policy
 (:mod:`kvmem.backends.freepages`); the grouped backend uses a buddy policy
 and keeps everything else.
@@ -38,6 +55,7 @@ and keeps everything else.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import replace
 
@@ -51,6 +69,8 @@ from kvmem.errors import IntegrityError, InvalidArgument, OutOfKVMemory
 from kvmem.spec import KVSpec
 from kvmem.storage import LayerKV, PagePool, StorageLayout
 from kvmem.swap import block_runs
+from kvmem.tiers import LoadHandle, TierManager, WritePolicy
+from kvmem.tiers.events import EventHub, removed, stored
 
 __all__ = ["BlockKey", "BlockSeq", "BlockTableBackend"]
 
@@ -77,7 +97,10 @@ class BlockTableBackend(KVBackend[BlockSeq]):
     Options: ``num_tokens`` or ``num_bytes`` (capacity), ``page_size`` (a
     power of two, default 16), ``device``, ``storage_layout`` (``"block"``
     or ``"layer"``, see :mod:`kvmem.storage`), ``prefix_caching`` (default
-    True).
+    True). Cache tiers (default off): ``host_cache_tokens``,
+    ``disk_cache_dir`` with ``disk_cache_tokens``, ``tier_write_policy``
+    (``"write_back"`` or ``"write_through"``); see the module docstring.
+    :attr:`kv_events` publishes the cache's KV events to its subscribers.
     """
 
     capabilities = Capabilities(prefix_caching=True, fork=True)
@@ -92,6 +115,10 @@ class BlockTableBackend(KVBackend[BlockSeq]):
         device: torch.device | str = "cpu",
         storage_layout: StorageLayout = "block",
         prefix_caching: bool = True,
+        host_cache_tokens: int | None = None,
+        disk_cache_dir: str | os.PathLike[str] | None = None,
+        disk_cache_tokens: int | None = None,
+        tier_write_policy: WritePolicy = "write_back",
     ) -> None:
         if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size <= 0:
             raise InvalidArgument(f"page_size must be a positive int, got {page_size!r}")
@@ -116,6 +143,36 @@ class BlockTableBackend(KVBackend[BlockSeq]):
         self._free_rows = list(range(15, -1, -1))
         self._prefix_queries = 0
         self._prefix_hits = 0
+        self.kv_events = EventHub()
+        self._tiers = self._make_tiers(
+            host_cache_tokens, disk_cache_dir, disk_cache_tokens, tier_write_policy
+        )
+
+    def _make_tiers(
+        self,
+        host_tokens: int | None,
+        disk_dir: str | os.PathLike[str] | None,
+        disk_tokens: int | None,
+        policy: WritePolicy,
+    ) -> TierManager | None:
+        """The host and disk tiers below the prefix cache (None when neither is asked for)."""
+        for name, v in (("host_cache_tokens", host_tokens), ("disk_cache_tokens", disk_tokens)):
+            bad = isinstance(v, bool) or not isinstance(v, int) or v < self.page_size
+            if v is not None and bad:
+                raise InvalidArgument(f"{name} must be an int >= page_size, got {v!r}")
+        if host_tokens is None and disk_dir is None and disk_tokens is None:
+            return None
+        if not self.prefix_caching:
+            raise InvalidArgument("host and disk cache tiers need prefix_caching=True")
+        bpt = self.pool.page_bytes // self.page_size
+        return TierManager(
+            self.pool,
+            host_bytes=None if host_tokens is None else host_tokens * bpt,
+            disk_dir=disk_dir,
+            disk_bytes=None if disk_tokens is None else disk_tokens * bpt,
+            write_policy=policy,
+            events=self.kv_events,
+        )
 
     def _make_free_pages(self) -> FreePages:
         """The free-page policy (subclasses hand out pages differently)."""
@@ -139,6 +196,7 @@ class BlockTableBackend(KVBackend[BlockSeq]):
     def _take(self, s: BlockSeq, n: int, after: int | None) -> list[int]:
         """``n`` free pages for ``s`` (the caller checked there are), held once each."""
         pages = self._free.take(n, s, len(s.blocks), after)
+        evicted: list[tuple[BlockKey, int]] = []
         for b in pages:
             key = self._key[b]
             if key is not None:  # evict its cached prefix
@@ -146,8 +204,19 @@ class BlockTableBackend(KVBackend[BlockSeq]):
                 if self._cached.get(key) == b:
                     del self._cached[key]
                 self._key[b] = None
+                evicted.append((key, b))
             self._ref[b] = 1
+        if evicted:
+            self._drop_cached(evicted)
         return pages
+
+    def _drop_cached(self, pairs: list[tuple[BlockKey, int]]) -> None:
+        """Cached pages lost their keys: events; the tiers write them down (before reuse)."""
+        if self.kv_events.active:
+            self.kv_events.emit(removed([k for k, _ in pairs], "device"))
+        if self._tiers is not None:
+            self._tiers.evicted(pairs)
+        self.kv_events.flush()
 
     def _release(self, b: int) -> None:
         self._ref[b] -= 1
@@ -164,10 +233,14 @@ class BlockTableBackend(KVBackend[BlockSeq]):
         ps = self.page_size
         return (s.hashes[i - 1] if i else s.root, tuple(s.tokens[i * ps : (i + 1) * ps]))
 
-    def _publish(self, b: int, key: BlockKey) -> None:
+    def _publish(self, b: int, key: BlockKey) -> bool:
         if self._key[b] is None and key not in self._cached:
             self._cached[key] = b
             self._key[b] = key
+            if self.kv_events.active:
+                self.kv_events.emit(stored([key], "device"))
+            return True
+        return False
 
     def _needed(self, s: BlockSeq, target: int) -> tuple[int, bool]:
         """(new pages, copy-on-write needed) to reserve up to ``target`` (> ``s.reserved``)."""
@@ -197,10 +270,55 @@ class BlockTableBackend(KVBackend[BlockSeq]):
                 self._ref[b] += 1
             self._prefix_queries += len(tokens)
             self._prefix_hits += len(s.blocks) * ps
+            if self._tiers is not None:
+                self._load_from_tiers(s, tokens)
         s.num_computed = s.reserved = len(s.blocks) * ps
         s.row = self._take_row()
         self._set_row(s, 0)
         return s
+
+    def _load_from_tiers(self, s: BlockSeq, tokens: list[int]) -> None:
+        """Extend ``s``'s device hit with pages the tiers hold; their loads start now.
+
+        Takes free pages (evicting cached ones, which may write pages down)
+        before asking the tiers again, so every page asked for is still
+        there. ``s.transfer`` is the load: calls naming ``s`` wait for it.
+        """
+        assert self._tiers is not None
+        ps = self.page_size
+        d = len(s.blocks)
+        parent = s.hashes[-1] if s.hashes else s.root
+        keys: list[BlockKey] = []
+        for i in range(d, (len(tokens) - 1) // ps):
+            key = (parent, tuple(tokens[i * ps : (i + 1) * ps]))
+            keys.append(key)
+            parent = hash(key)
+        n = min(len(self._tiers.match(keys)), len(self._free))
+        if not n:
+            return
+        pages = self._take(s, n, s.blocks[-1] if s.blocks else None)
+        n = len(self._tiers.match(keys[:n]))
+        for b in reversed(pages[n:]):
+            self._release(b)
+        if not n:
+            return
+        s.transfer = self._tiers.load(keys[:n], pages[:n])
+        s.blocks += pages[:n]
+        s.hashes += [hash(k) for k in keys[:n]]
+
+    def _await_transfer(self, s: BlockSeq) -> None:
+        """Finish ``s``'s tier load: publish what loaded, compute the rest again."""
+        h = s.transfer
+        assert isinstance(h, LoadHandle)
+        loaded = h.result()
+        s.transfer = None
+        d = len(s.blocks) - len(h.pages)
+        for i in range(loaded):
+            self._publish(s.blocks[d + i], h.keys[i])
+        if loaded < len(h.pages):  # the pages after a failed one hold no KV; keep them as slots
+            s.num_computed = (d + loaded) * self.page_size
+            del s.hashes[d + loaded :]
+        self.kv_events.flush()
 
     def _grow(self, seq_id: Hashable, s: BlockSeq, target: int) -> None:
         ps = self.page_size
@@ -245,10 +363,15 @@ class BlockTableBackend(KVBackend[BlockSeq]):
         """Publish the pages that filled up to the prefix cache."""
         if self.prefix_caching:
             ps = self.page_size
+            filled = []
             for i in range(s.num_computed // ps, end // ps):
                 key = self._key_of(s, i)
                 s.hashes.append(hash(key))
-                self._publish(s.blocks[i], key)
+                if self._publish(s.blocks[i], key):
+                    filled.append((key, s.blocks[i]))
+            if filled and self._tiers is not None:
+                self._tiers.filled(filled)
+            self.kv_events.flush()
 
     def _fork(self, parent_id: Hashable, p: BlockSeq, child_id: Hashable) -> BlockSeq:
         """The child shares the parent's computed pages and knows its tokens."""
@@ -279,6 +402,8 @@ class BlockTableBackend(KVBackend[BlockSeq]):
         return self.pool.layer(i)
 
     def _shutdown(self) -> None:
+        if self._tiers is not None:
+            self._tiers.close()
         self._cached.clear()
         self.pool.buffers.clear()
 
@@ -292,8 +417,11 @@ class BlockTableBackend(KVBackend[BlockSeq]):
         return block_runs(self._get(seq_id).blocks)
 
     def _stats_extra(self) -> dict[str, float]:
-        """Backend figures for ``KVStats.extra``."""
-        return {}
+        """Backend figures for ``KVStats.extra``: the tiers' as ``tier_*`` (see
+        :meth:`kvmem.tiers.TierManager.stats`)."""
+        if self._tiers is None:
+            return {}
+        return {f"tier_{k}": v for k, v in self._tiers.stats().items()}
 
     def stats(self) -> KVStats:
         """Memory use; ``filled`` counts shared pages once."""
@@ -372,3 +500,5 @@ class BlockTableBackend(KVBackend[BlockSeq]):
             raise IntegrityError("cached page count is off")
         if rows & set(self._free_rows) or len(rows) + len(self._free_rows) != self._table.shape[0]:
             raise IntegrityError("block table rows leaked")
+        if self._tiers is not None:
+            self._tiers.check_integrity()

@@ -36,6 +36,7 @@ handle completes in submission order. A sequence's states::
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable, Mapping, Sequence
 from functools import partial
 
@@ -64,6 +65,7 @@ from kvmem.swap import (
     Transfer,
     page_runs,
 )
+from kvmem.tiers import LoadHandle, WritePolicy
 
 __all__ = ["PagedAllocator"]
 
@@ -83,6 +85,9 @@ class PagedAllocator(BlockTableBackend):
     one copy per run of consecutive pages per buffer, default;
     ``"per_block"``: one copy per page per layer, the vLLM 0.x baseline),
     ``swap_reuse`` (keep host copies after swap-in for reuse, default True).
+    Cache tiers below the prefix cache: ``host_cache_tokens``,
+    ``disk_cache_dir`` and ``disk_cache_tokens``, ``tier_write_policy``
+    (see :mod:`kvmem.backends.blocks`).
     """
 
     capabilities = Capabilities(prefix_caching=True, swap=True, keep_on_host=True, fork=True)
@@ -100,6 +105,10 @@ class PagedAllocator(BlockTableBackend):
         host_num_tokens: int | None = None,
         swap_mode: CopyMode = "runs",
         swap_reuse: bool = True,
+        host_cache_tokens: int | None = None,
+        disk_cache_dir: str | os.PathLike[str] | None = None,
+        disk_cache_tokens: int | None = None,
+        tier_write_policy: WritePolicy = "write_back",
     ) -> None:
         if swap_mode not in COPY_MODES:
             raise InvalidArgument(f"swap_mode must be one of {COPY_MODES}, got {swap_mode!r}")
@@ -119,6 +128,10 @@ class PagedAllocator(BlockTableBackend):
             device=device,
             storage_layout=storage_layout,
             prefix_caching=prefix_caching,
+            host_cache_tokens=host_cache_tokens,
+            disk_cache_dir=disk_cache_dir,
+            disk_cache_tokens=disk_cache_tokens,
+            tier_write_policy=tier_write_policy,
         )
         self.swap_mode: CopyMode = swap_mode
         self.swap_reuse = bool(swap_reuse)
@@ -135,7 +148,10 @@ class PagedAllocator(BlockTableBackend):
             self._swapper.reap()
 
     def _await_transfer(self, s: BlockSeq) -> None:
-        self._swapper.settle(s.transfer)
+        if isinstance(s.transfer, LoadHandle):
+            super()._await_transfer(s)  # a load from the cache tiers
+        else:
+            self._swapper.settle(s.transfer)
 
     def _ensure_free(self, n: int) -> bool:
         """Whether ``n`` pages are free, after waiting for in-flight swaps if that helps."""
@@ -394,6 +410,7 @@ class PagedAllocator(BlockTableBackend):
             "parked_seqs": float(sum(s.parked for s in self._seqs.values())),
             "swaps_in_flight": float(self._swapper.pending),
             **{k: float(v) for k, v in self._swap_counts.items()},
+            **super()._stats_extra(),
         }
 
     def _pinned(self) -> Mapping[int, int]:

@@ -1,0 +1,456 @@
+"""Tiered prefix cache: hit rate, bytes moved and simulated TTFT of host and disk tiers.
+
+Workload: multi-turn conversations. Conversations start at the arrival
+times of the Azure conversation trace (``kvmem.traces``; the synthetic
+generator with the same length statistics where the file is absent) and
+take its rows in order: a conversation's first prompt and every output are
+the prompt and output lengths of its rows; each later turn's prompt is the
+previous prompt and answer plus a new user message of a quarter of its
+row's prompt length. Turns per conversation are geometric (mean 2, at most
+10; LMSYS-Chat-1M averages about 2); the user thinks between turns for a
+log-normal time (median 180 s, sigma 1.5: a quarter come back within a
+minute, a tenth after more than 20 minutes). One conversation in five
+begins with one of 32 shared system prompts (512 tokens, Zipf-popular).
+Every other token of a conversation is its own (random ids).
+
+Replay: turns in arrival order, one at a time (add, prefill, decode, free),
+through the paged backend on a Llama-3-8B fp16 KV (128 KiB per token) in
+512-token pages, bookkeeping only (``device="meta"``: no bytes move; bytes
+moved are counted). The device pool holds N tokens (0.5M, about one GPU's
+KV pool; ``--quick``: 64K); below it the backend's cache tiers
+(``host_cache_tokens``, ``disk_cache_dir``/``disk_cache_tokens``,
+write-back) of 8N and 32N tokens. Configurations side by side on the same
+requests:
+
+* ``device_only``: the device prefix cache alone (kvmem's prefix cache without tiers);
+* ``host``: device + host tier (8N);
+* ``tiered``: device + host (8N) + disk (32N);
+* ``unlimited``: a device cache with no capacity limit (the upper bound).
+
+An exact LRU simulation (three ``OrderedDict`` levels, no kvmem code) of the
+same capacities replays the same requests; its hit rates must be within 1%
+(relative) of the replay's.
+
+TTFT model (stated, not measured): prefill costs 100 us per computed token
+(10K tokens/s for an 8B model on one GPU); loading costs 5.2 us per token
+from host memory (128 KiB at 25 GB/s over PCIe) and 21.8 us per token from
+disk (6 GB/s NVMe); loads are not overlapped with compute (pessimistic for
+the tiers). ``ttft_tiered_vs_device_only`` is the ratio of mean TTFTs.
+
+The full run also sweeps N (N/4, N/2, 2N; tiers of 8N and 32N each), since
+the tiered-to-device-only ratio depends on how much of the reuse the device
+alone already catches.
+
+Run: ``KVMEM_TRACES=../shared/traces python -m bench.tiers [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import console, print_table, progress, save_results
+from kvmem import KVSpec, create_allocator
+from kvmem.tiers import BlockKey
+from kvmem.traces import load_or_synthesize
+
+SPEC = KVSpec(32, 8, 128)  # Llama-3-8B, fp16
+PAGE = 512
+ROOT = hash(("kvmem", None))  # the chain seed of unsalted prompts, as the paged backend's
+PREFILL_S_PER_TOKEN = 100e-6
+HOST_S_PER_TOKEN = SPEC.bytes_per_token / 25e9
+DISK_S_PER_TOKEN = SPEC.bytes_per_token / 6e9
+THINK_MEDIAN_S = 180.0
+THINK_SIGMA = 1.5
+TURN_P = 0.5  # geometric: mean 2 turns (LMSYS-Chat-1M averages about 2)
+MAX_TURNS = 10
+SYSTEM_PROMPTS = 32
+SYSTEM_LEN = 512
+SYSTEM_SHARE = 0.2
+UNLIMITED = 1 << 62  # pages: a device cache that never evicts
+
+
+@dataclass(order=True)
+class Turn:
+    """One request of a conversation: its full prompt and the answer it generates."""
+
+    time: float
+    conv: int = field(compare=False)
+    prompt: np.ndarray = field(compare=False)  # uint8 token ids
+    answer: np.ndarray = field(compare=False)
+
+
+def conversations(rows: list[tuple[float, int, int]], seed: int) -> list[Turn]:
+    """The turns of every conversation built from ``rows``, in arrival order."""
+    rng = np.random.default_rng(seed)
+
+    def text(n: int) -> np.ndarray:
+        return rng.integers(0, 256, max(1, n), dtype=np.uint8)
+
+    systems = [text(SYSTEM_LEN) for _ in range(SYSTEM_PROMPTS)]
+    zipf = 1.0 / np.arange(1, SYSTEM_PROMPTS + 1)
+    zipf /= zipf.sum()
+    turns: list[Turn] = []
+    i = conv = 0
+    while i < len(rows):
+        n = min(MAX_TURNS, int(rng.geometric(TURN_P)), len(rows) - i)
+        t, p, o = rows[i]
+        prompt = text(p)
+        if rng.random() < SYSTEM_SHARE:
+            prompt = np.concatenate([systems[int(rng.choice(SYSTEM_PROMPTS, p=zipf))], prompt])
+        answer = text(o)
+        turns.append(Turn(t, conv, prompt, answer))
+        for j in range(1, n):
+            t += float(rng.lognormal(np.log(THINK_MEDIAN_S), THINK_SIGMA))
+            _, p, o = rows[i + j]
+            prompt = np.concatenate([prompt, answer, text(p // 4)])
+            answer = text(o)
+            turns.append(Turn(t, conv, prompt, answer))
+        i += n
+        conv += 1
+    turns.sort()
+    return turns
+
+
+def page_keys(tokens: np.ndarray, n: int) -> list[BlockKey]:
+    """The chained keys of the first ``n`` full pages (the paged backend's)."""
+    keys: list[BlockKey] = []
+    parent = ROOT
+    for i in range(n):
+        key = (parent, tuple(tokens[i * PAGE : (i + 1) * PAGE].tolist()))
+        keys.append(key)
+        parent = hash(key)
+    return keys
+
+
+class BackendCache:
+    """Serves turns through the paged backend with its cache tiers (``device="meta"``)."""
+
+    def __init__(self, n: int, host: int, disk: int, where: str) -> None:
+        opts: dict[str, Any] = {}
+        if host:
+            opts["host_cache_tokens"] = host
+        if disk:
+            opts.update(disk_cache_dir=where, disk_cache_tokens=disk)
+        self.alloc = create_allocator(
+            "paged", SPEC, num_tokens=n, page_size=PAGE, device="meta", **opts
+        )
+        self.num = 0
+
+    def _tier_hits(self) -> tuple[float, float]:
+        extra = self.alloc.stats().extra
+        return extra.get("tier_host_hit_pages", 0.0), extra.get("tier_disk_hit_pages", 0.0)
+
+    def serve(self, turn: Turn) -> tuple[int, int, int]:
+        """Prefill and decode ``turn``, then free it; returns (device, host, disk) hit pages."""
+        a, sid = self.alloc, self.num
+        self.num += 1
+        h0, k0 = self._tier_hits()
+        a.add(sid, turn.prompt.tolist())
+        done = a.seq_info(sid).num_computed  # waits for the loads
+        h1, k1 = self._tier_hits()
+        a.append(sid, turn.answer.tolist())
+        total = len(turn.prompt) + len(turn.answer)
+        a.reserve(sid, total - done)
+        a.commit(sid, total - 1 - done)  # the last token's KV is never written
+        a.free(sid)
+        h, k = int(h1 - h0), int(k1 - k0)
+        return done // PAGE - h - k, h, k
+
+
+class ExactLRU:
+    """Three LRU levels of page hashes with write-back on eviction; no kvmem code."""
+
+    def __init__(self, device: int, host: int, disk: int) -> None:
+        self.cap = [device, host, disk]
+        self.levels: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(3)]
+        self.free = device
+
+    def _put(self, level: int, h: int) -> None:
+        if level >= 3 or not self.cap[level]:
+            return
+        lv = self.levels[level]
+        if h in lv:
+            lv.move_to_end(h)
+            return
+        if len(lv) >= self.cap[level]:
+            old, _ = lv.popitem(last=False)
+            self._put(level + 1, old)
+        lv[h] = None
+
+    def _evict(self, need: int) -> None:
+        dev = self.levels[0]
+        while self.free < need and dev:
+            old, _ = dev.popitem(last=False)
+            self.free += 1
+            self._put(1, old)
+
+    def _match(self, hashes: list[int]) -> list[int]:
+        """The level (1 host, 2 disk) of each leading hash some lower level holds."""
+        out = []
+        for h in hashes:
+            lv = next((i for i in (1, 2) if h in self.levels[i]), None)
+            if lv is None:
+                break
+            out.append(lv)
+        return out
+
+    def serve(self, turn: Turn) -> tuple[int, int, int]:
+        """Returns (device, host, disk) hit pages, as :meth:`BackendCache.serve`.
+
+        The paged backend's order: the device hit; pages for what the tiers
+        hold (evicting, which writes down); the tiers asked again; then
+        pages for the rest; pages fill; all are freed, last page first.
+        """
+        prompt = turn.prompt
+        look = [hash(k) for k in page_keys(prompt, (len(prompt) - 1) // PAGE)]
+        dev = self.levels[0]
+        d = 0
+        while d < len(look) and look[d] in dev:
+            del dev[look[d]]
+            d += 1
+        held = d
+        hits = [0, 0]
+        if d < len(look) and (self.cap[1] or self.cap[2]):
+            n = min(len(self._match(look[d:])), self.free + len(dev))
+            self._evict(n)
+            found = self._match(look[d : d + n])
+            for h, lv in zip(look[d:], found, strict=False):
+                self.levels[lv].move_to_end(h)
+                hits[lv - 1] += 1
+            self.free -= len(found)
+            held += len(found)
+        total = len(prompt) + len(turn.answer)
+        need = -(-total // PAGE) - held
+        self._evict(need)
+        self.free -= need
+        held += need
+        seq = np.concatenate([prompt, turn.answer])
+        full = [hash(k) for k in page_keys(seq, (total - 1) // PAGE)]
+        for i in reversed(range(held)):
+            if i < len(full) and full[i] not in dev:
+                dev[full[i]] = None
+            else:
+                self.free += 1
+        return d, hits[0], hits[1]
+
+
+def replay(turns: list[Turn], cache: Any, desc: str) -> dict[str, Any]:
+    """Serve every turn; hit tokens per tier and TTFT under the cost model."""
+    hit = np.zeros((len(turns), 3), dtype=np.int64)
+    prompts = np.array([len(t.prompt) for t in turns], dtype=np.int64)
+    for i, t in enumerate(progress(turns, desc=desc)):
+        hit[i] = cache.serve(t)
+    hit *= PAGE
+    computed = prompts - hit.sum(axis=1)
+    ttft = (
+        computed * PREFILL_S_PER_TOKEN + hit[:, 1] * HOST_S_PER_TOKEN + hit[:, 2] * DISK_S_PER_TOKEN
+    )
+    q = float(prompts.sum())
+    return {
+        "hit_rate": float(hit.sum()) / q,
+        "hit_rate_device": float(hit[:, 0].sum()) / q,
+        "hit_rate_host": float(hit[:, 1].sum()) / q,
+        "hit_rate_disk": float(hit[:, 2].sum()) / q,
+        "ttft_mean_s": float(ttft.mean()),
+        "ttft_p50_s": float(np.percentile(ttft, 50)),
+        "ttft_p90_s": float(np.percentile(ttft, 90)),
+    }
+
+
+def run_config(turns: list[Turn], n: int, host: int, disk: int, name: str) -> dict[str, Any]:
+    """Replay through the paged backend with cache tiers of ``host``/``disk`` tokens."""
+    with tempfile.TemporaryDirectory() as where:
+        cache = BackendCache(n, host, disk, where)
+        t0 = time.perf_counter()
+        out = replay(turns, cache, name)
+        out["seconds"] = time.perf_counter() - t0
+        cache.alloc.check_integrity()
+        extra = cache.alloc.stats().extra
+        out.update({k[5:]: v for k, v in extra.items() if k.startswith("tier_bytes_")})
+        cache.alloc.close()
+    return out
+
+
+def git_commit() -> str:
+    """The commit of the working tree (``+dirty`` if it has changes)."""
+    try:
+        here = Path(__file__).resolve().parent
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "kvmem", "bench/tiers.py"],
+            cwd=here.parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def plot(figs: dict[str, Any], path: Path) -> None:
+    """Hit rate per tier per configuration, and mean TTFT relative to device-only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["device_only", "host", "tiered", "unlimited"]
+    sweep = sorted(
+        int(k.split("_")[1]) for k in figs if k.startswith("sweep_") and k.endswith("_hit_ratio")
+    )
+    fig, axes = plt.subplots(1, 3 if sweep else 2, figsize=(16 if sweep else 11, 4))
+    a, b = axes[0], axes[1]
+    bottom = np.zeros(len(names))
+    for tier, color in (("device", "#4c72b0"), ("host", "#55a868"), ("disk", "#c44e52")):
+        vals = np.array([figs.get(f"{n}_hit_rate_{tier}", 0.0) for n in names])
+        a.bar(names, vals, bottom=bottom, label=tier, color=color)
+        bottom += vals
+    a.set_ylabel("prefix hit rate (share of prompt tokens)")
+    a.set_title(f"hits per tier (device N={figs['device_tokens']:,} tokens)")
+    a.legend()
+    ratios = [figs[f"{n}_ttft_mean_s"] / figs["device_only_ttft_mean_s"] for n in names]
+    b.bar(names, ratios, color="#8172b2")
+    b.axhline(1.0, color="k", lw=0.8)
+    b.set_ylabel("mean TTFT / device-only (cost model)")
+    b.set_title("simulated TTFT")
+    if sweep:
+        c = axes[2]
+        ns = sorted([*sweep, figs["device_tokens"]])
+        dev = [
+            figs.get(f"sweep_{m}_hit_rate_device_only", figs["device_only_hit_rate"]) for m in ns
+        ]
+        tie = [figs.get(f"sweep_{m}_hit_rate_tiered", figs["tiered_hit_rate"]) for m in ns]
+        c.plot(ns, dev, "o-", label="device only")
+        c.plot(ns, tie, "s-", label="tiered (8N host, 32N disk)")
+        c.axhline(figs["unlimited_hit_rate"], color="k", ls="--", lw=0.8, label="unlimited")
+        c.set_xscale("log", base=2)
+        c.set_xlabel("device prefix cache N (tokens)")
+        c.set_ylabel("prefix hit rate")
+        c.set_title("hit rate against device size")
+        c.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    """Replay the workload through every configuration; write results JSON and a plot."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="2,000 trace rows, N = 64K tokens")
+    ap.add_argument("--rows", type=int, default=None, help="trace rows to use (default: all)")
+    ap.add_argument("--device-tokens", type=int, default=None, help="N (default 512K)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    n = args.device_tokens or (64 * 1024 if args.quick else 512 * 1024)
+    rows, source = load_or_synthesize("azure_conv", args.rows or (2000 if args.quick else None))
+    turns = conversations(rows, args.seed)
+    figs: dict[str, Any] = {
+        "command": " ".join(
+            [f"KVMEM_TRACES={os.environ['KVMEM_TRACES']}"] * ("KVMEM_TRACES" in os.environ)
+            + ["python -m bench.tiers", *sys.argv[1:]]
+        ),
+        "commit": git_commit(),
+        "quick": args.quick,
+        "trace": source if source.startswith("synthetic") else Path(source).name,
+        "requests": len(turns),
+        "conversations": len({t.conv for t in turns}),
+        "prompt_tokens": sum(len(t.prompt) for t in turns),
+        "page_size": PAGE,
+        "bytes_per_token": SPEC.bytes_per_token,
+        "device_tokens": n,
+        "host_tokens": 8 * n,
+        "disk_tokens": 32 * n,
+        "write_policy": "write_back",
+        "prefill_us_per_token": PREFILL_S_PER_TOKEN * 1e6,
+        "host_load_us_per_token": HOST_S_PER_TOKEN * 1e6,
+        "disk_load_us_per_token": DISK_S_PER_TOKEN * 1e6,
+        "host": platform.node(),
+    }
+    configs = {
+        "device_only": (0, 0),
+        "host": (8 * n, 0),
+        "tiered": (8 * n, 32 * n),
+    }
+    for name, (host, disk) in configs.items():
+        for k, v in run_config(turns, n, host, disk, name).items():
+            figs[f"{name}_{k}"] = v
+        sim = replay(turns, ExactLRU(n // PAGE, host // PAGE, disk // PAGE), f"{name} (LRU sim)")
+        figs[f"{name}_sim_hit_rate"] = sim["hit_rate"]
+        figs[f"{name}_sim_rel_diff"] = abs(figs[f"{name}_hit_rate"] / sim["hit_rate"] - 1)
+    for k, v in replay(turns, ExactLRU(UNLIMITED, 0, 0), "unlimited").items():
+        figs[f"unlimited_{k}"] = v
+    sweep = [] if args.quick else [n // 4, n // 2, 2 * n]
+    for m in sweep:  # the ratio at other device sizes (tiers of 8m and 32m)
+        d = run_config(turns, m, 0, 0, f"device_only N={m}")["hit_rate"]
+        t = run_config(turns, m, 8 * m, 32 * m, f"tiered N={m}")["hit_rate"]
+        figs[f"sweep_{m}_hit_rate_device_only"] = d
+        figs[f"sweep_{m}_hit_rate_tiered"] = t
+        figs[f"sweep_{m}_hit_ratio"] = t / max(d, 1e-12)
+    figs["hit_rate_device_only"] = figs["device_only_hit_rate"]
+    figs["hit_rate_tiered"] = figs["tiered_hit_rate"]
+    figs["hit_rate_unlimited"] = figs["unlimited_hit_rate"]
+    figs["tiered_vs_device_only_hit_ratio"] = figs["tiered_hit_rate"] / max(
+        figs["device_only_hit_rate"], 1e-12
+    )
+    figs["ttft_tiered_vs_device_only"] = (
+        figs["tiered_ttft_mean_s"] / figs["device_only_ttft_mean_s"]
+    )
+    figs["ttft_p90_tiered_vs_device_only"] = (
+        figs["tiered_ttft_p90_s"] / figs["device_only_ttft_p90_s"]
+    )
+    figs["sim_max_rel_diff"] = max(figs[f"{c}_sim_rel_diff"] for c in configs)
+    figs["target_hit_ratio_3x_met"] = figs["tiered_vs_device_only_hit_ratio"] >= 3
+    figs["target_sim_within_1pct_met"] = figs["sim_max_rel_diff"] <= 0.01
+    rows_out = [
+        [
+            c,
+            figs[f"{c}_hit_rate"],
+            figs[f"{c}_hit_rate_device"],
+            figs[f"{c}_hit_rate_host"],
+            figs[f"{c}_hit_rate_disk"],
+            figs.get(f"{c}_sim_hit_rate", float("nan")),
+            figs[f"{c}_ttft_mean_s"] / figs["device_only_ttft_mean_s"],
+        ]
+        for c in ["device_only", "host", "tiered", "unlimited"]
+    ]
+    print_table(
+        "bench/tiers.py: prefix hit rate (share of prompt tokens) and mean TTFT ratio",
+        ["config", "hit", "device", "host", "disk", "LRU sim", "TTFT / device-only"],
+        rows_out,
+    )
+    if sweep:
+        print_table(
+            "device-size sweep (host 8N, disk 32N)",
+            ["N tokens", "device-only", "tiered", "ratio"],
+            [
+                [
+                    m,
+                    figs[f"sweep_{m}_hit_rate_device_only"],
+                    figs[f"sweep_{m}_hit_rate_tiered"],
+                    figs[f"sweep_{m}_hit_ratio"],
+                ]
+                for m in sorted([*sweep, n])
+                if f"sweep_{m}_hit_ratio" in figs
+            ],
+        )
+    path = save_results("tiers", figs)
+    plot(figs, path.with_suffix(".png"))
+    console.print(f"wrote {path} and {path.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
