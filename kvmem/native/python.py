@@ -154,7 +154,7 @@ def host_unmap(base: int, length: int, a: np.ndarray, size: int) -> tuple[int, i
     mmap_ = _c().mmap
     flags = _mmap.MAP_PRIVATE | _mmap.MAP_ANONYMOUS | _MAP_NORESERVE | _MAP_FIXED
     for i, addr in enumerate(a.tolist()):
-        if mmap_(addr, size, _mmap.PROT_NONE, flags, -1, 0) != addr:
+        if mmap_(addr, size, 0, flags, -1, 0) != addr:
             return i, ctypes.get_errno()
     return len(a), 0
 

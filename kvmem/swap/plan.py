@@ -107,12 +107,13 @@ class CopyPlan:
         Without ``non_blocking`` the call returns once CUDA copies are done.
         """
         lb = self.layer_bytes if self.mode == "per_block" else None
-        cuda = False
+        devices = set()
         for src, dst in zip(self.src, self.dst, strict=True):
             copy_segments(src, dst, runs_to_segments(self.runs, int(src.shape[1]), lb))
-            cuda = cuda or src.is_cuda or dst.is_cuda
-        if cuda and not self.non_blocking:
-            torch.cuda.current_stream().synchronize()
+            devices |= {t.device for t in (src, dst) if t.is_cuda}
+        if not self.non_blocking:
+            for dev in devices:
+                torch.cuda.current_stream(dev).synchronize()
 
 
 __all__ = ["COPY_MODES", "CopyMode", "CopyPlan", "block_runs", "page_runs"]
