@@ -266,8 +266,11 @@ def layout_arrays(
     tab, sl, ql = np.asarray(table), np.asarray(seq_lens), np.asarray(query_lens)
     if tab.ndim != 2 or sl.ndim != 1 or ql.ndim != 1:
         raise InvalidArgument("table must be [B, W], seq_lens and query_lens [B]")
-    if any(x.size and x.dtype.kind not in "iu" for x in (tab, sl, ql)):
-        raise InvalidArgument("table, seq_lens and query_lens must be integer arrays")
+    for x in (tab, sl, ql):  # whole floats are accepted (np.ones(b) as query lengths)
+        if x.size and not (
+            x.dtype.kind in "iu" or (x.dtype.kind == "f" and np.array_equal(x, np.floor(x)))
+        ):
+            raise InvalidArgument("table, seq_lens and query_lens must hold integers")
     if not (len(tab) == len(sl) == len(ql)):
         raise InvalidArgument("table, seq_lens and query_lens disagree on the batch size")
     sl = np.ascontiguousarray(sl, dtype=np.int32)

@@ -33,10 +33,17 @@ def flat(t: Any, what: str) -> torch.Tensor:
     return t.view(-1)
 
 
+def _array(a: Any) -> np.ndarray:
+    try:
+        return a.cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+    except (ValueError, TypeError, OverflowError):
+        return np.zeros((0, 0, 0), dtype=object)  # ragged or not numbers: rejected by the caller
+
+
 def int_rows(a: Any, cols: int, what: str) -> np.ndarray:
     """``a`` as a contiguous int64 array ``[n, cols]``."""
-    arr = a.cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
-    if arr.size == 0:
+    arr = _array(a)
+    if arr.size == 0 and arr.ndim <= 2:
         return np.zeros((0, cols), dtype=np.int64)
     if arr.dtype.kind not in "iu" or arr.ndim != 2 or arr.shape[1] != cols:
         raise InvalidArgument(f"{what} must be an integer array [n, {cols}]")
@@ -45,8 +52,8 @@ def int_rows(a: Any, cols: int, what: str) -> np.ndarray:
 
 def int_vec(a: Any, what: str) -> np.ndarray:
     """``a`` as a contiguous int64 array ``[n]``."""
-    arr = a.cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
-    if arr.size == 0:
+    arr = _array(a)
+    if arr.size == 0 and arr.ndim <= 1:
         return np.zeros(0, dtype=np.int64)
     if arr.dtype.kind not in "iu" or arr.ndim != 1:
         raise InvalidArgument(f"{what} must be a 1-d integer array")
@@ -55,7 +62,10 @@ def int_vec(a: Any, what: str) -> np.ndarray:
 
 def tokens_array(tokens: Any) -> np.ndarray:
     """Token ids as an int64 array; they must be ints that fit in int64."""
-    arr = tokens.cpu().numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
+    try:
+        arr = tokens.cpu().numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
+    except (ValueError, TypeError, OverflowError):
+        arr = np.zeros((0, 0))  # ragged or not numbers
     ok = arr.ndim == 1 and (arr.size == 0 or arr.dtype.kind in "iub")
     if ok and arr.dtype == np.uint64 and arr.size:
         ok = int(arr.max()) <= np.iinfo(np.int64).max

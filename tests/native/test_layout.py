@@ -65,7 +65,8 @@ BAD = {
     "negative length": ([[1, 2]], [-1], [0], 4),
     "too few table columns": ([[1]], [5], [1], 4),
     "batch sizes differ": ([[1], [2]], [3], [1], 4),
-    "float table": ([[1.0]], [3], [1], 4),
+    "fractional table": ([[1.5]], [3], [1], 4),
+    "fractional length": ([[1]], [2.5], [1], 4),
     "zero page size": ([[1]], [3], [1], 0),
     "1-d table": ([1, 2], [3], [1], 4),
 }
