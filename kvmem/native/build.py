@@ -18,7 +18,18 @@ from kvmem.errors import InvalidArgument, KVError
 
 __all__ = ["CSRC", "NativeStatus", "call", "enabled", "load", "pick", "status"]
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+
+def _find_csrc() -> Path:
+    """``$KVMEM_CSRC``, else ``csrc/`` shipped inside the package, else the checkout's ``csrc/``."""
+    here = Path(__file__).resolve()
+    for c in (os.environ.get("KVMEM_CSRC"), here.parent / "csrc", here.parents[2] / "csrc"):
+        if c and (Path(c) / "kvmem_native.cpp").exists():
+            return Path(c)
+    return here.parents[2] / "csrc"
+
+
+#: Where the extension's sources are.
+CSRC = _find_csrc()
 _SOURCES = ("kvmem_native.cpp", "kvmem_cuda.cu", "kvmem_cuda.h")
 
 
@@ -59,6 +70,8 @@ def _tag(cuda: bool) -> str:
 def _build() -> tuple[ModuleType, NativeStatus]:
     from torch.utils import cpp_extension
 
+    if not (CSRC / "kvmem_native.cpp").exists():
+        raise FileNotFoundError(f"the csrc/ sources are not installed (looked in {CSRC})")
     cuda = _want_cuda()
     root = os.environ.get("KVMEM_NATIVE_CACHE") or Path.home() / ".cache" / "kvmem" / "native"
     build = Path(root) / _tag(cuda)
