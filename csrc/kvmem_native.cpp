@@ -5,7 +5,6 @@
 // into kvmem.errors.InvalidArgument) on a bad one. Long loops run with the
 // GIL released. CUDA work goes through kvmem_cuda.h (compiled by nvcc apart,
 // only in CUDA builds: KVMEM_WITH_CUDA).
-#include <ATen/Parallel.h>
 #include <sys/mman.h>
 #include <torch/extension.h>
 #include <unistd.h>
@@ -16,6 +15,7 @@
 #include <numeric>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -71,11 +71,14 @@ void check_segments(const int64_t* s, int64_t n, int64_t src_len, int64_t dst_le
   }
 }
 
+// Threads are plain std::threads, started only for copies of at least 4 MiB:
+// an OpenMP team started from a swap worker thread would spin beside the
+// main thread's own team.
 void copy_cpu(const uint8_t* src, uint8_t* dst, const int64_t* s, int64_t n, int64_t threads) {
   int64_t total = 0;
   for (int64_t i = 0; i < n; ++i) total += s[3 * i + 2];
   const int64_t kParallelBytes = 4 << 20;
-  if (threads <= 0) threads = at::get_num_threads();
+  threads = std::min<int64_t>(threads, total / (1 << 20));
   if (threads <= 1 || total < kParallelBytes) {
     for (int64_t i = 0; i < n; ++i)
       if (s[3 * i + 2]) std::memcpy(dst + s[3 * i + 1], src + s[3 * i], s[3 * i + 2]);
@@ -84,19 +87,21 @@ void copy_cpu(const uint8_t* src, uint8_t* dst, const int64_t* s, int64_t n, int
   // Thread t copies bytes [t * total / T, (t + 1) * total / T) of the concatenated segments.
   std::vector<int64_t> start(n + 1, 0);
   for (int64_t i = 0; i < n; ++i) start[i + 1] = start[i] + s[3 * i + 2];
-  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      int64_t lo = total * t / threads, hi = total * (t + 1) / threads;
-      int64_t i = std::upper_bound(start.begin(), start.end(), lo) - start.begin() - 1;
-      for (; i < n && start[i] < hi; ++i) {
-        int64_t a = std::max(lo, start[i]), b = std::min(hi, start[i + 1]);
-        if (b > a) {
-          int64_t off = a - start[i];
-          std::memcpy(dst + s[3 * i + 1] + off, src + s[3 * i] + off, b - a);
-        }
+  auto part = [&](int64_t t) {
+    int64_t lo = total * t / threads, hi = total * (t + 1) / threads;
+    int64_t i = std::upper_bound(start.begin(), start.end(), lo) - start.begin() - 1;
+    for (; i < n && start[i] < hi; ++i) {
+      int64_t a = std::max(lo, start[i]), b = std::min(hi, start[i + 1]);
+      if (b > a) {
+        int64_t off = a - start[i];
+        std::memcpy(dst + s[3 * i + 1] + off, src + s[3 * i] + off, b - a);
       }
     }
-  });
+  };
+  std::vector<std::thread> pool;
+  for (int64_t t = 1; t < threads; ++t) pool.emplace_back(part, t);
+  part(0);
+  for (auto& th : pool) th.join();
 }
 
 // Copy byte segments between two flat uint8 buffers in one call.

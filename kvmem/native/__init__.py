@@ -75,10 +75,14 @@ def copy_segments(
     segment breaks a rule. On CUDA the copies are issued on the current
     stream (not waited for); on the cpu the call returns when they are done,
     split across ``threads`` (0: torch's intra-op thread count) when large.
+    Buffers on the meta device (bookkeeping-only pools) are only checked.
     """
     s = _py.flat(src, "source buffer")
     d = _py.flat(dst, "destination buffer")
     segs = _py.int_rows(segments, 3, "segments")
+    if "meta" in (s.device.type, d.device.type):  # bookkeeping-only pools: nothing to move
+        _py.check_segments(segs, s.numel(), d.numel(), None)
+        return
     cuda = s.is_cuda or d.is_cuda
     if not cuda and (s.device.type != "cpu" or d.device.type != "cpu"):
         raise InvalidArgument("buffers must be on the cpu or a CUDA device")
@@ -86,7 +90,8 @@ def copy_segments(
     if ext is not None and (not cuda or ext.with_cuda()):
         stream = torch.cuda.current_stream(d.device if d.is_cuda else s.device) if cuda else None
         handle = 0 if stream is None else stream.cuda_stream
-        call(ext.copy_segments, s, d, torch.from_numpy(segs), handle, threads)
+        nthreads = threads if threads > 0 else torch.get_num_threads()
+        call(ext.copy_segments, s, d, torch.from_numpy(segs), handle, nthreads)
         return
     _py.copy_segments(s, d, segs)
 
@@ -276,6 +281,8 @@ def layout_arrays(
     sl = np.ascontiguousarray(sl, dtype=np.int32)
     ql = np.ascontiguousarray(ql, dtype=np.int32)
     tab = tab if tab.dtype == np.int32 else tab.astype(np.int32)
+    if any(st < 0 for st in tab.strides):
+        tab = np.ascontiguousarray(tab)
     ext = pick(native)
     if ext is not None:
         args = (torch.from_numpy(tab), torch.from_numpy(sl), torch.from_numpy(ql), page_size)

@@ -174,3 +174,11 @@ def test_cuda_batched_copy_matches_cpu():
     native.copy_layer_blocks(src.cuda(), host, runs, 1024)
     torch.cuda.synchronize()
     assert torch.equal(host, want)
+
+
+def test_meta_buffers_are_checked_not_copied():
+    src = torch.empty(4, 64, dtype=torch.uint8, device="meta")
+    dst = torch.empty(4, 64, dtype=torch.uint8, device="meta")
+    native.copy_page_runs(src, dst, np.array([[0, 1, 3]]))
+    with pytest.raises(InvalidArgument):
+        native.copy_page_runs(src, dst, np.array([[2, 2, 3]]))

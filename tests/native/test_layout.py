@@ -77,3 +77,11 @@ def test_bad_batches_raise(case, path):
     table, seq, q, ps = BAD[case]
     with pytest.raises(InvalidArgument):
         native.layout_arrays(np.array(table), np.array(seq), np.array(q), ps, native=path)
+
+
+def test_reversed_table_view_gives_the_same_layout():
+    table = np.arange(12, dtype=np.int32).reshape(3, 4)[::-1, ::-1]
+    seq, q = np.array([5, 8, 2]), np.array([1, 2, 2])
+    for nat in paths():
+        lay = native.layout_arrays(table, seq, q, 2, native=nat)
+        assert lay.kv_indices.tolist() == [11, 10, 9, 7, 6, 5, 4, 3]
