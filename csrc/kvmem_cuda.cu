@@ -14,32 +14,35 @@ extern "C" int kvmem_cuda_copy_segments(const uint8_t* src, uint8_t* dst, const 
   *done = 0;
   if (n <= 0) return 0;
 #if CUDART_VERSION >= 12080
-  // One batched call; the locations are hints (cudaMemcpySrcAccessOrderStream
-  // keeps stream order for the sources).
-  std::vector<void*> dsts(n);
-  std::vector<const void*> srcs(n);
-  std::vector<size_t> sizes(n);
-  for (int64_t i = 0; i < n; ++i) {
-    srcs[i] = src + segs[3 * i];
-    dsts[i] = dst + segs[3 * i + 1];
-    sizes[i] = static_cast<size_t>(segs[3 * i + 2]);
-  }
-  cudaMemcpyAttributes attr = {};
-  attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
-  attr.flags = cudaMemcpyFlagPreferOverlapWithCompute;
-  size_t idx = 0;
-  cudaError_t e = cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(),
-                                       static_cast<size_t>(n), &attr, &idx, 1,
+  // One batched call; it refuses the legacy default stream (torch's default),
+  // which takes the loop below. Sources are read in stream order.
+  if (s != nullptr) {
+    std::vector<void*> dsts(n), srcs(n);
+    std::vector<size_t> sizes(n);
+    for (int64_t i = 0; i < n; ++i) {
+      srcs[i] = const_cast<uint8_t*>(src) + segs[3 * i];
+      dsts[i] = dst + segs[3 * i + 1];
+      sizes[i] = static_cast<size_t>(segs[3 * i + 2]);
+    }
+    cudaMemcpyAttributes attr = {};
+    attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+    attr.flags = cudaMemcpyFlagPreferOverlapWithCompute;
+    size_t idx = 0;
 #if CUDART_VERSION < 13000
-                                       nullptr,
+    size_t fail = 0;
+    cudaError_t e = cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(),
+                                         static_cast<size_t>(n), &attr, &idx, 1, &fail, s);
+#else
+    cudaError_t e = cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(),
+                                         static_cast<size_t>(n), &attr, &idx, 1, s);
 #endif
-                                       s);
-  if (e == cudaSuccess) {
-    *done = n;
-    return 0;
+    if (e == cudaSuccess) {
+      *done = n;
+      return 0;
+    }
+    if (e != cudaErrorNotSupported && e != cudaErrorInvalidValue) return static_cast<int>(e);
+    cudaGetLastError();  // not supported here: issue the copies one by one
   }
-  if (e != cudaErrorNotSupported && e != cudaErrorInvalidValue) return static_cast<int>(e);
-  cudaGetLastError();  // fall through to the loop (e.g. the legacy default stream)
 #endif
   for (int64_t i = 0; i < n; ++i) {
     cudaError_t r = cudaMemcpyAsync(dst + segs[3 * i + 1], src + segs[3 * i],

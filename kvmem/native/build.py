@@ -61,7 +61,7 @@ def _want_cuda() -> bool:
 
 def _tag(cuda: bool) -> str:
     h = hashlib.sha256()
-    for name in _SOURCES:
+    for name in _SOURCES if cuda else ("kvmem_native.cpp", "kvmem_cuda.h"):
         h.update((CSRC / name).read_bytes())
     h.update(f"{torch.__version__} {sys.version_info[:2]} {cuda}".encode())
     return h.hexdigest()[:16]
