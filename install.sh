@@ -20,4 +20,12 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q torch==2.13.0
 fi
 .venv/bin/pip install -q -e ".[$EXTRAS]"
+# The native extension (csrc/) is compiled by torch.utils.cpp_extension, which needs ninja
+# and a C++ compiler; without them kvmem runs its Python versions of the same operations.
+if ! command -v ninja >/dev/null 2>&1 && [ ! -x .venv/bin/ninja ]; then
+  .venv/bin/pip install -q ninja || echo "ninja not installed: kvmem will use its Python paths"
+fi
+if [ "${KVMEM_NATIVE:-1}" != "0" ]; then
+  .venv/bin/python -c "import kvmem.native as n; print('kvmem native path:', n.status())" || true
+fi
 echo "kvmem installed in .venv: activate with '. .venv/bin/activate'"

@@ -30,6 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvmem.errors import InvalidArgument
+from kvmem.native import layout_arrays
+
 
 @dataclass(frozen=True)
 class BatchLayout:
@@ -103,47 +106,34 @@ def build_layout(
     spec: Any = None,
     zero_padded: bool = False,
 ) -> BatchLayout:
-    """Build a :class:`BatchLayout` from dense page rows, vectorised.
+    """Build a :class:`BatchLayout` from dense page rows, in one pass over the batch.
 
     ``table`` is int32 [B, W], row b holding at least ``ceil(seq_lens[b] /
-    page_size)`` valid page ids; ``seq_lens`` and ``query_lens`` are int [B].
+    page_size)`` valid page ids; ``seq_lens`` and ``query_lens`` are int [B]
+    with ``0 <= query_lens <= seq_lens``, else :class:`InvalidArgument`.
     ``zero_padded`` promises that every entry past those is already 0, which
-    saves a pass. ``table`` may be modified.
+    saves the Python version a pass. ``table`` may be modified. The arrays
+    come from :func:`kvmem.native.layout_arrays` (the csrc/ extension, or
+    numpy with the same results).
     """
     b = len(seq_ids)
-    seq_lens = seq_lens.astype(np.int32, copy=False)
-    query_lens = query_lens.astype(np.int32, copy=False)
-    num_pages = (seq_lens + page_size - 1) // page_size
-    max_pages = int(num_pages.max()) if b else 0
-    dense = (
-        table[:, :max_pages] if table.dtype == np.int32 else table[:, :max_pages].astype(np.int32)
-    )
-    valid = np.arange(max_pages, dtype=np.int32)[None, :] < num_pages[:, None]
-    kv_indices = dense[valid]
-    if not zero_padded:
-        dense[~valid] = 0
-    kv_indptr = np.zeros(b + 1, dtype=np.int32)
-    np.cumsum(num_pages, out=kv_indptr[1:])
-    last = seq_lens - (num_pages - 1) * page_size
-    qsl = np.zeros(b + 1, dtype=np.int32)
-    np.cumsum(query_lens, out=qsl[1:])
-    n = int(qsl[-1])
-    owner = np.repeat(np.arange(b), query_lens)
-    pos = np.arange(n, dtype=np.int64) - qsl[:-1][owner] + (seq_lens - query_lens)[owner]
-    slots = dense[owner, pos // page_size].astype(np.int64) * page_size + pos % page_size
+    if len(seq_lens) != b:
+        raise InvalidArgument(f"{b} sequence ids for {len(seq_lens)} sequence lengths")
+    a = layout_arrays(table, seq_lens, query_lens, page_size, zero_padded)
+    cpu = torch.device(device).type == "cpu"
 
-    def t(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(a).to(device)
+    def t(x: torch.Tensor) -> torch.Tensor:
+        return x if cpu else x.to(device)
 
     return BatchLayout(
         page_size=page_size,
-        kv_indptr=t(kv_indptr),
-        kv_indices=t(np.ascontiguousarray(kv_indices)),
-        kv_last_page_len=t(last.astype(np.int32)),
-        block_table=t(dense),
-        seq_lens=t(seq_lens.copy()),
-        query_start_loc=t(qsl),
-        slot_mapping=t(slots),
+        kv_indptr=t(a.kv_indptr),
+        kv_indices=t(a.kv_indices),
+        kv_last_page_len=t(a.kv_last_page_len),
+        block_table=t(a.block_table),
+        seq_lens=t(a.seq_lens),
+        query_start_loc=t(a.query_start_loc),
+        slot_mapping=t(a.slot_mapping),
         seq_ids=seq_ids,
         max_seq_len=int(seq_lens.max()) if b else 0,
         max_query_len=int(query_lens.max()) if b else 0,

@@ -10,12 +10,17 @@ runs, consecutive on both sides::
 Two ways to execute a plan (``mode``):
 
 ``"runs"``
-    one ``copy_`` per run per buffer. With the block-major pool (one
+    one copy per run per buffer. With the block-major pool (one
     buffer, all layers of a page in one row) a run of any length is a
     single copy covering every layer.
 ``"per_block"``
-    one ``copy_`` per page per layer, as vLLM 0.x did (its swap issued one
+    one copy per page per layer, as vLLM 0.x did (its swap issued one
     cudaMemcpyAsync per block per layer): the baseline of the swap benchmark.
+
+Either way the copies of one buffer pair go to :func:`kvmem.native.copy_segments`
+in one call (a C++ loop of memcpy, or one ``cudaMemcpyBatchAsync`` on the
+current stream; a loop of ``copy_`` when the extension is not in use), so a
+copy costs its bytes and not a Python call each.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import numpy as np
 import torch
 
 from kvmem.errors import InvalidArgument
+from kvmem.native import copy_segments, runs_to_segments
 
 CopyMode = Literal["runs", "per_block"]
 COPY_MODES: tuple[CopyMode, ...] = ("runs", "per_block")
@@ -96,23 +102,18 @@ class CopyPlan:
         return self.num_pages * sum(b.shape[1] // self.layer_bytes for b in self.src)
 
     def run(self) -> None:
-        """Issue every copy (on the current CUDA stream when the buffers are on a GPU)."""
-        nb = self.non_blocking
-        if self.mode == "runs":
-            for s, d, n in self.runs.tolist():
-                for src, dst in zip(self.src, self.dst, strict=True):
-                    dst[d : d + n].copy_(src[s : s + n], non_blocking=nb)
-            return
-        lb = self.layer_bytes
-        views = [
-            (s.view(s.shape[0], -1, lb), d.view(d.shape[0], -1, lb))
-            for s, d in zip(self.src, self.dst, strict=True)
-        ]
-        for s0, d0, n in self.runs.tolist():
-            for s, d in zip(range(s0, s0 + n), range(d0, d0 + n), strict=True):
-                for src, dst in views:
-                    for layer in range(src.shape[1]):
-                        dst[d, layer].copy_(src[s, layer], non_blocking=nb)
+        """Issue every copy (on the current CUDA stream when the buffers are on a GPU).
+
+        Without ``non_blocking`` the call returns once CUDA copies are done.
+        """
+        lb = self.layer_bytes if self.mode == "per_block" else None
+        devices = set()
+        for src, dst in zip(self.src, self.dst, strict=True):
+            copy_segments(src, dst, runs_to_segments(self.runs, int(src.shape[1]), lb))
+            devices |= {t.device for t in (src, dst) if t.is_cuda}
+        if not self.non_blocking:
+            for dev in devices:
+                torch.cuda.current_stream(dev).synchronize()
 
 
 __all__ = ["COPY_MODES", "CopyMode", "CopyPlan", "block_runs", "page_runs"]

@@ -58,3 +58,46 @@ def test_plan_rejects_mismatched_buffers_and_modes():
         CopyPlan(a.buffers, b.buffers, runs, a.layer_bytes)
     with pytest.raises(InvalidArgument):
         CopyPlan(a.buffers, a.buffers, runs, a.layer_bytes, "sideways")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode", ["runs", "per_block"])
+def test_plan_native_and_python_copies_agree(mode):
+    from kvmem import native
+
+    spec = KVSpec(4, 2, 8)
+    pool = PagePool(spec, 32, 4, layout="block")
+    for b in pool.buffers:
+        b.random_(0, 256, generator=torch.Generator().manual_seed(2))
+    runs = page_runs([30, 31, 2, 3, 4, 17], [9, 10, 0, 1, 2, 5])
+    out = []
+    for nat in [False, True] if native.enabled() else [False]:
+        host = HostPagePool(pool, 12)
+        for b in host.buffers:
+            b.zero_()
+        segs = native.runs_to_segments(
+            runs, pool.buffers[0].shape[1], pool.layer_bytes if mode == "per_block" else None
+        )
+        native.copy_segments(pool.buffers[0], host.buffers[0], segs, native=nat)
+        out.append(host.buffers[0].clone())
+        host2 = HostPagePool(pool, 12)
+        for b in host2.buffers:
+            b.zero_()
+        CopyPlan(pool.buffers, host2.buffers, runs, pool.layer_bytes, mode).run()
+        assert torch.equal(host2.buffers[0], out[-1])
+    assert all(torch.equal(o, out[0]) for o in out)
+
+
+@pytest.mark.parametrize("mode", ["runs", "per_block"])
+def test_plan_with_out_of_range_or_overlapping_runs_copies_nothing(mode):
+    spec = KVSpec(2, 1, 4)
+    pool = PagePool(spec, 8, 4, layout="block")
+    host = HostPagePool(pool, 4)
+    for b in pool.buffers:
+        b.fill_(7)
+    for b in host.buffers:
+        b.zero_()
+    for runs in ([[0, 0, 1], [6, 3, 2]], [[0, 0, 2], [4, 1, 2]], [[9, 0, 1]]):
+        plan = CopyPlan(pool.buffers, host.buffers, np.array(runs), pool.layer_bytes, mode)
+        with pytest.raises(InvalidArgument):
+            plan.run()
+        assert all(int(b.sum()) == 0 for b in host.buffers)

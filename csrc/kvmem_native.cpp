@@ -1,0 +1,392 @@
+// Batched primitives behind kvmem.native (the torch binding layer).
+//
+// Every function checks all of its arguments before it changes anything and
+// throws std::invalid_argument (ValueError in Python; kvmem.native turns it
+// into kvmem.errors.InvalidArgument) on a bad one. Long loops run with the
+// GIL released. CUDA work goes through kvmem_cuda.h (compiled by nvcc apart,
+// only in CUDA builds: KVMEM_WITH_CUDA).
+#include <sys/mman.h>
+#include <torch/extension.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <numeric>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+#ifdef KVMEM_WITH_CUDA
+#include "kvmem_cuda.h"
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+[[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument(msg); }
+
+void check_buffer(const torch::Tensor& t, const char* what) {
+  if (t.scalar_type() != torch::kUInt8) bad(std::string(what) + " must be a uint8 tensor");
+  if (!t.is_contiguous()) bad(std::string(what) + " must be contiguous");
+}
+
+const int64_t* int64_rows(const torch::Tensor& t, int64_t cols, const char* what) {
+  if (t.device().type() != torch::kCPU || t.scalar_type() != torch::kInt64 || t.dim() != 2 ||
+      t.size(1) != cols || !t.is_contiguous())
+    bad(std::string(what) + " must be a contiguous cpu int64 tensor [n, " +
+        std::to_string(cols) + "]");
+  return t.data_ptr<int64_t>();
+}
+
+// Segments (src_off, dst_off, nbytes): in bounds, and no byte written twice or
+// read after (or while) it is written.
+void check_segments(const int64_t* s, int64_t n, int64_t src_len, int64_t dst_len,
+                    bool aliased, int64_t delta) {
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t a = s[3 * i], b = s[3 * i + 1], len = s[3 * i + 2];
+    if (a < 0 || b < 0 || len < 0 || len > src_len - a || len > dst_len - b)
+      bad("copy segment " + std::to_string(i) + " (" + std::to_string(a) + ", " +
+          std::to_string(b) + ", " + std::to_string(len) + ") is out of range");
+  }
+  // [start, end) intervals in dst coordinates; src ones shifted by delta when
+  // both buffers share memory (delta = src address - dst address).
+  std::vector<std::pair<int64_t, int64_t>> dst;
+  dst.reserve(n);
+  for (int64_t i = 0; i < n; ++i)
+    if (s[3 * i + 2] > 0) dst.emplace_back(s[3 * i + 1], s[3 * i + 1] + s[3 * i + 2]);
+  if (!std::is_sorted(dst.begin(), dst.end())) std::sort(dst.begin(), dst.end());
+  for (size_t i = 1; i < dst.size(); ++i)
+    if (dst[i].first < dst[i - 1].second) bad("copy segments overlap in the destination");
+  if (!aliased) return;
+  for (int64_t i = 0; i < n; ++i) {
+    if (s[3 * i + 2] == 0) continue;
+    int64_t lo = s[3 * i] + delta, hi = lo + s[3 * i + 2];
+    auto it = std::lower_bound(dst.begin(), dst.end(), std::make_pair(hi, INT64_MIN));
+    if (it != dst.begin() && std::prev(it)->second > lo)
+      bad("a copy segment reads bytes that the copy writes");
+  }
+}
+
+// Threads are plain std::threads, started only for copies of at least 4 MiB:
+// an OpenMP team started from a swap worker thread would spin beside the
+// main thread's own team.
+void copy_cpu(const uint8_t* src, uint8_t* dst, const int64_t* s, int64_t n, int64_t threads) {
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; ++i) total += s[3 * i + 2];
+  const int64_t kParallelBytes = 4 << 20;
+  threads = std::min<int64_t>(threads, total / (1 << 20));
+  if (threads <= 1 || total < kParallelBytes) {
+    for (int64_t i = 0; i < n; ++i)
+      if (s[3 * i + 2]) std::memcpy(dst + s[3 * i + 1], src + s[3 * i], s[3 * i + 2]);
+    return;
+  }
+  // Thread t copies bytes [t * total / T, (t + 1) * total / T) of the concatenated segments.
+  std::vector<int64_t> start(n + 1, 0);
+  for (int64_t i = 0; i < n; ++i) start[i + 1] = start[i] + s[3 * i + 2];
+  auto part = [&](int64_t t) {
+    int64_t lo = total * t / threads, hi = total * (t + 1) / threads;
+    int64_t i = std::upper_bound(start.begin(), start.end(), lo) - start.begin() - 1;
+    for (; i < n && start[i] < hi; ++i) {
+      int64_t a = std::max(lo, start[i]), b = std::min(hi, start[i + 1]);
+      if (b > a) {
+        int64_t off = a - start[i];
+        std::memcpy(dst + s[3 * i + 1] + off, src + s[3 * i] + off, b - a);
+      }
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int64_t t = 1; t < threads; ++t) pool.emplace_back(part, t);
+  part(0);
+  for (auto& th : pool) th.join();
+}
+
+// Copy byte segments between two flat uint8 buffers in one call.
+void copy_segments(const torch::Tensor& src, const torch::Tensor& dst, const torch::Tensor& segs,
+                   int64_t stream, int64_t threads) {
+  check_buffer(src, "source buffer");
+  check_buffer(dst, "destination buffer");
+  const int64_t* s = int64_rows(segs, 3, "segments");
+  int64_t n = segs.size(0);
+  auto sp = reinterpret_cast<uintptr_t>(src.data_ptr());
+  auto dp = reinterpret_cast<uintptr_t>(dst.data_ptr());
+  int64_t sl = src.numel(), dl = dst.numel();
+  bool aliased = sp < dp + dl && dp < sp + sl;
+  bool cuda = src.is_cuda() || dst.is_cuda();
+  if (!cuda && (src.device().type() != torch::kCPU || dst.device().type() != torch::kCPU))
+    bad("buffers must be on the cpu or a CUDA device");
+  check_segments(s, n, sl, dl, aliased, static_cast<int64_t>(sp - dp));
+  if (n == 0) return;
+  const uint8_t* sptr = src.data_ptr<uint8_t>();
+  uint8_t* dptr = dst.data_ptr<uint8_t>();
+  if (cuda) {
+#ifdef KVMEM_WITH_CUDA
+    int64_t done = 0;
+    int rc;
+    {
+      py::gil_scoped_release nogil;
+      rc = kvmem_cuda_copy_segments(sptr, dptr, s, n, reinterpret_cast<void*>(stream), &done);
+    }
+    if (rc)
+      throw std::runtime_error(std::string("CUDA batched copy failed after ") +
+                               std::to_string(done) + " copies: " +
+                               kvmem_cuda_error_string(rc, 1));
+    return;
+#else
+    (void)stream;
+    bad("kvmem native extension was built without CUDA");
+#endif
+  }
+  py::gil_scoped_release nogil;
+  copy_cpu(sptr, dptr, s, n, threads);
+}
+
+// ---------------------------------------------------------------- host VMM
+void check_pages(int64_t base, int64_t length, const int64_t* addrs, int64_t n, int64_t size) {
+  int64_t pg = sysconf(_SC_PAGESIZE);
+  if (size <= 0 || size % pg) bad("page size must be a positive multiple of " + std::to_string(pg));
+  if (base < 0 || length < 0 || base % pg || length % pg) bad("reserved range is not page aligned");
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t a = addrs[i];
+    if (a % pg || a < base || a - base > length - size)
+      bad("page " + std::to_string(i) + " at address " + std::to_string(a) +
+          " is not a page-aligned address inside the reserved range");
+  }
+}
+
+// mmap(MAP_FIXED | MAP_SHARED) of fd at offsets[i] over addrs[i]. Returns
+// (pages mapped, errno of the failed mmap or 0).
+std::tuple<int64_t, int64_t> host_map(int64_t fd, int64_t base, int64_t length,
+                                      const torch::Tensor& addrs, const torch::Tensor& offsets,
+                                      int64_t size) {
+  const int64_t* a = int64_rows(addrs.view({-1, 1}), 1, "addresses");
+  const int64_t* o = int64_rows(offsets.view({-1, 1}), 1, "offsets");
+  int64_t n = addrs.numel();
+  if (offsets.numel() != n) bad("as many offsets as addresses are needed");
+  if (fd < 0) bad("bad file descriptor");
+  check_pages(base, length, a, n, size);
+  int64_t pg = sysconf(_SC_PAGESIZE);
+  for (int64_t i = 0; i < n; ++i)
+    if (o[i] < 0 || o[i] % pg) bad("file offset " + std::to_string(o[i]) + " is not page aligned");
+  py::gil_scoped_release nogil;
+  for (int64_t i = 0; i < n; ++i) {
+    void* want = reinterpret_cast<void*>(a[i]);
+    void* got = mmap(want, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
+                     static_cast<int>(fd), o[i]);
+    if (got == MAP_FAILED) return {i, errno};
+  }
+  return {n, 0};
+}
+
+// A fresh PROT_NONE mapping back over each page (the addresses stay reserved).
+std::tuple<int64_t, int64_t> host_unmap(int64_t base, int64_t length, const torch::Tensor& addrs,
+                                        int64_t size) {
+  const int64_t* a = int64_rows(addrs.view({-1, 1}), 1, "addresses");
+  int64_t n = addrs.numel();
+  check_pages(base, length, a, n, size);
+  py::gil_scoped_release nogil;
+  for (int64_t i = 0; i < n; ++i) {
+    void* got = mmap(reinterpret_cast<void*>(a[i]), size, PROT_NONE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
+    if (got == MAP_FAILED) return {i, errno};
+  }
+  return {n, 0};
+}
+
+// ---------------------------------------------------------------- CUDA VMM
+std::tuple<int64_t, int64_t, std::string> cuda_map(const torch::Tensor& addrs,
+                                                   const torch::Tensor& handles, int64_t size,
+                                                   int64_t device) {
+  const int64_t* a = int64_rows(addrs.view({-1, 1}), 1, "addresses");
+  const int64_t* h = int64_rows(handles.view({-1, 1}), 1, "handles");
+  int64_t n = addrs.numel();
+  if (handles.numel() != n) bad("as many handles as addresses are needed");
+  if (size <= 0) bad("page size must be positive");
+#ifdef KVMEM_WITH_CUDA
+  int64_t done = 0;
+  int rc;
+  {
+    py::gil_scoped_release nogil;
+    rc = kvmem_cuda_map_pages(reinterpret_cast<const uint64_t*>(a),
+                              reinterpret_cast<const uint64_t*>(h), n, size,
+                              static_cast<int>(device), &done);
+  }
+  return {done, rc, rc ? kvmem_cuda_error_string(rc, 0) : ""};
+#else
+  (void)a, (void)h, (void)device;
+  bad("kvmem native extension was built without CUDA");
+#endif
+}
+
+std::tuple<int64_t, int64_t, std::string> cuda_unmap(const torch::Tensor& addrs, int64_t size) {
+  const int64_t* a = int64_rows(addrs.view({-1, 1}), 1, "addresses");
+  int64_t n = addrs.numel();
+  if (size <= 0) bad("page size must be positive");
+#ifdef KVMEM_WITH_CUDA
+  int64_t done = 0;
+  int rc;
+  {
+    py::gil_scoped_release nogil;
+    rc = kvmem_cuda_unmap_pages(reinterpret_cast<const uint64_t*>(a), n, size, &done);
+  }
+  return {done, rc, rc ? kvmem_cuda_error_string(rc, 0) : ""};
+#else
+  (void)a, (void)n;
+  bad("kvmem native extension was built without CUDA");
+#endif
+}
+
+// ---------------------------------------------------------------- layout
+// The arrays of a BatchLayout (see kvmem/layout.py build_layout).
+std::vector<torch::Tensor> layout_arrays(const torch::Tensor& table, const torch::Tensor& seq_lens,
+                                         const torch::Tensor& query_lens, int64_t page_size) {
+  if (page_size <= 0) bad("page_size must be positive");
+  if (table.device().type() != torch::kCPU || table.scalar_type() != torch::kInt32 ||
+      table.dim() != 2)
+    bad("table must be a cpu int32 tensor [B, W]");
+  for (const auto* t : {&seq_lens, &query_lens})
+    if (t->device().type() != torch::kCPU || t->scalar_type() != torch::kInt32 ||
+        t->dim() != 1 || !t->is_contiguous())
+      bad("seq_lens and query_lens must be contiguous cpu int32 tensors [B]");
+  int64_t b = table.size(0), w = table.size(1);
+  if (seq_lens.size(0) != b || query_lens.size(0) != b)
+    bad("table, seq_lens and query_lens disagree on the batch size");
+  const int32_t* sl = seq_lens.data_ptr<int32_t>();
+  const int32_t* ql = query_lens.data_ptr<int32_t>();
+  int64_t nnz = 0, ntok = 0, max_pages = 0;
+  for (int64_t i = 0; i < b; ++i) {
+    if (sl[i] < 0 || ql[i] < 0 || ql[i] > sl[i])
+      bad("sequence " + std::to_string(i) + ": need 0 <= query_len <= seq_len, got " +
+          std::to_string(ql[i]) + " and " + std::to_string(sl[i]));
+    int64_t np = (static_cast<int64_t>(sl[i]) + page_size - 1) / page_size;
+    if (np > w)
+      bad("sequence " + std::to_string(i) + " needs " + std::to_string(np) +
+          " pages; the table has " + std::to_string(w));
+    nnz += np;
+    ntok += ql[i];
+    max_pages = std::max(max_pages, np);
+  }
+  auto i32 = torch::TensorOptions().dtype(torch::kInt32);
+  auto indptr = torch::empty({b + 1}, i32), indices = torch::empty({nnz}, i32);
+  auto last = torch::empty({b}, i32), qsl = torch::empty({b + 1}, i32);
+  auto dense = torch::empty({b, max_pages}, i32);
+  auto slots = torch::empty({ntok}, torch::TensorOptions().dtype(torch::kInt64));
+  auto lens = seq_lens.clone();
+  int32_t *ip = indptr.data_ptr<int32_t>(), *ix = indices.data_ptr<int32_t>();
+  int32_t *lp = last.data_ptr<int32_t>(), *qp = qsl.data_ptr<int32_t>();
+  int32_t* dp = dense.data_ptr<int32_t>();
+  int64_t* sp = slots.data_ptr<int64_t>();
+  const int32_t* tp = table.data_ptr<int32_t>();
+  int64_t s0 = table.stride(0), s1 = table.stride(1);
+  ip[0] = 0;
+  qp[0] = 0;
+  for (int64_t i = 0; i < b; ++i) {
+    int64_t np = (static_cast<int64_t>(sl[i]) + page_size - 1) / page_size;
+    const int32_t* row = tp + i * s0;
+    int32_t* drow = dp + i * max_pages;
+    int32_t* out = ix + ip[i];
+    for (int64_t j = 0; j < np; ++j) out[j] = drow[j] = row[j * s1];
+    std::fill(drow + np, drow + max_pages, 0);
+    ip[i + 1] = ip[i] + static_cast<int32_t>(np);
+    lp[i] = static_cast<int32_t>(sl[i] - (np - 1) * page_size);
+    qp[i + 1] = qp[i] + ql[i];
+    int64_t* so = sp + qp[i];
+    for (int64_t p = sl[i] - ql[i], k = 0; k < ql[i]; ++k, ++p)
+      so[k] = static_cast<int64_t>(drow[p / page_size]) * page_size + p % page_size;
+  }
+  return {indptr, indices, last, dense, lens, qsl, slots};
+}
+
+// ---------------------------------------------------------------- page keys
+// Chained 64-bit page keys; kvmem/native.py page_keys_py computes the same.
+constexpr uint64_t kP1 = 0x9E3779B97F4A7C15ull, kP2 = 0xC2B2AE3D27D4EB4Full;
+
+inline uint64_t fmix(uint64_t x) {
+  x ^= x >> 33;
+  x *= 0xFF51AFD7ED558CCDull;
+  x ^= x >> 33;
+  x *= 0xC4CEB9FE1A85EC53ull;
+  x ^= x >> 33;
+  return x;
+}
+inline uint64_t rotl(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+
+void chain_keys(const int64_t* tok, int64_t pages, int64_t ps, uint64_t prev, int64_t first,
+                uint64_t* out) {
+  for (int64_t i = 0; i < pages; ++i) {
+    uint64_t h = kP2;
+    const int64_t* t = tok + i * ps;
+    for (int64_t j = 0; j < ps; ++j) h = rotl(h ^ static_cast<uint64_t>(t[j]), 27) * kP1;
+    uint64_t d = fmix(h);
+    prev += fmix(d + static_cast<uint64_t>(first + i + 1) * kP1);
+    out[i] = prev;
+  }
+}
+
+// Keys of the full pages of `tokens` (a list, a tuple or an int64 tensor),
+// the first being page `first`; `prev` is the key before it (the root's for page 0).
+torch::Tensor page_keys(py::handle tokens, int64_t page_size, uint64_t prev, int64_t first) {
+  if (page_size <= 0) bad("page_size must be positive");
+  if (first < 0) bad("first page must be >= 0");
+  std::vector<int64_t> buf;
+  const int64_t* tok;
+  int64_t n;
+  if (PyList_Check(tokens.ptr()) || PyTuple_Check(tokens.ptr())) {
+    PyObject* seq = tokens.ptr();
+    bool list = PyList_Check(seq);
+    n = list ? PyList_GET_SIZE(seq) : PyTuple_GET_SIZE(seq);
+    n -= n % page_size;
+    buf.resize(n);
+    for (int64_t i = 0; i < n; ++i) {
+      PyObject* o = list ? PyList_GET_ITEM(seq, i) : PyTuple_GET_ITEM(seq, i);
+      if (!PyLong_Check(o)) bad("token " + std::to_string(i) + " is not an int");
+      int overflow = 0;
+      long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+      if (overflow) bad("token " + std::to_string(i) + " does not fit in int64");
+      buf[i] = v;
+    }
+    tok = buf.data();
+  } else {
+    torch::Tensor t = py::cast<torch::Tensor>(tokens);
+    if (t.device().type() != torch::kCPU || t.scalar_type() != torch::kInt64 || t.dim() != 1 ||
+        !t.is_contiguous())
+      bad("tokens must be a list, a tuple or a contiguous cpu int64 tensor");
+    n = t.numel() - t.numel() % page_size;
+    tok = t.data_ptr<int64_t>();
+  }
+  int64_t pages = n / page_size;
+  auto out = torch::empty({pages}, torch::TensorOptions().dtype(torch::kInt64));
+  uint64_t* o = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
+  {
+    py::gil_scoped_release nogil;
+    chain_keys(tok, pages, page_size, prev, first, o);
+  }
+  return out;
+}
+
+bool with_cuda() {
+#ifdef KVMEM_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "kvmem batched primitives (see kvmem/native.py)";
+  m.def("copy_segments", &copy_segments, py::arg("src"), py::arg("dst"), py::arg("segs"),
+        py::arg("stream") = 0, py::arg("threads") = 0);
+  m.def("host_map", &host_map);
+  m.def("host_unmap", &host_unmap);
+  m.def("cuda_map", &cuda_map);
+  m.def("cuda_unmap", &cuda_unmap);
+  m.def("layout_arrays", &layout_arrays);
+  m.def("page_keys", &page_keys);
+  m.def("with_cuda", &with_cuda);
+  m.attr("ABI") = 1;
+}
