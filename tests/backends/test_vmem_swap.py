@@ -291,3 +291,30 @@ def test_filled_counts_kv_shared_by_forks_once():
         assert a.stats().filled_tokens == 40 and a.stats().swapped_tokens == 40
         a.swap_in([("kid", 0)]).wait(timeout=10)
         a.check_integrity()
+
+
+def test_integrity_holds_while_a_swap_in_copy_is_in_flight(monkeypatch):
+    """A swap-in marks the sequence resident before its copy lands; the check must allow that."""
+    import threading
+
+    release = threading.Event()
+    real = swapping.copy_in
+
+    def slow(*args):
+        assert release.wait(10)
+        real(*args)
+
+    with vmem() as a:
+        fill(a, "a", 100, seed=5)
+        before = stored(a, "a")
+        a.swap_out(["a"]).wait(timeout=10)
+        monkeypatch.setattr(swapping, "copy_in", slow)
+        h = a.swap_in(["a"])
+        try:
+            assert not h.done()
+            a.check_integrity()  # copy in flight: resident, host copy still there
+        finally:
+            release.set()
+        h.wait(timeout=10)
+        a.check_integrity()
+        assert_same(stored(a, "a"), before)
