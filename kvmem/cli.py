@@ -51,6 +51,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     import kvmem
+    import kvmem.native
     from kvmem.formats import FORMAT_NAMES
 
     c = Console()
@@ -63,6 +64,7 @@ def _info(args: argparse.Namespace) -> int:
             caps = f"unavailable ({e})"
         c.print(f"  {name}: {caps}")
     c.print(f"kv formats: {', '.join(FORMAT_NAMES)}")
+    c.print(f"native primitives: {kvmem.native.status()}", soft_wrap=True)
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     c.print(f"CUDA device: {cuda}")
     return 0

@@ -56,3 +56,12 @@ def test_readme_example_runs():
     )
     assert r.returncode == 0, r.stderr
     assert "torch.Size([1, 8, 64]) 112 slots in use" in r.stdout
+
+
+def test_info_says_whether_native_primitives_are_in_use(capsys, monkeypatch):
+    import kvmem.native
+
+    assert main(["info"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("native"))
+    assert line == f"native primitives: {kvmem.native.status()}"
+    assert line.split(": ", 1)[1].startswith("on" if kvmem.native.enabled() else "off")
