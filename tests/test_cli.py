@@ -58,7 +58,7 @@ def test_readme_example_runs():
     assert "torch.Size([1, 8, 64]) 112 slots in use" in r.stdout
 
 
-def test_info_says_whether_native_primitives_are_in_use(capsys, monkeypatch):
+def test_info_says_whether_native_primitives_are_in_use(capsys):
     import kvmem.native
 
     assert main(["info"]) == 0
