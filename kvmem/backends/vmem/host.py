@@ -37,6 +37,7 @@ from collections.abc import Sequence
 
 import torch
 
+from kvmem import native
 from kvmem.backends.vmem.driver import PageHandle, VMemDriver
 from kvmem.errors import DriverError, InvalidArgument
 
@@ -104,6 +105,7 @@ class HostDriver(VMemDriver):
         self._size = 0  # file size: the next page's offset
         self._pages: dict[int, int] = {}  # offset -> size of every live page
         self._backed: set[int] = set()
+        self._ranges: dict[int, int] = {}  # start -> size of every reserved range
         self._lock = threading.Lock()
         mmc = _max_map_count()
         self.max_mappings = None if mmc is None else max(0, mmc - 4096)
@@ -131,6 +133,7 @@ class HostDriver(VMemDriver):
         addr = self._libc.mmap(None, size, _PROT_NONE, flags, -1, 0)
         if addr is None or addr == _MAP_FAILED:
             raise self._err(f"mmap(PROT_NONE, {size} bytes)")
+        self._ranges[int(addr)] = size
         return int(addr)
 
     def free_range(self, addr: int, size: int) -> None:
@@ -138,6 +141,7 @@ class HostDriver(VMemDriver):
         self._check("free_range", addr, size)
         if self._libc.munmap(addr, size) != 0:
             raise self._err(f"munmap({addr:#x}, {size})")
+        self._ranges.pop(addr, None)
 
     def create(self, size: int) -> int:
         """A page at the end of the memfd; returns its file offset."""
@@ -231,29 +235,62 @@ class HostDriver(VMemDriver):
     def map_many(
         self, pages: Sequence[tuple[int, PageHandle]], size: int
     ) -> tuple[int, DriverError | None]:
-        """:meth:`map` for many pages in one tight loop (addresses checked once)."""
+        """:meth:`map` for many pages: backing checked here, the mmap loop in one native call.
+
+        Pages are mapped in order, one :func:`kvmem.native.host_map_pages`
+        call per reserved range they fall in (the native loop checks every
+        address against that range); the Python loop is its fallback.
+        """
         self._check("map", 0, size)
-        mmap_, fd, backed = self._libc.mmap, self.fd, self._backed
-        flags = _MAP_SHARED | _MAP_FIXED
-        for i, (addr, handle) in enumerate(pages):
-            try:
-                if handle not in backed:
+        done = 0
+        for start, n, base, length in self._groups(pages, size):
+            group = pages[start : start + n]
+            for _, handle in group:
+                if handle not in self._backed:
                     if self._pages.get(handle) != size:
-                        raise InvalidArgument(f"map: no page of {size} bytes at offset {handle!r}")
-                    self._back(handle, size)
-                if addr % self._page:
-                    raise InvalidArgument(f"map: address {addr:#x} is not page aligned")
-                got = mmap_(addr, size, _PROT_RW, flags, fd, handle)
-                if got != addr:
-                    if got is None or got == _MAP_FAILED:
-                        raise self._err(f"mmap(MAP_FIXED | MAP_SHARED) of offset {handle}")
-                    self._libc.munmap(got, size)
-                    raise DriverError(f"mmap placed the page at {got:#x}, not {addr:#x}")
-            except DriverError as e:
-                return i, e
+                        msg = f"map: no page of {size} bytes at offset {handle!r}"
+                        return done, DriverError(msg)
+                    try:
+                        self._back(handle, size)
+                    except DriverError as e:
+                        return done, e
+            if base is None:
+                return done, DriverError(
+                    f"map: address {group[0][0]:#x} is not inside a reserved range"
+                )
+            addrs = [a for a, _ in group]
+            offs = [h for _, h in group]
+            try:
+                got, errno = native.host_map_pages(self.fd, base, length, addrs, offs, size)
             except InvalidArgument as e:
-                return i, DriverError(str(e))
-        return len(pages), None
+                return done, DriverError(str(e))
+            done += got
+            if errno:
+                return done, DriverError(
+                    f"mmap(MAP_FIXED | MAP_SHARED) of offset {offs[got]} failed: "
+                    f"{os.strerror(errno)} (errno {errno})"
+                )
+        return done, None
+
+    def _groups(
+        self, pages: Sequence[tuple[int, PageHandle]], size: int
+    ) -> list[tuple[int, int, int | None, int]]:
+        """Consecutive runs of ``pages`` inside one reserved range: (first, count, start, size)."""
+        out: list[tuple[int, int, int | None, int]] = []
+        cur: tuple[int, int] | None = None
+        for i, (addr, _) in enumerate(pages):
+            if cur is None or not (cur[0] <= addr and addr + size <= cur[0] + cur[1]):
+                cur = next(
+                    ((b, n) for b, n in self._ranges.items() if b <= addr and addr + size <= b + n),
+                    None,
+                )
+                if cur is None:
+                    out.append((i, 1, None, 0))
+                    break
+                out.append((i, 0, cur[0], cur[1]))
+            first, n, b, ln = out[-1]
+            out[-1] = (first, n + 1, b, ln)
+        return out
 
     def unmap(self, addr: int, size: int) -> None:
         """Put PROT_NONE back over ``[addr, addr + size)``."""
