@@ -11,6 +11,23 @@ A policy may also let a waiting request preempt a running one.
   tokens and counted down in between. With ``preempt_ratio`` set, a waiting
   request whose prediction is below ``preempt_ratio`` times a running
   request's preempts it when no seat is free.
+
+  Plain shortest-first starves long jobs: under sustained load a stream of
+  short arrivals always sorts ahead of them. The starvation guard is
+  ageing (``aging``, on by default): a request's key is lowered by
+  ``aging`` tokens for every engine step it has been in the engine::
+
+      key = predicted remaining - aging * (now - arrival) / step_time
+
+  Since every request ages at the same rate, the order is that of a
+  virtual deadline, ``arrival_step + predicted remaining / aging``; a
+  request with ``R`` tokens to go can be overtaken only by requests that
+  arrive within ``R / aging`` steps after it, so its wait is bounded,
+  while short jobs still go first among requests that arrived close
+  together. ``aging=0`` is plain ISRTF. ``step_time`` is not configured:
+  the policy measures it from the gaps between consecutive tokens of the
+  requests it is told about (a running mean that ignores gaps over ten
+  times the mean, i.e. preemptions), on the engine's own clock.
 - ``fair``: per-tenant virtual token counters (VTC): serve the tenant that
   has received the least weighted service (``w_prompt`` per prompt token
   computed, ``w_output`` per token generated); a tenant returning from idle
@@ -69,25 +86,39 @@ class FCFS(Policy):
 
 
 class ISRTF(Policy):
-    """Shortest predicted remaining output first, re-predicted every ``k`` tokens."""
+    """Shortest predicted remaining output first, re-predicted every ``k`` tokens, with ageing.
+
+    ``aging`` (tokens of priority per engine step waited, >= 0; 0 turns the
+    starvation guard off) is explained in the module docstring.
+    """
 
     name = "isrtf"
+
+    #: Weight of a new gap in the running mean of the step time.
+    STEP_EMA = 0.05
 
     def __init__(
         self,
         predictor: LengthPredictor | str | None = None,
         k: int = 32,
         preempt_ratio: float | None = None,
+        aging: float = 0.5,
     ) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
             raise InvalidArgument(f"isrtf k must be a positive int, got {k!r}")
         if preempt_ratio is not None and not 0 < preempt_ratio <= 1:
             raise InvalidArgument(f"preempt_ratio must be in (0, 1], got {preempt_ratio}")
+        if isinstance(aging, bool) or not isinstance(aging, (int, float)) or not aging >= 0:
+            raise InvalidArgument(f"isrtf aging must be a number >= 0, got {aging!r}")
         if isinstance(predictor, str):
             predictor = make_predictor(predictor)
         self.predictor = predictor if predictor is not None else OraclePredictor()
         self.k = k
         self.preempt_ratio = preempt_ratio
+        self.aging = float(aging)
+        #: Running mean of the engine's step time (s), None until a gap has been seen.
+        self.step_time: float | None = None
+        self._t0: float | None = None  # the first arrival seen: ages are counted from it
 
     def _predict(self, request: Request) -> None:
         request.predicted_remaining = max(float(self.predictor.predict_remaining(request)), 0.0)
@@ -97,9 +128,20 @@ class ISRTF(Policy):
         """The last prediction minus the tokens generated since."""
         return request.predicted_remaining - (request.num_output_tokens - request.predicted_at)
 
+    def deadline(self, request: Request) -> float:
+        """The ageing-adjusted remaining tokens (the first element of :meth:`key`).
+
+        ``remaining + aging * arrival_step``: the same order as ``remaining -
+        aging * steps waited``, without needing the current time.
+        """
+        rem = self.remaining(request)
+        if not self.aging or self.step_time is None or self._t0 is None:
+            return rem
+        return rem + self.aging * (request.arrival_time - self._t0) / self.step_time
+
     def key(self, request: Request) -> tuple[float, ...]:
-        """Predicted remaining tokens, then arrival."""
-        return (self.remaining(request), request.arrival_time, request.seq_no)
+        """Ageing-adjusted predicted remaining tokens, then arrival."""
+        return (self.deadline(request), request.arrival_time, request.seq_no)
 
     @property
     def can_preempt(self) -> bool:
@@ -113,12 +155,28 @@ class ISRTF(Policy):
         return self.remaining(waiting) < self.preempt_ratio * self.remaining(running)
 
     def on_arrival(self, request: Request, active: Iterable[Request]) -> None:
-        """First prediction."""
+        """First prediction; the first arrival starts the ageing clock."""
+        if self._t0 is None:
+            self._t0 = request.arrival_time
         self._predict(request)
 
+    def observe_step(self, gap: float) -> None:
+        """Fold one gap between consecutive tokens of a request into :attr:`step_time`."""
+        if not gap > 0:
+            return
+        if self.step_time is None:
+            self.step_time = gap
+        elif gap <= 10 * self.step_time:
+            self.step_time += self.STEP_EMA * (gap - self.step_time)
+
     def on_served(self, request: Request, prompt_tokens: int, output_tokens: int) -> None:
-        """Re-predict once ``k`` tokens have been generated since the last prediction."""
-        if output_tokens and request.num_output_tokens - request.predicted_at >= self.k:
+        """Measure the step time; re-predict once ``k`` tokens have come since the last one."""
+        if not output_tokens:
+            return
+        times = request.metrics.token_times
+        if len(times) >= 2:
+            self.observe_step(times[-1] - times[-2])
+        if request.num_output_tokens - request.predicted_at >= self.k:
             self._predict(request)
 
 
