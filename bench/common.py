@@ -77,12 +77,16 @@ def command_line() -> str:
     return prefix + shlex.join(argv)
 
 
+#: The commit when the benchmark started (edits made while it runs do not count).
+START_COMMIT = git_commit()
+
+
 def provenance(quick: bool) -> dict[str, Any]:
     """The entries every results file carries: quick, command, commit, machine."""
     return {
         "quick": bool(quick),
         "command": command_line(),
-        "commit": git_commit(),
+        "commit": START_COMMIT,
         "machine": machine_info(),
     }
 
