@@ -29,12 +29,12 @@ queued at once (between the 10th and 90th percentile completions).
 Scenarios:
 
 1. policies at loads 0.7, 0.9, 1.0 and 1.25 (mean and P99 of JCT and
-   TTFT): ``fcfs``; plain ``isrtf`` (ELIS, ``aging=0``) with an oracle, a
+   TTFT): ``fcfs``; plain ``isrtf`` (ELIS, ``slack=None``) with an oracle, a
    noisy oracle (log-normal error calibrated to R^2 = 0.85) and a learned
    predictor (trained on trace rows outside the replayed window; the trace
    has lengths only, so its one feature is the prompt length, see
    :class:`kvmem.engine.predictors.LearnedPredictor`); and ``isrtf`` with
-   its starvation guard (ageing, the default ``aging``; see
+   its starvation guard (virtual deadlines, the default ``slack``; see
    :mod:`kvmem.engine.policies`) with each predictor. The headline load is
    1.0: plain ISRTF's gain there comes with a P99 JCT several times FCFS's
    (long jobs starve), which the guard is meant to remove;
@@ -61,7 +61,7 @@ import torch
 from bench.common import console, print_table, progress, results_dir, save_results
 from kvmem import KVSpec
 from kvmem.engine import Engine, SimClock, SimulatedExecutor
-from kvmem.engine.policies import ISRTF
+from kvmem.engine.policies import DEFAULT_SLACK
 from kvmem.engine.predictors import LearnedPredictor, NoisyOraclePredictor, r2_score
 from kvmem.engine.request import Request
 from kvmem.engine.simulate import CostModel, TraceRequest, replay
@@ -197,7 +197,7 @@ def policy_jobs(noisy: NoisyOraclePredictor, learned: LearnedPredictor) -> dict[
     jobs: dict[str, dict[str, Any]] = {"fcfs": {"policy": "fcfs"}}
     preds: dict[str, Any] = {"oracle": "oracle", "noisy": noisy, "learned": learned}
     for name, pred in preds.items():
-        opts = {"predictor": pred, "aging": 0.0}
+        opts = {"predictor": pred, "slack": None}
         jobs[f"isrtf_{name}"] = {"policy": "isrtf", "policy_options": opts}
     for name, pred in preds.items():
         label = "isrtf_guarded" if name == "oracle" else f"isrtf_guarded_{name}"
@@ -345,7 +345,7 @@ def main() -> None:
         "requests": n,
         "trace": source,
         "chunk_budget": BUDGET,
-        "isrtf_guarded_aging": ISRTF().aging,
+        "isrtf_guarded_slack": DEFAULT_SLACK,
         "noisy_sigma": noisy.sigma,
         "noisy_r2": noisy.r2(out_lens),
         "learned_r2": learned_r2,
