@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,6 +193,21 @@ def light_p99_ttft(reqs: list[Request]) -> float:
     return float(np.percentile([r.metrics.ttft for r in reqs if r.tenant != "heavy"], 99))
 
 
+def run_job(
+    trace: list[TraceRequest], seed: int, horizon: float, kw: dict[str, Any]
+) -> dict[str, Any]:
+    """One simulation (in a worker process): its summary, preemptions and per-tenant table."""
+    reqs, eng = simulate(trace, seed=seed, **kw)
+    out: dict[str, Any] = {
+        "summary": summary(reqs),
+        "preemptions": eng.metrics().num_preemptions,
+    }
+    if any(r.tenant != "default" for r in reqs):
+        out["tenants"] = tenant_table(reqs, horizon)
+        out["light_p99_ttft"] = light_p99_ttft(reqs)
+    return out
+
+
 def policy_jobs(noisy: NoisyOraclePredictor, learned: LearnedPredictor) -> dict[str, dict]:
     """Engine options of every policy compared at each load."""
     jobs: dict[str, dict[str, Any]] = {"fcfs": {"policy": "fcfs"}}
@@ -253,6 +269,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a short window (about a minute)")
     ap.add_argument("--requests", type=int, default=None, help="replayed requests")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=2, help="simulations run at once (processes)")
     args = ap.parse_args()
     n = args.requests or (200 if args.quick else 2000)
     loads = (0.9, HEADLINE_LOAD) if args.quick else LOADS
@@ -268,8 +285,9 @@ def main() -> None:
         np.array(out_lens), np.array([learned.predict_total(r.prompt) for r in window])
     )
     pol_jobs = policy_jobs(noisy, learned)
-    jobs: list[tuple[str, str, dict[str, Any]]] = [("capacity", "", {})]
-    jobs += [("load", f"{ld}/{name}", kw) for ld in loads for name, kw in pol_jobs.items()]
+    jobs: list[tuple[str, str, dict[str, Any]]] = [
+        ("load", f"{ld}/{name}", kw) for ld in loads for name, kw in pol_jobs.items()
+    ]
     for b in BUDGETS:
         if b != BUDGET:
             jobs.append(("budget", str(b), {"max_num_batched_tokens": b}))
@@ -282,37 +300,40 @@ def main() -> None:
     )
     jobs += [("fair", "fcfs", {"policy": "fcfs"}), ("fair", "fair", {"policy": "fair"})]
 
-    cap = 0.0
     by_load: dict[float, dict[str, dict[str, float]]] = {ld: {} for ld in loads}
     budgets: dict[str, dict[str, float]] = {}
-    fair_runs: dict[str, list[Request]] = {}
-    fair_trace: list[TraceRequest] = []
     preemptions: dict[str, int] = {}
-    for kind, name, kw in progress(jobs, total=len(jobs), desc="simulating"):
-        if kind == "capacity":
-            cap = capacity(window)
-            fair_trace = fairness_trace(window, cap, n, args.seed)
-            continue
+    cap = capacity(window)
+    fair_trace = fairness_trace(window, cap, n, args.seed)
+    horizon = max(t.arrival for t in fair_trace)
+    todo: list[tuple[str, str, list[TraceRequest], dict[str, Any]]] = []
+    for kind, name, kw in jobs:
         if kind == "load":
-            lds, pol = name.split("/")
-            trace = at_rate(window, float(lds) * cap)
+            trace = at_rate(window, float(name.split("/")[0]) * cap)
         elif kind == "budget":
             trace = at_rate(window, HEADLINE_LOAD * cap)
         else:
             trace = fair_trace
-        reqs, eng = simulate(trace, seed=args.seed, **kw)
-        preemptions[f"{kind}_{name.replace('/', '_')}"] = eng.metrics().num_preemptions
-        if kind == "load":
-            by_load[float(lds)][pol] = summary(reqs)
-            if float(lds) == HEADLINE_LOAD and pol == "fcfs":
-                budgets[str(BUDGET)] = by_load[float(lds)][pol]
-        elif kind == "budget":
-            budgets[name] = summary(reqs)
-        else:
-            fair_runs[name] = reqs
+        todo.append((kind, name, trace, kw))
+    tenants: dict[str, dict[str, dict[str, float]]] = {}
+    light: dict[str, float] = {}
+    with ProcessPoolExecutor(args.jobs) as pool:
+        futures = [pool.submit(run_job, t, args.seed, horizon, kw) for _, _, t, kw in todo]
+        for (kind, name, _, _), fut in zip(
+            todo, progress(futures, total=len(futures), desc="simulating"), strict=True
+        ):
+            res = fut.result()
+            preemptions[f"{kind}_{name.replace('/', '_')}"] = res["preemptions"]
+            if kind == "load":
+                lds, pol = name.split("/")
+                by_load[float(lds)][pol] = res["summary"]
+                if float(lds) == HEADLINE_LOAD and pol == "fcfs":
+                    budgets[str(BUDGET)] = res["summary"]
+            elif kind == "budget":
+                budgets[name] = res["summary"]
+            else:
+                tenants[name], light[name] = res["tenants"], res["light_p99_ttft"]
 
-    horizon = max(t.arrival for t in fair_trace)
-    tenants = {k: tenant_table(v, horizon) for k, v in fair_runs.items()}
     budgets = {k: budgets[k] for k in [*(str(b) for b in BUDGETS), "unchunked"]}
     figures: dict[str, Any] = {}
     for ld, pols in by_load.items():
@@ -334,8 +355,7 @@ def main() -> None:
         {
             "chunked_p99_tbt_vs_unchunked": budgets[str(BUDGET)]["p99_tbt"]
             / budgets["unchunked"]["p99_tbt"],
-            "fair_light_tenant_p99_ttft_vs_fcfs": light_p99_ttft(fair_runs["fair"])
-            / light_p99_ttft(fair_runs["fcfs"]),
+            "fair_light_tenant_p99_ttft_vs_fcfs": light["fair"] / light["fcfs"],
         }
     )
     figures = {
