@@ -79,7 +79,7 @@ STEPS: tuple[Step, ...] = (
     Step(
         "swap",
         ("-m", "bench.swap", "--quick", "--max-gib", "8"),
-        90,
+        120,
         "swap.json",
         (
             "gpu_grouped_frac_of_pinned_bw",
@@ -91,7 +91,7 @@ STEPS: tuple[Step, ...] = (
     Step(
         "vmem",
         ("-m", "bench.vmem", "--quick"),
-        60,
+        90,
         "vmem.json",
         ("cuda_page_bytes", "cuda_first_map_us", "cuda_map_us", "cuda_unmap_us"),
     ),
