@@ -13,43 +13,29 @@ popularity) and half of them are follow-up turns of an earlier conversation
 (previous prompt + its answer + a new message). Reports the measured hit rate
 and the hit rate of an unbounded cache (the most any prefix cache can get).
 
-Run: ``python bench/alloc.py [--quick]``.
+Run: ``python -m bench.alloc [--quick]``.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import random
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import console, print_table, progress, save_results, trace_path  # noqa: E402
-from kvmem import KVSpec, create_allocator  # noqa: E402
+from bench.common import console, print_table, progress, save_results
+from kvmem import KVSpec, create_allocator
+from kvmem.traces import sample_lengths
 
 LLAMA3_8B = KVSpec(32, 8, 128)
 PAGE = 16
 
 
 def trace_lengths(n: int, seed: int) -> list[tuple[int, int]]:
-    """(prompt, output) token lengths: the Azure conversation trace, else a lognormal fit."""
-    rng = random.Random(seed)
-    path = trace_path("azure_llm_2023_conv.csv")
-    if path is not None:
-        with path.open() as f:
-            rows = [(int(r["ContextTokens"]), int(r["GeneratedTokens"])) for r in csv.DictReader(f)]
-        rows = [(max(1, p), max(1, o)) for p, o in rows]
-        return [rng.choice(rows) for _ in range(n)]
-    # median 1020 / mean 1155 prompt, median 129 / mean 211 output (Azure conv 2023)
-    return [
-        (max(1, int(rng.lognormvariate(6.93, 0.5))), max(1, int(rng.lognormvariate(4.86, 0.99))))
-        for _ in range(n)
-    ]
+    """``n`` (prompt, output) token lengths from the Azure conversation trace (or its twin)."""
+    return sample_lengths("azure_conv", n, seed)[0]
 
 
 def decode_heavy(steps: int, batch: int, seed: int) -> dict[str, float]:
@@ -199,7 +185,7 @@ def main() -> None:
     print_table(
         "bench/alloc.py: paged backend", ["figure", "value"], [[k, v] for k, v in figs.items()]
     )
-    path = save_results("alloc", figs)
+    path = save_results("alloc", figs, quick=args.quick)
     plot(figs, path.with_suffix(".png"))
     console.print(f"wrote {path} and {path.with_suffix('.png')}")
 

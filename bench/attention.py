@@ -21,7 +21,7 @@ against fp16 attention, and the outlier fixture with and without key
 smoothing), computed with the reference.
 
 Writes ``bench/results/attention.json`` and ``attention.png``.
-Run: ``python bench/attention.py [--quick]``.
+Run: ``python -m bench.attention [--quick]``.
 """
 
 from __future__ import annotations
@@ -29,9 +29,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,16 +38,16 @@ import torch
 if not torch.cuda.is_available():  # the kernels must be imported in interpreter mode
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RESULTS, console, print_table, progress, save_results  # noqa: E402
-from kvmem import KVSpec, PagePool  # noqa: E402
-from kvmem.attention import flashinfer as fi  # noqa: E402
-from kvmem.attention import reference as ref  # noqa: E402
-from kvmem.attention import triton as tk  # noqa: E402
-from kvmem.attention.smoothing import calibrate_key_smoothing  # noqa: E402
-from kvmem.formats import fp8_scales  # noqa: E402
-from kvmem.layout import BatchLayout, build_layout  # noqa: E402
+from bench.common import console, print_table, progress, results_dir, save_results
+from kvmem import KVSpec, PagePool
+from kvmem.attention import flashinfer as fi
+from kvmem.attention import reference as ref
+from kvmem.attention import triton as tk
+from kvmem.attention.smoothing import calibrate_key_smoothing
+from kvmem.formats import fp8_scales
+from kvmem.layout import BatchLayout, build_layout
+from kvmem.storage import StorageLayout
 
 HQ, HKV, D, PS = 32, 8, 128, 16
 FORMATS = ["fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "int4"]
@@ -71,7 +69,7 @@ class Case:
         batch: int,
         context: int,
         device: torch.device,
-        layout: str = "layer",
+        layout: StorageLayout = "layer",
         layers: int = 1,
         heads: tuple[int, int, int] = (HQ, HKV, D),
         page: int = PS,
@@ -81,7 +79,7 @@ class Case:
         self.fmt, self.batch, self.context, self.hq = fmt, batch, context, hq
         self.spec = KVSpec(layers, hkv, d, dtype=qdtype(fmt), kv_format=fmt)
         pages = -(-context // page)
-        self.pool = PagePool(self.spec, batch * pages, page, device=device, layout=layout)  # type: ignore[arg-type]
+        self.pool = PagePool(self.spec, batch * pages, page, device=device, layout=layout)
         self.layer = self.pool.layer(layers - 1)
         rng = np.random.default_rng(0)
         self.table = rng.permutation(batch * pages).astype(np.int32).reshape(batch, pages)
@@ -198,7 +196,8 @@ def run_gpu(quick: bool) -> dict[str, Any]:
         figs["flashinfer"] = fi.unsupported_reason(KVSpec(1, 1, 8).fmt, torch.float16, dev)
 
     # storage layouts: a block-major pool of 32 layers (pages 32 layers apart) vs per-layer
-    for layout, layers in (("layer", 1), ("block", 32)):
+    pools: tuple[tuple[StorageLayout, int], ...] = (("layer", 1), ("block", 32))
+    for layout, layers in pools:
         case = Case("fp16", b, c, dev, layout=layout, layers=layers)
         figs[f"decode_fp16_{layout}_pool_ms"] = time_triton(case, 1)
         torch.cuda.empty_cache()
@@ -251,7 +250,7 @@ def plot_gpu(figs: dict[str, Any], points: list[tuple[int, int]]) -> None:
     ax.axhline(0.8, color="grey", lw=0.8, ls="--")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "attention.png", dpi=120)
+    fig.savefig(results_dir() / "attention.png", dpi=120)
 
 
 # ------------------------------------------------------------------------------------- CPU
@@ -269,7 +268,8 @@ def run_cpu() -> dict[str, Any]:
     rows = []
     worst = {"decode": 0.0, "prefill": 0.0}
     codes_equal = True
-    runs = [(f, "block") for f in FORMATS + ["fp32"]] + [("fp16", "layer"), ("int4", "layer")]
+    runs: list[tuple[str, StorageLayout]] = [(f, "block") for f in [*FORMATS, "fp32"]]
+    runs += [("fp16", "layer"), ("int4", "layer")]
     for fmt, layout in progress(runs, desc="kernels"):
         t0 = time.perf_counter()
         case = Case(
@@ -401,7 +401,7 @@ def plot_cpu(rows: list[list[Any]], figs: dict[str, Any]) -> None:
     ax2.set_xlim(min(0.6, min(figs[k] for k in keys)), 1.0)
     ax2.set_title("cosine vs fp16 attention")
     fig.tight_layout()
-    fig.savefig(RESULTS / "attention.png", dpi=120)
+    fig.savefig(results_dir() / "attention.png", dpi=120)
 
 
 def main() -> None:
@@ -410,10 +410,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer points (on CPU: always tiny)")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    RESULTS.mkdir(parents=True, exist_ok=True)
     figs = run_gpu(args.quick) if torch.cuda.is_available() else run_cpu()
     figs["seconds"] = time.perf_counter() - t0
-    path = save_results("attention", figs)
+    path = save_results("attention", figs, quick=args.quick)
     console.print(f"wrote {path} in {figs['seconds']:.1f} s")
     if not math.isfinite(float(figs.get("decode_max_err", 0.0))):
         raise SystemExit("non-finite error")

@@ -30,7 +30,7 @@ length. So that points differ only in context length, a chunk plus the
 decode steps after it is a whole number of rBlock cycles (4 ranks x rBlock
 tokens): every point's decode steps write at the same offset of the cycle.
 
-Run: ``python bench/distributed.py [--quick]``.
+Run: ``python -m bench.distributed [--quick]``.
 """
 
 from __future__ import annotations
@@ -38,21 +38,21 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import console, print_table, save_results
 
-from bench.common import console, print_table, save_results  # noqa: E402
+if TYPE_CHECKING:
+    from kvmem.distributed.directory import Placement
 
 WORLD = 4
-CONFIGS = [  # name, ranks, placement
+CONFIGS: list[tuple[str, int, Placement]] = [  # name, ranks, placement
     ("1_rank", 1, "local_first"),
     ("2_ranks", 2, "local_first"),
     ("4_ranks", 4, "local_first"),
@@ -384,7 +384,7 @@ def main() -> None:
             ["bytes_per_step_growth_local_first", figs["bytes_per_step_growth_local_first"], ""],
         ],
     )
-    path = save_results("distributed", figs)
+    path = save_results("distributed", figs, quick=args.quick)
     plot(figs, path.with_suffix(".png"))
     console.print(f"wrote {path} and {path.with_suffix('.png')}")
 

@@ -28,14 +28,13 @@ lengths uniform in ``len * (1 +- range_ratio)``, outputs forced with
 (``--dataset azure-conv``, clipped to the model's context), read from
 ``../shared/traces``. Writes ``bench/results/serve.json`` and ``serve.png``.
 
-Run: ``python bench/serve.py [--quick]``.
+Run: ``python -m bench.serve [--quick]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import json
 import math
 import os
@@ -53,10 +52,10 @@ from typing import Any
 import httpx
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.common import console, print_table, save_results
+from kvmem.traces import find_trace, load_trace
 
-from bench.common import console, print_table, save_results, trace_path  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -85,11 +84,13 @@ def make_requests(args: argparse.Namespace, n: int, rng: random.Random) -> list[
     """``n`` (prompt, max_tokens) pairs."""
     out: list[tuple[str, int]] = []
     if args.dataset == "azure-conv":
-        path = trace_path("azure_llm_2023_conv.csv")
+        path = find_trace("azure_conv")
         if path is None:
-            raise SystemExit("--dataset azure-conv needs ../shared/traces/azure_llm_2023_conv.csv")
-        with path.open() as f:
-            rows = [(int(r["ContextTokens"]), int(r["GeneratedTokens"])) for r in csv.DictReader(f)]
+            raise SystemExit(
+                "--dataset azure-conv needs azure_llm_2023_conv.csv in $KVMEM_TRACES "
+                "or ../shared/traces"
+            )
+        rows = [(p, o) for _, p, o in load_trace(path)]
         cap_in, cap_out = args.max_input_len, args.max_output_len
         lengths = [
             (min(max(1, p), cap_in), min(max(1, o), cap_out))
@@ -603,7 +604,7 @@ def main() -> None:
     for rate, row in zip(args.rates, rows, strict=True):
         tag = f"rate_{rate:g}" if math.isfinite(rate) else "rate_inf"
         figures.update({f"{tag}_{k}": v for k, v in row.items()})
-    path = save_results("serve", figures)
+    path = save_results("serve", figures, quick=args.quick)
     plot(args.rates, rows, args, offline_rps, path.with_suffix(".png"))
     console.print(f"wrote {path} and {path.with_suffix('.png')}")
 

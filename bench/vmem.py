@@ -19,14 +19,13 @@ with mapping ahead on and off. Steps run back to back, and with pauses
 between steps (``--gaps-ms``) standing in for the model's forward pass (not
 timed), which is when a map-ahead worker does its work.
 
-Run: ``python bench/vmem.py [--quick]``.
+Run: ``python -m bench.vmem [--quick]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,12 +33,11 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import console, print_table, progress, save_results  # noqa: E402
-from kvmem import KVSpec, create_allocator  # noqa: E402
-from kvmem.backends.vmem.driver import VMemDriver  # noqa: E402
-from kvmem.backends.vmem.host import HostDriver  # noqa: E402
+from bench.common import console, print_table, progress, save_results
+from kvmem import KVAllocator, KVSpec, create_allocator
+from kvmem.backends.vmem import VMemAllocator
+from kvmem.backends.vmem.driver import VMemDriver
+from kvmem.backends.vmem.host import HostDriver
 
 KIB = 1024
 SPEC = KVSpec(32, 1, 64, dtype=torch.float16)  # 256 bytes per token per layer
@@ -84,21 +82,26 @@ def driver_latency(
     }
 
 
-def make_alloc(kind: str, batch: int, max_len: int) -> Any:
+def make_alloc(kind: str, batch: int, max_len: int) -> KVAllocator:
+    """A paged allocator (``kind="paged"``) or a host vmem one (``vmem``, ``vmem_ahead``)."""
     num_tokens = batch * max_len
     if kind == "paged":
         return create_allocator(
             "paged", SPEC, num_tokens=num_tokens, page_size=16, prefix_caching=False
         )
+    return make_vmem(kind == "vmem_ahead", batch, max_len)
+
+
+def make_vmem(map_ahead: bool, batch: int, max_len: int) -> VMemAllocator:
+    """A host vmem allocator for ``batch`` sequences of up to ``max_len`` tokens."""
     # pages backed when created, as cuMemCreate does: mapping is then the only driver cost
-    return create_allocator(
-        "vmem",
+    return VMemAllocator(
         SPEC,
-        num_tokens=num_tokens,
+        num_tokens=batch * max_len,
         page_bytes=4 * KIB,
         max_seqs=batch,
         max_seq_len=max_len,
-        map_ahead=kind == "vmem_ahead",
+        map_ahead=map_ahead,
         driver=HostDriver(prealloc=True),
     )
 
@@ -111,16 +114,17 @@ def decode_run(
     gap_s: float,
 ) -> tuple[list[float], float]:
     """Seconds per allocator-side decode step for one fresh allocator, and groups mapped ahead."""
-    a = make_alloc(kind, batch, prompt + steps + 64)
+    max_len = prompt + steps + 64
+    vm = make_vmem(kind == "vmem_ahead", batch, max_len) if kind != "paged" else None
+    a = vm if vm is not None else make_alloc(kind, batch, max_len)
     sids = list(range(batch))
     for sid in sids:  # staggered prompts: page crossings spread over the steps
         n = prompt + (sid * 37) % 64
         a.add(sid, [1] * n)
         a.reserve(sid, n)
         a.commit(sid, n)
-    wait = getattr(a, "wait_map_ahead", None)
-    if wait is not None:
-        wait(10)
+    if vm is not None:  # let the map-ahead worker catch up before timing
+        vm.wait_map_ahead(10)
     out = []
     batch_ones = [(sid, 1) for sid in sids]
     for _ in range(steps):
@@ -238,10 +242,10 @@ def main() -> None:
         try:
             from kvmem.backends.vmem.cuda import CudaDriver
 
-            g = CudaDriver("cuda").granularity
-            for k, v in driver_latency(lambda: CudaDriver("cuda"), g, 64, reps).items():
+            gran = CudaDriver("cuda").granularity
+            for k, v in driver_latency(lambda: CudaDriver("cuda"), gran, 64, reps).items():
                 figs[f"cuda_{k}"] = v
-            figs["cuda_page_bytes"] = g
+            figs["cuda_page_bytes"] = gran
         except Exception as e:  # reported, not fatal: the host figures still stand
             figs["cuda"] = f"not run: {e}"
     else:
@@ -277,7 +281,7 @@ def main() -> None:
     print_table(
         f"allocator decode step, batch {args.batch} (median µs; overhead vs paged)", header, table
     )
-    path = save_results("vmem", figs)
+    path = save_results("vmem", figs, quick=args.quick)
     plot(figs, path.with_suffix(".png"))
     console.print(f"wrote {path} and {path.with_suffix('.png')}")
 

@@ -44,8 +44,10 @@ def _bench(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    sys.argv = [str(script), *args.rest]
-    runpy.run_path(str(script), run_name="__main__")
+    if str(root.parent) not in sys.path:  # bench is a package beside kvmem in a checkout
+        sys.path.insert(0, str(root.parent))
+    sys.argv = [f"bench.{args.name}", *args.rest]
+    runpy.run_module(f"bench.{args.name}", run_name="__main__", alter_sys=True)
     return 0
 
 
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--kv-tokens", type=int, default=4096)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(fn=_demo)
-    b = sub.add_parser("bench", help="run bench/<name>.py from a source checkout")
+    b = sub.add_parser("bench", help="run python -m bench.<name> from a source checkout")
     b.add_argument("name")
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(fn=_bench)

@@ -42,9 +42,12 @@ __all__ = [
     "QUANTILES",
     "RATES",
     "TRACE_FILES",
+    "NO_SHARED_ENV",
+    "TRACES_ENV",
     "Request",
     "find_trace",
     "load_or_synthesize",
+    "sample_lengths",
     "load_trace",
     "synthetic_trace",
     "trace_dirs",
@@ -283,19 +286,28 @@ QUANTILES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
 RATES = {"azure_conv": 5.53, "azure_code": 2.57, "arxiv": 1.0}
 
 
+#: Environment variable naming a directory of trace files, searched first.
+TRACES_ENV = "KVMEM_TRACES"
+#: Environment variable that, set to a non-empty value other than ``0``, turns off the
+#: ``../shared/traces`` lookup (CI sets it to check that nothing needs the files).
+NO_SHARED_ENV = "KVMEM_NO_SHARED_TRACES"
+
+
 def trace_dirs() -> list[Path]:
     """Where named traces are looked for, in order.
 
     ``$KVMEM_TRACES``, then ``../shared/traces`` relative to the working
     directory, then relative to the project root (the directory holding the
-    ``kvmem`` package, for a source checkout).
+    ``kvmem`` package, for a source checkout). ``KVMEM_NO_SHARED_TRACES=1``
+    drops the two ``../shared`` entries.
     """
     dirs = []
-    env = os.environ.get("KVMEM_TRACES")
+    env = os.environ.get(TRACES_ENV)
     if env:
         dirs.append(Path(env))
-    dirs.append(Path.cwd().parent / "shared" / "traces")
-    dirs.append(Path(__file__).resolve().parents[1].parent / "shared" / "traces")
+    if os.environ.get(NO_SHARED_ENV, "") in ("", "0"):
+        dirs.append(Path.cwd().parent / "shared" / "traces")
+        dirs.append(Path(__file__).resolve().parents[1].parent / "shared" / "traces")
     return dirs
 
 
@@ -392,3 +404,21 @@ def load_or_synthesize(name: str, n: int | None = None, seed: int = 0) -> tuple[
     if path is not None:
         return load_trace(path, limit=n), str(path)
     return synthetic_trace(name, 10_000 if n is None else n, seed), f"synthetic:{name}"
+
+
+def sample_lengths(name: str, n: int, seed: int = 0) -> tuple[list[tuple[int, int]], str]:
+    """``n`` ``(prompt, output)`` lengths drawn with replacement from the named trace.
+
+    Where the trace file is absent, the lengths of ``n`` synthetic requests
+    with its statistics. Returns ``(lengths, source)`` as
+    :func:`load_or_synthesize` does; every length is at least 1.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise InvalidArgument(f"n must be a non-negative int, got {n!r}")
+    path = find_trace(name)
+    if path is None:
+        synth = synthetic_trace(name, n, seed)
+        return [(p, o) for _, p, o in synth], f"synthetic:{name}"
+    rows = [(max(1, p), max(1, o)) for _, p, o in load_trace(path)]
+    pick = np.random.default_rng(seed).integers(0, len(rows), n)
+    return [rows[i] for i in pick.tolist()], str(path)

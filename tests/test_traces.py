@@ -62,3 +62,34 @@ def test_synthetic_lengths_match_the_real_trace(kind):
         rate = len(t) / t[-1][0]
         st = traces.synthetic_trace(kind, 20_000, seed=2)
         assert len(st) / st[-1][0] == pytest.approx(rate, rel=0.05)
+
+
+def test_shared_lookup_can_be_turned_off(tmp_path, monkeypatch):
+    monkeypatch.setenv(traces.TRACES_ENV, str(tmp_path))
+    monkeypatch.delenv(traces.NO_SHARED_ENV, raising=False)
+    dirs = traces.trace_dirs()
+    assert dirs[0] == tmp_path and len(dirs) == 3
+    assert all(d.parts[-2:] == ("shared", "traces") for d in dirs[1:])
+    monkeypatch.setenv(traces.NO_SHARED_ENV, "1")
+    assert traces.trace_dirs() == [tmp_path]
+    assert traces.find_trace("azure_conv") is None
+    monkeypatch.setenv(traces.NO_SHARED_ENV, "0")
+    assert len(traces.trace_dirs()) == 3
+
+
+def test_sample_lengths_draws_from_the_file_or_the_synthetic_twin(tmp_path, monkeypatch):
+    monkeypatch.setattr(traces, "trace_dirs", lambda: [tmp_path])
+    got, source = traces.sample_lengths("azure_code", 300, seed=4)
+    assert source == "synthetic:azure_code"
+    assert got == [(p, o) for _, p, o in traces.synthetic_trace("azure_code", 300, seed=4)]
+    (tmp_path / traces.TRACE_FILES["azure_code"]).write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+        "2023-11-16 18:15:46.6805900,374,44\n"
+        "2023-11-16 18:15:50.9951690,0,109\n"
+    )
+    got, source = traces.sample_lengths("azure_code", 200, seed=4)
+    assert source.endswith(traces.TRACE_FILES["azure_code"])
+    assert set(got) == {(374, 44), (1, 109)}  # zero-length prompts count as 1
+    assert traces.sample_lengths("azure_code", 200, seed=4)[0] == got
+    with pytest.raises(InvalidArgument):
+        traces.sample_lengths("azure_code", -1)

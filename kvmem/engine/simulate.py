@@ -21,6 +21,7 @@ from kvmem.engine.clock import SimClock
 from kvmem.engine.executor import Executor
 from kvmem.engine.request import Request, SamplingParams
 from kvmem.engine.scheduler import ScheduledChunk
+from kvmem.errors import InvalidArgument
 from kvmem.spec import KVSpec
 
 if TYPE_CHECKING:
@@ -29,26 +30,48 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class CostModel:
-    """Seconds per step: ``fixed + prefill * prefill_tokens + decode * decode_tokens``.
+    """Seconds per step: weights, prefill compute, and the KV every decode row reads.
 
-    The defaults model a Llama-2-7B in fp16 on one A100-80GB:
+    ::
+
+        step = fixed + prefill * prefill_tokens + decode * decode_rows
+                     + decode_kv * (context tokens of every decode row, summed)
+
+    Decode is memory-bound: each decode row's attention reads every cached
+    token of its sequence, so a batch of long contexts costs more than one
+    of short contexts with the same number of rows. The defaults model a
+    Llama-2-7B in fp16 on one A100-80GB:
 
     - ``fixed`` 7 ms: every step reads all 13.5 GB of weights once at about
       2 TB/s, whatever the batch (plus launch and scheduling overheads);
     - ``prefill`` 0.15 ms per token: 2 x 6.7 GFLOP per token at about 90
-      TFLOP/s achieved (compute-bound);
-    - ``decode`` 0.3 ms per token: each decode row reads its own KV, 0.5 MB
-      per context token, about 1,200 tokens on the Azure conversation trace,
-      i.e. 0.6 GB at 2 TB/s (memory-bound).
+      TFLOP/s achieved (compute-bound; a chunk's attention over earlier
+      context adds under 5% at these lengths and is left out);
+    - ``decode`` 0: a decode row's weight reads are in ``fixed``, its
+      matmul FLOPs are negligible beside them;
+    - ``decode_kv`` 0.25 us per context token: 0.5 MB of KV per token
+      (32 layers x 32 heads x 128 x 2 x 2 bytes) read at 2 TB/s.
     """
 
     fixed: float = 7e-3
     prefill: float = 0.15e-3
-    decode: float = 0.3e-3
+    decode: float = 0.0
+    decode_kv: float = 0.25e-6
 
-    def step_time(self, prefill_tokens: int, decode_tokens: int) -> float:
-        """Duration of one step."""
-        return self.fixed + self.prefill * prefill_tokens + self.decode * decode_tokens
+    def __post_init__(self) -> None:
+        for name in ("fixed", "prefill", "decode", "decode_kv"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0:
+                raise InvalidArgument(f"cost {name} must be a number >= 0, got {v!r}")
+
+    def step_time(self, prefill_tokens: int, decode_rows: int, decode_context: int = 0) -> float:
+        """Duration of one step; ``decode_context`` is the KV tokens the decode rows read."""
+        return (
+            self.fixed
+            + self.prefill * prefill_tokens
+            + self.decode * decode_rows
+            + self.decode_kv * decode_context
+        )
 
 
 class SimulatedExecutor(Executor):
@@ -74,10 +97,11 @@ class SimulatedExecutor(Executor):
         return self.spec
 
     def execute(self, chunks: Sequence[ScheduledChunk], allocator: KVAllocator) -> torch.Tensor:
-        """Charge the step's cost to the clock."""
-        decode = sum(1 for c in chunks if c.is_decode)
-        prefill = sum(c.num_tokens for c in chunks) - decode
-        dt = self.cost.step_time(prefill, decode)
+        """Charge the step's cost to the clock (a decode row reads its whole context)."""
+        rows = [c for c in chunks if c.is_decode]
+        prefill = sum(c.num_tokens for c in chunks) - len(rows)
+        context = sum(c.start + c.num_tokens for c in rows)
+        dt = self.cost.step_time(prefill, len(rows), context)
         self.clock.advance(dt)
         self.busy_time += dt
         return torch.zeros(sum(1 for c in chunks if c.samples), 1)

@@ -18,7 +18,7 @@ from kvmem.engine import (
     SimulatedExecutor,
 )
 from kvmem.engine.demo import run as demo_run
-from kvmem.engine.policies import Fair
+from kvmem.engine.policies import ISRTF, Fair
 from kvmem.engine.predictors import r2_score
 from kvmem.engine.request import Request, SamplingParams
 from kvmem.engine.simulate import CostModel, TraceRequest, replay
@@ -65,6 +65,54 @@ def test_isrtf_oracle_lowers_mean_jct_when_requests_queue():
     isrtf, _ = sim(trace, max_num_seqs=4, policy="isrtf", policy_options={"predictor": "oracle"})
     jct = lambda rs: np.mean([r.metrics.jct for r in rs])  # noqa: E731
     assert jct(isrtf) < 0.8 * jct(fcfs)
+
+
+def _arrive(pol: ISRTF, rid: str, t: float, out: int) -> Request:
+    r = Request(rid, [1, 2], SamplingParams(), arrival_time=t, output_len_hint=out)
+    pol.on_arrival(r, [])
+    return r
+
+
+def test_guard_lets_a_request_be_overtaken_only_by_arrivals_within_its_window():
+    pol = ISRTF(slack=10.0)
+    long = _arrive(pol, "long", 0.0, 100)  # window: 10 * sqrt(100) = 100 steps
+    pol.observe_step(0.5)  # a step is 0.5 s: the window is 50 s
+    soon = _arrive(pol, "soon", 40.0, 1)  # step 80 + 10 < step 0 + 100
+    late = _arrive(pol, "late", 55.0, 1)  # step 110 + 10 > 100
+    order = [r.request_id for r in sorted([late, long, soon], key=pol.key)]
+    assert order == ["soon", "long", "late"]
+    plain = ISRTF(slack=None)
+    reqs = [_arrive(plain, r.request_id, r.arrival_time, r.output_len_hint) for r in (long, late)]
+    assert [r.request_id for r in sorted(reqs, key=plain.key)] == ["late", "long"]
+
+
+def test_guard_measures_the_step_time_and_ignores_preemption_gaps():
+    pol = ISRTF()
+    assert pol.step_time is None
+    a, b = _arrive(pol, "a", 0.0, 50), _arrive(pol, "b", 0.0, 5)
+    assert sorted([a, b], key=pol.key) == [b, a]  # no step time yet: shortest first
+    for gap in (0.02, 0.04, 5.0, 0.0):  # 5 s is a preemption, 0 is no gap
+        pol.observe_step(gap)
+    assert 0.02 < pol.step_time < 0.04
+    with pytest.raises(InvalidArgument):
+        ISRTF(slack=0)
+    with pytest.raises(InvalidArgument):
+        ISRTF(slack=True)
+
+
+def test_guard_finishes_a_long_job_that_plain_isrtf_starves():
+    # one seat, taken; a long job, then short ones arriving twice as fast as they are served
+    trace = [TraceRequest(0.0, 20, 8), TraceRequest(0.001, 20, 400)]
+    trace += [TraceRequest(0.002 + 0.05 * i, 20, 8) for i in range(300)]
+    kw = {"max_num_seqs": 1, "policy": "isrtf"}
+    plain, _ = sim(trace, **kw, policy_options={"predictor": "oracle", "slack": None})
+    guarded, _ = sim(trace, **kw, policy_options={"predictor": "oracle", "slack": 2.0})
+    fcfs, _ = sim(trace, max_num_seqs=1)
+    last_short = max(r.metrics.finish_time for r in plain[2:])
+    assert plain[1].metrics.finish_time >= last_short  # starved until the stream ended
+    assert guarded[1].metrics.jct < 0.5 * plain[1].metrics.jct
+    mean = lambda rs: np.mean([r.metrics.jct for r in rs])  # noqa: E731
+    assert mean(guarded) < mean(fcfs)  # still shortest-first among close arrivals
 
 
 def test_fair_serves_a_light_tenant_before_a_heavy_backlog():

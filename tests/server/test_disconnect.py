@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import httpx
-import pytest
 from conftest import HTTP, MODEL, get_metric
 
 N_STREAMS = 20
@@ -104,6 +104,13 @@ def test_non_streaming_client_that_times_out_is_aborted(make_server):
 
 
 def test_stopping_the_server_ends_open_streams_and_frees_kv(tiny_model):
+    """``ServerThread.stop`` gives open streams a grace period, then the app's shutdown aborts
+    every request (its stream gets an error event, then ``[DONE]``) and the engine frees its KV.
+
+    Which comes first depends on timing: the stream is either cut when the grace period ends
+    or ended by the abort. Both are allowed; a stream left open, a normal-looking end without
+    the error event, or KV still held are not.
+    """
     from kvmem.engine import Engine
     from kvmem.server import AsyncEngine, ServerThread, create_app
 
@@ -116,6 +123,8 @@ def test_stopping_the_server_ends_open_streams_and_frees_kv(tiny_model):
         "ignore_eos": True,
         "stream": True,
     }
+    events: list[str] = []
+    cut = False
     with (
         httpx.Client(timeout=30) as client,
         client.stream("POST", f"{srv.url}/v1/completions", json=body) as r,
@@ -124,9 +133,15 @@ def test_stopping_the_server_ends_open_streams_and_frees_kv(tiny_model):
         assert next(lines).startswith("data: {")
         t0 = time.perf_counter()
         srv.stop()
-        assert time.perf_counter() - t0 < 10
-        with pytest.raises(httpx.HTTPError):  # the stream was cut, not finished
-            for line in lines:
-                assert line != "data: [DONE]"
+        assert time.perf_counter() - t0 < 20
+        try:
+            events.extend(line for line in lines if line.startswith("data: "))
+        except httpx.HTTPError:
+            cut = True
+    if not cut:
+        assert events[-1] == "data: [DONE]", events[-3:]
+        last = json.loads(events[-2].removeprefix("data: "))
+        assert "shutting down" in last["error"]["message"], last
+        assert all(json.loads(e.removeprefix("data: ")).get("choices") for e in events[:-2])
     assert engine.allocator.stats().used_tokens == 0
     assert not engine.has_unfinished()
