@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StoppingCriteria
 
-from bench.common import RESULTS, console, print_table, progress, save_results
+from bench.common import console, print_table, progress, save_results
 from kvmem.integrations.hf import KVMemCache
 
 BACKENDS: dict[str, dict[str, Any]] = {
@@ -263,8 +263,8 @@ def main() -> None:
     rows = [[n, r["peak_kv_bytes"] / 2**20, r["tokens_per_s"]] for n, r in greedy.items()]
     print_table(f"greedy, batch {batch}", ["cache", "peak KV MiB", "tokens/s"], rows)
     print_table("prefix reuse", ["figure", "value"], [[k, v] for k, v in prefix.items()])
-    path = save_results("hf", figs)
-    plot(figs, beam, RESULTS / "hf.png")
+    path = save_results("hf", figs, args.quick)
+    plot(figs, beam, path.with_suffix(".png"))
     console.print(f"wrote {path}")
 
 

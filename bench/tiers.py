@@ -447,7 +447,7 @@ def main() -> None:
                 if f"sweep_{m}_hit_ratio" in figs
             ],
         )
-    path = save_results("tiers", figs)
+    path = save_results("tiers", figs, args.quick)
     plot(figs, path.with_suffix(".png"))
     console.print(f"wrote {path} and {path.with_suffix('.png')}")
 
