@@ -16,6 +16,7 @@ import contextlib
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from kvmem.backends.base import KVBackend
 from kvmem.backends.vmem.driver import VMemDriver
 from kvmem.backends.vmem.drivers import make_driver
 from kvmem.backends.vmem.mapahead import MapAhead
+from kvmem.backends.vmem.prefix import PrefixIndex
 from kvmem.backends.vmem.seq import VSeq
 from kvmem.backends.vmem.space import VirtualKV, round_seq_len
 from kvmem.backends.vmem.swapping import SwapMixin
@@ -64,6 +66,9 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
     - ``host_num_tokens``: how many KV entries swapped-out sequences may
       keep on the host in all (default: the device capacity); a swap-out
       beyond it raises OutOfHostMemory.
+    - ``prefix_caching`` (default True; off where a token's bytes do not
+      divide ``page_bytes``): full pages of live and freed sequences are
+      shared with new sequences of the same prefix (:mod:`.prefix`).
 
     Tensors from :meth:`layer` and :meth:`kv_view` point into the virtual
     ranges: valid until :meth:`close`, and only their mapped parts (the
@@ -71,7 +76,7 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
     driver and closes it.
     """
 
-    capabilities = Capabilities(swap=True, fork=True)
+    capabilities = Capabilities(swap=True, fork=True, prefix_caching=True)
     max_seq_len: int
 
     def __init__(
@@ -88,6 +93,7 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
         map_ahead_tokens: int | None = None,
         driver: str | VMemDriver | None = None,
         host_num_tokens: int | None = None,
+        prefix_caching: bool = True,
     ) -> None:
         super().__init__()
         self._closed = True  # until fully built: close() and __del__ do nothing
@@ -105,6 +111,8 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
             check_count("map_ahead_tokens", map_ahead_tokens)
         if host_num_tokens is not None:
             check_count("host_num_tokens", host_num_tokens)
+        if not isinstance(prefix_caching, bool):
+            raise InvalidArgument(f"prefix_caching must be a bool, got {prefix_caching!r}")
         self.spec = spec
         drv = make_driver(driver, device)
         try:
@@ -126,6 +134,11 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
         self._mapper = MapAhead(self.space, self._lock, ahead, self._target)
         group_tokens = spec.num_layers * self.page_bytes // spec.bytes_per_token
         self._init_swap(host_num_tokens, self.space.num_groups * group_tokens)
+        self._prefix: PrefixIndex | None = None
+        if prefix_caching and self.page_bytes % tb == 0:
+            self._prefix = PrefixIndex(max_seqs, self.page_bytes // tb)
+        else:
+            self.capabilities = replace(self.capabilities, prefix_caching=False)
         self._closed = False
 
     def _build(
@@ -197,8 +210,20 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
 
         One batch of unmaps: the device is synchronized once for all of them.
         """
-        sp = self.space
         self._mapper.settle()  # groups the worker holds are in no slot yet: let them land
+        try:
+            self._reclaim_groups(short, slot, target)
+        finally:
+            self._trim_keys()
+
+    def _trim_keys(self) -> None:
+        """(Lock held.) Cut every slot's prefix keys to the pages still mapped there."""
+        if self._prefix is not None:
+            for slot, groups in enumerate(self.space.groups):
+                self._prefix.trim(slot, len(groups))
+
+    def _reclaim_groups(self, short: int, slot: int, target: int) -> None:
+        sp = self.space
         with sp.unmapping():
             for victim in list(self._free_slots):
                 if short <= 0:
@@ -230,8 +255,72 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
 
     # ------------------------------------------------------ hooks of KVBackend
     def _admit(self, seq_id: Hashable, tokens: list[int], cache_salt: Hashable) -> VSeq:
-        """A new sequence: no slot or memory until its first ``reserve``; no prefix cache."""
-        return VSeq(tokens)
+        """A new sequence, sharing the longest prefix of full pages a slot holds.
+
+        Without a hit it takes no slot or memory until its first ``reserve``.
+        A hit in a free slot takes that slot (its pages are already mapped); a
+        hit in a live sequence's slot maps its pages under a free slot, as
+        ``fork`` does. Never the last token's page; no hit when the pool or
+        the slots are short.
+        """
+        s = VSeq(tokens)
+        px = self._prefix
+        if px is None:
+            return s
+        s.root = px.root(cache_salt)
+        px.queries += len(tokens)
+        keys = px.chain(s.root, tokens, (len(tokens) - 1) // px.page_tokens)
+        depth, slots = px.match(keys)
+        if depth:
+            if self._swapper.pending:
+                self._make_room(depth, 1)
+            with self._lock:
+                depth = self._claim_prefix(s, depth, slots)
+            s.hashes = [hash(k) for k in keys[:depth]]
+            px.hits += depth * px.page_tokens
+        return s
+
+    def _claim_prefix(self, s: VSeq, depth: int, slots: list[int]) -> int:
+        """(Lock held.) Give ``s`` a slot holding the first ``depth`` pages of ``slots``'.
+
+        Returns the pages it got (0: none, nothing changed).
+        """
+        px, sp = self._prefix, self.space
+        assert px is not None
+        n = depth * px.page_tokens
+        free = [x for x in slots if x in self._free_slots]
+        live = [x for x in slots if (o := self._owner[x]) is not None and o.slot == x]
+        if free and sp.pages(n) <= sp.num_groups - self._held():
+            slot = free[0]
+            self._mapper.settle(slot)
+            px.trim(slot, depth)
+        elif live and self._free_slots:
+            src = live[0]
+            slot = min(self._free_slots, key=lambda i: sp.covered[i])
+            self._mapper.settle(slot)
+            sp.clear(slot)
+            px.trim(slot, 0)
+            sp.share(src, slot, n)
+            px.assign(slot, px.keys[src][:depth])
+        else:
+            return 0
+        del self._free_slots[slot]
+        self._owner[slot] = s
+        s.slot = slot
+        s.num_computed = s.reserved = n
+        self._set_held(s, n)
+        return depth
+
+    def _on_commit(self, s: VSeq, end: int) -> None:
+        """Key the pages that filled up, findable by later prompts."""
+        px = self._prefix
+        if px is None or s.slot < 0:
+            return
+        g = px.page_tokens
+        for i in range(s.num_computed // g, end // g):
+            key = (s.hashes[i - 1] if i else s.root, tuple(s.tokens[i * g : (i + 1) * g]))
+            s.hashes.append(hash(key))
+            px.append(s.slot, i, key)
 
     def _grow(self, seq_id: Hashable, s: VSeq, target: int) -> None:
         """Map, privately, every position up to ``target`` under the sequence's slot.
@@ -283,6 +372,8 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
                 del self._free_slots[slot]
                 self._owner[slot] = s
                 s.slot = slot
+                if self._prefix is not None:
+                    self._prefix.trim(slot, 0)  # the new owner writes from position 0
             s.reserved = target
             self._set_held(s, target)
         if self.map_ahead:
@@ -361,6 +452,9 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
         self._owner[slot] = c
         c.slot = slot
         c.num_computed = c.reserved = n
+        c.root, c.hashes = p.root, list(p.hashes)
+        if self._prefix is not None:
+            self._prefix.assign(slot, self._prefix.keys[p.slot][: len(p.hashes)])
         self._set_held(c, n)
 
     def _drop(self, seq_id: Hashable, s: VSeq) -> None:
@@ -402,6 +496,10 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
             except DriverError:
                 self._quarantine.add(slot)  # may still map shared pages: never hand it out
                 raise
+            finally:
+                if self._prefix is not None:
+                    keep = 0 if slot in self._quarantine else len(self.space.groups[slot])
+                    self._prefix.trim(slot, keep)
             self._free_slots[slot] = None
 
     def _take_slot(self, s: VSeq) -> None:
@@ -418,6 +516,8 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
         self._owner[slot] = s
         s.slot = slot
         self._set_held(s, target)
+        if self._prefix is not None:
+            self._prefix.trim(slot, 0)  # the swap-in writes the slot from position 0
 
     # -------------------------------------------------------------- vmem extras
     def kv_view(
@@ -454,9 +554,9 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
         ``used`` is what the groups held by sequences can store; ``free`` the
         rest of the pool, including groups still mapped under free slots or
         ahead of reservations (``extra['idle_mapped_bytes']``). ``cached`` is
-        0: there is no prefix cache. A sequence whose swap-out is in flight
-        holds its groups until the copy is done. ``extra`` also has the host
-        side (``host_capacity_tokens``, ``host_used_tokens``,
+        the keyed prefix pages under free slots (reusable, counted free). A
+        sequence whose swap-out is in flight holds its groups until the copy
+        is done. ``extra`` also has the host side (``host_capacity_tokens``, ``host_used_tokens``,
         ``swaps_in_flight``) and cumulative ``swap_out_bytes``,
         ``swap_in_bytes``, ``swap_copies``.
         """
@@ -500,13 +600,20 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
                 used_tokens=used,
                 filled_tokens=sp.filled_tokens([(s.slot, s.num_computed) for s in resident]),
                 reserved_tokens=sum(s.reserved - s.num_computed for s in resident),
-                cached_tokens=0,
+                cached_tokens=self._cached_tokens(),
                 free_tokens=capacity - used,
                 swapped_tokens=sum(s.num_computed for s in swapped),
                 num_seqs=len(self._seqs),
                 num_swapped_seqs=len(swapped),
+                prefix_queries=0 if self._prefix is None else self._prefix.queries,
+                prefix_hits=0 if self._prefix is None else self._prefix.hits,
                 extra=extra,
             )
+
+    def _cached_tokens(self) -> int:
+        """(Lock held.) Tokens of keyed pages under free slots: reusable, and counted free."""
+        px = self._prefix
+        return 0 if px is None else sum(len(px.keys[s]) for s in self._free_slots) * px.page_tokens
 
     def _check_backend(self) -> None:
         """Verify slots, page groups and their counts, held totals, and the safety rules.
@@ -518,6 +625,11 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
         with self._lock:
             self._mapper.settle()
             self.space.check()
+            if self._prefix is not None:
+                self._prefix.check(
+                    [len(g) for g in self.space.groups],
+                    [None if o is None else o.num_computed for o in self._owner],
+                )
             self._check_seqs()
 
     def _check_seqs(self) -> None:
@@ -580,6 +692,8 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
             self._owner = [None] * self.max_seqs
             self._free_slots = OrderedDict.fromkeys(range(self.max_seqs))
             self._quarantine.clear()
+            if self._prefix is not None:
+                self._prefix.clear()
             self._held_sum = 0
             self._host_tokens = 0
             self.space.close(errors.append)
