@@ -24,8 +24,9 @@ SPEC = SPECS["fp16"]
 
 
 def vmem(spec: KVSpec = SPEC, **opts) -> VMemAllocator:
-    """A small vmem allocator: 2048 tokens, 4 sequences."""
-    return base_vmem(spec, **{"num_tokens": 2048, "max_seqs": 4, "max_seq_len": 2048, **opts})
+    """A small vmem allocator: 2048 tokens, 4 sequences; no prefix cache (prompts here repeat)."""
+    opts = {"num_tokens": 2048, "max_seqs": 4, "max_seq_len": 2048, "prefix_caching": False, **opts}
+    return base_vmem(spec, **opts)
 
 
 def fill(a: VMemAllocator, sid, n: int, seed: int) -> None:
