@@ -119,3 +119,25 @@ def test_no_hit_when_no_slot_is_free(n_before: int) -> None:
             _serve(a, ("o", i), [900 + i], kv)
         assert a.add("b", prompt) == 0  # the prefix is live, but no slot is free to map it
         a.check_integrity()
+
+
+def test_kv_events_follow_the_findable_pages() -> None:
+    from kvmem.tiers import MEDIUMS, KVEventIndex
+
+    with _alloc() as a:
+        index = KVEventIndex()
+        a.kv_events.subscribe(index.apply)  # type: ignore[attr-defined]
+        kv: dict = {}
+        g = _page(a)
+        prompt = list(range(3 * g + 1))
+        _serve(a, "a", prompt, kv)
+        px = a._prefix  # type: ignore[attr-defined]
+        want = {hash(k) for k in px.chain(px.root(None), prompt, 3)}
+        assert index.snapshot()[MEDIUMS["device"]] == want
+        _serve(a, "b", prompt, kv)  # shared: nothing new is stored
+        assert index.snapshot()[MEDIUMS["device"]] == want
+        a.free("a")
+        a.free("b")
+        for i in range(6):  # every slot and page taken by others: the pages are gone
+            _serve(a, ("x", i), [1000 * (i + 1) + j for j in range(4 * g - 1)], kv)
+        assert not index.snapshot()[MEDIUMS["device"]] & want

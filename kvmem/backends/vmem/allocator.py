@@ -23,6 +23,7 @@ import torch
 
 from kvmem.allocator import Capabilities, KVStats, check_count
 from kvmem.backends.base import KVBackend
+from kvmem.backends.vmem import checks, prefixing
 from kvmem.backends.vmem.driver import VMemDriver
 from kvmem.backends.vmem.drivers import make_driver
 from kvmem.backends.vmem.mapahead import MapAhead
@@ -68,7 +69,8 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
       beyond it raises OutOfHostMemory.
     - ``prefix_caching`` (default True; off where a token's bytes do not
       divide ``page_bytes``): full pages of live and freed sequences are
-      shared with new sequences of the same prefix (:mod:`.prefix`).
+      shared with new sequences of the same prefix (:mod:`.prefix`); its
+      KV events (vLLM's schema) are on :attr:`kv_events` then.
 
     Tensors from :meth:`layer` and :meth:`kv_view` point into the virtual
     ranges: valid until :meth:`close`, and only their mapped parts (the
@@ -137,6 +139,7 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
         self._prefix: PrefixIndex | None = None
         if prefix_caching and self.page_bytes % tb == 0:
             self._prefix = PrefixIndex(max_seqs, self.page_bytes // tb)
+            self.kv_events = self._prefix.events
         else:
             self.capabilities = replace(self.capabilities, prefix_caching=False)
         self._closed = False
@@ -214,13 +217,7 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
         try:
             self._reclaim_groups(short, slot, target)
         finally:
-            self._trim_keys()
-
-    def _trim_keys(self) -> None:
-        """(Lock held.) Cut every slot's prefix keys to the pages still mapped there."""
-        if self._prefix is not None:
-            for slot, groups in enumerate(self.space.groups):
-                self._prefix.trim(slot, len(groups))
+            prefixing.trim_keys(self)
 
     def _reclaim_groups(self, short: int, slot: int, target: int) -> None:
         sp = self.space
@@ -255,72 +252,12 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
 
     # ------------------------------------------------------ hooks of KVBackend
     def _admit(self, seq_id: Hashable, tokens: list[int], cache_salt: Hashable) -> VSeq:
-        """A new sequence, sharing the longest prefix of full pages a slot holds.
-
-        Without a hit it takes no slot or memory until its first ``reserve``.
-        A hit in a free slot takes that slot (its pages are already mapped); a
-        hit in a live sequence's slot maps its pages under a free slot, as
-        ``fork`` does. Never the last token's page; no hit when the pool or
-        the slots are short.
-        """
-        s = VSeq(tokens)
-        px = self._prefix
-        if px is None:
-            return s
-        s.root = px.root(cache_salt)
-        px.queries += len(tokens)
-        keys = px.chain(s.root, tokens, (len(tokens) - 1) // px.page_tokens)
-        depth, slots = px.match(keys)
-        if depth:
-            if self._swapper.pending:
-                self._make_room(depth, 1)
-            with self._lock:
-                depth = self._claim_prefix(s, depth, slots)
-            s.hashes = [hash(k) for k in keys[:depth]]
-            px.hits += depth * px.page_tokens
-        return s
-
-    def _claim_prefix(self, s: VSeq, depth: int, slots: list[int]) -> int:
-        """(Lock held.) Give ``s`` a slot holding the first ``depth`` pages of ``slots``'.
-
-        Returns the pages it got (0: none, nothing changed).
-        """
-        px, sp = self._prefix, self.space
-        assert px is not None
-        n = depth * px.page_tokens
-        free = [x for x in slots if x in self._free_slots]
-        live = [x for x in slots if (o := self._owner[x]) is not None and o.slot == x]
-        if free and sp.pages(n) <= sp.num_groups - self._held():
-            slot = free[0]
-            self._mapper.settle(slot)
-            px.trim(slot, depth)
-        elif live and self._free_slots:
-            src = live[0]
-            slot = min(self._free_slots, key=lambda i: sp.covered[i])
-            self._mapper.settle(slot)
-            sp.clear(slot)
-            px.trim(slot, 0)
-            sp.share(src, slot, n)
-            px.assign(slot, px.keys[src][:depth])
-        else:
-            return 0
-        del self._free_slots[slot]
-        self._owner[slot] = s
-        s.slot = slot
-        s.num_computed = s.reserved = n
-        self._set_held(s, n)
-        return depth
+        """A new sequence, with the longest prefix a slot holds (:func:`.prefixing.admit`)."""
+        return prefixing.admit(self, tokens, cache_salt)
 
     def _on_commit(self, s: VSeq, end: int) -> None:
         """Key the pages that filled up, findable by later prompts."""
-        px = self._prefix
-        if px is None or s.slot < 0:
-            return
-        g = px.page_tokens
-        for i in range(s.num_computed // g, end // g):
-            key = (s.hashes[i - 1] if i else s.root, tuple(s.tokens[i * g : (i + 1) * g]))
-            s.hashes.append(hash(key))
-            px.append(s.slot, i, key)
+        prefixing.on_commit(self, s, end)
 
     def _grow(self, seq_id: Hashable, s: VSeq, target: int) -> None:
         """Map, privately, every position up to ``target`` under the sequence's slot.
@@ -600,7 +537,7 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
                 used_tokens=used,
                 filled_tokens=sp.filled_tokens([(s.slot, s.num_computed) for s in resident]),
                 reserved_tokens=sum(s.reserved - s.num_computed for s in resident),
-                cached_tokens=self._cached_tokens(),
+                cached_tokens=prefixing.cached_tokens(self),
                 free_tokens=capacity - used,
                 swapped_tokens=sum(s.num_computed for s in swapped),
                 num_seqs=len(self._seqs),
@@ -610,72 +547,9 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
                 extra=extra,
             )
 
-    def _cached_tokens(self) -> int:
-        """(Lock held.) Tokens of keyed pages under free slots: reusable, and counted free."""
-        px = self._prefix
-        return 0 if px is None else sum(len(px.keys[s]) for s in self._free_slots) * px.page_tokens
-
     def _check_backend(self) -> None:
-        """Verify slots, page groups and their counts, held totals, and the safety rules.
-
-        Every reserved token is mapped; a page shared between slots lies
-        inside the reserved KV of live sequences only, and at most one of
-        them may write into it (the others copy it first, in ``reserve``).
-        """
-        with self._lock:
-            self._mapper.settle()
-            self.space.check()
-            if self._prefix is not None:
-                self._prefix.check(
-                    [len(g) for g in self.space.groups],
-                    [None if o is None else o.num_computed for o in self._owner],
-                )
-            self._check_seqs()
-
-    def _check_seqs(self) -> None:
-        """(Lock held.) Each sequence against its slot, and the slot and held totals."""
-        sp = self.space
-        held = 0
-        owned: set[int] = set()
-        writers: set[int] = set()
-        self._check_host()
-        for sid, s in self._seqs.items():
-            if s.swapped and s.transfer is None:
-                if s.slot >= 0 or s.held:
-                    raise IntegrityError(f"{sid!r}: swapped out but holds a slot or pages")
-                continue
-            if s.held != sp.pages(s.reserved):
-                raise IntegrityError(f"{sid!r}: held groups out of date")
-            held += s.held
-            if s.slot < 0:
-                if s.reserved:
-                    raise IntegrityError(f"{sid!r}: reserved KV but no slot")
-                continue
-            if self._owner[s.slot] is not s or s.slot in owned:
-                raise IntegrityError(f"{sid!r}: slot {s.slot} owned by another sequence")
-            owned.add(s.slot)
-            lst = sp.groups[s.slot]
-            if sp.covered[s.slot] < s.reserved:
-                raise IntegrityError(f"{sid!r}: reserved tokens are not all mapped")
-            if any(sp.ref[g] > 1 for g in lst[s.held :]):
-                raise IntegrityError(f"{sid!r}: a shared page lies beyond its reservation")
-            for j in sp.shared_pages(s.slot, s.num_computed, s.reserved):
-                if lst[j] in writers:
-                    raise IntegrityError(f"{sid!r}: writes into a page another sequence writes")
-                writers.add(lst[j])
-        if held != self._held_sum:
-            raise IntegrityError("held group total is off")
-        if self._held() > sp.num_groups:
-            raise IntegrityError("more groups held than pooled")
-        for slot, owner in enumerate(self._owner):
-            if owner is None:
-                if slot not in self._quarantine and any(sp.ref[g] > 1 for g in sp.groups[slot]):
-                    raise IntegrityError(f"free slot {slot} maps pages shared with a sequence")
-            elif slot not in owned:
-                raise IntegrityError(f"slot {slot} is owned by an unregistered sequence")
-        rest = set(self._free_slots) | self._quarantine
-        if owned & rest or len(owned) + len(rest) != self.max_seqs:
-            raise IntegrityError("slots leaked")
+        """Verify slots, page groups, sharing and prefix keys (:mod:`.checks`)."""
+        checks.check_backend(self)
 
     def _shutdown(self) -> None:
         """Stop the map-ahead worker, unmap and release every page, free the ranges.

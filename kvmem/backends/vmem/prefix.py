@@ -13,6 +13,10 @@ pages, a chain: page ``j`` of the slot holds the KV of key ``j``::
 The allocator keeps the lists true: a slot taken by a new sequence, pages
 unmapped from a slot (reclaim, unshare) or overwritten (swap-in) cut its
 list. Full pages are never written again while their slot is owned.
+
+A key that enters the index (its first slot) or leaves it (its last) is a
+KV event (``stored`` / ``removed``, medium ``GPU``) on :attr:`PrefixIndex.events`,
+sent as one batch per change.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 
 from kvmem.errors import IntegrityError
+from kvmem.tiers.events import EventHub, removed, stored
 
 __all__ = ["PageKey", "PrefixIndex"]
 
@@ -33,6 +38,7 @@ class PrefixIndex:
         self.page_tokens = page_tokens
         self.keys: list[list[PageKey]] = [[] for _ in range(max_seqs)]
         self._where: dict[PageKey, set[int]] = {}
+        self.events = EventHub()
         self.queries = 0  # prompt tokens offered to ``add``
         self.hits = 0  # prompt tokens found
 
@@ -68,17 +74,26 @@ class PrefixIndex:
         lst = self.keys[slot]
         if len(lst) == page:
             lst.append(key)
-            self._where.setdefault(key, set()).add(slot)
+            where = self._where.setdefault(key, set())
+            if not where and self.events.active:
+                self.events.emit(stored([key], "device"))
+                self.events.flush()
+            where.add(slot)
 
     def trim(self, slot: int, keep: int) -> None:
         """``slot`` holds at most its first ``keep`` keyed pages any more."""
         lst = self.keys[slot]
+        gone = []
         for key in lst[keep:]:
             where = self._where[key]
             where.discard(slot)
             if not where:
                 del self._where[key]
+                gone.append(key)
         del lst[keep:]
+        if gone and self.events.active:
+            self.events.emit(removed(gone, "device"))
+            self.events.flush()
 
     def assign(self, slot: int, keys: Sequence[PageKey]) -> None:
         """``slot``'s leading pages now hold exactly ``keys``."""
