@@ -18,7 +18,13 @@ so the engine prefills the prompt once and forks the samples from it.
 Sample j is seeded ``seed + j``. Choice ``prompt_i * n + j`` is prompt i's
 sample j (for ``best_of``: its j-th most likely). Streams interleave the
 choices' chunks as their tokens come; ``usage`` counts every prompt once
-and every generated token (``best_of``'s discarded samples included).
+and every generated token (``best_of``'s discarded samples included);
+``usage.prompt_tokens_details.cached_tokens`` is the prompt tokens each
+prompt's first request found in the prefix cache (any tier), as the
+allocator holds them once tier loads have settled.
+
+With ``kv_events`` the allocator's KV events (vLLM's schema) go out on a
+ZeroMQ publisher socket (:mod:`kvmem.server.kvevents`) for the app's life.
 Response shapes live in :mod:`kvmem.server.formatting`.
 """
 

@@ -23,7 +23,7 @@ from kvmem.formats import FORMAT_NAMES
 
 _DESCRIPTION = (
     "Serve the kvmem engine over the OpenAI HTTP API (/v1/completions, /v1/chat/completions, "
-    "/v1/models, /health, /metrics)."
+    "/v1/models, /health, /metrics); --kv-events publishes KV cache events on ZeroMQ."
 )
 _DTYPES = {
     "auto": None,
