@@ -24,6 +24,20 @@ def _args(*argv: str) -> argparse.Namespace:
     return ap.parse_args(["serve", "--preset", "tiny", *argv])
 
 
+#: Per backend, options giving 16-token prefix pages (a vmem page group of the tiny model).
+BACKENDS = {
+    "paged": [f"page_size={PAGE}"],
+    "vmem": ["page_bytes=4096", "max_seqs=16", "max_seq_len=1024"],
+}
+
+
+def _backend(name: str) -> list[str]:
+    out = ["--backend", name]
+    for opt in BACKENDS[name]:
+        out += ["--backend-option", opt]
+    return out
+
+
 def _full_pages(n_tokens: int) -> int:
     """Prompt tokens a prefix cache can hold: full pages, never the last token's page."""
     return (n_tokens - 1) // PAGE * PAGE
@@ -33,15 +47,15 @@ def _prompt(seed: int, n: int) -> list[int]:
     return [(seed * 131 + 7 * i) % 250 + 1 for i in range(n)]
 
 
-def test_kv_events_reach_a_zeromq_subscriber() -> None:
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_kv_events_reach_a_zeromq_subscriber(backend: str) -> None:
     from kvmem.tiers import BlockStored, decode_batch
 
     app = build_app(
         _args(
             "--num-kv-tokens",
             "1024",
-            "--backend-option",
-            f"page_size={PAGE}",
+            *_backend(backend),
             "--kv-events",
             "tcp://127.0.0.1:*",
             "--kv-events-topic",
@@ -122,8 +136,10 @@ def _cached(usage) -> int:
     return usage.prompt_tokens_details.cached_tokens
 
 
-def test_cached_tokens_through_the_openai_client() -> None:
-    app = build_app(_args("--num-kv-tokens", "2048", "--backend-option", f"page_size={PAGE}"))
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_cached_tokens_through_the_openai_client(backend: str) -> None:
+    app = build_app(_args("--num-kv-tokens", "2048", *_backend(backend)))
+    assert app.state.kvmem.runner.engine.allocator.granularity == PAGE
     with (
         ServerThread(app) as srv,
         openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0) as c,
