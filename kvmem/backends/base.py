@@ -454,6 +454,16 @@ class KVBackend(KVAllocator, Generic[S]):
         s = self._get(seq_id)
         return SeqInfo(len(s.tokens), s.num_computed, s.reserved, s.swapped)
 
+    def pending_transfer(self, seq_id: Hashable) -> SwapHandle | None:
+        """The copy in flight for ``seq_id`` (a tier load or a swap), or None; never waits.
+
+        A scheduler polls its ``done()`` to keep a loading sequence out of a
+        step (every other call naming the sequence waits for the copy).
+        """
+        self._check_open()
+        s = self._seqs.get(seq_id)
+        return None if s is None else s.transfer
+
     def seq_ids(self) -> list[Hashable]:
         """Every registered sequence, swapped ones included."""
         return list(self._seqs)

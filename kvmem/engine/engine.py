@@ -559,7 +559,7 @@ class Engine:
             return EngineMetrics(
                 time=now,
                 num_running=len(sched.running),
-                num_waiting=len(sched.waiting),
+                num_waiting=len(sched.waiting) + len(sched.loading),
                 num_swapped=len(sched.swapped),
                 num_finished=len(self.finished),
                 num_aborted=self.num_aborted,
@@ -574,6 +574,9 @@ class Engine:
                 kv_cached_tokens=s.cached_tokens,
                 kv_swapped_tokens=s.swapped_tokens,
                 prefix_cache_hit_rate=s.prefix_hit_rate,
+                prefix_cache_hit_tokens=s.prefix_hits,
+                kv_page_size=s.page_size,
+                kv_extra=dict(s.extra),
             )
 
     def request(self, request_id: str) -> Request | None:

@@ -7,6 +7,7 @@ and the benchmarks read directly.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
@@ -28,6 +29,8 @@ class RequestMetrics:
     num_prompt_tokens: int = 0
     #: Prompt tokens found in the prefix cache, summed over every admission.
     num_cached_tokens: int = 0
+    #: Prompt tokens found in the prefix cache at the first admission, once loads settled.
+    prompt_cached_tokens: int | None = None
     #: Tokens whose KV was computed, recomputation after preemption included.
     num_computed_tokens: int = 0
 
@@ -81,10 +84,18 @@ class EngineMetrics:
     kv_cached_tokens: int
     kv_swapped_tokens: int
     prefix_cache_hit_rate: float
+    #: Prompt tokens found in the device prefix cache (the allocator's ``prefix_hits``).
+    prefix_cache_hit_tokens: int = 0
+    #: Tokens per allocator page (tier hits are counted in pages).
+    kv_page_size: int = 1
+    #: The allocator's backend figures (``KVStats.extra``; cache tiers as ``tier_*``).
+    kv_extra: Mapping[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, float]:
-        """The fields as a flat dict (for JSON and Prometheus)."""
-        return {k: float(v) for k, v in self.__dict__.items()}
+        """The fields as a flat dict (for JSON and Prometheus); ``kv_extra`` keys as they are."""
+        out = {k: float(v) for k, v in self.__dict__.items() if k != "kv_extra"}
+        out.update({k: float(v) for k, v in self.kv_extra.items()})
+        return out
 
 
 __all__ = ["EngineMetrics", "RequestMetrics"]

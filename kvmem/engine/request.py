@@ -112,7 +112,9 @@ class RequestOutput:
     or ``"error"`` (then ``error`` says why); None while running.
     ``logprobs`` has one entry per new token when the request asked for
     them; ``prompt_logprobs`` (prompt tokens 1.., the first has none) comes
-    once, with the first output, when asked for.
+    once, with the first output, when asked for. ``num_cached_tokens``: the
+    prompt tokens the prefix cache (any tier) held at admission, once loads
+    settled; None before the request is admitted.
     """
 
     request_id: str
@@ -123,6 +125,7 @@ class RequestOutput:
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
+    num_cached_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -237,7 +240,15 @@ class Request:
             self.prompt_logprobs_sent = True
             prompt_lps = list(self.prompt_logprobs)
         return RequestOutput(
-            self.request_id, toks, text, finished, reason, error, logprobs, prompt_lps
+            self.request_id,
+            toks,
+            text,
+            finished,
+            reason,
+            error,
+            logprobs,
+            prompt_lps,
+            self.metrics.prompt_cached_tokens,
         )
 
 

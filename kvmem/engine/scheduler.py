@@ -39,6 +39,14 @@ allocation unit (``allocator.granularity``) of headroom. A request that
 alone exceeds the whole KV capacity ends with finish reason ``"length"``.
 Preemption by swap needs a backend declaring the ``swap`` capability.
 
+Cache tiers: when ``add`` finds prefix pages in a host or disk tier, the
+allocator loads them asynchronously (``allocator.pending_transfer``). The
+request then waits in ``loading``, out of every step (any call naming it
+would wait for the load), while the others run; once the load is done it
+rejoins the waiting queue and is admitted as usual. Its prefix hit
+(``metrics.prompt_cached_tokens``) is what the allocator reports once the
+load has settled, so pages that failed to load are not counted.
+
 Parallel sampling: a request added with ``fork_of`` (another request with
 the same prompt that has not generated yet) waits beside that one instead
 of in the queue, on backends that declare ``fork``. In the ``update`` of the
@@ -62,7 +70,7 @@ import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from kvmem.allocator import KVAllocator
+from kvmem.allocator import KVAllocator, SwapHandle
 from kvmem.engine.errors import SwapUnavailable
 from kvmem.engine.policies import Policy
 from kvmem.engine.request import Request, RequestStatus
@@ -198,6 +206,8 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.swapped: list[Request] = []
+        #: Admitted requests whose prefix pages are loading from a cache tier (see the doc).
+        self.loading: list[Request] = []
         self.num_preemptions = 0
         self._kv_epoch = 0  # counts releases: free KV only grows when one happens
         self._blocked: dict[str, int] = {}  # request id -> epoch its admission failed in
@@ -210,7 +220,7 @@ class Scheduler:
     def requests(self) -> list[Request]:
         """Every request in the scheduler (those waiting to fork included)."""
         forks = [c for cs in self._forks.values() for c in cs]
-        return self.running + self.waiting + self.swapped + forks
+        return self.running + self.waiting + self.swapped + self.loading + forks
 
     def add(self, request: Request) -> None:
         """Queue a new request; one with ``fork_of`` waits to fork (see the module doc)."""
@@ -243,7 +253,7 @@ class Scheduler:
 
     def remove(self, request: Request) -> None:
         """Take a request out (finished or aborted) and release its KV."""
-        for q in (self.running, self.waiting, self.swapped):
+        for q in (self.running, self.waiting, self.swapped, self.loading):
             if request in q:
                 q.remove(request)
         self._unfork(request)
@@ -407,12 +417,34 @@ class Scheduler:
         run, competing with the copy thread. The copy's outcome is taken by
         the next ``schedule``.
         """
-        for r in (*self.running, *self.swapped):
-            h = r.swap_handle
+        for r in (*self.running, *self.swapped, *self.loading):
+            h = r.swap_handle if r.swap_handle is not None else self._load_handle(r)
             if h is not None and not h.done():
                 with contextlib.suppress(Exception):  # TimeoutError or the copy's own error
                     h.wait(timeout)
                 return
+
+    # ------------------------------------------------------------ tier loads
+    def _load_handle(self, r: Request) -> SwapHandle | None:
+        """The tier load in flight for ``r``'s sequence, or None (never waits)."""
+        pending = getattr(self.allocator, "pending_transfer", None)
+        return None if pending is None or r.kv is None else pending(r.request_id)
+
+    def _poll_loads(self) -> None:
+        """Requests whose tier load is done rejoin the waiting queue."""
+        for r in list(self.loading):
+            h = self._load_handle(r)
+            if h is None or h.done():
+                self.loading.remove(r)
+                self._settled(r)
+                self.waiting.append(r)
+
+    def _settled(self, r: Request) -> None:
+        """``r``'s prefix hit has settled: count what the allocator holds for it."""
+        hit = self.allocator.seq_info(r.request_id).num_computed
+        r.metrics.num_cached_tokens += hit
+        if r.metrics.prompt_cached_tokens is None:
+            r.metrics.prompt_cached_tokens = hit
 
     def _land_swap_out(self, r: Request) -> bool:
         """Wait for ``r``'s swap-out; False if it failed and ``r`` runs again instead."""
@@ -451,6 +483,7 @@ class Scheduler:
         out = SchedulerOutput()
         cfg = self.config
         self._poll_swaps(out)
+        self._poll_loads()
         if self.policy.can_preempt:
             self._priority_preempt(out)
         budget = cfg.max_num_batched_tokens
@@ -483,7 +516,7 @@ class Scheduler:
 
     def _admit(self, budget: int, scheduled: set[int], out: SchedulerOutput) -> None:
         cfg = self.config
-        seats = cfg.max_num_seqs - len(self.running)
+        seats = cfg.max_num_seqs - len(self.running) - len(self.loading)
         for r in sorted(self.waiting + self.swapped, key=self.policy.key):
             if seats <= 0 or budget <= 0:
                 break
@@ -500,7 +533,7 @@ class Scheduler:
                 scoring = r.params.prompt_logprobs is not None and r.num_output_tokens == 0
                 salt = ("prompt-logprobs", r.request_id) if scoring else r.cache_salt
                 try:
-                    cached = self.allocator.add(r.request_id, r.token_ids, cache_salt=salt)
+                    self.allocator.add(r.request_id, r.token_ids, cache_salt=salt)
                 except OutOfKVMemory:
                     break
                 except KVError as e:
@@ -508,7 +541,13 @@ class Scheduler:
                     self._end(r, "error", str(e), out)
                     continue
                 r.kv = self.allocator
-                r.metrics.num_cached_tokens += cached
+                h = self._load_handle(r)
+                if h is not None and not h.done():
+                    self.waiting.remove(r)  # out of the steps until its load is done
+                    self.loading.append(r)
+                    seats -= 1
+                    continue
+                self._settled(r)
             n = min(r.num_to_compute, budget)
             fits = cfg.chunked_prefill or n == r.num_to_compute  # unchunked: wait for room
             if fits and self.running and self._watermark:

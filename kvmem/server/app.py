@@ -18,7 +18,13 @@ so the engine prefills the prompt once and forks the samples from it.
 Sample j is seeded ``seed + j``. Choice ``prompt_i * n + j`` is prompt i's
 sample j (for ``best_of``: its j-th most likely). Streams interleave the
 choices' chunks as their tokens come; ``usage`` counts every prompt once
-and every generated token (``best_of``'s discarded samples included).
+and every generated token (``best_of``'s discarded samples included);
+``usage.prompt_tokens_details.cached_tokens`` is the prompt tokens each
+prompt's first request found in the prefix cache (any tier), as the
+allocator holds them once tier loads have settled.
+
+With ``kv_events`` the allocator's KV events (vLLM's schema) go out on a
+ZeroMQ publisher socket (:mod:`kvmem.server.kvevents`) for the app's life.
 Response shapes live in :mod:`kvmem.server.formatting`.
 """
 
@@ -41,6 +47,7 @@ from kvmem.engine import InvalidRequest, RequestOutput
 from kvmem.server.auth import APIKeyMiddleware
 from kvmem.server.chat import ChatTemplate
 from kvmem.server.formatting import Formatter, Sample, error_event
+from kvmem.server.kvevents import KVEventsPublishing, publish_kv_events
 from kvmem.server.metrics import CONTENT_TYPE, ServerMetrics
 from kvmem.server.protocol import (
     APIError,
@@ -62,6 +69,8 @@ class ServerState:
     max_body_bytes: int = 32 << 20
     created: int = 0
     max_n: int = 16
+    #: The ZeroMQ publisher of the allocator's KV events (``kv_events``), or None.
+    kv_events: KVEventsPublishing | None = None
 
 
 def create_app(
@@ -72,10 +81,16 @@ def create_app(
     api_key: str | None = None,
     guard_metrics: bool = False,
     max_n: int = 16,
+    kv_events: str | None = None,
+    kv_events_topic: str = "kv-events",
 ) -> FastAPI:
     """The application; the runner's engine thread starts and stops with the app's lifespan.
 
-    ``max_n`` bounds ``n`` and ``best_of`` (samples per prompt).
+    ``max_n`` bounds ``n`` and ``best_of`` (samples per prompt). ``kv_events``
+    is a ZeroMQ endpoint (``tcp://HOST:PORT``) the allocator's KV events are
+    published on, under ``kv_events_topic``, until the app shuts down
+    (InvalidArgument if the backend has no ``kv_events`` or the endpoint
+    cannot be bound).
 
     With ``api_key`` every ``/v1/*`` route (and ``/metrics`` if ``guard_metrics``)
     answers 401 unless the request carries ``Authorization: Bearer <api_key>``.
@@ -95,6 +110,8 @@ def create_app(
         created=int(time.time()),
         max_n=max_n,
     )
+    if kv_events is not None:
+        state.kv_events = publish_kv_events(runner.engine.allocator, kv_events, kv_events_topic)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -103,6 +120,8 @@ def create_app(
             yield
         finally:
             await runner.stop()
+            if state.kv_events is not None:
+                state.kv_events.close()
 
     app = FastAPI(title="kvmem", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.kvmem = state
@@ -321,8 +340,9 @@ async def _serve(
             asked,
         )
         n_prompt = sum(len(p.ids) for p in prompts)
+        firsts = _firsts(streams)
         if req.stream:
-            gen = _sse([s for _, s in streams], fmt, req.include_usage(), n_prompt)
+            gen = _sse([s for _, s in streams], fmt, req.include_usage(), n_prompt, firsts)
             return _AbortingStream(
                 abort,
                 gen,
@@ -344,8 +364,18 @@ async def _serve(
             mine = sorted(mine, key=lambda x: x.cumulative_logprob, reverse=True)[: req.n]
         for j, x in enumerate(mine):
             choices.append(fmt.choice(i * req.n + j, x, p.ids if echo else None, p.text))
-    usage = fmt.usage(n_prompt, sum(len(x.token_ids) for x in samples))
+    usage = fmt.usage(
+        n_prompt, sum(len(x.token_ids) for x in samples), sum(s.cached_tokens for s in firsts)
+    )
     return JSONResponse(fmt.full(choices, usage), headers=headers)
+
+
+def _firsts(streams: list[tuple[int, RequestStream]]) -> list[RequestStream]:
+    """Each prompt's first stream (its parent request, whose prefix hit ``usage`` reports)."""
+    seen: dict[int, RequestStream] = {}
+    for i, s in streams:
+        seen.setdefault(i, s)
+    return list(seen.values())
 
 
 def _submit_error(
@@ -413,7 +443,11 @@ class _AbortingStream(StreamingResponse):
 
 
 async def _sse(
-    streams: list[RequestStream], fmt: Formatter, include_usage: bool, n_prompt: int
+    streams: list[RequestStream],
+    fmt: Formatter,
+    include_usage: bool,
+    n_prompt: int,
+    firsts: list[RequestStream],
 ) -> AsyncIterator[str]:
     """The server-sent events of a streamed request: choice i follows ``streams[i]``."""
     n_out = 0
@@ -448,7 +482,8 @@ async def _sse(
         for p in pumps:
             p.cancel()
     if include_usage:
-        yield fmt.chunk([], fmt.usage(n_prompt, n_out), True)
+        n_cached = sum(s.cached_tokens for s in firsts)
+        yield fmt.chunk([], fmt.usage(n_prompt, n_out, n_cached), True)
     yield "data: [DONE]\n\n"
 
 

@@ -23,7 +23,7 @@ from kvmem.formats import FORMAT_NAMES
 
 _DESCRIPTION = (
     "Serve the kvmem engine over the OpenAI HTTP API (/v1/completions, /v1/chat/completions, "
-    "/v1/models, /health, /metrics)."
+    "/v1/models, /health, /metrics); --kv-events publishes KV cache events on ZeroMQ."
 )
 _DTYPES = {
     "auto": None,
@@ -106,6 +106,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--metrics-need-key", action="store_true", help="put /metrics behind the API key too"
     )
+    p.add_argument(
+        "--kv-events",
+        metavar="ENDPOINT",
+        default=None,
+        help="publish KV cache events (vLLM's schema) on this ZeroMQ endpoint, "
+        "e.g. tcp://127.0.0.1:5557 (default: off)",
+    )
+    p.add_argument("--kv-events-topic", default="kv-events", help="ZeroMQ topic of the KV events")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
@@ -205,14 +213,20 @@ def build_app(args: argparse.Namespace) -> Any:
         raise KVError("--metrics-need-key needs --api-key (or KVMEM_API_KEY)")
     built = build_engine(args)
     runner = AsyncEngine(built.engine, max_queue=args.max_queue)
-    return create_app(
-        runner,
-        built.model_name,
-        ChatTemplate.from_dir(built.model_dir),
-        api_key=args.api_key,
-        guard_metrics=args.metrics_need_key,
-        max_n=args.max_n,
-    )
+    try:
+        return create_app(
+            runner,
+            built.model_name,
+            ChatTemplate.from_dir(built.model_dir),
+            api_key=args.api_key,
+            guard_metrics=args.metrics_need_key,
+            max_n=args.max_n,
+            kv_events=args.kv_events,
+            kv_events_topic=args.kv_events_topic,
+        )
+    except BaseException:
+        built.engine.close()  # e.g. a --kv-events endpoint that cannot be bound
+        raise
 
 
 def run(args: argparse.Namespace) -> int:

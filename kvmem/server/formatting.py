@@ -95,12 +95,13 @@ class Formatter:
         self._offsets: dict[int, int] = {}  # choice index -> text offset so far (streams)
 
     @staticmethod
-    def usage(n_prompt: int, n_out: int) -> dict[str, int]:
-        """OpenAI's ``usage`` object."""
+    def usage(n_prompt: int, n_out: int, n_cached: int = 0) -> dict[str, Any]:
+        """OpenAI's ``usage`` object; ``n_cached`` prompt tokens came from the prefix cache."""
         return {
             "prompt_tokens": n_prompt,
             "completion_tokens": n_out,
             "total_tokens": n_prompt + n_out,
+            "prompt_tokens_details": {"cached_tokens": n_cached},
         }
 
     # --------------------------------------------------------------- logprobs
@@ -173,7 +174,7 @@ class Formatter:
             ch["token_ids"] = s.token_ids
         return ch
 
-    def full(self, choices: list[dict[str, Any]], usage: dict[str, int]) -> dict[str, Any]:
+    def full(self, choices: list[dict[str, Any]], usage: dict[str, Any]) -> dict[str, Any]:
         """A whole (non-streamed) response."""
         return {
             "id": self.rid,
@@ -186,7 +187,7 @@ class Formatter:
 
     # ----------------------------------------------------------------- chunks
     def chunk(
-        self, choices: list[dict[str, Any]], usage: dict[str, int] | None, with_usage: bool
+        self, choices: list[dict[str, Any]], usage: dict[str, Any] | None, with_usage: bool
     ) -> str:
         """One server-sent event carrying ``choices`` (and ``usage`` if ``with_usage``)."""
         c: dict[str, Any] = {

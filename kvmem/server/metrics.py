@@ -147,6 +147,7 @@ class _EngineCollector:
             "Fraction of prompt tokens offered to the allocator found in its prefix cache.",
             m.prefix_cache_hit_rate,
         )
+        yield from _tier_families(m, self.model_name)
         yield counter("num_preemptions", "Preemptions (recompute or swap).", m.num_preemptions)
         yield counter(
             "prompt_tokens", "Prompt tokens computed (recomputation included).", m.prompt_tokens
@@ -231,3 +232,52 @@ class ServerMetrics:
 
 
 __all__ = ["CONTENT_TYPE", "ServerMetrics"]
+
+
+_TIERS = ("device", "host", "disk")
+_DIRECTIONS = (
+    "device_to_host",
+    "device_to_disk",
+    "host_to_disk",
+    "host_to_device",
+    "disk_to_device",
+)
+
+
+def _tier_families(m: EngineMetrics, model_name: str) -> Iterator[Metric]:
+    """Prefix-cache hits per tier and bytes moved between tiers (from ``kv_extra``'s ``tier_*``)."""
+    extra = m.kv_extra
+    hits = CounterMetricFamily(
+        "kvmem:prefix_cache_hit_tokens",
+        "Prompt tokens found in the prefix cache, by the tier that held them.",
+        labels=["model_name", "tier"],
+    )
+    for tier in _TIERS:
+        if tier == "device":
+            v = float(m.prefix_cache_hit_tokens)
+        else:
+            v = extra.get(f"tier_{tier}_hit_pages", 0.0) * m.kv_page_size
+        hits.add_metric([model_name, tier], v)
+    yield hits
+    moved = CounterMetricFamily(
+        "kvmem:kv_tier_bytes",
+        "Bytes of KV copied between the device and the cache tiers, by direction.",
+        labels=["model_name", "direction"],
+    )
+    for d in _DIRECTIONS:
+        moved.add_metric([model_name, d], extra.get(f"tier_bytes_{d}", 0.0))
+    yield moved
+    loads = GaugeMetricFamily(
+        "kvmem:kv_tier_loads_in_flight",
+        "Prefix loads from the cache tiers not yet done.",
+        labels=["model_name"],
+    )
+    loads.add_metric([model_name], extra.get("tier_loads_in_flight", 0.0))
+    yield loads
+    failed = CounterMetricFamily(
+        "kvmem:kv_tier_load_failed_pages",
+        "Pages that failed to load from a cache tier (computed again instead).",
+        labels=["model_name"],
+    )
+    failed.add_metric([model_name], extra.get("tier_load_failed_pages", 0.0))
+    yield failed

@@ -62,6 +62,8 @@ class RequestStream:
     waiting: bool = True  # counted against max_queue until its first token
     finished: bool = False
     finish_reason: str | None = None
+    #: Prompt tokens the prefix cache held at admission (as the engine reports them).
+    cached_tokens: int = 0
 
     async def get(self) -> list[RequestOutput]:
         """Wait for the next output, then take every other one already queued (coalescing)."""
@@ -162,6 +164,8 @@ class AsyncEngine:
         s = self._streams.get(rid)
         if s is None or s.finished:
             return
+        if out.num_cached_tokens is not None:
+            s.cached_tokens = out.num_cached_tokens
         m = self.metrics
         n = len(out.new_token_ids)
         if n:

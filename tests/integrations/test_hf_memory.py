@@ -148,7 +148,7 @@ def test_prefix_reuse_in_a_padded_batch(llama: Any) -> None:
 def test_no_prefix_reuse_without_the_capability(llama: Any) -> None:
     ids, _ = prompts(1, 12)
     cold = llama.generate(ids, max_new_tokens=4, do_sample=False)
-    with make_cache(llama, "vmem") as cache:
+    with make_cache(llama, "vmem", prefix_caching=False) as cache:
         cache.prepare(ids)
         assert not cache.allocator.capabilities.prefix_caching
         llama.generate(ids, cache=cache, max_new_tokens=4, do_sample=False)

@@ -47,7 +47,14 @@ held (free slots, room mapped ahead) are reclaimable and count as free.
 parent's physical pages a second time, and a shared page is copied when a
 sequence reserves room in it.
 
-Differences from the paged backend: no prefix caching (``add`` returns 0);
+Prefix caching (:mod:`.prefix`): full physical pages get the paged
+backend's chained keys (cache salt included) once computed. ``add`` shares
+the longest chain a slot holds: a free slot (its pages kept mapped after
+``free``) is taken whole, a live sequence's pages are mapped a second time
+under a free slot, as for ``fork``. A prefix page is a page group, usually
+more than 16 tokens (``granularity``).
+
+Differences from the paged backend: prefix pages are physical pages;
 a sequence cannot grow past ``max_seq_len`` (InvalidArgument); at most
 ``max_seqs`` sequences hold KV at once (OutOfKVMemory when a reserve or a
 fork needs a slot and none is free). The allocator serves one caller

@@ -16,15 +16,18 @@ import contextlib
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from kvmem.allocator import Capabilities, KVStats, check_count
 from kvmem.backends.base import KVBackend
+from kvmem.backends.vmem import checks, prefixing
 from kvmem.backends.vmem.driver import VMemDriver
 from kvmem.backends.vmem.drivers import make_driver
 from kvmem.backends.vmem.mapahead import MapAhead
+from kvmem.backends.vmem.prefix import PrefixIndex
 from kvmem.backends.vmem.seq import VSeq
 from kvmem.backends.vmem.space import VirtualKV, round_seq_len
 from kvmem.backends.vmem.swapping import SwapMixin
@@ -64,6 +67,10 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
     - ``host_num_tokens``: how many KV entries swapped-out sequences may
       keep on the host in all (default: the device capacity); a swap-out
       beyond it raises OutOfHostMemory.
+    - ``prefix_caching`` (default True; off where a token's bytes do not
+      divide ``page_bytes``): full pages of live and freed sequences are
+      shared with new sequences of the same prefix (:mod:`.prefix`); its
+      KV events (vLLM's schema) are on :attr:`kv_events` then.
 
     Tensors from :meth:`layer` and :meth:`kv_view` point into the virtual
     ranges: valid until :meth:`close`, and only their mapped parts (the
@@ -71,7 +78,7 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
     driver and closes it.
     """
 
-    capabilities = Capabilities(swap=True, fork=True)
+    capabilities = Capabilities(swap=True, fork=True, prefix_caching=True)
     max_seq_len: int
 
     def __init__(
@@ -88,6 +95,7 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
         map_ahead_tokens: int | None = None,
         driver: str | VMemDriver | None = None,
         host_num_tokens: int | None = None,
+        prefix_caching: bool = True,
     ) -> None:
         super().__init__()
         self._closed = True  # until fully built: close() and __del__ do nothing
@@ -105,6 +113,8 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
             check_count("map_ahead_tokens", map_ahead_tokens)
         if host_num_tokens is not None:
             check_count("host_num_tokens", host_num_tokens)
+        if not isinstance(prefix_caching, bool):
+            raise InvalidArgument(f"prefix_caching must be a bool, got {prefix_caching!r}")
         self.spec = spec
         drv = make_driver(driver, device)
         try:
@@ -126,6 +136,12 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
         self._mapper = MapAhead(self.space, self._lock, ahead, self._target)
         group_tokens = spec.num_layers * self.page_bytes // spec.bytes_per_token
         self._init_swap(host_num_tokens, self.space.num_groups * group_tokens)
+        self._prefix: PrefixIndex | None = None
+        if prefix_caching and self.page_bytes % tb == 0:
+            self._prefix = PrefixIndex(max_seqs, self.page_bytes // tb)
+            self.kv_events = self._prefix.events
+        else:
+            self.capabilities = replace(self.capabilities, prefix_caching=False)
         self._closed = False
 
     def _build(
@@ -197,8 +213,14 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
 
         One batch of unmaps: the device is synchronized once for all of them.
         """
-        sp = self.space
         self._mapper.settle()  # groups the worker holds are in no slot yet: let them land
+        try:
+            self._reclaim_groups(short, slot, target)
+        finally:
+            prefixing.trim_keys(self)
+
+    def _reclaim_groups(self, short: int, slot: int, target: int) -> None:
+        sp = self.space
         with sp.unmapping():
             for victim in list(self._free_slots):
                 if short <= 0:
@@ -230,8 +252,12 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
 
     # ------------------------------------------------------ hooks of KVBackend
     def _admit(self, seq_id: Hashable, tokens: list[int], cache_salt: Hashable) -> VSeq:
-        """A new sequence: no slot or memory until its first ``reserve``; no prefix cache."""
-        return VSeq(tokens)
+        """A new sequence, with the longest prefix a slot holds (:func:`.prefixing.admit`)."""
+        return prefixing.admit(self, tokens, cache_salt)
+
+    def _on_commit(self, s: VSeq, end: int) -> None:
+        """Key the pages that filled up, findable by later prompts."""
+        prefixing.on_commit(self, s, end)
 
     def _grow(self, seq_id: Hashable, s: VSeq, target: int) -> None:
         """Map, privately, every position up to ``target`` under the sequence's slot.
@@ -283,6 +309,8 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
                 del self._free_slots[slot]
                 self._owner[slot] = s
                 s.slot = slot
+                if self._prefix is not None:
+                    self._prefix.trim(slot, 0)  # the new owner writes from position 0
             s.reserved = target
             self._set_held(s, target)
         if self.map_ahead:
@@ -361,6 +389,9 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
         self._owner[slot] = c
         c.slot = slot
         c.num_computed = c.reserved = n
+        c.root, c.hashes = p.root, list(p.hashes)
+        if self._prefix is not None:
+            self._prefix.assign(slot, self._prefix.keys[p.slot][: len(p.hashes)])
         self._set_held(c, n)
 
     def _drop(self, seq_id: Hashable, s: VSeq) -> None:
@@ -402,6 +433,10 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
             except DriverError:
                 self._quarantine.add(slot)  # may still map shared pages: never hand it out
                 raise
+            finally:
+                if self._prefix is not None:
+                    keep = 0 if slot in self._quarantine else len(self.space.groups[slot])
+                    self._prefix.trim(slot, keep)
             self._free_slots[slot] = None
 
     def _take_slot(self, s: VSeq) -> None:
@@ -418,6 +453,8 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
         self._owner[slot] = s
         s.slot = slot
         self._set_held(s, target)
+        if self._prefix is not None:
+            self._prefix.trim(slot, 0)  # the swap-in writes the slot from position 0
 
     # -------------------------------------------------------------- vmem extras
     def kv_view(
@@ -454,9 +491,9 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
         ``used`` is what the groups held by sequences can store; ``free`` the
         rest of the pool, including groups still mapped under free slots or
         ahead of reservations (``extra['idle_mapped_bytes']``). ``cached`` is
-        0: there is no prefix cache. A sequence whose swap-out is in flight
-        holds its groups until the copy is done. ``extra`` also has the host
-        side (``host_capacity_tokens``, ``host_used_tokens``,
+        the keyed prefix pages under free slots (reusable, counted free). A
+        sequence whose swap-out is in flight holds its groups until the copy
+        is done. ``extra`` also has the host side (``host_capacity_tokens``, ``host_used_tokens``,
         ``swaps_in_flight``) and cumulative ``swap_out_bytes``,
         ``swap_in_bytes``, ``swap_copies``.
         """
@@ -500,70 +537,19 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
                 used_tokens=used,
                 filled_tokens=sp.filled_tokens([(s.slot, s.num_computed) for s in resident]),
                 reserved_tokens=sum(s.reserved - s.num_computed for s in resident),
-                cached_tokens=0,
+                cached_tokens=prefixing.cached_tokens(self),
                 free_tokens=capacity - used,
                 swapped_tokens=sum(s.num_computed for s in swapped),
                 num_seqs=len(self._seqs),
                 num_swapped_seqs=len(swapped),
+                prefix_queries=0 if self._prefix is None else self._prefix.queries,
+                prefix_hits=0 if self._prefix is None else self._prefix.hits,
                 extra=extra,
             )
 
     def _check_backend(self) -> None:
-        """Verify slots, page groups and their counts, held totals, and the safety rules.
-
-        Every reserved token is mapped; a page shared between slots lies
-        inside the reserved KV of live sequences only, and at most one of
-        them may write into it (the others copy it first, in ``reserve``).
-        """
-        with self._lock:
-            self._mapper.settle()
-            self.space.check()
-            self._check_seqs()
-
-    def _check_seqs(self) -> None:
-        """(Lock held.) Each sequence against its slot, and the slot and held totals."""
-        sp = self.space
-        held = 0
-        owned: set[int] = set()
-        writers: set[int] = set()
-        self._check_host()
-        for sid, s in self._seqs.items():
-            if s.swapped and s.transfer is None:
-                if s.slot >= 0 or s.held:
-                    raise IntegrityError(f"{sid!r}: swapped out but holds a slot or pages")
-                continue
-            if s.held != sp.pages(s.reserved):
-                raise IntegrityError(f"{sid!r}: held groups out of date")
-            held += s.held
-            if s.slot < 0:
-                if s.reserved:
-                    raise IntegrityError(f"{sid!r}: reserved KV but no slot")
-                continue
-            if self._owner[s.slot] is not s or s.slot in owned:
-                raise IntegrityError(f"{sid!r}: slot {s.slot} owned by another sequence")
-            owned.add(s.slot)
-            lst = sp.groups[s.slot]
-            if sp.covered[s.slot] < s.reserved:
-                raise IntegrityError(f"{sid!r}: reserved tokens are not all mapped")
-            if any(sp.ref[g] > 1 for g in lst[s.held :]):
-                raise IntegrityError(f"{sid!r}: a shared page lies beyond its reservation")
-            for j in sp.shared_pages(s.slot, s.num_computed, s.reserved):
-                if lst[j] in writers:
-                    raise IntegrityError(f"{sid!r}: writes into a page another sequence writes")
-                writers.add(lst[j])
-        if held != self._held_sum:
-            raise IntegrityError("held group total is off")
-        if self._held() > sp.num_groups:
-            raise IntegrityError("more groups held than pooled")
-        for slot, owner in enumerate(self._owner):
-            if owner is None:
-                if slot not in self._quarantine and any(sp.ref[g] > 1 for g in sp.groups[slot]):
-                    raise IntegrityError(f"free slot {slot} maps pages shared with a sequence")
-            elif slot not in owned:
-                raise IntegrityError(f"slot {slot} is owned by an unregistered sequence")
-        rest = set(self._free_slots) | self._quarantine
-        if owned & rest or len(owned) + len(rest) != self.max_seqs:
-            raise IntegrityError("slots leaked")
+        """Verify slots, page groups, sharing and prefix keys (:mod:`.checks`)."""
+        checks.check_backend(self)
 
     def _shutdown(self) -> None:
         """Stop the map-ahead worker, unmap and release every page, free the ranges.
@@ -580,6 +566,8 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
             self._owner = [None] * self.max_seqs
             self._free_slots = OrderedDict.fromkeys(range(self.max_seqs))
             self._quarantine.clear()
+            if self._prefix is not None:
+                self._prefix.clear()
             self._held_sum = 0
             self._host_tokens = 0
             self.space.close(errors.append)

@@ -16,7 +16,7 @@ class VSeq(SeqState):
     swap-out copy (``transfer``) is done it holds no slot.
     """
 
-    __slots__ = ("slot", "held", "held_cover", "host")
+    __slots__ = ("slot", "held", "held_cover", "host", "root", "hashes")
 
     transfer: Transfer | None  # a swap of this sequence in flight
 
@@ -26,3 +26,5 @@ class VSeq(SeqState):
         self.held = 0  # groups its reserved tokens need
         self.held_cover = 0  # tokens those groups can hold
         self.host: HostKV | None = None  # the host copy while swapped
+        self.root = 0  # prefix-key chain seed: hash of the cache salt
+        self.hashes: list[int] = []  # hash of the key of each full, computed page

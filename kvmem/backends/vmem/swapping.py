@@ -99,9 +99,8 @@ class SwapMixin:
         """(Lock held.) Host copies match the swapped sequences and add up to the total."""
         total = 0
         for sid, s in self._seqs.items():
-            # a swap-in marks the sequence resident at once and drops the host copy when
-            # its copy lands: only a sequence with no copy in flight must agree
-            if s.transfer is None and s.swapped != (s.host is not None):
+            # a swap-in in flight is resident and keeps its host copy until the copy lands
+            if s.swapped != (s.host is not None) and not (s.transfer is not None and not s.swapped):
                 raise IntegrityError(f"{sid!r}: swapped state and host copy disagree")
             if s.host is not None:
                 total += s.host.tokens

@@ -1,0 +1,102 @@
+"""The vmem allocator's prefix-cache hooks over :class:`~kvmem.backends.vmem.prefix.PrefixIndex`.
+
+Functions of the allocator (its hooks call them) kept apart to keep the
+allocator's module short.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import TYPE_CHECKING
+
+from kvmem.backends.vmem.seq import VSeq
+
+if TYPE_CHECKING:
+    from kvmem.backends.vmem.allocator import VMemAllocator
+
+__all__ = ["admit", "cached_tokens", "claim_prefix", "on_commit", "trim_keys"]
+
+
+def admit(a: VMemAllocator, tokens: list[int], cache_salt: Hashable) -> VSeq:
+    """A new sequence, sharing the longest prefix of full pages a slot holds.
+
+    Without a hit it takes no slot or memory until its first ``reserve``.
+    A hit in a free slot takes that slot (its pages are already mapped); a
+    hit in a live sequence's slot maps its pages under a free slot, as
+    ``fork`` does. Never the last token's page; no hit when the pool or
+    the slots are short.
+    """
+    s = VSeq(tokens)
+    px = a._prefix
+    if px is None:
+        return s
+    s.root = px.root(cache_salt)
+    px.queries += len(tokens)
+    keys = px.chain(s.root, tokens, (len(tokens) - 1) // px.page_tokens)
+    depth, slots = px.match(keys)
+    if depth:
+        if a._swapper.pending:
+            a._make_room(depth, 1)  # finished swap-outs give slots back: match again
+            depth, slots = px.match(keys)
+        with a._lock:
+            depth = claim_prefix(a, s, depth, slots)
+        s.hashes = [hash(k) for k in keys[:depth]]
+        px.hits += depth * px.page_tokens
+    return s
+
+
+def claim_prefix(a: VMemAllocator, s: VSeq, depth: int, slots: list[int]) -> int:
+    """(Lock held.) Give ``s`` a slot holding the first ``depth`` pages of ``slots``'.
+
+    Returns the pages it got (0: none, nothing changed).
+    """
+    px, sp = a._prefix, a.space
+    assert px is not None
+    n = depth * px.page_tokens
+    free = [x for x in slots if x in a._free_slots]
+    live = [x for x in slots if (o := a._owner[x]) is not None and o.slot == x]
+    if free and sp.pages(n) <= sp.num_groups - a._held():
+        slot = free[0]
+        a._mapper.settle(slot)
+        px.trim(slot, depth)
+    elif live and a._free_slots:
+        src = live[0]
+        slot = min(a._free_slots, key=lambda i: sp.covered[i])
+        a._mapper.settle(slot)
+        sp.clear(slot)
+        px.trim(slot, 0)
+        sp.share(src, slot, n)
+        px.assign(slot, px.keys[src][:depth])
+    else:
+        return 0
+    del a._free_slots[slot]
+    a._owner[slot] = s
+    s.slot = slot
+    s.num_computed = s.reserved = n
+    a._set_held(s, n)
+    return depth
+
+
+def on_commit(a: VMemAllocator, s: VSeq, end: int) -> None:
+    """Key the pages that filled up, findable by later prompts."""
+    px = a._prefix
+    if px is None or s.slot < 0:
+        return
+    g = px.page_tokens
+    for i in range(s.num_computed // g, end // g):
+        key = (s.hashes[i - 1] if i else s.root, tuple(s.tokens[i * g : (i + 1) * g]))
+        s.hashes.append(hash(key))
+        px.append(s.slot, i, key)
+
+
+def trim_keys(a: VMemAllocator) -> None:
+    """(Lock held.) Cut every slot's prefix keys to the pages still mapped there."""
+    if a._prefix is not None:
+        for slot, groups in enumerate(a.space.groups):
+            a._prefix.trim(slot, len(groups))
+
+
+def cached_tokens(a: VMemAllocator) -> int:
+    """(Lock held.) Tokens of keyed pages under free slots: reusable, and counted free."""
+    px = a._prefix
+    return 0 if px is None else sum(len(px.keys[s]) for s in a._free_slots) * px.page_tokens
