@@ -1,4 +1,4 @@
-"""kvmem inside Hugging Face transformers (``pip install kvmem[hf]``; transformers >=5.0,<6).
+"""kvmem inside Hugging Face transformers (``pip install kvmem[hf]``; transformers >=5.24,<6).
 
 - :class:`KVMemCache`: a ``Cache`` whose KV lives in a kvmem allocator
   (paged, grouped, vmem; every KV format), for ``model.generate(...,
