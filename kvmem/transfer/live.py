@@ -68,7 +68,8 @@ class SourceMigration:
     """The source side of one live migration; advance it once per engine step.
 
     ``tokens`` returns the sequence's current tokens; ``final_pages`` is the
-    largest delta (in pages of ``alloc``) copied with the request stopped;
+    largest delta (in allocation units of ``alloc``, its ``granularity``)
+    copied with the request stopped;
     ``max_stages`` bounds the pre-copy stages.
     """
 
@@ -85,7 +86,8 @@ class SourceMigration:
     ) -> None:
         self.transport, self.dst, self.alloc, self.seq_id = transport, dst, alloc, seq_id
         self.tokens = tokens
-        self.final_tokens = max(1, final_pages) * alloc.page_size
+        self.unit = alloc.granularity  # a "page": the allocation unit (vmem's layout page is a row)
+        self.final_tokens = max(1, final_pages) * self.unit
         self.max_stages = max_stages
         self.stats = MigrationStats()
         self.error: KVError | None = None
@@ -158,7 +160,7 @@ class SourceMigration:
         computed = self.alloc.seq_info(self.seq_id).num_computed
         delta = computed - self._copied
         if delta > self.final_tokens and self.stats.stages < self.max_stages:
-            full = computed // self.alloc.page_size * self.alloc.page_size
+            full = computed // self.unit * self.unit
             if full > self._copied:
                 chunk = read_kv(self.alloc, self.seq_id, self._copied, full)
                 self._copied = full
@@ -200,12 +202,15 @@ def receive_migration(
     alloc: KVAllocator,
     lock: Any = None,
     first_wait: float | None = None,
+    on_final: Callable[[Hashable, Any], None] | None = None,
 ) -> tuple[Hashable, Any] | None:
     """The destination side: build the migrating sequence in ``alloc`` frame by frame.
 
     ``lock`` (a context manager, e.g. the engine's step lock) is held while
-    the allocator is touched. Returns ``(seq_id, state)`` once the sequence
-    is complete and the source was told so (the caller now owns the
+    the allocator is touched; ``on_final(seq_id, state)`` runs under it once
+    the sequence is complete, before the source is told (a KVError from it
+    fails the migration). Returns ``(seq_id, state)`` once the source was
+    told (the caller now owns the
     request), or None if the source aborted or the import failed (nothing
     kept). A dead source before FINAL raises PeerFailure with nothing kept.
     """
@@ -237,6 +242,8 @@ def receive_migration(
                         if frame.tensors:
                             imp.write(Chunk(start, frame.tensors))
                         imp.finish(computed)
+                        if on_final is not None:
+                            on_final(seq_id, state)
                         transport.wait_sent(transport.send(src, OK, None))
                         return seq_id, state
             except KVError as e:
