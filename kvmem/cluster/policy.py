@@ -59,7 +59,7 @@ def plan_migrations(loads: Sequence[Load], min_gap: int = 0) -> list[tuple[int, 
 
     A source is an instance with negative freeness (queued demand it cannot
     hold, or draining) that runs something and has no migration in flight;
-    the destination is the freest other instance, if its freeness exceeds
+    the destination is the freest other instance not migrating, if its freeness exceeds
     the source's by more than ``min_gap`` and is positive. Freest-first
     pairing, each instance in at most one pair.
     """
@@ -67,7 +67,11 @@ def plan_migrations(loads: Sequence[Load], min_gap: int = 0) -> list[tuple[int, 
     sources = [
         i for i in order if loads[i].freeness < 0 and loads[i].running and not loads[i].migrating
     ]
-    dests = [i for i in reversed(order) if not loads[i].draining and loads[i].freeness > 0]
+    dests = [
+        i
+        for i in reversed(order)
+        if not loads[i].draining and not loads[i].migrating and loads[i].freeness > 0
+    ]
     pairs: list[tuple[int, int]] = []
     used: set[int] = set()
     for s in sources:

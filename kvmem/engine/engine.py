@@ -587,11 +587,11 @@ class Engine:
             return self.migrations.start(self, request_id, transport, dst, **options)
 
     def accept_migration(
-        self, transport: Any, src: int, timeout: float | None = None
+        self, transport: Any, src: int, timeout: float | None = None, on_output: Any = None
     ) -> str | None:
         """Receive a request migrating from rank ``src`` (blocks; any thread); its id once it
-        runs here, None if the migration failed."""
-        return accept(self, transport, src, timeout)
+        runs here (with ``on_output`` as its callback), None if the migration failed."""
+        return accept(self, transport, src, timeout, on_output)
 
     def request(self, request_id: str) -> Request | None:
         """A live or recently finished request's state (its ``metrics`` included)."""

@@ -112,9 +112,16 @@ class Migrations:
         self.failed.append((rid, why))
 
 
-def accept(engine: Any, transport: Transport, src: int, timeout: float | None = None) -> str | None:
+def accept(
+    engine: Any,
+    transport: Transport,
+    src: int,
+    timeout: float | None = None,
+    on_output: Any = None,
+) -> str | None:
     """Receive one request migrating from rank ``src`` into ``engine``; its id once it runs
-    here, or None if the migration failed or was aborted (nothing kept)."""
+    here, or None if the migration failed or was aborted (nothing kept). ``on_output``
+    becomes the request's output callback here (callbacks do not travel)."""
 
     def adopt(seq_id: Hashable, state: dict[str, Any]) -> None:
         r = restore_request(state, engine.tokenizer)
@@ -127,6 +134,7 @@ def accept(engine: Any, transport: Transport, src: int, timeout: float | None = 
                 raise InvalidArgument(f"request id {r.request_id!r} is already in the engine")
             engine._ids.add(r.request_id)
         r.kv = engine.allocator
+        r.on_output = on_output
         engine._requests[r.request_id] = r
         engine.scheduler.adopt(r)
 

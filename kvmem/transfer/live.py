@@ -196,6 +196,13 @@ class SourceMigration:
         self.error = self.error or MigrationFailed("aborted")
 
 
+def abort_remote(transport: Transport, dst: int) -> None:
+    """Tell a destination waiting in :func:`receive_migration` that no migration comes."""
+    sent = transport.send(dst, ABORT, (None, None))
+    transport.recv(dst, "waiting for the migration's answer")
+    transport.wait_sent(sent)
+
+
 def receive_migration(
     transport: Transport,
     src: int,
@@ -259,4 +266,10 @@ def receive_migration(
         raise
 
 
-__all__ = ["MigrationFailed", "MigrationStats", "SourceMigration", "receive_migration"]
+__all__ = [
+    "abort_remote",
+    "MigrationFailed",
+    "MigrationStats",
+    "SourceMigration",
+    "receive_migration",
+]
