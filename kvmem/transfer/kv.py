@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvmem.allocator import KVAllocator
-from kvmem.errors import InvalidArgument, KVError
+from kvmem.errors import InvalidArgument
 from kvmem.spec import KVSpec
 
 #: LayerKV parts with one entry per slot; 2-d or smaller ones are per-layer format scales
@@ -247,9 +247,7 @@ def import_kv(dst: KVAllocator, seq_id: Hashable, meta: SeqMeta, chunks: Iterabl
     try:
         for c in chunks:
             imp.write(c)
-    except KVError:
-        raise
-    except BaseException:
+    except BaseException:  # the source's errors too: nothing stays here
         imp.abort()
         raise
     imp.finish(meta.num_computed)

@@ -93,6 +93,14 @@ def test_an_interrupted_stream_leaves_nothing_behind():
         with pytest.raises(RuntimeError):
             import_kv(dst, "s", meta, broken())
         assert "s" not in dst and dst.stats().used_tokens == 0
+
+        def source_short():  # the source fails with a KV error of its own mid-stream
+            yield from list(export_chunks(src, "s", chunk_tokens=16))[:1]
+            raise OutOfKVMemory("the source could not read its page table")
+
+        with pytest.raises(OutOfKVMemory):
+            import_kv(dst, "s", meta, source_short())
+        assert "s" not in dst and dst.stats().used_tokens == 0
         with pytest.raises(InvalidArgument, match="16 of 40"):
             import_kv(dst, "s", meta, list(export_chunks(src, "s", chunk_tokens=16))[:1])
         assert "s" not in dst
