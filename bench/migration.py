@@ -46,7 +46,7 @@ from bench.common import RESULTS, console, print_table, save_results
 SPEC_ARGS = {"num_layers": 2, "num_kv_heads": 8, "head_dim": 128}
 STEP_S = 0.020
 PAGE = 16
-FLEET_SPEEDUP = 4.0
+FLEET_SPEEDUP = 2.0
 
 
 def _spec() -> Any:
