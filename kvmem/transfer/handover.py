@@ -16,6 +16,7 @@ request is never lost between the two engines nor run by both.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Hashable
 from typing import Any
 
@@ -94,7 +95,7 @@ class Migrations:
                 self._fail(rid, "the request left the running set")
                 continue
             try:
-                if not mig.advance(lambda r=r: request_state(r)):
+                if not mig.advance(functools.partial(request_state, r)):
                     continue
             except (MigrationFailed, KVError) as e:
                 mig.abort()
