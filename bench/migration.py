@@ -275,7 +275,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     big, small = ctxs[-1], ctxs[0]
     figures: dict[str, Any] = {
-        "command": "python -m " + " ".join(["bench.migration", *(argv or sys.argv[1:])]),
+        "command": (
+            f"KVMEM_TRACES={os.environ['KVMEM_TRACES']} " if "KVMEM_TRACES" in os.environ else ""
+        )
+        + " ".join(["python -m bench.migration", *(argv or sys.argv[1:])]),
         "commit": _commit(),
         "quick": args.quick,
         "spec": {
