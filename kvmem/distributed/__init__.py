@@ -25,9 +25,10 @@ See ``examples/distributed_decode.py``.
 """
 
 from kvmem.distributed.attention import attend, decode, prefill
-from kvmem.distributed.comm import PeerFailure, Traffic
+from kvmem.distributed.comm import Traffic
 from kvmem.distributed.directory import PLACEMENTS, PlacementDirectory
 from kvmem.distributed.sharded import ShardedAllocator, StepProfile
+from kvmem.distributed.transport import PeerFailure, Transport
 
 __all__ = [
     "PLACEMENTS",
@@ -36,6 +37,7 @@ __all__ = [
     "ShardedAllocator",
     "StepProfile",
     "Traffic",
+    "Transport",
     "attend",
     "decode",
     "prefill",

@@ -1,44 +1,41 @@
-"""Request/reply messages between the ranks of a gloo process group, every wait bounded.
+"""Request/reply messages between the ranks of a group, on the :mod:`~kvmem.distributed.transport`.
 
-Each rank runs a server thread that answers the other ranks' requests; the
-thread that calls the allocator sends requests and collects the replies::
+Every rank reads each peer's frames, in issue order, on a thread of its own
+(one per peer: receives always name their source); requests go to a server
+thread, replies to the caller waiting for them::
 
-    rank 0 (caller)                          rank 1 (server thread)
-    exchange({1: req}) ── header, payload ──▶ recv_anysource, recv
-         ... own work ...                      handler(0, req) -> rep
-    collect            ◀── header, payload ── post reply (a completer thread waits on it)
+    rank 0 (caller)                           rank 1
+    post({1: req}) ── REQUEST(id, meta) ────▶ reader(0) ─▶ server: handler(0, req)
+         ... own work ...                                        │
+    collect ◀── reader(1) ◀── REPLY(id, meta) ─── post reply ◀───┘ (a completer waits on it)
 
-A message is two gloo sends on one tag: an int64 header ``(kind, payload
-bytes)`` and, when there is a payload, one uint8 tensor holding the pickled
-meta followed by the raw bytes of each tensor (16-byte aligned).
+Frames of one direction between two ranks (a caller's requests, a server's
+replies, heartbeats) share the pair's issue order; the reader tells them
+apart by their kind, never by a tag. Gloo sends are rendezvous (one
+completes once the receiver posts the matching recv), so that no chain of
+waiting ranks can close a cycle the readers only receive, the server never
+waits on its own replies, and a caller posts all its sends before waiting.
 
-Gloo sends are rendezvous: one completes only once the receiver posts the
-matching recv. So that no chain of waiting ranks can close a cycle, a server
-never waits on its own replies (a completer thread does), and a caller posts
-all its sends and its reply receives before waiting on any of them.
-
-Failure. Gloo closes every connection of a group as soon as any wait on it
-times out, so a timed-out wait is fatal: the first failure (a peer that
-closed its connection because it died, or one that did not answer within
-``timeout`` seconds) is kept and every later call raises it again as
-:class:`PeerFailure`. A heartbeat thread sends each peer a small message
-every ``heartbeat`` seconds, which detects a dead or stopped rank even while
-the caller is idle, and keeps idle servers from ever reaching their own wait
-limit.
+Failure: a peer whose connection closes is reported by its reader at once;
+a reply not in within ``timeout`` seconds, or a send not taken, is a
+:class:`PeerFailure` naming the rank. A heartbeat thread sends every peer a
+small frame every ``heartbeat`` seconds, which detects a stopped rank even
+while the caller is idle.
 """
 
 from __future__ import annotations
 
-import pickle
+import itertools
 import queue
 import threading
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from datetime import timedelta
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from kvmem.distributed.transport import PeerFailure, Sent, Transport, decode, encode
 from kvmem.errors import (
     DriverError,
     DuplicateSequence,
@@ -49,24 +46,11 @@ from kvmem.errors import (
     UnknownSequence,
 )
 
-TAG_REQUEST = 0x6B76  # "kv"
-TAG_REPLY = 0x6B77
-_ALIGN = 16
-
-# message kinds
+# frame kinds
 REQUEST, REPLY, ERROR, NOP, STOP = 1, 2, 3, 4, 5
 
 Payload = tuple[Any, list[torch.Tensor]]
 Handler = Callable[[int, Any, list[torch.Tensor]], Payload]
-
-
-class PeerFailure(KVError):
-    """Another rank died or did not answer within the timeout; the group is unusable.
-
-    Raised by every later call of the allocator that saw it. The message
-    names the rank and what was being waited for.
-    """
-
 
 _ERRORS: dict[str, type[KVError]] = {
     c.__name__: c
@@ -81,43 +65,6 @@ _ERRORS: dict[str, type[KVError]] = {
         PeerFailure,
     )
 }
-
-
-def _pad(n: int) -> int:
-    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
-
-
-def encode(meta: Any, tensors: list[torch.Tensor]) -> torch.Tensor:
-    """One uint8 tensor holding ``meta`` (pickled) and the bytes of ``tensors``."""
-    cpu = [t.detach().to("cpu").contiguous().reshape(-1) for t in tensors]
-    specs = [(str(t.dtype).removeprefix("torch."), tuple(t.shape)) for t in tensors]
-    head = pickle.dumps((meta, specs), protocol=pickle.HIGHEST_PROTOCOL)
-    parts = [len(head).to_bytes(8, "little"), head, bytes(_pad(8 + len(head)) - 8 - len(head))]
-    for t in cpu:
-        raw = t.view(torch.uint8).numpy().tobytes()
-        parts += [raw, bytes(_pad(len(raw)) - len(raw))]
-    return torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8)
-
-
-def decode(buf: torch.Tensor) -> Payload:
-    """Inverse of :func:`encode`; the tensors are views into ``buf``."""
-    n = int.from_bytes(buf[:8].numpy().tobytes(), "little")
-    meta, specs = pickle.loads(buf[8 : 8 + n].numpy().tobytes())
-    off = _pad(8 + n)
-    out: list[torch.Tensor] = []
-    for dtype_name, shape in specs:
-        dtype = getattr(torch, dtype_name)
-        count = 1
-        for d in shape:
-            count *= d
-        size = count * dtype.itemsize
-        out.append(buf[off : off + size].view(dtype).reshape(shape))
-        off += _pad(size)
-    return meta, out
-
-
-def _header(kind: int, n: int) -> torch.Tensor:
-    return torch.tensor([kind, n], dtype=torch.int64)
 
 
 @dataclass
@@ -138,31 +85,33 @@ class Traffic:
 class Pending:
     """Requests in flight from :meth:`Channel.post`, finished by :meth:`Channel.collect`."""
 
-    sends: list[tuple[int, Any, torch.Tensor]]
-    headers: dict[int, tuple[Any, torch.Tensor]]
+    sends: list[Sent] = field(default_factory=list)
+    ids: dict[int, int] = field(default_factory=dict)
 
 
 class Channel:
-    """Framed request/reply messaging over the gloo group ``pg`` (see the module docstring).
+    """Framed request/reply messaging over a :class:`Transport` (see the module docstring).
 
-    ``timeout`` bounds every wait on another rank (seconds); ``heartbeat``
-    is the period of the liveness messages. Call :meth:`start` with the
-    request handler once every rank has built its channel.
+    ``heartbeat`` is the period of the liveness frames (default timeout / 3,
+    at most 5 s). Call :meth:`start` with the request handler once every
+    rank has built its channel.
     """
 
-    def __init__(self, pg: Any, timeout: float, heartbeat: float | None = None) -> None:
-        self.pg = pg
-        self.rank: int = pg.rank()
-        self.size: int = pg.size()
-        self.timeout = float(timeout)
+    def __init__(self, transport: Transport, heartbeat: float | None = None) -> None:
+        self.transport = transport
+        self.rank = transport.rank
+        self.size = transport.size
+        self.timeout = transport.timeout
         self.heartbeat = float(heartbeat) if heartbeat else max(0.05, min(5.0, self.timeout / 3))
-        # an idle server's wait: never reached while peers send heartbeats
+        # an idle reader's wait: never reached while peers send heartbeats
         self._idle_wait = max(3600.0, 20 * self.timeout)
         self.traffic = Traffic()
-        self._send_locks = {r: threading.Lock() for r in range(self.size)}
-        self._failure: PeerFailure | None = None
+        self._ids = itertools.count()
+        self._cv = threading.Condition()
+        self._replies: dict[tuple[int, int], Payload | KVError] = {}
+        self._requests: queue.Queue[tuple[int, int, Any, list[torch.Tensor]] | None] = queue.Queue()
+        self._sent: queue.Queue[Sent | None] = queue.Queue()
         self._stop = threading.Event()
-        self._replies: queue.Queue[tuple[int, Any, torch.Tensor] | None] = queue.Queue()
         self._threads: dict[str, threading.Thread] = {}
         self._handler: Handler | None = None
 
@@ -170,92 +119,49 @@ class Channel:
     @property
     def failure(self) -> PeerFailure | None:
         """The first failure seen, or None."""
-        return self._failure
+        return self.transport.failure
 
     def check(self) -> None:
         """Raise the recorded failure, if any."""
-        if self._failure is not None:
-            raise self._failure
+        self.transport.check()
 
     def record_failure(self, err: PeerFailure) -> PeerFailure:
         """Keep ``err`` unless a failure was recorded before; return the one kept."""
-        if self._failure is None:
-            self._failure = err
-        return self._failure
-
-    def _peer_failure(
-        self, e: BaseException, what: str, peer: int | None, timeout: float
-    ) -> PeerFailure:
-        """Record (first one wins) and return the PeerFailure for a gloo error."""
-        text = str(e)
-        who = f"rank {peer}" if peer is not None else "a peer"
-        if "Timed out" in text or "Application timeout" in text:
-            why = f"{who} did not answer within {timeout:g} s"
-        elif "closed by peer" in text or "reset by peer" in text or "Broken pipe" in text:
-            why = f"{who} closed its connection (did the process die?)"
-        else:
-            why = f"{who}: {text.splitlines()[0] if text else type(e).__name__}"
-        return self.record_failure(PeerFailure(f"rank {self.rank}: {what}: {why}"))
-
-    def _wait(self, work: Any, timeout: float, what: str, peer: int | None) -> None:
-        try:
-            work.wait(timedelta(seconds=timeout))
-        except RuntimeError as e:
-            raise self._peer_failure(e, what, peer, timeout) from None
-
-    def _start(self, op: Callable[..., Any], args: tuple, what: str, peer: int | None) -> Any:
-        """Post a gloo send or recv, ``op(*args)``; a closed connection is a PeerFailure."""
-        try:
-            return op(*args)
-        except RuntimeError as e:
-            raise self._peer_failure(e, what, peer, self.timeout) from None
-
-    # --------------------------------------------------------------- sends
-    def _post(self, dst: int, tag: int, kind: int, payload: torch.Tensor | None) -> list[Any]:
-        """Post header (and payload) sends to ``dst``; returns the works to wait on."""
-        n = 0 if payload is None else int(payload.numel())
-        hdr = _header(kind, n)
-        what = "sending"
-        with self._send_locks[dst]:
-            works = [(self._start(self.pg.send, ([hdr], dst, tag), what, dst), hdr)]
-            if payload is not None:
-                w = self._start(self.pg.send, ([payload], dst, tag), what, dst)
-                works.append((w, payload))
-        return works
-
-    def _recv_payload(self, src: int, tag: int, hdr: torch.Tensor, what: str) -> Payload:
-        kind, n = (int(x) for x in hdr.tolist())
-        if n == 0:
-            return None, []
-        buf = torch.empty(n, dtype=torch.uint8)
-        w = self._start(self.pg.recv, ([buf], src, tag), what, src)
-        self._wait(w, self.timeout, what, src)
-        return decode(buf)
+        kept = self.transport.record_failure(err)
+        with self._cv:
+            self._cv.notify_all()
+        return kept
 
     # -------------------------------------------------------------- caller
     def post(self, requests: Mapping[int, Payload]) -> Pending:
-        """Send each ``{dst: (meta, tensors)}`` request and post the reply receives; no waiting."""
+        """Send each ``{dst: (meta, tensors)}`` request; no waiting."""
         self.check()
-        sends: list[tuple[int, Any, torch.Tensor]] = []
-        headers: dict[int, tuple[Any, torch.Tensor]] = {}
-        for dst, (meta, tensors) in requests.items():
+        pending = Pending()
+        for dst in requests:
             if dst == self.rank or not 0 <= dst < self.size:
                 raise InvalidArgument(f"rank {self.rank} cannot send a request to rank {dst}")
-            buf = encode(meta, tensors)
-            for w, t in self._post(dst, TAG_REQUEST, REQUEST, buf):
-                sends.append((dst, w, t))
-            self.traffic.bytes_sent += 16 + int(buf.numel())
+        for dst, (meta, tensors) in requests.items():
+            rid = next(self._ids)
+            sent = self._send(dst, REQUEST, (rid, meta), tensors)
+            pending.sends.append(sent)
+            pending.ids[dst] = rid
+            self.traffic.bytes_sent += sent.nbytes
             self.traffic.messages += 1
-        for src in requests:
-            hdr = torch.empty(2, dtype=torch.int64)
-            w = self._start(self.pg.recv, ([hdr], src, TAG_REPLY), "receiving", src)
-            headers[src] = (w, hdr)
-        return Pending(sends, headers)
+        return pending
+
+    def _send(self, dst: int, kind: int, meta: Any, tensors: list[torch.Tensor]) -> Sent:
+        try:
+            return self.transport.send(dst, kind, meta, tensors)
+        except PeerFailure as e:
+            raise self.record_failure(e) from None
 
     def finish_sends(self, pending: Pending) -> None:
-        """Wait until every request of ``pending`` was taken by its server."""
-        for dst, w, _ in pending.sends:
-            self._wait(w, self.timeout, "sending a request", dst)
+        """Wait until every request of ``pending`` was taken by its receiver."""
+        for sent in pending.sends:
+            try:
+                self.transport.wait_sent(sent, "sending a request")
+            except PeerFailure as e:
+                raise self.record_failure(e) from None
         pending.sends.clear()
 
     def collect(self, pending: Pending, raise_errors: bool = True) -> dict[int, Any]:
@@ -268,18 +174,20 @@ class Channel:
         self.finish_sends(pending)
         out: dict[int, Any] = {}
         error: KVError | None = None
-        for src, (w, hdr) in pending.headers.items():
-            self._wait(w, self.timeout, "waiting for a reply", src)
-            kind = int(hdr[0])
-            payload = self._recv_payload(src, TAG_REPLY, hdr, "receiving a reply")
-            self.traffic.bytes_received += 16 + int(hdr[1])
-            self.traffic.messages += 1
-            if kind == ERROR:
-                name, text = payload[0]
-                out[src] = _ERRORS.get(name, KVError)(f"rank {src}: {text}")
-                error = error or out[src]
-            else:
-                out[src] = payload
+        deadline = time.monotonic() + self.timeout
+        with self._cv:
+            for src, rid in pending.ids.items():
+                while (src, rid) not in self._replies:
+                    self.check()
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        why = f"rank {src} did not answer within {self.timeout:g} s"
+                        raise self.transport.fail("waiting for a reply", why)
+                    self._cv.wait(min(left, 0.5))
+                res = self._replies.pop((src, rid))
+                out[src] = res
+                if isinstance(res, KVError):
+                    error = error or res
         if error is not None and raise_errors:
             raise error
         return out
@@ -292,58 +200,77 @@ class Channel:
 
     # -------------------------------------------------------------- server
     def start(self, handler: Handler) -> None:
-        """Start the server, reply-completer and heartbeat threads."""
+        """Start the reader (one per peer), server, reply-completer and heartbeat threads."""
         self._handler = handler
         if self.size == 1:
             return
-        for target, name in (
-            (self._serve, "server"),
-            (self._complete, "completer"),
-            (self._beat, "heartbeat"),
-        ):
-            t = threading.Thread(target=target, name=f"kvmem-{name}-{self.rank}", daemon=True)
+        targets: list[tuple[Callable[..., None], tuple, str]] = [
+            (self._read, (src,), f"reader{src}") for src in range(self.size) if src != self.rank
+        ]
+        targets += [(self._serve, (), "server"), (self._complete, (), "completer")]
+        targets.append((self._beat, (), "heartbeat"))
+        for target, args, name in targets:
+            t = threading.Thread(
+                target=target, args=args, name=f"kvmem-{name}-{self.rank}", daemon=True
+            )
             t.start()
             self._threads[name] = t
 
-    def _serve(self) -> None:
-        assert self._handler is not None
+    def _read(self, src: int) -> None:
         try:
             while True:
-                hdr = torch.empty(2, dtype=torch.int64)
-                w = self._start(self.pg.recv_anysource, ([hdr], TAG_REQUEST), "serving", None)
-                self._wait(w, self._idle_wait, "serving", None)
-                src = int(w._source_rank())
-                kind = int(hdr[0])
-                if kind == STOP:
-                    break
-                if kind == NOP:
+                frame = self.transport.recv(src, "receiving", first_wait=self._idle_wait)
+                if frame.kind == STOP:
+                    return
+                if frame.kind == NOP:
                     continue
-                meta, tensors = self._recv_payload(src, TAG_REQUEST, hdr, "receiving a request")
-                try:
-                    rmeta, rtensors = self._handler(src, meta, tensors)
-                    rkind = REPLY
-                except KVError as e:
-                    rkind, rmeta, rtensors = ERROR, (type(e).__name__, str(e)), []
-                except Exception as e:  # a bug on this rank: report it, keep serving
-                    rkind, rmeta, rtensors = ERROR, ("KVError", f"{type(e).__name__}: {e}"), []
-                buf = encode(rmeta, rtensors)
-                for w2, t in self._post(src, TAG_REPLY, rkind, buf):
-                    self._replies.put((src, w2, t))
-        except PeerFailure:
-            pass
-        finally:
-            self._replies.put(None)
+                rid, meta = frame.meta
+                if frame.kind == REQUEST:
+                    self._requests.put((src, rid, meta, frame.tensors))
+                    continue
+                res: Payload | KVError
+                if frame.kind == ERROR:
+                    name, text = meta
+                    res = _ERRORS.get(name, KVError)(f"rank {src}: {text}")
+                else:
+                    res = (meta, frame.tensors)
+                with self._cv:
+                    self.traffic.bytes_received += frame.nbytes
+                    self.traffic.messages += 1
+                    self._replies[(src, rid)] = res
+                    self._cv.notify_all()
+        except PeerFailure as e:
+            self.record_failure(e)
+
+    def _serve(self) -> None:
+        assert self._handler is not None
+        while True:
+            item = self._requests.get()
+            if item is None:
+                break
+            src, rid, meta, tensors = item
+            try:
+                rmeta, rtensors = self._handler(src, meta, tensors)
+                kind = REPLY
+            except KVError as e:
+                kind, rmeta, rtensors = ERROR, (type(e).__name__, str(e)), []
+            except Exception as e:  # a bug on this rank: report it, keep serving
+                kind, rmeta, rtensors = ERROR, ("KVError", f"{type(e).__name__}: {e}"), []
+            try:
+                self._sent.put(self._send(src, kind, (rid, rmeta), rtensors))
+            except PeerFailure:
+                continue
+        self._sent.put(None)
 
     def _complete(self) -> None:
         while True:
-            item = self._replies.get()
-            if item is None:
+            sent = self._sent.get()
+            if sent is None:
                 return
-            dst, w, _ = item
             try:
-                self._wait(w, self.timeout, "sending a reply", dst)
-            except PeerFailure:
-                return
+                self.transport.wait_sent(sent, "sending a reply")
+            except PeerFailure as e:
+                self.record_failure(e)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat):
@@ -351,29 +278,35 @@ class Channel:
                 if dst == self.rank or self._stop.is_set():
                     continue
                 try:
-                    for w, _ in self._post(dst, TAG_REQUEST, NOP, None):
-                        self._wait(w, self.timeout, "heartbeat", dst)
-                except PeerFailure:
+                    self.transport.wait_sent(self._send(dst, NOP, None, []), "heartbeat")
+                except PeerFailure as e:
+                    self.record_failure(e)
                     return
 
     def barrier(self, what: str) -> None:
-        """A gloo barrier over the group (its own slots: safe beside the server's receive)."""
-        work = self._start(self.pg.barrier, (), what, None)
-        self._wait(work, self.timeout, what, None)
+        """A barrier over the control group (its own slots: safe beside the readers)."""
+        try:
+            self.transport.barrier(what)
+        except PeerFailure as e:
+            raise self.record_failure(e) from None
 
     # ------------------------------------------------------------ shutdown
     def stop(self) -> None:
-        """Collective: stop this rank's heartbeat, meet every rank at a gloo barrier (after it
-        no rank sends another request), then stop the servers, each rank its successor's."""
+        """Collective: stop this rank's heartbeat, meet every rank at a barrier (after it no
+        rank sends another request), then tell every peer's reader to stop."""
         if self.size == 1 or not self._threads:
             return
         self._stop.set()
         self._threads["heartbeat"].join(self.timeout + self.heartbeat)
         self.check()
         self.barrier("closing")
-        nxt = (self.rank + 1) % self.size
-        for w, _ in self._post(nxt, TAG_REQUEST, STOP, None):
-            self._wait(w, self.timeout, "stopping", nxt)
+        for dst in range(self.size):
+            if dst != self.rank:
+                self.transport.wait_sent(self._send(dst, STOP, None, []), "stopping")
+        for src in range(self.size):
+            if src != self.rank:
+                self._threads[f"reader{src}"].join(self.timeout)
+        self._requests.put(None)
         self._threads["server"].join(self.timeout)
         self._threads["completer"].join(self.timeout)
         self._threads.clear()

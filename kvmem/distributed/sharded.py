@@ -85,6 +85,7 @@ from kvmem.distributed.directory import (
     PlacementDirectory,
 )
 from kvmem.distributed.holder import Holder
+from kvmem.distributed.transport import Transport, control_group_for, group_backend
 from kvmem.errors import IntegrityError, InvalidArgument, KVError, OutOfKVMemory
 from kvmem.layout import BatchLayout, build_layout
 from kvmem.spec import KVSpec
@@ -122,16 +123,19 @@ class ShardedAllocator(KVBackend[_Seq]):
     ``device``, ``page_size`` (of the local backend), ``rblock_size``
     (tokens per rBlock, a multiple of the local page size; default 4
     pages), ``local_backend`` (any registered backend, default ``"paged"``)
-    and ``local_options`` for it, ``group`` (a gloo process group for this
-    allocator's messages; default: a new one over the whole world),
+    and ``local_options`` for it, ``group`` (the process group of this
+    allocator's messages, gloo or NCCL; default: a new one over the whole
+    world, NCCL on CUDA devices), ``control_group`` (a gloo group over the
+    same ranks for the metadata beside an NCCL group; made when missing),
     ``timeout`` (seconds, bounds every wait on another rank; default 30),
     ``heartbeat`` (seconds between liveness messages; default timeout / 3,
     at most 5), ``placement`` (``"local_first"`` or ``"spread"``, see
     :meth:`PlacementDirectory.plan`), ``attention_impl`` (passed to
     :mod:`kvmem.attention`).
 
-    On CUDA devices the KV and the kernels are on the device and messages
-    travel through host memory over gloo (not run yet: no GPU here).
+    Messages go through :mod:`kvmem.distributed.transport`: on NCCL the
+    tensors are sent from the device and only metadata passes through the
+    host (not run yet on a GPU).
     """
 
     capabilities = Capabilities(fork=True, multi_process=True)
@@ -148,6 +152,7 @@ class ShardedAllocator(KVBackend[_Seq]):
         local_backend: str = "paged",
         local_options: Mapping[str, Any] | None = None,
         group: Any = None,
+        control_group: Any = None,
         timeout: float = 30.0,
         heartbeat: float | None = None,
         placement: Placement = "local_first",
@@ -184,8 +189,8 @@ class ShardedAllocator(KVBackend[_Seq]):
         self.timeout = float(timeout)
         self.attention_impl = attention_impl
         self.profile = StepProfile()
-        self._own_group = False
-        self._pg, self.channel = self._connect(group, heartbeat)
+        self._owned_groups: list[Any] = []
+        self._pg, self.channel = self._connect(group, control_group, heartbeat)
         self.rank = self.channel.rank if self.channel else 0
         self.world_size = self.channel.size if self.channel else 1
         self.calls = Calls(self.rank, self.channel, self.holder)
@@ -208,15 +213,29 @@ class ShardedAllocator(KVBackend[_Seq]):
         if self.channel:
             self.channel.start(self.holder.handle)
 
-    def _connect(self, group: Any, heartbeat: float | None) -> tuple[Any, Channel | None]:
+    def _connect(
+        self, group: Any, control: Any, heartbeat: float | None
+    ) -> tuple[Any, Channel | None]:
+        """The group and channel of this allocator's messages (None in a world of one).
+
+        Without ``group`` a new one over the whole world is made: NCCL on a
+        CUDA device (with a gloo control group beside it), gloo otherwise.
+        """
         if group is None:
             if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
                 return None, None
-            group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout))
-            self._own_group = True
+            backend = "nccl" if self.device.type == "cuda" and dist.is_nccl_available() else "gloo"
+            group = dist.new_group(backend=backend, timeout=timedelta(seconds=self.timeout))
+            if backend != "gloo" and control is None:
+                control = control_group_for(group, self.timeout)
+            self._owned_groups = [g for g in (group, control) if g is not None]
         if group.size() == 1:
             return None, None
-        return group, Channel(group, self.timeout, heartbeat)
+        if control is None and group_backend(group) != "gloo":
+            control = control_group_for(group, self.timeout)
+            self._owned_groups.append(control)
+        transport = Transport(group, self.timeout, control=control, device=self.device)
+        return control or group, Channel(transport, heartbeat)
 
     # ------------------------------------------------------------ helpers
     def _check_open(self) -> None:
@@ -527,8 +546,8 @@ class ShardedAllocator(KVBackend[_Seq]):
             if self.channel is not None and self.channel.failure is None:
                 self.calls.barrier(self.directory.store, "closing", self.world_size)
                 self.channel.stop()
-                if self._own_group:
-                    dist.destroy_process_group(self._pg)
+                for g in self._owned_groups:
+                    dist.destroy_process_group(g)
         finally:
             self.local.close()
 

@@ -64,6 +64,7 @@ from kvmem.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from kvmem.engine.stopping import advance_text, stop_reason
 from kvmem.engine.tokenizer import ByteTokenizer, IncrementalDecoder, Tokenizer
 from kvmem.errors import InvalidArgument, KVError
+from kvmem.transfer.handover import Migrations, accept
 
 log = logging.getLogger(__name__)
 _Pending = list[tuple[Request, RequestOutput]]
@@ -154,6 +155,7 @@ class Engine:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self._first_step_time: float | None = None
+        self.migrations = Migrations()
 
     @classmethod
     def from_pretrained(
@@ -355,6 +357,8 @@ class Engine:
             elif not plan.ended:
                 self.scheduler.wait_for_swaps(_IDLE_SWAP_WAIT_S)
             self._drain(outputs)
+            if self.migrations.active:
+                self.migrations.advance(self)
         self._deliver(outputs)
         return [o for _, o in outputs]
 
@@ -578,6 +582,19 @@ class Engine:
                 kv_page_size=s.page_size,
                 kv_extra=dict(s.extra),
             )
+
+    def migrate(self, request_id: str, transport: Any, dst: int, **options: Any) -> Any:
+        """Start moving a running request live to rank ``dst``; later steps advance it (see
+        :mod:`kvmem.transfer.handover`). Returns the :class:`SourceMigration`."""
+        with self._step_lock:
+            return self.migrations.start(self, request_id, transport, dst, **options)
+
+    def accept_migration(
+        self, transport: Any, src: int, timeout: float | None = None, on_output: Any = None
+    ) -> str | None:
+        """Receive a request migrating from rank ``src`` (blocks; any thread); its id once it
+        runs here (with ``on_output`` as its callback), None if the migration failed."""
+        return accept(self, transport, src, timeout, on_output)
 
     def request(self, request_id: str) -> Request | None:
         """A live or recently finished request's state (its ``metrics`` included)."""

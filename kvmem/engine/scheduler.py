@@ -241,6 +241,14 @@ class Scheduler:
         request.fork_of = None
         self.waiting.append(request)
 
+    def adopt(self, request: Request) -> None:
+        """Take a running request whose sequence is already in the allocator (migrated here)."""
+        self._seq += 1
+        request.seq_no = self._seq
+        self.policy.on_arrival(request, self.requests())
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
     def forks_due(self, chunk: ScheduledChunk) -> list[Request]:
         """The requests to fork from the chunk's request in this step's ``update``.
 

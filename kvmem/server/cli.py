@@ -55,6 +55,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="compute dtype (auto: the checkpoint's, float32 for presets)",
     )
     p.add_argument("--seed", type=int, default=0, help="random weights and default sampling seed")
+    p.add_argument(
+        "--instances",
+        type=int,
+        default=1,
+        help="engine instances (processes) behind one endpoint, with live migration (Llumnix)",
+    )
     p.add_argument("--backend", default="paged", help="KV backend: paged, vmem, grouped, ...")
     p.add_argument(
         "--backend-option",
@@ -211,8 +217,15 @@ def build_app(args: argparse.Namespace) -> Any:
         raise KVError("--api-key must not be empty")
     if args.metrics_need_key and args.api_key is None:
         raise KVError("--metrics-need-key needs --api-key (or KVMEM_API_KEY)")
+    if args.instances < 1:
+        raise KVError(f"--instances must be at least 1, got {args.instances}")
     built = build_engine(args)
-    runner = AsyncEngine(built.engine, max_queue=args.max_queue)
+    engine: Any = built.engine
+    if args.instances > 1:
+        from kvmem.cluster.serving import ClusterEngine
+
+        engine = ClusterEngine(built.engine, args.instances)
+    runner = AsyncEngine(engine, max_queue=args.max_queue)
     try:
         return create_app(
             runner,
@@ -225,7 +238,7 @@ def build_app(args: argparse.Namespace) -> Any:
             kv_events_topic=args.kv_events_topic,
         )
     except BaseException:
-        built.engine.close()  # e.g. a --kv-events endpoint that cannot be bound
+        engine.close()  # e.g. a --kv-events endpoint that cannot be bound
         raise
 
 

@@ -1,0 +1,327 @@
+"""N engine instances in spawned processes behind one dispatcher (Llumnix).
+
+::
+
+    Cluster (this process)                         instance i (a process, gloo rank i)
+    add_request ── pick_instance(virtual usage) ──▶ inbox ─▶ Engine.add_request
+    outputs     ◀──────────── ("out", rid, RequestOutput) ◀── on_output
+    loads       ◀──────────── ("load", i, Load, running ids)   every ``report_s``
+    policy thread: plan_migrations(loads) ─▶ ("accept", s) to d, ("migrate", rid, d) to s
+                                              s ── live migration over the transport ──▶ d
+
+The instances form one gloo group; a migration from ``s`` to ``d`` uses
+the frames of that pair, and the policy keeps every instance in at most one
+migration at a time, so frames of two migrations never interleave. A
+request's outputs come from whichever instance runs it; the dispatcher
+learns of a hand-over from the destination (``("accepted", d, rid)``).
+
+:meth:`Cluster.drain` marks an instance as draining: it gets no new
+requests and its running ones move out one by one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from datetime import timedelta
+from typing import Any
+
+from kvmem.cluster.policy import Load, pick_instance, plan_migrations
+from kvmem.errors import InvalidArgument, KVError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _instance_main(
+    rank: int,
+    size: int,
+    port: int,
+    options: Mapping[str, Any],
+    inbox: Any,
+    outbox: Any,
+    timeout: float,
+    report_s: float,
+) -> None:
+    """One instance: an engine stepping, answering the dispatcher's messages."""
+    import torch
+    import torch.distributed as dist
+
+    from kvmem.distributed.transport import Transport
+    from kvmem.engine import Engine
+    from kvmem.transfer.live import abort_remote
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=size,
+        timeout=timedelta(seconds=timeout),
+    )
+    transport = Transport(dist.distributed_c10d._get_default_group(), timeout)
+    eng = Engine(**dict(options))
+
+    def forward(out: Any) -> None:
+        outbox.put(("out", out.request_id, out))
+
+    def accept(src: int) -> None:
+        rid = None
+        with contextlib.suppress(KVError):
+            rid = eng.accept_migration(transport, src, timeout, on_output=forward)
+        outbox.put(("accepted", rank, rid))
+
+    seen_done = seen_failed = 0
+    last = 0.0
+    while True:
+        stop = False
+        while True:
+            try:
+                msg = inbox.get_nowait()
+            except queue.Empty:
+                break
+            kind = msg[0]
+            if kind == "add":
+                _, rid, prompt, params = msg
+                eng.add_request(prompt, params, request_id=rid, on_output=forward)
+            elif kind == "abort":
+                eng.abort(msg[1])
+            elif kind == "migrate":
+                try:
+                    eng.migrate(msg[1], transport, msg[2])
+                except KVError as e:
+                    with contextlib.suppress(KVError):
+                        abort_remote(transport, msg[2])
+                    outbox.put(("migrated", rank, msg[1], None, str(e)))
+            elif kind == "accept":
+                threading.Thread(target=accept, args=(msg[1],), daemon=True).start()
+            elif kind == "stop":
+                stop = True
+        if stop:
+            break
+        if eng.has_unfinished():
+            eng.step()
+        else:
+            time.sleep(0.002)
+        migs = eng.migrations
+        for rid, _stats in migs.done[seen_done:]:
+            outbox.put(("migrated", rank, rid, True, None))
+        for rid, why in migs.failed[seen_failed:]:
+            outbox.put(("migrated", rank, rid, None, why))
+        seen_done, seen_failed = len(migs.done), len(migs.failed)
+        now = time.monotonic()
+        if now - last >= report_s:
+            last = now
+            st = eng.allocator.stats()
+            sched = eng.scheduler
+            demand = sum(r.num_tokens + eng.allocator.granularity for r in sched.waiting)
+            running = [r.request_id for r in sched.running if r.request_id not in migs.active]
+            load = Load(st.capacity_tokens, st.used_tokens, demand, len(running))
+            outbox.put(("load", rank, load, running))
+    outbox.put(("stopped", rank))
+    os._exit(0)
+
+
+class Cluster:
+    """``n`` engine instances (spawned processes) behind a virtual-usage dispatcher.
+
+    ``engine_options`` are :class:`~kvmem.engine.Engine` keyword options
+    (every instance gets the same; give a fixed ``seed`` so that they run
+    the same random model). ``migrate`` turns the migration policy on;
+    ``timeout`` bounds every wait between instances.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        engine_options: Mapping[str, Any] | None = None,
+        *,
+        migrate: bool = True,
+        timeout: float = 30.0,
+        report_s: float = 0.02,
+        policy_s: float = 0.05,
+    ) -> None:
+        if type(n) is not int or n < 1:
+            raise InvalidArgument(f"a cluster needs at least one instance, got {n!r}")
+        import torch.multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.n = n
+        self.migrate = migrate
+        self.policy_s = policy_s
+        self._outbox = ctx.Queue()
+        self._inboxes = [ctx.Queue() for _ in range(n)]
+        port = _free_port()
+        self._procs = [
+            ctx.Process(
+                target=_instance_main,
+                args=(
+                    r,
+                    n,
+                    port,
+                    dict(engine_options or {}),
+                    self._inboxes[r],
+                    self._outbox,
+                    timeout,
+                    report_s,
+                ),
+                daemon=True,
+            )
+            for r in range(n)
+        ]
+        self.loads: list[Load] = [Load(1, 0) for _ in range(n)]
+        self.running: list[list[str]] = [[] for _ in range(n)]
+        self.owner: dict[str, int] = {}
+        self.draining: set[int] = set()
+        self.busy: set[int] = set()
+        #: (request id, source, destination) of each completed migration
+        self.migrations: list[tuple[str, int, int]] = []
+        self.failed_migrations: list[tuple[str, str]] = []
+        self._sent_demand = [0] * n
+        self._callbacks: dict[str, Callable[[Any], None]] = {}
+        self._pending_dst: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ids = itertools.count()
+        for p in self._procs:
+            p.start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self._policy = threading.Thread(target=self._police, daemon=True)
+        self._policy.start()
+
+    # ---------------------------------------------------------------- requests
+    def add_request(
+        self,
+        prompt: list[int],
+        params: Any,
+        *,
+        request_id: str | None = None,
+        on_output: Callable[[Any], None] | None = None,
+    ) -> str:
+        """Send a request to the instance with the most virtual free KV; its id."""
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        with self._lock:
+            if rid in self.owner:
+                raise InvalidArgument(f"request id {rid!r} is already in the cluster")
+            i = pick_instance(self._virtual_loads())
+            self.owner[rid] = i
+            self._sent_demand[i] += len(prompt) + params.max_tokens
+            if on_output is not None:
+                self._callbacks[rid] = on_output
+        self._inboxes[i].put(("add", rid, list(prompt), params))
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Abort a request wherever it runs."""
+        with self._lock:
+            i = self.owner.get(request_id)
+        if i is None:
+            return False
+        self._inboxes[i].put(("abort", request_id))
+        return True
+
+    def drain(self, instance: int) -> None:
+        """No new requests for ``instance``; its running ones migrate elsewhere."""
+        with self._lock:
+            self.draining.add(instance)
+
+    def _virtual_loads(self) -> list[Load]:
+        return [
+            replace(
+                ld,
+                queued_demand=ld.queued_demand + self._sent_demand[i],
+                draining=i in self.draining,
+                migrating=i in self.busy,
+            )
+            for i, ld in enumerate(self.loads)
+        ]
+
+    # ------------------------------------------------------------------ threads
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                msg = self._outbox.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            kind = msg[0]
+            if kind == "out":
+                _, rid, out = msg
+                cb = self._callbacks.get(rid)
+                if out.finished:
+                    with self._lock:
+                        self.owner.pop(rid, None)
+                        self._callbacks.pop(rid, None)
+                if cb is not None:
+                    cb(out)
+            elif kind == "load":
+                _, i, load, running = msg
+                with self._lock:
+                    self.loads[i] = load
+                    self.running[i] = running
+                    self._sent_demand[i] = 0
+            elif kind == "accepted":
+                _, d, rid = msg
+                with self._lock:
+                    src = self._pending_dst.pop(d, None)
+                    self.busy.discard(d)
+                    if rid is not None:
+                        self.owner[rid] = d
+                        if src is not None:
+                            self.migrations.append((rid, src, d))
+            elif kind == "migrated":
+                _, s, rid, ok, why = msg
+                with self._lock:
+                    self.busy.discard(s)
+                    if not ok:
+                        self.failed_migrations.append((rid, str(why)))
+
+    def _police(self) -> None:
+        while not self._stop.wait(self.policy_s):
+            if not self.migrate and not self.draining:
+                continue
+            with self._lock:
+                loads = self._virtual_loads()
+                pairs = plan_migrations(loads)
+                orders = []
+                for s, d in pairs:
+                    if not self.running[s]:
+                        continue
+                    rid = self.running[s][0]
+                    self.running[s] = self.running[s][1:]
+                    self.busy.update((s, d))
+                    self._pending_dst[d] = s
+                    orders.append((s, d, rid))
+            for s, d, rid in orders:
+                self._inboxes[d].put(("accept", s))
+                self._inboxes[s].put(("migrate", rid, d))
+
+    # ---------------------------------------------------------------- lifecycle
+    def close(self) -> None:
+        """Stop every instance."""
+        self._stop.set()
+        for q in self._inboxes:
+            q.put(("stop",))
+        for p in self._procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["Cluster"]

@@ -1,0 +1,80 @@
+"""A :class:`~kvmem.cluster.Cluster` behind the interface the server's runner uses.
+
+``kvmem serve --instances N`` builds one engine as usual (its model,
+tokenizer and configuration are the template), then starts N instance
+processes with the same model, configuration and tokenizer, and serves them
+behind one OpenAI endpoint: :class:`ClusterEngine` has the calls
+:class:`~kvmem.server.runner.AsyncEngine` makes of an engine (``add_request``,
+``abort``, ``serve_forever``, ``metrics``, and the attributes the app reads).
+
+``metrics()`` returns the template engine's metrics (this process runs no
+requests, so its counters stay at zero); the per-instance figures are not
+gathered yet.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+from kvmem.cluster.fleet import Cluster
+from kvmem.engine import Engine, EngineMetrics, SamplingParams
+from kvmem.engine.errors import InvalidRequest
+
+
+class ClusterEngine:
+    """N copies of ``template`` in processes, served as one engine (see the module docstring)."""
+
+    def __init__(self, template: Engine, n: int, migrate: bool = True) -> None:
+        self.template = template
+        self.config = template.config
+        self.tokenizer = template.tokenizer
+        self.max_model_len = template.max_model_len
+        self.allocator = template.allocator
+        self.kv_capacity_tokens = template.kv_capacity_tokens
+        model = getattr(template.executor, "model", None)
+        options = {"model": model, "config": template.config, "tokenizer": template.tokenizer}
+        self.cluster = Cluster(n, options, migrate=migrate)
+
+    def add_request(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        on_output: Callable[[Any], None] | None = None,
+        fork_from: str | None = None,
+        tenant: Hashable = "default",
+        priority: int = 0,
+    ) -> str:
+        """Dispatch a request to an instance (``fork_from`` runs it on its own)."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise InvalidRequest("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequest(f"the prompt has {len(ids)} tokens; the context is shorter")
+        return self.cluster.add_request(
+            ids, params or SamplingParams(), request_id=request_id, on_output=on_output
+        )
+
+    def abort(self, request_id: str) -> bool:
+        """Abort a request wherever it runs."""
+        return self.cluster.abort(request_id)
+
+    def serve_forever(
+        self,
+        stop: threading.Event,
+        idle_sleep: float = 0.05,
+        on_error: Callable[[Exception], None] | None = None,
+    ) -> None:
+        """The instances run on their own; wait for ``stop``, then stop them."""
+        stop.wait()
+        self.cluster.close()
+
+    def metrics(self) -> EngineMetrics:
+        """The template engine's metrics (see the module docstring)."""
+        return self.template.metrics()
+
+
+__all__ = ["ClusterEngine"]
