@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from kvmem.backends.vmem.state import VMemState
 from kvmem.errors import IntegrityError
-
-if TYPE_CHECKING:
-    from kvmem.backends.vmem.allocator import VMemAllocator
 
 __all__ = ["check_backend", "check_seqs"]
 
 
-def check_backend(a: VMemAllocator) -> None:
+def check_backend(a: VMemState) -> None:
     """Verify slots, page groups and their counts, held totals, and the safety rules.
 
     Every reserved token is mapped; a page shared between slots lies
@@ -30,7 +26,7 @@ def check_backend(a: VMemAllocator) -> None:
         check_seqs(a)
 
 
-def check_seqs(a: VMemAllocator) -> None:
+def check_seqs(a: VMemState) -> None:
     """(Lock held.) Each sequence against its slot, and the slot and held totals."""
     sp = a.space
     held = 0

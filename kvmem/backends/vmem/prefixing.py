@@ -7,17 +7,14 @@ allocator's module short.
 from __future__ import annotations
 
 from collections.abc import Hashable
-from typing import TYPE_CHECKING
 
 from kvmem.backends.vmem.seq import VSeq
-
-if TYPE_CHECKING:
-    from kvmem.backends.vmem.allocator import VMemAllocator
+from kvmem.backends.vmem.state import VMemState
 
 __all__ = ["admit", "cached_tokens", "claim_prefix", "on_commit", "trim_keys"]
 
 
-def admit(a: VMemAllocator, tokens: list[int], cache_salt: Hashable) -> VSeq:
+def admit(a: VMemState, tokens: list[int], cache_salt: Hashable) -> VSeq:
     """A new sequence, sharing the longest prefix of full pages a slot holds.
 
     Without a hit it takes no slot or memory until its first ``reserve``.
@@ -45,7 +42,7 @@ def admit(a: VMemAllocator, tokens: list[int], cache_salt: Hashable) -> VSeq:
     return s
 
 
-def claim_prefix(a: VMemAllocator, s: VSeq, depth: int, slots: list[int]) -> int:
+def claim_prefix(a: VMemState, s: VSeq, depth: int, slots: list[int]) -> int:
     """(Lock held.) Give ``s`` a slot holding the first ``depth`` pages of ``slots``'.
 
     Returns the pages it got (0: none, nothing changed).
@@ -77,7 +74,7 @@ def claim_prefix(a: VMemAllocator, s: VSeq, depth: int, slots: list[int]) -> int
     return depth
 
 
-def on_commit(a: VMemAllocator, s: VSeq, end: int) -> None:
+def on_commit(a: VMemState, s: VSeq, end: int) -> None:
     """Key the pages that filled up, findable by later prompts."""
     px = a._prefix
     if px is None or s.slot < 0:
@@ -89,14 +86,14 @@ def on_commit(a: VMemAllocator, s: VSeq, end: int) -> None:
         px.append(s.slot, i, key)
 
 
-def trim_keys(a: VMemAllocator) -> None:
+def trim_keys(a: VMemState) -> None:
     """(Lock held.) Cut every slot's prefix keys to the pages still mapped there."""
     if a._prefix is not None:
         for slot, groups in enumerate(a.space.groups):
             a._prefix.trim(slot, len(groups))
 
 
-def cached_tokens(a: VMemAllocator) -> int:
+def cached_tokens(a: VMemState) -> int:
     """(Lock held.) Tokens of keyed pages under free slots: reusable, and counted free."""
     px = a._prefix
     return 0 if px is None else sum(len(px.keys[s]) for s in a._free_slots) * px.page_tokens

@@ -1,0 +1,42 @@
+"""What the vmem allocator's helper modules (checks, prefix hooks) read of it.
+
+A :class:`typing.Protocol`, so :mod:`.checks` and :mod:`.prefixing` are
+typed against the allocator's state without importing the allocator (which
+imports them).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable
+from typing import Protocol
+
+from kvmem.backends.vmem.mapahead import MapAhead
+from kvmem.backends.vmem.prefix import PrefixIndex
+from kvmem.backends.vmem.seq import VSeq
+from kvmem.backends.vmem.space import VirtualKV
+from kvmem.swap.manager import SwapManager
+
+__all__ = ["VMemState"]
+
+
+class VMemState(Protocol):
+    """The allocator's slots, groups, prefix index and workers (see ``VMemAllocator``)."""
+
+    space: VirtualKV
+    max_seqs: int
+    _seqs: dict[Hashable, VSeq]
+    _owner: list[VSeq | None]
+    _free_slots: OrderedDict[int, None]
+    _quarantine: set[int]
+    _held_sum: int
+    _lock: threading.Lock
+    _mapper: MapAhead
+    _swapper: SwapManager
+    _prefix: PrefixIndex | None
+
+    def _held(self) -> int: ...
+    def _set_held(self, s: VSeq, n: int) -> None: ...
+    def _make_room(self, groups: int, slots: int) -> None: ...
+    def _check_host(self) -> None: ...
