@@ -47,7 +47,7 @@ from kvmem.engine.clock import Clock, WallClock
 from kvmem.engine.config import EngineConfig
 from kvmem.engine.errors import InvalidRequest
 from kvmem.engine.executor import Executor, ModelExecutor
-from kvmem.engine.metrics import EngineMetrics
+from kvmem.engine.metrics import EngineMetrics, kv_fields
 from kvmem.engine.model import LlamaModel
 from kvmem.engine.policies import make_policy
 from kvmem.engine.request import (
@@ -117,12 +117,9 @@ class Engine:
             raise InvalidArgument(f"max_model_len must be in 1..{ctx}, got {config.max_model_len}")
         self.max_model_len = config.max_model_len or ctx
         self.policy = make_policy(config.policy, **dict(config.policy_options))
+        c = config
         sched_cfg = SchedulerConfig(
-            config.max_num_seqs,
-            config.max_num_batched_tokens,
-            config.chunked_prefill,
-            config.preemption,
-            config.watermark,
+            c.max_num_seqs, c.max_num_batched_tokens, c.chunked_prefill, c.preemption, c.watermark
         )
         self._owns_allocator = allocator is None
         if allocator is None:
@@ -476,7 +473,7 @@ class Engine:
             raise
         while any(r.request_id not in done for r in reqs):
             self.step()
-        return [self._completion(r) for r in reqs]
+        return [r.completion() for r in reqs]
 
     def stream(
         self,
@@ -541,17 +538,6 @@ class Engine:
             else:
                 time.sleep(0.001)  # nothing could be scheduled: do not spin
 
-    @staticmethod
-    def _completion(r: Request) -> Completion:
-        return Completion(
-            r.request_id,
-            list(r.prompt_token_ids),
-            r.output_token_ids,
-            r.text,
-            r.finish_reason,
-            r.metrics,
-        )
-
     # ----------------------------------------------------------------- metrics
     def metrics(self) -> EngineMetrics:
         """A snapshot of queues, KV memory and throughput. Thread-safe."""
@@ -572,28 +558,18 @@ class Engine:
                 prompt_tokens=self.prompt_tokens,
                 generation_tokens=self.generation_tokens,
                 tokens_per_s=self.generation_tokens / span if span > 0 else 0.0,
-                kv_capacity_tokens=s.capacity_tokens,
-                kv_used_tokens=s.used_tokens,
-                kv_usage=s.usage,
-                kv_cached_tokens=s.cached_tokens,
-                kv_swapped_tokens=s.swapped_tokens,
-                prefix_cache_hit_rate=s.prefix_hit_rate,
-                prefix_cache_hit_tokens=s.prefix_hits,
-                kv_page_size=s.page_size,
-                kv_extra=dict(s.extra),
+                **kv_fields(s),
             )
 
     def migrate(self, request_id: str, transport: Any, dst: int, **options: Any) -> Any:
-        """Start moving a running request live to rank ``dst``; later steps advance it (see
-        :mod:`kvmem.transfer.handover`). Returns the :class:`SourceMigration`."""
+        """Start moving a running request live to rank ``dst`` (:mod:`kvmem.transfer.handover`)."""
         with self._step_lock:
             return self.migrations.start(self, request_id, transport, dst, **options)
 
     def accept_migration(
         self, transport: Any, src: int, timeout: float | None = None, on_output: Any = None
     ) -> str | None:
-        """Receive a request migrating from rank ``src`` (blocks; any thread); its id once it
-        runs here (with ``on_output`` as its callback), None if the migration failed."""
+        """Receive a request from rank ``src`` (blocks); its id once it runs here, else None."""
         return accept(self, transport, src, timeout, on_output)
 
     def request(self, request_id: str) -> Request | None:

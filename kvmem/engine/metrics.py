@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+from kvmem.allocator import KVStats
 
 
 @dataclass
@@ -99,3 +102,18 @@ class EngineMetrics:
 
 
 __all__ = ["EngineMetrics", "RequestMetrics"]
+
+
+def kv_fields(s: KVStats) -> dict[str, Any]:
+    """The ``kv_*`` and prefix-cache fields of :class:`EngineMetrics` from allocator stats."""
+    return {
+        "kv_capacity_tokens": s.capacity_tokens,
+        "kv_used_tokens": s.used_tokens,
+        "kv_usage": s.usage,
+        "kv_cached_tokens": s.cached_tokens,
+        "kv_swapped_tokens": s.swapped_tokens,
+        "prefix_cache_hit_rate": s.prefix_hit_rate,
+        "prefix_cache_hit_tokens": s.prefix_hits,
+        "kv_page_size": s.page_size,
+        "kv_extra": dict(s.extra),
+    }

@@ -225,6 +225,17 @@ class Request:
         """True once the request has left the engine."""
         return self.status is RequestStatus.FINISHED
 
+    def completion(self) -> Completion:
+        """The finished request as :meth:`Engine.generate` returns it."""
+        return Completion(
+            self.request_id,
+            list(self.prompt_token_ids),
+            self.output_token_ids,
+            self.text,
+            self.finish_reason,
+            self.metrics,
+        )
+
     def output(
         self,
         toks: list[int],

@@ -16,11 +16,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from kvmem.allocator import KVAllocator
 from kvmem.engine.clock import SimClock
 from kvmem.engine.executor import Executor
 from kvmem.engine.request import Request, SamplingParams
-from kvmem.engine.scheduler import ScheduledChunk
+from kvmem.engine.scheduler import ScheduledChunk, StepKV
 from kvmem.errors import InvalidArgument
 from kvmem.spec import KVSpec
 
@@ -75,7 +74,9 @@ class CostModel:
 
 
 class SimulatedExecutor(Executor):
-    """Advances ``clock`` by the cost model; returns constant logits."""
+    """Advances ``clock`` by the cost model; returns constant logits (and reads no KV)."""
+
+    uses_kv = False
 
     def __init__(
         self,
@@ -96,7 +97,7 @@ class SimulatedExecutor(Executor):
         """The spec given at construction (``kv_format`` is ignored)."""
         return self.spec
 
-    def execute(self, chunks: Sequence[ScheduledChunk], allocator: KVAllocator) -> torch.Tensor:
+    def execute(self, chunks: Sequence[ScheduledChunk], kv: StepKV | None) -> torch.Tensor:
         """Charge the step's cost to the clock (a decode row reads its whole context)."""
         rows = [c for c in chunks if c.is_decode]
         prefill = sum(c.num_tokens for c in chunks) - len(rows)
@@ -104,7 +105,7 @@ class SimulatedExecutor(Executor):
         dt = self.cost.step_time(prefill, len(rows), context)
         self.clock.advance(dt)
         self.busy_time += dt
-        return torch.zeros(sum(1 for c in chunks if c.samples), 1)
+        return torch.zeros(sum(c.num_logit_rows for c in chunks), 1)
 
 
 @dataclass(frozen=True)

@@ -26,13 +26,13 @@ def test_decode_rows_pay_for_their_context_and_prefill_per_token():
     ex = SimulatedExecutor(KVSpec(1, 1, 8, torch.float16), clock, cost)
     prompt = Request("p", [1] * 50, SamplingParams())
     chunks = [decode_chunk(100), decode_chunk(3000), ScheduledChunk(prompt, 0, 50)]
-    ex.execute(chunks, allocator=None)  # type: ignore[arg-type]
+    ex.execute(chunks, None)
     assert clock.now() == pytest.approx(1e-3 + 50 * 1e-5 + 2 * 2e-4 + 3100 * 1e-6)
     before = clock.now()
-    ex.execute([decode_chunk(100)], allocator=None)  # type: ignore[arg-type]
+    ex.execute([decode_chunk(100)], None)
     short = clock.now() - before
     before = clock.now()
-    ex.execute([decode_chunk(8000)], allocator=None)  # type: ignore[arg-type]
+    ex.execute([decode_chunk(8000)], None)
     assert clock.now() - before - short == pytest.approx(7900 * 1e-6)
 
 

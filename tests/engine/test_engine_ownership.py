@@ -149,12 +149,14 @@ def test_an_executor_that_reads_no_kv_gets_no_layout():
     from kvmem import KVSpec
     from kvmem.engine import SimClock, SimulatedExecutor
 
-    class NoKV(SimulatedExecutor):
-        uses_kv = False
+    class WithKV(SimulatedExecutor):
+        uses_kv = True
+
+    assert SimulatedExecutor.uses_kv is False  # the cost model reads no KV
 
     spec = KVSpec(2, 2, 16, torch.float16)
     seen = []
-    for cls in (SimulatedExecutor, NoKV):
+    for cls in (WithKV, SimulatedExecutor):
         clock = SimClock()
         ex = cls(spec, clock)
         real = ex.execute
@@ -168,5 +170,5 @@ def test_an_executor_that_reads_no_kv_gets_no_layout():
         eng = Engine(executor=ex, clock=clock, allocator=alloc, detokenize=False)
         eng.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=3, ignore_eos=True))
         layouts = sum(n for (_, _, m), n in alloc.calls.items() if m == "layout")
-        assert layouts == (eng.num_steps if cls is SimulatedExecutor else 0)
-    assert all((kv is None) == (cls is NoKV) for cls, kv in seen)
+        assert layouts == (eng.num_steps if cls is WithKV else 0)
+    assert all((kv is None) == (cls is SimulatedExecutor) for cls, kv in seen)
