@@ -13,6 +13,7 @@ from kvmem import KVAllocator, KVSpec, available_backends, create_allocator
 #: that needs options beyond num_tokens/device adds its entry here.
 BACKEND_OPTIONS: dict[str, dict[str, Any]] = {
     "paged": {"page_size": 4},
+    "paged-tiered": {"page_size": 4},
     "grouped": {"page_size": 4, "max_group_pages": 4},
     # without a process group the sharded backend runs as a world of one;
     # tests/distributed runs the contract tests again on 2 ranks
