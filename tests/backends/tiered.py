@@ -1,9 +1,9 @@
 """The paged backend with small host and disk tiers, for the conformance suite.
 
-Its tiers are a few pages each, so the suite's workloads push evicted prefix
-pages down to host memory and disk and load them back; every check of the
-suite (KV values after each step, ``check_integrity`` of the tiers, no page
-leaked) then covers the tiers too.
+Its tiers are a few pages each and written through (every filled page goes
+down to host memory and disk), so every check of the suite (KV values after
+each step, prefix hits holding the KV of their tokens, ``check_integrity`` of
+the tiers, no page leaked) runs with the tiers working underneath.
 """
 
 from __future__ import annotations
@@ -24,15 +24,9 @@ atexit.register(shutil.rmtree, DISK_DIR, ignore_errors=True)
 
 @register_backend("paged-tiered")
 class TieredPaged(PagedAllocator):
-    """``paged`` with a 16-token host tier and a 32-token disk tier unless told otherwise.
-
-    The device pool is capped at 24 tokens (6 pages of 4), so that cached pages
-    are evicted, and found again below the device, within a short workload.
-    """
+    """``paged`` with a 16-token host tier and a 32-token disk tier, written through."""
 
     def __init__(self, spec: KVSpec, **options: Any) -> None:
-        if options.get("num_tokens") is not None:
-            options["num_tokens"] = min(options["num_tokens"], 24)
         options.setdefault("host_cache_tokens", 16)
         options.setdefault("disk_cache_dir", DISK_DIR)
         options.setdefault("disk_cache_tokens", 32)
