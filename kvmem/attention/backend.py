@@ -28,6 +28,7 @@ import torch
 
 from kvmem.attention.choice import resolve_impl
 from kvmem.errors import InvalidArgument
+from kvmem.formats import fp8_scales
 from kvmem.layout import BatchLayout
 from kvmem.spec import KVSpec
 from kvmem.storage import LayerKV
@@ -91,6 +92,10 @@ class AttentionBackend(ABC):
         self._layout: BatchLayout | None = None
         #: Steps planned so far.
         self.num_plans = 0
+        #: FP8 KV: scale each layer's K and V from the first K/V written to it, times this
+        #: headroom (None: keep the scales the storage holds). See :meth:`calibrate`.
+        self.fp8_headroom: float | None = None
+        self._calibrated: set[int] = set()
 
     @property
     def layout(self) -> BatchLayout:
@@ -121,8 +126,30 @@ class AttentionBackend(ABC):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: LayerKV
     ) -> torch.Tensor:
         """Write the new K/V of ``layer`` then attend; returns the output ``[N, q_heads, D]``."""
+        if self.fp8_headroom is not None:
+            self.calibrate(layer, k, v)
         self.write_kv(layer, k, v)
         return self.attend(q, layer)[0]
+
+    def calibrate(self, layer: LayerKV, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Set an FP8 layer's scales from the first K/V written to it (once per scale tensor).
+
+        ``scale = amax / fp8_max * fp8_headroom``, per KV head when the spec says
+        ``fp8_scale="head"``, else per tensor: the first prefill fixes the range
+        instead of a scale of 1.0 that saturates keys beyond 448. True if it set them.
+        """
+        ks, vs = layer.k_scale, layer.v_scale
+        if layer.spec.fmt.kind != "fp8" or ks is None or vs is None or not k.numel():
+            return False
+        key = ks.data_ptr()
+        if key in self._calibrated:
+            return False
+        per_head = layer.spec.fp8_scale == "head"
+        headroom = self.fp8_headroom or 1.0
+        ks.copy_(fp8_scales(k, layer.spec.kv_format, per_head=per_head) * headroom)
+        vs.copy_(fp8_scales(v, layer.spec.kv_format, per_head=per_head) * headroom)
+        self._calibrated.add(key)
+        return True
 
 
 class _ModuleBackend(AttentionBackend):

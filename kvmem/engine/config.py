@@ -155,7 +155,8 @@ class EngineConfig:
     ``policy_options`` to :func:`~kvmem.engine.policies.make_policy`.
     ``max_model_len`` defaults to the model's context. ``attention_impl``
     (see :mod:`kvmem.attention`) is resolved once, when the engine is built. ``detokenize=False``
-    skips text (and stop strings) for replay benchmarks.
+    skips text (and stop strings) for replay benchmarks. FP8 KV scales are calibrated from
+    the first K/V each layer writes, times ``fp8_headroom`` (None: keep the spec's scales).
     """
 
     backend: str = "paged"
@@ -172,6 +173,7 @@ class EngineConfig:
     watermark: float = 0.01
     max_model_len: int | None = None
     attention_impl: str = "auto"
+    fp8_headroom: float | None = 2.0
     seed: int = 0
     detokenize: bool = True
     finished_history: int = 100_000

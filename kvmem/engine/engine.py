@@ -107,7 +107,7 @@ class Engine:
                 from kvmem.engine.weights import random_model
 
                 model = random_model("tiny", seed=config.seed)
-            executor = ModelExecutor(model, config.attention_impl)
+            executor = ModelExecutor(model, config.attention_impl, config.fp8_headroom)
         self.executor = executor
         self.clock: Clock = clock or WallClock()
         self.tokenizer: Tokenizer = tokenizer or ByteTokenizer()

@@ -63,9 +63,14 @@ class Executor(ABC):
 class ModelExecutor(Executor):
     """A real forward pass of a Llama-architecture model."""
 
-    def __init__(self, model: LlamaModel, attention_impl: str = "auto") -> None:
+    def __init__(
+        self, model: LlamaModel, attention_impl: str = "auto", fp8_headroom: float | None = 2.0
+    ) -> None:
+        if fp8_headroom is not None and not fp8_headroom >= 1.0:
+            raise InvalidArgument(f"fp8_headroom must be >= 1 or None, got {fp8_headroom!r}")
         self.model = model
         self.attention_impl = attention_impl
+        self.fp8_headroom = fp8_headroom
         self.attention: AttentionBackend | None = None
         cfg = model.config
         self.max_model_len = cfg.max_position_embeddings
@@ -78,8 +83,13 @@ class ModelExecutor(Executor):
         return self.model.kv_spec(kv_format, **options)
 
     def prepare(self, spec: KVSpec) -> None:
-        """Choose the attention backend (``attention_impl``, ``auto`` resolved) once."""
+        """Choose the attention backend (``attention_impl``, ``auto`` resolved) once.
+
+        With FP8 KV it calibrates each layer's scales from the first K/V written
+        (``fp8_headroom``; :meth:`~kvmem.attention.AttentionBackend.calibrate`).
+        """
         self.attention = self.model.attention_backend(spec, self.attention_impl)
+        self.attention.fp8_headroom = self.fp8_headroom
 
     def execute(self, chunks: Sequence[ScheduledChunk], kv: StepKV | None) -> torch.Tensor:
         """One forward over the flattened chunks."""
