@@ -131,6 +131,25 @@ class AttentionBackend(ABC):
         self.write_kv(layer, k, v)
         return self.attend(q, layer)[0]
 
+    def adopt_fp8_scales(
+        self, layer: LayerKV, k_scale: torch.Tensor, v_scale: torch.Tensor
+    ) -> bool:
+        """Take another instance's FP8 scales for a layer not calibrated here yet.
+
+        KV moving in (a migration) keeps its codes, so the layer must read them
+        with the scales they were written with. False (nothing changed) when
+        the layer already has scales of its own or calibration is off.
+        """
+        ks, vs = layer.k_scale, layer.v_scale
+        if self.fp8_headroom is None or layer.spec.fmt.kind != "fp8" or ks is None or vs is None:
+            return False
+        if ks.data_ptr() in self._calibrated:
+            return False
+        ks.copy_(k_scale.to(ks.device))
+        vs.copy_(v_scale.to(vs.device))
+        self._calibrated.add(ks.data_ptr())
+        return True
+
     def calibrate(self, layer: LayerKV, k: torch.Tensor, v: torch.Tensor) -> bool:
         """Set an FP8 layer's scales from the first K/V written to it (once per scale tensor).
 

@@ -26,6 +26,7 @@ from kvmem.distributed.transport import Transport
 from kvmem.engine.request import Request, RequestStatus
 from kvmem.engine.tokenizer import IncrementalDecoder, Tokenizer
 from kvmem.errors import InvalidArgument, KVError
+from kvmem.transfer.kv import SeqMeta
 from kvmem.transfer.live import (
     MigrationFailed,
     MigrationStats,
@@ -139,8 +140,24 @@ def accept(
         engine._requests[r.request_id] = r
         engine.scheduler.adopt(r)
 
+    def adopt_scales(meta: SeqMeta) -> None:
+        attn = getattr(engine.executor, "attention", None)
+        if attn is None:
+            return
+        got = {(i, name): t for i, name, t in meta.scales}
+        for i in range(engine.allocator.spec.num_layers):
+            k, v = got.get((i, "k_scale")), got.get((i, "v_scale"))
+            if k is not None and v is not None:
+                attn.adopt_fp8_scales(engine.allocator.layer(i), k, v)
+
     res = receive_migration(
-        transport, src, engine.allocator, engine._step_lock, timeout, on_final=adopt
+        transport,
+        src,
+        engine.allocator,
+        engine._step_lock,
+        timeout,
+        on_final=adopt,
+        on_begin=adopt_scales,
     )
     if res is None:
         return None

@@ -35,7 +35,7 @@ from typing import Any
 from kvmem.allocator import KVAllocator
 from kvmem.distributed.transport import PeerFailure, Transport
 from kvmem.errors import InvalidArgument, KVError, OutOfKVMemory
-from kvmem.transfer.kv import Chunk, Importer, export_meta, read_kv
+from kvmem.transfer.kv import Chunk, Importer, SeqMeta, export_meta, read_kv
 
 BEGIN, STAGE, FINAL, ABORT, OK, FAIL = 21, 22, 23, 24, 25, 26
 
@@ -210,15 +210,17 @@ def receive_migration(
     lock: Any = None,
     first_wait: float | None = None,
     on_final: Callable[[Hashable, Any], None] | None = None,
+    on_begin: Callable[[SeqMeta], None] | None = None,
 ) -> tuple[Hashable, Any] | None:
     """The destination side: build the migrating sequence in ``alloc`` frame by frame.
 
     ``lock`` (a context manager, e.g. the engine's step lock) is held while
     the allocator is touched; ``on_final(seq_id, state)`` runs under it once
     the sequence is complete, before the source is told (a KVError from it
-    fails the migration). Returns ``(seq_id, state)`` once the source was
-    told (the caller now owns the
-    request), or None if the source aborted or the import failed (nothing
+    fails the migration); ``on_begin(meta)`` runs under it before anything is
+    imported (e.g. to adopt the source's FP8 scales where none are set yet).
+    Returns ``(seq_id, state)`` once the source was told (the caller now owns
+    the request), or None if the source aborted or the import failed (nothing
     kept). A dead source before FINAL raises PeerFailure with nothing kept.
     """
     guard = lock if lock is not None else threading.RLock()
@@ -233,6 +235,8 @@ def receive_migration(
                 with guard:
                     if kind == BEGIN:
                         seq_id, smeta = meta
+                        if on_begin is not None:
+                            on_begin(smeta)
                         imp = Importer(alloc, seq_id, smeta)
                         imp.begin(smeta.tokens)
                     elif kind == ABORT or imp is None:

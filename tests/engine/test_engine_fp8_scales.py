@@ -60,3 +60,21 @@ def test_fp8_headroom_none_keeps_the_storage_scales_and_bad_values_are_refused(b
     assert bool((eng.allocator.layer(0).k_scale == 1.0).all())
     with pytest.raises(InvalidArgument, match="fp8_headroom"):
         Engine(big_keys, kv_format="fp8_e4m3", num_kv_tokens=1024, fp8_headroom=0.5)
+
+
+def test_a_layer_adopts_migrated_scales_only_before_it_calibrates(big_keys):
+    alloc = create_allocator("paged", big_keys.kv_spec("fp8_e4m3"), num_tokens=256)
+    attn = big_keys.attention_backend(alloc.spec, "reference")
+    attn.fp8_headroom = 2.0
+    layer = alloc.layer(0)
+    heads = layer.k_scale.shape
+    assert attn.adopt_fp8_scales(layer, torch.full(heads, 3.0), torch.full(heads, 5.0))
+    assert bool((layer.k_scale == 3.0).all()) and bool((layer.v_scale == 5.0).all())
+    k = torch.randn(4, *heads, big_keys.kv_spec().head_dim) * 1e4
+    assert not attn.calibrate(layer, k, k)  # adopted scales count as this layer's own
+    assert not attn.adopt_fp8_scales(layer, torch.ones(heads), torch.ones(heads))
+    assert bool((layer.k_scale == 3.0).all())
+    fresh = alloc.layer(1)
+    attn.fp8_headroom = None  # calibration off: the storage keeps its scales
+    assert not attn.adopt_fp8_scales(fresh, torch.full(heads, 3.0), torch.full(heads, 3.0))
+    alloc.close()
