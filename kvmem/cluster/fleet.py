@@ -72,8 +72,20 @@ def _instance_main(
     transport = Transport(dist.distributed_c10d._get_default_group(), timeout)
     eng = Engine(**dict(options))
 
+    sent: dict[str, int] = {}  # output tokens forwarded so far, per request
+
     def forward(out: Any) -> None:
-        outbox.put(("out", out.request_id, out))
+        # where this output's tokens start in the request's output: the front orders by it,
+        # since a migrated request's outputs come from two processes through one queue
+        rid = out.request_id
+        start = sent.get(rid)
+        if start is None:  # its first output here (a migrated request has some already)
+            r = eng.request(rid)
+            start = r.num_output_tokens - len(out.new_token_ids) if r is not None else 0
+        sent[rid] = start + len(out.new_token_ids)
+        if out.finished:
+            sent.pop(rid, None)
+        outbox.put(("out", rid, out, start))
 
     def accept(src: int) -> None:
         rid = None
@@ -189,6 +201,8 @@ class Cluster:
         self.failed_migrations: list[tuple[str, str]] = []
         self._sent_demand = [0] * n
         self._callbacks: dict[str, Callable[[Any], None]] = {}
+        self._early: dict[str, list[tuple[int, bool, Any]]] = {}  # outputs ahead of a gap
+        self._delivered: dict[str, int] = {}  # output tokens delivered, per request
         self._pending_dst: dict[int, int] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -256,14 +270,9 @@ class Cluster:
                 continue
             kind = msg[0]
             if kind == "out":
-                _, rid, out = msg
-                cb = self._callbacks.get(rid)
-                if out.finished:
-                    with self._lock:
-                        self.owner.pop(rid, None)
-                        self._callbacks.pop(rid, None)
-                if cb is not None:
-                    cb(out)
+                _, rid, out, start = msg
+                for o in self._in_order(rid, out, start):
+                    self._deliver(rid, o)
             elif kind == "load":
                 _, i, load, running = msg
                 with self._lock:
@@ -285,6 +294,32 @@ class Cluster:
                     self.busy.discard(s)
                     if not ok:
                         self.failed_migrations.append((rid, str(why)))
+
+    def _in_order(self, rid: str, out: Any, start: int) -> list[Any]:
+        """The outputs of ``rid`` now deliverable in token order (``out`` buffered if early)."""
+        pending = self._early.setdefault(rid, [])
+        pending.append((start, bool(out.finished), out))
+        pending.sort(key=lambda p: (p[0], p[1]))  # at one position, the finishing output last
+        ready = []
+        at = self._delivered.get(rid, 0)
+        while pending and pending[0][0] <= at:
+            start, _, o = pending.pop(0)
+            ready.append(o)
+            at = max(at, start + len(o.new_token_ids))
+        self._delivered[rid] = at
+        if not pending:
+            del self._early[rid]
+        return ready
+
+    def _deliver(self, rid: str, out: Any) -> None:
+        cb = self._callbacks.get(rid)
+        if out.finished:
+            with self._lock:
+                self.owner.pop(rid, None)
+                self._callbacks.pop(rid, None)
+            self._delivered.pop(rid, None)
+        if cb is not None:
+            cb(out)
 
     def _police(self) -> None:
         while not self._stop.wait(self.policy_s):
