@@ -33,6 +33,17 @@ import torch
 from kvmem.errors import InvalidArgument
 from kvmem.native import layout_arrays
 
+#: The tensors of a :class:`BatchLayout`, in the order kernels take them.
+TENSOR_FIELDS = (
+    "kv_indptr",
+    "kv_indices",
+    "kv_last_page_len",
+    "block_table",
+    "seq_lens",
+    "query_start_loc",
+    "slot_mapping",
+)
+
 
 @dataclass(frozen=True)
 class BatchLayout:
@@ -72,20 +83,18 @@ class BatchLayout:
         """KV entries per sequence before this step, int32 [B]."""
         return self.seq_lens - self.query_lens
 
-    def to(self, device: torch.device | str) -> BatchLayout:
-        """The same layout with every tensor on ``device``."""
-        moved = {
-            k: getattr(self, k).to(device)
-            for k in (
-                "kv_indptr",
-                "kv_indices",
-                "kv_last_page_len",
-                "block_table",
-                "seq_lens",
-                "query_start_loc",
-                "slot_mapping",
-            )
-        }
+    def to(self, device: torch.device | str, pin: bool = False) -> BatchLayout:
+        """The same layout with every tensor on ``device``.
+
+        ``pin``: stage host tensors through pinned memory and copy without
+        blocking (host to CUDA), so the copies queue behind the step's work.
+        """
+        moved = {}
+        for k in TENSOR_FIELDS:
+            t: torch.Tensor = getattr(self, k)
+            if pin:
+                t = t.pin_memory()
+            moved[k] = t.to(device, non_blocking=pin)
         return BatchLayout(
             page_size=self.page_size,
             seq_ids=self.seq_ids,

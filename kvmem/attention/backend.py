@@ -33,16 +33,6 @@ from kvmem.layout import BatchLayout
 from kvmem.spec import KVSpec
 from kvmem.storage import LayerKV
 
-_LAYOUT_FIELDS = (
-    "kv_indptr",
-    "kv_indices",
-    "kv_last_page_len",
-    "block_table",
-    "seq_lens",
-    "query_start_loc",
-    "slot_mapping",
-)
-
 
 def stage_layout(layout: BatchLayout, device: torch.device | str) -> BatchLayout:
     """``layout`` with its tensors on ``device``, copied once (call it once per step).
@@ -56,20 +46,7 @@ def stage_layout(layout: BatchLayout, device: torch.device | str) -> BatchLayout
     if src == device or (device.type == src.type and device.index is None):
         return layout
     pin = device.type == "cuda" and src.type == "cpu" and torch.cuda.is_available()
-    moved: dict[str, torch.Tensor] = {}
-    for name in _LAYOUT_FIELDS:
-        t: torch.Tensor = getattr(layout, name)
-        if pin:
-            t = t.pin_memory()
-        moved[name] = t.to(device, non_blocking=pin)
-    return BatchLayout(
-        page_size=layout.page_size,
-        seq_ids=layout.seq_ids,
-        max_seq_len=layout.max_seq_len,
-        max_query_len=layout.max_query_len,
-        spec=layout.spec,
-        **moved,
-    )
+    return layout.to(device, pin=pin)
 
 
 class AttentionBackend(ABC):
