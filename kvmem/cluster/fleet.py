@@ -14,6 +14,10 @@ the frames of that pair, and the policy keeps every instance in at most one
 migration at a time, so frames of two migrations never interleave. A
 request's outputs come from whichever instance runs it; the dispatcher
 learns of a hand-over from the destination (``("accepted", d, rid)``).
+It also arbitrates the one case the hand-over protocol cannot settle alone:
+a destination holding a complete copy whose source fell silent before
+COMMIT asks (``"undecided"``), and is told to run it only once the source
+reported the hand-over or is dead (:func:`settle_hand_over`).
 
 :meth:`Cluster.drain` marks an instance as draining: it gets no new
 requests and its running ones move out one by one.
@@ -22,6 +26,7 @@ requests and its running ones move out one by one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import queue
@@ -87,14 +92,31 @@ def _instance_main(
             sent.pop(rid, None)
         outbox.put(("out", rid, out, start))
 
+    decisions: dict[str, queue.Queue[bool]] = {}
+
+    def decide(src: int, rid: str) -> bool:
+        # the source fell silent between our OK and its COMMIT: the front knows whether it
+        # died (run the copy) or kept the request (drop it)
+        box = decisions[rid] = queue.Queue(1)
+        outbox.put(("undecided", rank, rid, src))
+        try:
+            return box.get(timeout=3 * timeout)
+        except queue.Empty:
+            return False  # never run twice
+        finally:
+            decisions.pop(rid, None)
+
     def accept(src: int) -> None:
         rid = None
         with contextlib.suppress(KVError):
-            rid = eng.accept_migration(transport, src, timeout, on_output=forward)
+            rid = eng.accept_migration(
+                transport, src, timeout, on_output=forward, decide=functools.partial(decide, src)
+            )
         outbox.put(("accepted", rank, rid))
 
     seen_done = seen_failed = 0
-    last = 0.0
+    last = last_metrics = 0.0
+    metrics_s = max(report_s, 0.25)
     while True:
         stop = False
         while True:
@@ -117,6 +139,10 @@ def _instance_main(
                     outbox.put(("migrated", rank, msg[1], None, str(e)))
             elif kind == "accept":
                 threading.Thread(target=accept, args=(msg[1],), daemon=True).start()
+            elif kind == "decided":
+                box = decisions.get(msg[1])
+                if box is not None:
+                    box.put(msg[2])
             elif kind == "stop":
                 stop = True
         if stop:
@@ -140,8 +166,25 @@ def _instance_main(
             running = [r.request_id for r in sched.running if r.request_id not in migs.active]
             load = Load(st.capacity_tokens, st.used_tokens, demand, len(running))
             outbox.put(("load", rank, load, running))
+            if now - last_metrics >= metrics_s:
+                last_metrics = now
+                outbox.put(("metrics", rank, eng.metrics()))
     outbox.put(("stopped", rank))
     os._exit(0)
+
+
+def settle_hand_over(reported: bool | None, source_alive: bool) -> bool | None:
+    """Whether a destination runs a complete copy whose source fell silent before COMMIT.
+
+    ``reported``: what the source said of the migration (True: handed over,
+    False: it kept the request, None: nothing yet). A source that kept the
+    request runs it, so the copy is dropped; one that handed over, or died
+    without a word (its copy of the request died with it), leaves the copy
+    to run. None: not known yet (a live source always reports).
+    """
+    if reported is not None:
+        return reported
+    return None if source_alive else True
 
 
 class Cluster:
@@ -199,11 +242,15 @@ class Cluster:
         #: (request id, source, destination) of each completed migration
         self.migrations: list[tuple[str, int, int]] = []
         self.failed_migrations: list[tuple[str, str]] = []
+        #: each instance's latest EngineMetrics (None until it reports, every 0.25 s at most)
+        self.metrics: list[Any] = [None] * n
         self._sent_demand = [0] * n
         self._callbacks: dict[str, Callable[[Any], None]] = {}
         self._early: dict[str, list[tuple[int, bool, Any]]] = {}  # outputs ahead of a gap
         self._delivered: dict[str, int] = {}  # output tokens delivered, per request
         self._pending_dst: dict[int, int] = {}
+        self._outcome: dict[str, bool] = {}  # request id -> handed over, per migration reported
+        self._undecided: dict[str, tuple[int, int]] = {}  # request id -> (destination, source)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ids = itertools.count()
@@ -264,6 +311,7 @@ class Cluster:
     # ------------------------------------------------------------------ threads
     def _read(self) -> None:
         while not self._stop.is_set():
+            self._settle()
             try:
                 msg = self._outbox.get(timeout=0.1)
             except queue.Empty:
@@ -292,8 +340,25 @@ class Cluster:
                 _, s, rid, ok, why = msg
                 with self._lock:
                     self.busy.discard(s)
+                    self._outcome[rid] = bool(ok)
                     if not ok:
                         self.failed_migrations.append((rid, str(why)))
+            elif kind == "metrics":
+                self.metrics[msg[1]] = msg[2]
+            elif kind == "undecided":
+                _, d, rid, s = msg
+                with self._lock:
+                    self._undecided[rid] = (d, s)
+
+    def _settle(self) -> None:
+        """Answer destinations whose source fell silent before committing a hand-over."""
+        with self._lock:
+            for rid, (d, s) in list(self._undecided.items()):
+                run = settle_hand_over(self._outcome.get(rid), self._procs[s].is_alive())
+                if run is not None:
+                    del self._undecided[rid]
+                    self._outcome.pop(rid, None)
+                    self._inboxes[d].put(("decided", rid, run))
 
     def _in_order(self, rid: str, out: Any, start: int) -> list[Any]:
         """The outputs of ``rid`` now deliverable in token order (``out`` buffered if early)."""
@@ -318,6 +383,7 @@ class Cluster:
                 self.owner.pop(rid, None)
                 self._callbacks.pop(rid, None)
             self._delivered.pop(rid, None)
+            self._outcome.pop(rid, None)
         if cb is not None:
             cb(out)
 
@@ -359,4 +425,4 @@ class Cluster:
         self.close()
 
 
-__all__ = ["Cluster"]
+__all__ = ["Cluster", "settle_hand_over"]

@@ -7,13 +7,14 @@ behind one OpenAI endpoint: :class:`ClusterEngine` has the calls
 :class:`~kvmem.server.runner.AsyncEngine` makes of an engine (``add_request``,
 ``abort``, ``serve_forever``, ``metrics``, and the attributes the app reads).
 
-``metrics()`` returns the template engine's metrics (this process runs no
-requests, so its counters stay at zero); the per-instance figures are not
-gathered yet.
+``metrics()`` merges the instances' latest metrics (each reports about
+four times a second): counts and tokens summed, KV usage over the sums, the
+prefix hit rate weighted by the prompt tokens each instance was offered.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
@@ -73,8 +74,42 @@ class ClusterEngine:
         self.cluster.close()
 
     def metrics(self) -> EngineMetrics:
-        """The template engine's metrics (see the module docstring)."""
-        return self.template.metrics()
+        """The instances' metrics merged (the template's until one has reported)."""
+        got = [m for m in self.cluster.metrics if m is not None]
+        return merge_metrics(got) if got else self.template.metrics()
 
 
-__all__ = ["ClusterEngine"]
+_MAX_FIELDS = ("time", "kv_page_size")
+_RATIO_FIELDS = ("kv_usage", "prefix_cache_hit_rate")
+
+
+def merge_metrics(parts: Sequence[EngineMetrics]) -> EngineMetrics:
+    """One fleet's metrics from its instances' (see the module docstring)."""
+    if not parts:
+        raise InvalidRequest("no instance metrics to merge")
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(EngineMetrics):
+        vals = [getattr(m, f.name) for m in parts]
+        if f.name == "kv_extra":
+            extra: dict[str, float] = {}
+            for v in vals:
+                for k, x in v.items():
+                    extra[k] = extra.get(k, 0.0) + float(x)
+            out[f.name] = extra
+        elif f.name in _MAX_FIELDS:
+            out[f.name] = max(vals)
+        elif f.name not in _RATIO_FIELDS:
+            out[f.name] = sum(vals)
+    cap = out["kv_capacity_tokens"]
+    out["kv_usage"] = out["kv_used_tokens"] / cap if cap else 0.0
+    prompts = sum(m.prompt_tokens + m.prefix_cache_hit_tokens for m in parts)
+    out["prefix_cache_hit_rate"] = (
+        sum(m.prefix_cache_hit_rate * (m.prompt_tokens + m.prefix_cache_hit_tokens) for m in parts)
+        / prompts
+        if prompts
+        else 0.0
+    )
+    return EngineMetrics(**out)
+
+
+__all__ = ["ClusterEngine", "merge_metrics"]

@@ -567,10 +567,18 @@ class Engine:
             return self.migrations.start(self, request_id, transport, dst, **options)
 
     def accept_migration(
-        self, transport: Any, src: int, timeout: float | None = None, on_output: Any = None
+        self,
+        transport: Any,
+        src: int,
+        timeout: float | None = None,
+        on_output: Any = None,
+        decide: Any = None,
     ) -> str | None:
-        """Receive a request from rank ``src`` (blocks); its id once it runs here, else None."""
-        return accept(self, transport, src, timeout, on_output)
+        """Receive a request from rank ``src`` (blocks); its id once it runs here, else None.
+
+        ``decide(request_id) -> bool``: whether to run a complete copy whose
+        source fell silent before committing (default: drop it)."""
+        return accept(self, transport, src, timeout, on_output, decide)
 
     def request(self, request_id: str) -> Request | None:
         """A live or recently finished request's state (its ``metrics`` included)."""

@@ -8,16 +8,17 @@ without a finish output (it continues at the destination) and its KV is
 freed; a failed migration leaves it running untouched.
 
 :func:`accept` runs on the destination (any thread): it builds the sequence
-in the engine's allocator frame by frame under the engine's step lock, and
-before confirming FINAL adds the request to the scheduler as running, so the
-request is never lost between the two engines nor run by both.
+in the engine's allocator frame by frame under the engine's step lock;
+before confirming FINAL it restores and checks the request and reserves its
+id (parked: not running), and on the source's COMMIT adds it to the
+scheduler as running, so the request is never run by both engines.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
@@ -120,12 +121,19 @@ def accept(
     src: int,
     timeout: float | None = None,
     on_output: Any = None,
+    decide: Callable[[str], bool] | None = None,
 ) -> str | None:
     """Receive one request migrating from rank ``src`` into ``engine``; its id once it runs
-    here, or None if the migration failed or was aborted (nothing kept). ``on_output``
-    becomes the request's output callback here (callbacks do not travel)."""
+    here, or None if the migration failed, was aborted or its copy was dropped (nothing kept).
 
-    def adopt(seq_id: Hashable, state: dict[str, Any]) -> None:
+    ``on_output`` becomes the request's output callback here (callbacks do
+    not travel). ``decide(request_id)`` is asked whether to run the complete
+    copy when the source falls silent before committing (see
+    :func:`~kvmem.transfer.live.receive_migration`); without it the copy is dropped.
+    """
+    parked: dict[Hashable, Request] = {}
+
+    def prepare(seq_id: Hashable, state: dict[str, Any]) -> None:
         r = restore_request(state, engine.tokenizer)
         if r.request_id != seq_id or engine.allocator.seq_info(seq_id).num_tokens != len(
             r.token_ids
@@ -135,6 +143,10 @@ def accept(
             if r.request_id in engine._ids:
                 raise InvalidArgument(f"request id {r.request_id!r} is already in the engine")
             engine._ids.add(r.request_id)
+        parked[seq_id] = r
+
+    def commit(seq_id: Hashable, state: dict[str, Any]) -> None:
+        r = parked.pop(seq_id)
         r.kv = engine.allocator
         r.on_output = on_output
         engine._requests[r.request_id] = r
@@ -150,15 +162,22 @@ def accept(
             if k is not None and v is not None:
                 attn.adopt_fp8_scales(engine.allocator.layer(i), k, v)
 
-    res = receive_migration(
-        transport,
-        src,
-        engine.allocator,
-        engine._step_lock,
-        timeout,
-        on_final=adopt,
-        on_begin=adopt_scales,
-    )
+    try:
+        res = receive_migration(
+            transport,
+            src,
+            engine.allocator,
+            engine._step_lock,
+            timeout,
+            on_final=commit,
+            on_begin=adopt_scales,
+            on_prepare=prepare,
+            decide=None if decide is None else (lambda seq_id: decide(str(seq_id))),
+        )
+    finally:
+        for r in parked.values():  # prepared, then dropped: its id is free again
+            with engine._inbox_lock:
+                engine._ids.discard(r.request_id)
     if res is None:
         return None
     engine._wake.set()

@@ -163,8 +163,9 @@ class Importer:
     ``begin`` registers it with the first tokens; ``extend`` adds tokens the
     source generated since; ``write`` writes a chunk (the next positions,
     any prefix-cache hit skipped) and commits it; ``finish`` checks that the
-    sequence is complete. Any failure frees the sequence in ``dst`` and
-    re-raises (:meth:`abort` does the same on the caller's request).
+    sequence is complete; ``keep`` makes it final. Until then any failure
+    frees the sequence in ``dst`` and re-raises (:meth:`abort` does the same
+    on the caller's request).
     """
 
     def __init__(self, dst: KVAllocator, seq_id: Hashable, meta: SeqMeta) -> None:
@@ -224,10 +225,13 @@ class Importer:
         if self.written != num_computed:
             self.abort()
             raise InvalidArgument(f"import ended with {self.written} of {num_computed} written")
+
+    def keep(self) -> None:
+        """The import is final: :meth:`abort` no longer frees the sequence."""
         self.active = False
 
     def abort(self) -> None:
-        """Free what the import took (nothing if it never began or already finished)."""
+        """Free what the import took (nothing if it never began or was kept)."""
         if self.active:
             self.active = False
             self.dst.free(self.seq_id)
@@ -251,6 +255,7 @@ def import_kv(dst: KVAllocator, seq_id: Hashable, meta: SeqMeta, chunks: Iterabl
         imp.abort()
         raise
     imp.finish(meta.num_computed)
+    imp.keep()
 
 
 def copy_sequence(

@@ -10,17 +10,26 @@ alone; each frame the source sends is answered before the next::
     BEGIN(meta)          ────────────────────────▶  Importer.begin     ◀── OK / error
     STAGE(new tokens, chunk of full pages) ──────▶  write + commit     ◀── OK / error
       ... decode steps meanwhile; repeated while the delta is large ...
-    FINAL(tokens, last chunk, request state) ────▶  write, finish      ◀── OK: it owns it
-    source frees its copy                             request runs here
+    FINAL(tokens, last chunk, request state) ────▶  write, finish,     ◀── OK: prepared
+                                                      request parked (not running)
+    COMMIT ──────────────────────────────────────▶  request runs here
+    source frees its copy
     (or ABORT ───────────────────────────────────▶  free everything)
 
-The source keeps the request and its KV until the destination's OK to
-FINAL: a destination error (``OutOfKVMemory``, ...), an ABORT or a dead
-peer before it leaves the request running at the source, and the
-destination frees what it took. After it, the destination owns the request
-and the source frees. The copies of stages run on a worker thread (the
-KV is read on the caller's thread, under the caller's lock), so decode
-steps go on meanwhile; only FINAL stops the request.
+The hand-over is a two-phase commit decided by the source. The source
+keeps the request and its KV until it has the destination's OK to FINAL
+(the destination holds a complete, parked copy) and has sent COMMIT: a
+destination error (``OutOfKVMemory``, ...), an ABORT, a dead peer or a
+wait that runs out before that leaves the request running at the source,
+and the destination frees what it took. The destination runs the request
+only on COMMIT, so the request never runs on both instances. If the
+source falls silent between OK and COMMIT, the destination cannot tell a
+source that kept the request (its wait for OK ran out) from one that died
+before committing: it asks ``decide`` (e.g. a cluster front that knows
+whether the source is alive and what it reported); without one it drops
+its copy, which never runs a request twice. The copies of stages run on a
+worker thread (the KV is read on the caller's thread, under the caller's
+lock), so decode steps go on meanwhile; only FINAL stops the request.
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ from kvmem.distributed.transport import PeerFailure, Transport
 from kvmem.errors import InvalidArgument, KVError, OutOfKVMemory
 from kvmem.transfer.kv import Chunk, Importer, SeqMeta, export_meta, read_kv
 
-BEGIN, STAGE, FINAL, ABORT, OK, FAIL = 21, 22, 23, 24, 25, 26
+BEGIN, STAGE, FINAL, ABORT, OK, FAIL, COMMIT = 21, 22, 23, 24, 25, 26, 27
 
 _ERRORS: dict[str, type[KVError]] = {
     c.__name__: c for c in (KVError, OutOfKVMemory, InvalidArgument, PeerFailure)
@@ -174,7 +183,11 @@ class SourceMigration:
         chunk = read_kv(self.alloc, self.seq_id, self._copied, computed)
         try:
             self._exchange(FINAL, (self._new_tokens(), computed, state()), chunk)
+            # the decision: from here on the destination runs the request
+            self.transport.wait_sent(self.transport.send(self.dst, COMMIT, (None, None)))
         except KVError as e:
+            # no ABORT: a destination that answered FAIL is gone, and one whose OK did not
+            # come in time drops its copy when no COMMIT comes (its ``decide``)
             self.error = e
             raise MigrationFailed(f"migration of {self.seq_id!r} failed: {e}") from None
         self.stats.downtime_s = time.perf_counter() - t0
@@ -211,17 +224,23 @@ def receive_migration(
     first_wait: float | None = None,
     on_final: Callable[[Hashable, Any], None] | None = None,
     on_begin: Callable[[SeqMeta], None] | None = None,
+    on_prepare: Callable[[Hashable, Any], None] | None = None,
+    decide: Callable[[Hashable], bool] | None = None,
 ) -> tuple[Hashable, Any] | None:
     """The destination side: build the migrating sequence in ``alloc`` frame by frame.
 
     ``lock`` (a context manager, e.g. the engine's step lock) is held while
-    the allocator is touched; ``on_final(seq_id, state)`` runs under it once
-    the sequence is complete, before the source is told (a KVError from it
-    fails the migration); ``on_begin(meta)`` runs under it before anything is
-    imported (e.g. to adopt the source's FP8 scales where none are set yet).
-    Returns ``(seq_id, state)`` once the source was told (the caller now owns
-    the request), or None if the source aborted or the import failed (nothing
-    kept). A dead source before FINAL raises PeerFailure with nothing kept.
+    the allocator is touched. ``on_begin(meta)`` runs under it before
+    anything is imported (e.g. to adopt the source's FP8 scales where none
+    are set yet); ``on_prepare(seq_id, state)`` once the sequence is
+    complete, before the source is told it may commit (a KVError from it
+    fails the migration); ``on_final(seq_id, state)`` on COMMIT (the request
+    may run now). If the source falls silent after being told, ``decide(seq_id)``
+    says whether to keep and run the copy (True: the source is known to have
+    died or committed) or drop it; without ``decide`` it is dropped.
+    Returns ``(seq_id, state)`` once committed (the caller owns the request),
+    or None if the source aborted, the import failed or the copy was dropped
+    (nothing kept). A dead source before FINAL raises PeerFailure with nothing kept.
     """
     guard = lock if lock is not None else threading.RLock()
     imp: Importer | None = None
@@ -253,16 +272,28 @@ def receive_migration(
                         if frame.tensors:
                             imp.write(Chunk(start, frame.tensors))
                         imp.finish(computed)
-                        if on_final is not None:
-                            on_final(seq_id, state)
+                        if on_prepare is not None:
+                            on_prepare(seq_id, state)
                         transport.wait_sent(transport.send(src, OK, None))
-                        return seq_id, state
+                        break
             except KVError as e:
                 if imp is not None:
                     imp.abort()
                 transport.wait_sent(transport.send(src, FAIL, (type(e).__name__, str(e))))
                 return None
             transport.wait_sent(transport.send(src, OK, None))
+        try:
+            commit = transport.recv(src, "waiting for the hand-over decision").kind == COMMIT
+        except PeerFailure:
+            commit = decide is not None and decide(seq_id)
+        with guard:
+            if not commit:
+                imp.abort()
+                return None
+            imp.keep()
+            if on_final is not None:
+                on_final(seq_id, state)
+        return seq_id, state
     except BaseException:
         if imp is not None:
             with guard:

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import re
+import time
 
+import httpx
 import openai
 import pytest
 
-from kvmem.engine import Engine, SamplingParams
+from kvmem.cluster.serving import merge_metrics
+from kvmem.engine import Engine, EngineMetrics, SamplingParams
+from kvmem.engine.errors import InvalidRequest
 from kvmem.server import ServerThread
 from kvmem.server.cli import add_arguments, build_app
 
 pytestmark = pytest.mark.timeout(180)
+GENERATED = re.compile(r"^kvmem:generation_tokens(_total)?\{")
 
 
 def test_two_instances_answer_like_one_engine():
@@ -43,8 +49,55 @@ def test_two_instances_answer_like_one_engine():
                 for pr in prompts
             ]
         assert got == ref
+        # /metrics merges the instances': both requests' tokens, wherever they ran
+        deadline = time.monotonic() + 10
+        while True:
+            text = httpx.get(f"{srv.url}/metrics").text
+            line = next(x for x in text.splitlines() if GENERATED.match(x))
+            if float(line.split()[-1]) == 16 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert float(line.split()[-1]) == 16, line
     finally:
         srv.stop()
+
+
+def test_merged_metrics_sum_counts_and_take_ratios_of_the_sums():
+    a = _metrics(kv_capacity_tokens=100, kv_used_tokens=50, prompt_tokens=30, hits=10, rate=0.25)
+    b = _metrics(kv_capacity_tokens=300, kv_used_tokens=0, prompt_tokens=60, hits=0, rate=0.0)
+    m = merge_metrics([a, b])
+    assert m.kv_capacity_tokens == 400 and m.kv_used_tokens == 50 and m.kv_usage == 0.125
+    assert m.prompt_tokens == 90 and m.prefix_cache_hit_tokens == 10
+    assert m.prefix_cache_hit_rate == pytest.approx(0.25 * 40 / 100)
+    assert m.kv_extra == {"tier_host_hit_pages": 3.0} and m.time == 2.0
+    with pytest.raises(InvalidRequest):
+        merge_metrics([])
+
+
+def _metrics(
+    *, kv_capacity_tokens: int, kv_used_tokens: int, prompt_tokens: int, hits: int, rate: float
+) -> EngineMetrics:
+    return EngineMetrics(
+        time=float(kv_capacity_tokens > 100) + 1.0,
+        num_running=1,
+        num_waiting=0,
+        num_swapped=0,
+        num_finished=1,
+        num_aborted=0,
+        num_steps=3,
+        num_preemptions=0,
+        prompt_tokens=prompt_tokens,
+        generation_tokens=4,
+        tokens_per_s=1.0,
+        kv_capacity_tokens=kv_capacity_tokens,
+        kv_used_tokens=kv_used_tokens,
+        kv_usage=kv_used_tokens / kv_capacity_tokens,
+        kv_cached_tokens=0,
+        kv_swapped_tokens=0,
+        prefix_cache_hit_rate=rate,
+        prefix_cache_hit_tokens=hits,
+        kv_extra={"tier_host_hit_pages": 1.5},
+    )
 
 
 def test_zero_instances_is_refused():

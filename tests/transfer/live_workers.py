@@ -7,6 +7,7 @@ same tiny random model; a transport on a gloo group joins them.
 from __future__ import annotations
 
 import os
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -14,6 +15,8 @@ import torch.distributed as dist
 
 from kvmem.distributed.transport import Transport
 from kvmem.engine import Engine, SamplingParams
+from kvmem.errors import KVError
+from kvmem.transfer import handover, live
 
 PROMPT = list(range(1, 61))  # 60 tokens: several pages of 16
 MAX_TOKENS = 48
@@ -54,12 +57,17 @@ def migrate_once(
     at_step: int,
     fault: str = "",
     timeout: float = 10.0,
+    run_undecided: bool | None = None,
 ) -> dict[str, Any]:
     """Rank 0 starts the request and migrates it after ``at_step`` steps; rank 1 accepts.
 
     ``fault``: ``"dst_dies"`` (rank 1 exits after the first stage),
     ``"src_dies"`` (rank 0 exits right after the hand-over), ``"no_room"``
-    (rank 1's KV cannot hold the request).
+    (rank 1's KV cannot hold the request), ``"slow_prepare"`` (rank 1 takes
+    longer than rank 0's timeout to check the complete copy), ``"src_dies_uncommitted"``
+    (rank 0 exits after the destination's OK to FINAL, before COMMIT).
+    ``run_undecided``: rank 1's answer when asked whether to run a copy whose
+    source fell silent (None: no ``decide``, the default drop).
     """
     group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
     t = Transport(group, timeout)
@@ -70,9 +78,20 @@ def migrate_once(
         eng.add_request(PROMPT, params(), request_id="r")
         for _ in range(at_step):
             eng.step()
+        if fault == "src_dies_uncommitted":
+            send = t.send
+
+            def dying_send(dst: int, kind: int, *a: Any, **k: Any) -> Any:
+                if kind == live.COMMIT:
+                    os._exit(3)
+                return send(dst, kind, *a, **k)
+
+            t.send = dying_send  # type: ignore[method-assign]
         mig = eng.migrate("r", t, 1, final_pages=1, max_stages=4)
         while eng.migrations.active:
-            eng.step()
+            eng.step()  # decodes while a stage's copy is in flight
+            if mig._thread is not None:  # one step per stage, however slow the machine: the
+                mig._thread.join(3 * timeout)  # request must not finish before the hand-over
         out["stages"] = mig.stats.stages
         out["handed_over"] = bool(eng.migrations.done)
         out["failed"] = [why for _, why in eng.migrations.failed]
@@ -97,8 +116,28 @@ def migrate_once(
             return recv(*a, **k)
 
         t.recv = dying_recv  # type: ignore[method-assign]
-    rid = eng.accept_migration(t, 0, timeout=60)
+    if fault == "slow_prepare":
+        restore = handover.restore_request
+
+        def slow_restore(*a: Any, **k: Any) -> Any:
+            time.sleep(timeout + 1.0)
+            return restore(*a, **k)
+
+        handover.restore_request = slow_restore  # type: ignore[assignment]
+    asked: list[str] = []
+
+    def decide(request_id: str) -> bool:
+        asked.append(request_id)
+        return bool(run_undecided)
+
+    try:
+        rid = eng.accept_migration(
+            t, 0, timeout=60, decide=None if run_undecided is None else decide
+        )
+    except KVError:  # the source gave up on it: nothing may stay here
+        rid = None
     out["accepted"] = rid
+    out["asked"] = asked
     out["used_before_run"] = eng.allocator.stats().used_tokens
     eng.run()
     done = [r for r in eng.finished if r.request_id == "r"]
