@@ -1,4 +1,4 @@
-"""What the vmem allocator's helper modules (checks, prefix hooks) read of it.
+"""What the vmem allocator's helper modules (checks, prefix hooks, tiers) read of it.
 
 A :class:`typing.Protocol`, so :mod:`.checks` and :mod:`.prefixing` are
 typed against the allocator's state without importing the allocator (which
@@ -10,13 +10,17 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from kvmem.backends.vmem.mapahead import MapAhead
 from kvmem.backends.vmem.prefix import PrefixIndex
 from kvmem.backends.vmem.seq import VSeq
 from kvmem.backends.vmem.space import VirtualKV
 from kvmem.swap.manager import SwapManager
+from kvmem.tiers import TierManager
+
+if TYPE_CHECKING:
+    from kvmem.backends.vmem.tiering import RowPages
 
 __all__ = ["VMemState"]
 
@@ -26,6 +30,7 @@ class VMemState(Protocol):
 
     space: VirtualKV
     max_seqs: int
+    max_seq_len: int
     _seqs: dict[Hashable, VSeq]
     _owner: list[VSeq | None]
     _free_slots: OrderedDict[int, None]
@@ -35,6 +40,11 @@ class VMemState(Protocol):
     _mapper: MapAhead
     _swapper: SwapManager
     _prefix: PrefixIndex | None
+    _tiers: TierManager | None
+    _tier_pages: RowPages
+
+    def _pick_slot(self, want: int) -> int: ...
+    def _reclaim(self, short: int, slot: int, target: int) -> None: ...
 
     def _held(self) -> int: ...
     def _set_held(self, s: VSeq, n: int) -> None: ...
