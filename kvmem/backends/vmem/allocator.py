@@ -24,7 +24,7 @@ import torch
 
 from kvmem.allocator import Capabilities, KVStats, check_count
 from kvmem.backends.base import KVBackend
-from kvmem.backends.vmem import checks, prefixing, tiering
+from kvmem.backends.vmem import checks, figures, prefixing, tiering
 from kvmem.backends.vmem.driver import VMemDriver
 from kvmem.backends.vmem.drivers import make_driver
 from kvmem.backends.vmem.mapahead import MapAhead
@@ -531,58 +531,14 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
         sequence whose swap-out is in flight holds its groups until the copy
         is done. ``extra`` also has the host side (``host_capacity_tokens``, ``host_used_tokens``,
         ``swaps_in_flight``) and cumulative ``swap_out_bytes``,
-        ``swap_in_bytes``, ``swap_copies``.
+        ``swap_in_bytes``, ``swap_copies``; with cache tiers, their ``tier_*``
+        figures (:meth:`kvmem.tiers.TierManager.stats`).
         """
         self._check_open()
         self._swapper.reap()
         with self._lock:
             self._mapper.settle()
-            sp = self.space
-            bpt = self.spec.bytes_per_token
-            group_bytes = self.spec.num_layers * self.page_bytes
-            capacity = sp.num_groups * group_bytes // bpt
-            held = self._held()
-            used = held * group_bytes // bpt
-            swapped = [s for s in self._seqs.values() if s.swapped]
-            resident = [s for s in self._seqs.values() if not s.swapped]
-            extra: dict[str, float] = {
-                "physical_bytes_pooled": sp.num_groups * group_bytes,
-                "physical_bytes_mapped": sp.mapped_groups * group_bytes,
-                "physical_bytes_held": held * group_bytes,
-                "idle_mapped_bytes": (sp.mapped_groups - held) * group_bytes,
-                "shared_pages": sp.extra_refs * self.spec.num_layers,
-                "virtual_bytes_reserved": sp.virtual_bytes,
-                "pages_pooled": sp.num_groups * self.spec.num_layers,
-                "pages_mapped": sp.mapped_groups * self.spec.num_layers,
-                "map_calls": sp.map_calls,
-                "unmap_calls": sp.unmap_calls,
-                "map_ahead_groups": self._mapper.groups,
-                "map_ahead_errors": self._mapper.errors,
-                "page_bytes": self.page_bytes,
-                "max_seq_len": self.max_seq_len,
-                "free_slots": len(self._free_slots),
-                **self._swap_extra(),
-                **tiering.stats(self),
-            }
-            drv_bytes = self.driver.allocated_bytes()
-            if drv_bytes is not None:
-                extra["driver_allocated_bytes"] = drv_bytes
-            return KVStats(
-                page_size=self.page_size,
-                bytes_per_token=bpt,
-                capacity_tokens=capacity,
-                used_tokens=used,
-                filled_tokens=sp.filled_tokens([(s.slot, s.num_computed) for s in resident]),
-                reserved_tokens=sum(s.reserved - s.num_computed for s in resident),
-                cached_tokens=prefixing.cached_tokens(self),
-                free_tokens=capacity - used,
-                swapped_tokens=sum(s.num_computed for s in swapped),
-                num_seqs=len(self._seqs),
-                num_swapped_seqs=len(swapped),
-                prefix_queries=0 if self._prefix is None else self._prefix.queries,
-                prefix_hits=0 if self._prefix is None else self._prefix.hits,
-                extra=extra,
-            )
+            return figures.stats(self)
 
     def _check_backend(self) -> None:
         """Verify slots, page groups, sharing and prefix keys (:mod:`.checks`)."""

@@ -12,10 +12,12 @@ from collections import OrderedDict
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, Protocol
 
+from kvmem.backends.vmem.driver import VMemDriver
 from kvmem.backends.vmem.mapahead import MapAhead
 from kvmem.backends.vmem.prefix import PrefixIndex
 from kvmem.backends.vmem.seq import VSeq
 from kvmem.backends.vmem.space import VirtualKV
+from kvmem.spec import KVSpec
 from kvmem.swap.manager import SwapManager
 from kvmem.tiers import TierManager
 
@@ -28,7 +30,11 @@ __all__ = ["VMemState"]
 class VMemState(Protocol):
     """The allocator's slots, groups, prefix index and workers (see ``VMemAllocator``)."""
 
+    spec: KVSpec
     space: VirtualKV
+    driver: VMemDriver
+    page_bytes: int
+    page_size: int
     max_seqs: int
     max_seq_len: int
     _seqs: dict[Hashable, VSeq]
@@ -50,3 +56,4 @@ class VMemState(Protocol):
     def _set_held(self, s: VSeq, n: int) -> None: ...
     def _make_room(self, groups: int, slots: int) -> None: ...
     def _check_host(self) -> None: ...
+    def _swap_extra(self) -> dict[str, float]: ...

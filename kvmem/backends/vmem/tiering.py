@@ -187,10 +187,3 @@ def finish_load(a: VMemState, s: VSeq) -> None:
         if loaded < len(h.pages):
             s.num_computed = (d + loaded) * g
             del s.hashes[d + loaded :]
-
-
-def stats(a: VMemState) -> dict[str, float]:
-    """The tiers' figures as ``tier_*`` (see :meth:`kvmem.tiers.TierManager.stats`)."""
-    if a._tiers is None:
-        return {}
-    return {f"tier_{k}": v for k, v in a._tiers.stats().items()}
