@@ -22,6 +22,7 @@ PROMPT = list(range(3 * G + 1))  # three full pages and one token
 
 def make(**opts: Any) -> KVAllocator:
     """An 8-page vmem allocator (4 slots) with the given tier options."""
+    opts.setdefault("map_ahead", False)
     return create_allocator(
         "vmem",
         SPEC,
@@ -30,7 +31,6 @@ def make(**opts: Any) -> KVAllocator:
         page_bytes=4096,
         max_seqs=4,
         max_seq_len=64,
-        map_ahead=False,
         **opts,
     )
 
@@ -59,10 +59,13 @@ def compute(alloc: KVAllocator, sid: Hashable, toks: list[int], kv: dict) -> tup
     return hit, done
 
 
+@pytest.mark.parametrize("map_ahead", [False, True])
 @pytest.mark.parametrize("policy", ["write_back", "write_through"])
 @pytest.mark.parametrize("tier", ["host", "disk"])
-def test_evicted_pages_come_back_byte_identical(tier: str, policy: str, tmp_path: Path) -> None:
-    alloc = make(tier_write_policy=policy, **tier_opts(tier, tmp_path))
+def test_evicted_pages_come_back_byte_identical(
+    tier: str, policy: str, map_ahead: bool, tmp_path: Path
+) -> None:
+    alloc = make(tier_write_policy=policy, map_ahead=map_ahead, **tier_opts(tier, tmp_path))
     kv: dict = {}
     assert compute(alloc, "a", PROMPT, kv) == (0, 0)
     written = [page_bytes(alloc, "a", j) for j in range(3)]
