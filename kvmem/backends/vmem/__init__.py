@@ -90,7 +90,7 @@ Modules::
 
     allocator.py   VMemAllocator: slots, page-group accounting, the allocator contract
     prefix.py      PrefixIndex: keyed pages per slot; prefixing.py: the prefix-cache hooks
-    tiering.py     cache tiers: page ids over the rows, write-down before unmap, loads
+    tiering.py     cache tiers: write-down before unmap, loads; rowpages.py: page ids
     figures.py     stats(); checks.py: check_integrity
     space.py       VirtualKV: the virtual tensors, the page-group pool, mappings per slot
     mapahead.py    MapAhead: the worker thread that maps the next pages ahead of reserve

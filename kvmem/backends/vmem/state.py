@@ -10,19 +10,17 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from kvmem.backends.vmem.driver import VMemDriver
 from kvmem.backends.vmem.mapahead import MapAhead
 from kvmem.backends.vmem.prefix import PrefixIndex
+from kvmem.backends.vmem.rowpages import RowPages
 from kvmem.backends.vmem.seq import VSeq
 from kvmem.backends.vmem.space import VirtualKV
 from kvmem.spec import KVSpec
 from kvmem.swap.manager import SwapManager
 from kvmem.tiers import TierManager
-
-if TYPE_CHECKING:
-    from kvmem.backends.vmem.tiering import RowPages
 
 __all__ = ["VMemState"]
 

@@ -1,13 +1,7 @@
 r"""Cache tiers under the vmem prefix cache (:class:`~kvmem.tiers.TierManager`).
 
 The tiers copy whole prefix pages, a page group (one physical page per
-layer), by page id. :class:`RowPages` gives the virtual rows page ids: page
-``j`` of slot ``s`` is ``s * pages_per_row + j``, and its bytes are that
-page of the slot's row in every layer::
-
-    layer 0 row of slot 2  [ p0 | p1 | p2 | ...]   page id 2 * per_row + 1 = (slot 2, page 1)
-    layer 1 row of slot 2  [ p0 | p1 | p2 | ...]   its layer-1 part
-
+layer), by page id (:class:`~kvmem.backends.vmem.rowpages.RowPages`).
 Only mapped pages are ever named. A keyed page loses its key when its slot
 is reclaimed, cleared, taken by a new sequence or unshared; the allocator
 calls :func:`evict_tail` first, while the page is still mapped and intact,
@@ -23,31 +17,22 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from kvmem.backends.vmem.prefix import PageKey
+from kvmem.backends.vmem.rowpages import RowPages
 from kvmem.backends.vmem.seq import VSeq
 from kvmem.backends.vmem.space import VirtualKV
 from kvmem.backends.vmem.state import VMemState
 from kvmem.errors import DriverError, InvalidArgument
 from kvmem.tiers import EventHub, LoadHandle, TierManager, WritePolicy
 
-__all__ = ["RowPages", "evict_before_shrink", "evict_tail", "finish_load", "load", "make_tiers"]
-
-
-class RowPages:
-    """The virtual rows of every layer as pages by id, for :class:`~kvmem.tiers.TierManager`."""
-
-    def __init__(self, space: VirtualKV) -> None:
-        self.layer_bytes = space.page_bytes
-        self.page_bytes = space.page_bytes * space.num_layers
-        self.device: torch.device = space.driver.device
-        self.per_row = space.row_bytes // space.page_bytes
-        self.buffers: list[torch.Tensor] = [r.view(-1, space.page_bytes) for r in space.rows]
-
-    def page(self, slot: int, j: int) -> int:
-        """The id of page ``j`` of ``slot``'s row."""
-        return slot * self.per_row + j
+__all__ = [
+    "check_options",
+    "evict_before_shrink",
+    "evict_tail",
+    "finish_load",
+    "load",
+    "make_tiers",
+]
 
 
 def check_options(
