@@ -26,7 +26,7 @@ from kvmem.tiers.events import (
 )
 from kvmem.tiers.manager import WRITE_POLICIES, LoadHandle, TierManager, WritePolicy
 from kvmem.tiers.publisher import ZmqEventPublisher, decode_batch, encode_batch
-from kvmem.tiers.store import DiskTier, HostTier, TierStore
+from kvmem.tiers.store import DiskTier, HostTier, PageAccess, TierStore
 
 __all__ = [
     "MEDIUMS",
@@ -41,6 +41,7 @@ __all__ = [
     "HostTier",
     "KVEventIndex",
     "LoadHandle",
+    "PageAccess",
     "TierManager",
     "TierStore",
     "WritePolicy",

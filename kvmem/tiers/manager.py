@@ -54,7 +54,6 @@ from typing import Literal
 import torch
 
 from kvmem.errors import IntegrityError, InvalidArgument, KVError
-from kvmem.storage import PagePool
 from kvmem.swap import CopyPlan, SwapManager, Transfer, page_runs
 from kvmem.tiers.events import (
     MEDIUMS,
@@ -65,7 +64,7 @@ from kvmem.tiers.events import (
     removed,
     stored,
 )
-from kvmem.tiers.store import DiskTier, HostTier, TierStore
+from kvmem.tiers.store import DiskTier, HostTier, PageAccess, TierStore
 
 WritePolicy = Literal["write_back", "write_through"]
 WRITE_POLICIES: tuple[WritePolicy, ...] = ("write_back", "write_through")
@@ -131,7 +130,11 @@ class LoadHandle:
 
 
 class TierManager:
-    """Host and disk tiers below ``pool``, the device page pool of an allocator.
+    """Host and disk tiers below ``pool``, the device pages of an allocator.
+
+    ``pool`` is any :class:`~kvmem.tiers.store.PageAccess` (a
+    :class:`~kvmem.storage.PagePool`, or the vmem backend's virtual rows);
+    the hooks name its pages by id.
 
     ``host_bytes`` and ``disk_bytes`` are capacities (whole pages of
     ``pool.page_bytes``; None: no such tier); ``disk_dir`` is an existing
@@ -145,7 +148,7 @@ class TierManager:
 
     def __init__(
         self,
-        pool: PagePool,
+        pool: PageAccess,
         *,
         host_bytes: int | None = None,
         disk_dir: str | os.PathLike[str] | None = None,
@@ -304,15 +307,19 @@ class TierManager:
         """Cached device pages ``(key, page)`` lose their keys; returns once they may be reused."""
         self._check_open()
         self._reap()
-        for _, page in pairs:
-            t = self._reads.pop(page, None)
-            if t is not None:
-                self.swapper.settle(t)
+        self.settle_reads([page for _, page in pairs])
         if self.write_policy == "write_back":
             t = self._store(pairs)
             if t is not None:
                 self.swapper.settle(t)
         self.events.flush()
+
+    def settle_reads(self, pages: Sequence[int]) -> None:
+        """Wait for write-through copies reading device ``pages`` (before they are reused)."""
+        for page in pages:
+            t = self._reads.pop(page, None)
+            if t is not None:
+                self.swapper.settle(t)
 
     def filled(self, pairs: Sequence[tuple[BlockKey, int]]) -> None:
         """Device pages ``(key, page)`` filled up; ``write_through`` copies them down now."""

@@ -30,14 +30,45 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
 
 from kvmem.errors import IntegrityError, InvalidArgument
-from kvmem.storage import PagePool
 from kvmem.tiers.events import BlockKey, block_hash
+
+
+class PageAccess(Protocol):
+    """The device pages the tiers copy from and into, by page id.
+
+    Page ``i``'s bytes are row ``i`` of every buffer, concatenated in buffer
+    order: ``page_bytes`` in all, ``layer_bytes`` per layer. A
+    :class:`~kvmem.storage.PagePool` is one (its page ids are its pages); the
+    vmem backend's virtual rows are another (a page id names a page of a
+    slot's row, see :mod:`kvmem.backends.vmem.tiering`). Only pages the
+    allocator names are read or written.
+    """
+
+    @property
+    def buffers(self) -> list[torch.Tensor]:
+        """uint8 tensors ``[pages, row bytes]`` on :attr:`device`, one row per page."""
+        ...
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one page over every buffer."""
+        ...
+
+    @property
+    def layer_bytes(self) -> int:
+        """Bytes of one layer's part of a page."""
+        ...
+
+    @property
+    def device(self) -> torch.device:
+        """Where the buffers live (``meta``: bookkeeping only)."""
+        ...
 
 
 @dataclass
@@ -141,7 +172,7 @@ class HostTier(TierStore):
 
     name = "host"
 
-    def __init__(self, pool: PagePool, capacity_bytes: int, pin: bool | None = None) -> None:
+    def __init__(self, pool: PageAccess, capacity_bytes: int, pin: bool | None = None) -> None:
         super().__init__(pool.page_bytes, capacity_bytes)
         meta = pool.device.type == "meta"
         if pin is None:
@@ -364,4 +395,4 @@ class DiskTier(TierStore):
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-__all__ = ["DiskTier", "Entry", "HostTier", "TierStore"]
+__all__ = ["DiskTier", "Entry", "HostTier", "PageAccess", "TierStore"]

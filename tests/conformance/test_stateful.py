@@ -7,6 +7,15 @@ is left in use. On backends that swap, sequences are swapped out and back in
 (several at a time, waiting on or polling the handle): every byte of their
 KV and scales must come back (digests), a swap-in without room must raise
 OutOfKVMemory and change nothing, and a swapped sequence holds no KV slots.
+
+Prompts come back: ``readd`` adds the tokens of a freed sequence again and
+``pressure`` fills the pool with a throwaway sequence, so cached pages are
+evicted and found again. On the backends with cache tiers (tests/backends/
+tiered.py) that makes pages go down to a tier and come back: after every
+step no page loaded from a tier may differ from the bytes it had when it was
+written down (:class:`~tests.backends.tiered.TierAudit`), and
+``check_integrity`` checks every tier; the test fails if no page ever came
+back from a tier.
 """
 
 from __future__ import annotations
@@ -27,6 +36,8 @@ from hypothesis.stateful import (
 )
 
 from kvmem import IntegrityError, InvalidArgument, KVAllocator, OutOfKVMemory, SwapHandle
+from tests.backends.tiered import TierAudit
+from tests.conformance.conftest import TIERED
 from tests.conformance.kvmodel import check_kv, kv_digest, snapshot, write_step
 from tests.conftest import make_allocator, small_spec
 
@@ -62,6 +73,8 @@ def machine_for(kind: str) -> type[RuleBasedStateMachine]:
             self.next_id = 0
             self.swaps = supports_swap(self.alloc)
             self.on_host: dict[int, tuple[str, int]] = {}  # swapped out: (KV digest, num_computed)
+            self.freed: list[list[int]] = []  # prompts of freed sequences, to add again
+            self.audit: TierAudit | None = getattr(self.alloc, "tier_audit", None)
 
         def _new_id(self) -> int:
             self.next_id += 1
@@ -73,13 +86,48 @@ def machine_for(kind: str) -> type[RuleBasedStateMachine]:
             tail=st.lists(st.integers(0, 5), min_size=1, max_size=12),
         )
         def add(self, prefix, tail):
+            return self._add((PREFIXES[prefix] if prefix is not None else []) + tail)
+
+        @rule(
+            target=seqs,
+            data=st.data(),
+            evict=st.booleans(),
+            extra=st.lists(st.integers(0, 5), max_size=2),
+        )
+        def readd(self, data, evict, extra):
+            """A freed sequence's tokens again (a later turn when ``extra``): its pages come
+            back from the device cache or, after ``evict`` (:meth:`pressure`), from a tier."""
+            if not self.freed:
+                return multiple()
+            if evict:
+                self.pressure()
+            return self._add(data.draw(st.sampled_from(self.freed[-3:])) + extra)
+
+        @rule()
+        def pressure(self):
+            """Room for a throwaway prompt, as much as the pool has: evicts cached pages.
+
+            Its KV is never written, so it caches nothing itself (nor fills the tiers).
+            """
             sid = self._new_id()
-            toks = (PREFIXES[prefix] if prefix is not None else []) + tail
+            n = CAPACITY
+            self.alloc.add(sid, [100 + sid * CAPACITY + i for i in range(n)])
+            while n > 0 and not self.alloc.can_reserve({sid: n}):
+                n -= 1
+            if n:
+                self.alloc.reserve(sid, n)
+            self.alloc.free(sid)
+
+        def _add(self, toks):
+            sid = self._new_id()
+            loaded = TierAudit.total_loaded
             cached = self.alloc.add(sid, toks)
             assert 0 <= cached < len(toks)
             self.tokens[sid] = toks
-            assert self.alloc.seq_info(sid).num_computed == cached
+            assert self.alloc.seq_info(sid).num_computed == cached  # every tier load succeeds
             event("prefix cache hit" if cached else "prefix cache miss")
+            if TierAudit.total_loaded > loaded:
+                event("pages loaded from a tier")
             if cached and self.alloc.can_reserve({sid: 1}):
                 # cached KV must be the KV of these very tokens
                 self.alloc.reserve(sid, 1)
@@ -222,15 +270,24 @@ def machine_for(kind: str) -> type[RuleBasedStateMachine]:
                 assert kv_digest(self.alloc, lay, 0, n) == digest, f"KV of {sid} changed"
                 check_kv(self.alloc, lay, 0, self.tokens[sid][:n])
 
-        @rule(sid=consumes(seqs))
-        def free(self, sid):
+        @rule(sid=consumes(seqs), finish=st.booleans())
+        def free(self, sid, finish):
+            """Free a sequence, after computing the rest of its tokens if ``finish`` (and it fits),
+            so that its pages are cached for :meth:`readd`."""
+            info = self.alloc.seq_info(sid)
+            n = info.num_tokens - info.num_computed
+            if finish and n > 0 and not info.swapped and self.alloc.can_reserve({sid: n}):
+                self.alloc.reserve(sid, n)
+                write_step(self.alloc, [(sid, n)], self.tokens)
             self.alloc.free(sid)
-            del self.tokens[sid]
+            self.freed.append(self.tokens.pop(sid))
             self.on_host.pop(sid, None)
 
         @invariant()
         def integrity(self):
-            self.alloc.check_integrity()
+            self.alloc.check_integrity()  # the tiers' too
+            if self.audit is not None:
+                assert not self.audit.mismatches, self.audit.mismatches
             st_ = self.alloc.stats()
             assert st_.used_tokens + st_.free_tokens == st_.capacity_tokens
             assert 0 <= st_.filled_tokens <= st_.used_tokens
@@ -248,6 +305,7 @@ def machine_for(kind: str) -> type[RuleBasedStateMachine]:
 
 
 def test_random_operation_sequences(backend):
+    loaded = TierAudit.total_loaded
     run_state_machine_as_test(
         machine_for(backend),
         settings=settings(
@@ -257,6 +315,8 @@ def test_random_operation_sequences(backend):
             suppress_health_check=list(HealthCheck),
         ),
     )
+    if backend in TIERED:
+        assert TierAudit.total_loaded > loaded, "no page ever came back from a tier"
 
 
 def test_machine_finds_a_planted_leak():

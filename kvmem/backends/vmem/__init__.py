@@ -54,6 +54,17 @@ the longest chain a slot holds: a free slot (its pages kept mapped after
 under a free slot, as for ``fork``. A prefix page is a page group, usually
 more than 16 tokens (``granularity``).
 
+Cache tiers (:mod:`.tiering`, options ``host_cache_tokens``,
+``disk_cache_dir``, ``disk_cache_tokens``, ``tier_write_policy``, as for the
+paged backend). A keyed page that loses its last slot (reclaimed, cleared,
+taken by a new sequence) is written down to a host tier, and from there to
+a disk tier, before it is unmapped or overwritten (``write_through``: as it
+is keyed). ``add`` extends the device hit with pages the tiers hold: the
+slot is mapped as far as the hit reaches and the pages load asynchronously;
+calls naming the sequence wait for them, and a page that fails to load ends
+the hit (``seq_info().num_computed``). The tiers name pages by
+``slot * pages_per_row + page``, the virtual rows of every layer.
+
 Differences from the paged backend: prefix pages are physical pages;
 a sequence cannot grow past ``max_seq_len`` (InvalidArgument); at most
 ``max_seqs`` sequences hold KV at once (OutOfKVMemory when a reserve or a
@@ -78,6 +89,9 @@ are dropped on swap-in: reuse across turns (``free(keep_on_host=True)``,
 Modules::
 
     allocator.py   VMemAllocator: slots, page-group accounting, the allocator contract
+    prefix.py      PrefixIndex: keyed pages per slot; prefixing.py: the prefix-cache hooks
+    tiering.py     cache tiers: write-down before unmap, loads; rowpages.py: page ids
+    figures.py     stats(); checks.py: check_integrity
     space.py       VirtualKV: the virtual tensors, the page-group pool, mappings per slot
     mapahead.py    MapAhead: the worker thread that maps the next pages ahead of reserve
     swapping.py    swap_out / swap_in (SwapMixin); hostkv.py: host copies, copy in and out

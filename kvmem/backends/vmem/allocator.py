@@ -13,6 +13,7 @@ ahead on its thread, :class:`~kvmem.backends.vmem.swapping.SwapMixin` swaps.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
@@ -23,7 +24,7 @@ import torch
 
 from kvmem.allocator import Capabilities, KVStats, check_count
 from kvmem.backends.base import KVBackend
-from kvmem.backends.vmem import checks, prefixing
+from kvmem.backends.vmem import checks, figures, prefixing, tiering
 from kvmem.backends.vmem.driver import VMemDriver
 from kvmem.backends.vmem.drivers import make_driver
 from kvmem.backends.vmem.mapahead import MapAhead
@@ -35,6 +36,7 @@ from kvmem.errors import DriverError, IntegrityError, InvalidArgument, OutOfKVMe
 from kvmem.layout import BatchLayout
 from kvmem.spec import KVSpec
 from kvmem.storage import LayerKV
+from kvmem.tiers import EventHub, LoadHandle, TierManager, WritePolicy
 
 __all__ = ["VMemAllocator"]
 
@@ -71,6 +73,14 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
       divide ``page_bytes``): full pages of live and freed sequences are
       shared with new sequences of the same prefix (:mod:`.prefix`); its
       KV events (vLLM's schema) are on :attr:`kv_events` then.
+    - Cache tiers below the prefix cache (default off, :mod:`.tiering`):
+      ``host_cache_tokens``, ``disk_cache_dir`` with ``disk_cache_tokens``,
+      ``tier_write_policy`` (``"write_back"``: a keyed page is written down
+      when it loses its last slot; ``"write_through"``: when it is keyed),
+      as for the paged backend. ``add`` extends its device hit with pages
+      the tiers hold and loads them asynchronously; a page that fails to
+      load is computed again (``seq_info().num_computed`` shows what
+      loaded). Tier figures are ``stats().extra['tier_*']``.
 
     Tensors from :meth:`layer` and :meth:`kv_view` point into the virtual
     ranges: valid until :meth:`close`, and only their mapped parts (the
@@ -96,6 +106,10 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
         driver: str | VMemDriver | None = None,
         host_num_tokens: int | None = None,
         prefix_caching: bool = True,
+        host_cache_tokens: int | None = None,
+        disk_cache_dir: str | os.PathLike[str] | None = None,
+        disk_cache_tokens: int | None = None,
+        tier_write_policy: WritePolicy = "write_back",
     ) -> None:
         super().__init__()
         self._closed = True  # until fully built: close() and __del__ do nothing
@@ -116,10 +130,23 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
         if not isinstance(prefix_caching, bool):
             raise InvalidArgument(f"prefix_caching must be a bool, got {prefix_caching!r}")
         self.spec = spec
+        tb = spec.bytes_per_token_layer
+        tier_opts = (host_cache_tokens, disk_cache_dir, disk_cache_tokens)
+        tiers = tiering.check_options(1, *tier_opts)
         drv = make_driver(driver, device)
+        events = EventHub()
+        self._tiers: TierManager | None = None
         try:
             self._build(drv, max_seqs, max_seq_len, page_bytes, num_tokens, num_bytes)
+            if tiers:
+                prefixed = prefix_caching and self.page_bytes % tb == 0
+                tiering.check_options(self.page_bytes // tb if prefixed else None, *tier_opts)
+                self._tiers, self._tier_pages = tiering.make_tiers(
+                    self.space, events, *tier_opts, tier_write_policy
+                )
         except BaseException:
+            if getattr(self, "space", None) is not None:
+                self.space.close()
             if drv is not driver:  # made here: nobody else will close it
                 drv.close()
             raise
@@ -129,7 +156,6 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
         self._free_slots: OrderedDict[int, None] = OrderedDict.fromkeys(range(max_seqs))
         self._held_sum = 0  # sum over sequences of the groups each holds
         self._quarantine: set[int] = set()
-        tb = spec.bytes_per_token_layer
         self.tokens_per_page = self.page_bytes / tb
         ahead = min(map_ahead_tokens or max(1, self.page_bytes // tb), self.max_seq_len)
         self.map_ahead = map_ahead
@@ -138,8 +164,8 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
         self._init_swap(host_num_tokens, self.space.num_groups * group_tokens)
         self._prefix: PrefixIndex | None = None
         if prefix_caching and self.page_bytes % tb == 0:
-            self._prefix = PrefixIndex(max_seqs, self.page_bytes // tb)
-            self.kv_events = self._prefix.events
+            self._prefix = PrefixIndex(max_seqs, self.page_bytes // tb, events)
+            self.kv_events = events
         else:
             self.capabilities = replace(self.capabilities, prefix_caching=False)
         self._closed = False
@@ -226,6 +252,7 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
                 if short <= 0:
                     return
                 if victim != slot and sp.covered[victim] > 0:
+                    tiering.evict_before_shrink(self, victim, 0, short)
                     short -= sp.shrink(victim, 0, short)
             for victim, owner in enumerate(self._owner):
                 if short <= 0:
@@ -300,6 +327,8 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
                 raise OutOfKVMemory(
                     f"sequence {seq_id!r} needs {need} more page groups, {free} are free"
                 )
+            if s.slot < 0:
+                tiering.evict_tail(self, slot, 0)
             short = len(cow) - len(sp.pool) + max(0, sp.pages(target) - len(sp.groups[slot]))
             if short > 0:
                 self._reclaim(short, slot, target)
@@ -383,6 +412,7 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
         sp = self.space
         slot = min(self._free_slots, key=lambda i: sp.covered[i])
         self._mapper.settle(slot)
+        tiering.evict_tail(self, slot, 0)
         sp.clear(slot)
         sp.share(p.slot, slot, n)
         del self._free_slots[slot]
@@ -407,7 +437,9 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
             self._release_slot(s)
 
     def _await_transfer(self, s: VSeq) -> None:
-        if s.transfer is not None:
+        if isinstance(s.transfer, LoadHandle):
+            tiering.finish_load(self, s)
+        elif s.transfer is not None:
             self._swapper.settle(s.transfer)
 
     def _sync(self) -> None:
@@ -429,6 +461,9 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
             try:
                 if self.space.shared_below[slot]:
                     self._mapper.settle(slot)
+                    lst, ref = self.space.groups[slot], self.space.ref
+                    first = next((j for j, g in enumerate(lst) if ref[g] > 1), len(lst))
+                    tiering.evict_tail(self, slot, first)  # the pages unshare unmaps
                     self.space.unshare(slot)
             except DriverError:
                 self._quarantine.add(slot)  # may still map shared pages: never hand it out
@@ -445,6 +480,7 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
         target = s.reserved
         slot = self._pick_slot(target)
         self._mapper.settle(slot)
+        tiering.evict_tail(self, slot, 0)
         short = max(0, sp.pages(target) - len(sp.groups[slot])) - len(sp.pool)
         if short > 0:
             self._reclaim(short, slot, target)
@@ -495,57 +531,14 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
         sequence whose swap-out is in flight holds its groups until the copy
         is done. ``extra`` also has the host side (``host_capacity_tokens``, ``host_used_tokens``,
         ``swaps_in_flight``) and cumulative ``swap_out_bytes``,
-        ``swap_in_bytes``, ``swap_copies``.
+        ``swap_in_bytes``, ``swap_copies``; with cache tiers, their ``tier_*``
+        figures (:meth:`kvmem.tiers.TierManager.stats`).
         """
         self._check_open()
         self._swapper.reap()
         with self._lock:
             self._mapper.settle()
-            sp = self.space
-            bpt = self.spec.bytes_per_token
-            group_bytes = self.spec.num_layers * self.page_bytes
-            capacity = sp.num_groups * group_bytes // bpt
-            held = self._held()
-            used = held * group_bytes // bpt
-            swapped = [s for s in self._seqs.values() if s.swapped]
-            resident = [s for s in self._seqs.values() if not s.swapped]
-            extra: dict[str, float] = {
-                "physical_bytes_pooled": sp.num_groups * group_bytes,
-                "physical_bytes_mapped": sp.mapped_groups * group_bytes,
-                "physical_bytes_held": held * group_bytes,
-                "idle_mapped_bytes": (sp.mapped_groups - held) * group_bytes,
-                "shared_pages": sp.extra_refs * self.spec.num_layers,
-                "virtual_bytes_reserved": sp.virtual_bytes,
-                "pages_pooled": sp.num_groups * self.spec.num_layers,
-                "pages_mapped": sp.mapped_groups * self.spec.num_layers,
-                "map_calls": sp.map_calls,
-                "unmap_calls": sp.unmap_calls,
-                "map_ahead_groups": self._mapper.groups,
-                "map_ahead_errors": self._mapper.errors,
-                "page_bytes": self.page_bytes,
-                "max_seq_len": self.max_seq_len,
-                "free_slots": len(self._free_slots),
-                **self._swap_extra(),
-            }
-            drv_bytes = self.driver.allocated_bytes()
-            if drv_bytes is not None:
-                extra["driver_allocated_bytes"] = drv_bytes
-            return KVStats(
-                page_size=self.page_size,
-                bytes_per_token=bpt,
-                capacity_tokens=capacity,
-                used_tokens=used,
-                filled_tokens=sp.filled_tokens([(s.slot, s.num_computed) for s in resident]),
-                reserved_tokens=sum(s.reserved - s.num_computed for s in resident),
-                cached_tokens=prefixing.cached_tokens(self),
-                free_tokens=capacity - used,
-                swapped_tokens=sum(s.num_computed for s in swapped),
-                num_seqs=len(self._seqs),
-                num_swapped_seqs=len(swapped),
-                prefix_queries=0 if self._prefix is None else self._prefix.queries,
-                prefix_hits=0 if self._prefix is None else self._prefix.hits,
-                extra=extra,
-            )
+            return figures.stats(self)
 
     def _check_backend(self) -> None:
         """Verify slots, page groups, sharing and prefix keys (:mod:`.checks`)."""
@@ -558,6 +551,8 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
         failed along the way.
         """
         errors: list[DriverError] = []
+        if self._tiers is not None:
+            self._tiers.close()  # loads in flight land first
         self._swapper.close()  # every copy done, every callback run
         with self._lock:
             self._mapper.closed = True

@@ -1,4 +1,4 @@
-"""Integrity checks of the vmem allocator: slots, page groups, sharing, prefix keys."""
+"""Integrity checks of the vmem allocator: slots, page groups, sharing, prefix keys, tiers."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ def check_backend(a: VMemState) -> None:
                 [None if o is None else o.num_computed for o in a._owner],
             )
         check_seqs(a)
+    if a._tiers is not None:
+        a._tiers.check_integrity()
 
 
 def check_seqs(a: VMemState) -> None:

@@ -34,11 +34,11 @@ PageKey = tuple[int, tuple[int, ...]]
 class PrefixIndex:
     """Per slot, the keys of its leading full pages; per key, the slots holding it."""
 
-    def __init__(self, max_seqs: int, page_tokens: int) -> None:
+    def __init__(self, max_seqs: int, page_tokens: int, events: EventHub | None = None) -> None:
         self.page_tokens = page_tokens
         self.keys: list[list[PageKey]] = [[] for _ in range(max_seqs)]
         self._where: dict[PageKey, set[int]] = {}
-        self.events = EventHub()
+        self.events = events if events is not None else EventHub()
         self.queries = 0  # prompt tokens offered to ``add``
         self.hits = 0  # prompt tokens found
 
@@ -68,6 +68,10 @@ class PrefixIndex:
                 break
             found, depth = slots, j + 1
         return depth, sorted(found)
+
+    def holders(self, key: PageKey) -> set[int]:
+        """The slots holding ``key`` (a copy; empty if none)."""
+        return set(self._where.get(key, ()))
 
     def append(self, slot: int, page: int, key: PageKey) -> None:
         """Page ``page`` of ``slot`` holds ``key``'s KV (ignored unless it extends the chain)."""

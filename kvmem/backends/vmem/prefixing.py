@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 
+from kvmem.backends.vmem import tiering
 from kvmem.backends.vmem.seq import VSeq
 from kvmem.backends.vmem.state import VMemState
 
@@ -21,7 +22,8 @@ def admit(a: VMemState, tokens: list[int], cache_salt: Hashable) -> VSeq:
     A hit in a free slot takes that slot (its pages are already mapped); a
     hit in a live sequence's slot maps its pages under a free slot, as
     ``fork`` does. Never the last token's page; no hit when the pool or
-    the slots are short.
+    the slots are short. With cache tiers, pages after the device hit that a
+    tier holds are loaded (:func:`.tiering.load`).
     """
     s = VSeq(tokens)
     px = a._prefix
@@ -39,6 +41,11 @@ def admit(a: VMemState, tokens: list[int], cache_salt: Hashable) -> VSeq:
             depth = claim_prefix(a, s, depth, slots)
         s.hashes = [hash(k) for k in keys[:depth]]
         px.hits += depth * px.page_tokens
+    if a._tiers is not None and depth < len(keys):
+        if a._swapper.pending:
+            a._make_room(len(keys) - depth, int(s.slot < 0))
+        with a._lock:
+            tiering.load(a, s, keys, depth)
     return s
 
 
@@ -55,11 +62,13 @@ def claim_prefix(a: VMemState, s: VSeq, depth: int, slots: list[int]) -> int:
     if free and sp.pages(n) <= sp.num_groups - a._held():
         slot = free[0]
         a._mapper.settle(slot)
+        tiering.evict_tail(a, slot, depth)
         px.trim(slot, depth)
     elif live and a._free_slots:
         src = live[0]
         slot = min(a._free_slots, key=lambda i: sp.covered[i])
         a._mapper.settle(slot)
+        tiering.evict_tail(a, slot, 0)
         sp.clear(slot)
         px.trim(slot, 0)
         sp.share(src, slot, n)
@@ -75,15 +84,21 @@ def claim_prefix(a: VMemState, s: VSeq, depth: int, slots: list[int]) -> int:
 
 
 def on_commit(a: VMemState, s: VSeq, end: int) -> None:
-    """Key the pages that filled up, findable by later prompts."""
+    """Key the pages that filled up, findable by later prompts (and, write-through, tiered)."""
     px = a._prefix
     if px is None or s.slot < 0:
         return
     g = px.page_tokens
-    for i in range(s.num_computed // g, end // g):
+    first = s.num_computed // g
+    keys = []
+    for i in range(first, end // g):
         key = (s.hashes[i - 1] if i else s.root, tuple(s.tokens[i * g : (i + 1) * g]))
         s.hashes.append(hash(key))
         px.append(s.slot, i, key)
+        keys.append(key)
+    if keys and a._tiers is not None:
+        pages = a._tier_pages
+        a._tiers.filled([(k, pages.page(s.slot, first + i)) for i, k in enumerate(keys)])
 
 
 def trim_keys(a: VMemState) -> None:

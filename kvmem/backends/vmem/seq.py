@@ -5,6 +5,7 @@ from __future__ import annotations
 from kvmem.backends.base import SeqState
 from kvmem.backends.vmem.hostkv import HostKV
 from kvmem.swap.manager import Transfer
+from kvmem.tiers import LoadHandle
 
 __all__ = ["VSeq"]
 
@@ -18,7 +19,7 @@ class VSeq(SeqState):
 
     __slots__ = ("slot", "held", "held_cover", "host", "root", "hashes")
 
-    transfer: Transfer | None  # a swap of this sequence in flight
+    transfer: Transfer | LoadHandle | None  # a swap or tier load of this sequence in flight
 
     def __init__(self, tokens: list[int]) -> None:
         super().__init__(tokens)
