@@ -1,17 +1,38 @@
 """Tiered prefix cache: hit rate, bytes moved and simulated TTFT of host and disk tiers.
 
-Workload: multi-turn conversations. Conversations start at the arrival
-times of the Azure conversation trace (``kvmem.traces``; the synthetic
-generator with the same length statistics where the file is absent) and
-take its rows in order: a conversation's first prompt and every output are
-the prompt and output lengths of its rows; each later turn's prompt is the
-previous prompt and answer plus a new user message of a quarter of its
-row's prompt length. Turns per conversation are geometric (mean 2, at most
-10; LMSYS-Chat-1M averages about 2); the user thinks between turns for a
-log-normal time (median 180 s, sigma 1.5: a quarter come back within a
-minute, a tenth after more than 20 minutes). One conversation in five
-begins with one of 32 shared system prompts (512 tokens, Zipf-popular).
-Every other token of a conversation is its own (random ids).
+Workload: multi-turn conversations built on the rows of the Azure
+conversation trace (``kvmem.traces``; the synthetic generator with the same
+length statistics where the file is absent), taken in order. A row's
+``ContextTokens`` is the whole prompt of its request (history and system
+prompt included), so every synthesized prompt is exactly as long as its
+row's prompt, and every answer as long as its row's output:
+
+* a conversation starts at its first row's arrival time, and its number of
+  turns is drawn geometric (mean 2, at most 10; LMSYS-Chat-1M averages
+  about 2);
+* one conversation in five draws one of 32 shared system prompts (512
+  tokens, Zipf-popular); when the first row's prompt is longer than 512
+  tokens, the system prompt is its first 512 tokens and the rest are the
+  conversation's own; otherwise the prompt is all its own (no system
+  prompt);
+* a follow-up turn takes the next row: with ``p`` its prompt length and
+  ``h`` the previous prompt plus answer, its prompt is that history followed
+  by a new user message of ``p - h`` tokens when ``p > h``; when ``p <= h``
+  the conversation ends there (fewer turns than drawn) and that row starts a
+  new conversation at its own arrival time (the results count these cuts:
+  ``conversations_cut_by_short_prompt``, ``cut_share_of_followup_draws``);
+* the user thinks between turns for a log-normal time (median 180 s,
+  sigma 1.5: a quarter come back within a minute, a tenth after more than
+  20 minutes); a follow-up arrives that long after the previous turn (its
+  row's own arrival time is not used);
+* every token other than a system prompt's is the conversation's own
+  (random ids).
+
+Every row is used once, so the mean synthesized prompt equals the trace's
+(``mean_prompt_tokens``, ``trace_mean_prompt_tokens``); the results also
+give the realized ``mean_turns_per_conversation`` and the share of prompt
+tokens that are history (``history_share_of_prompt_tokens``) or a system
+prompt (``system_share_of_prompt_tokens``).
 
 Replay: turns in arrival order, one at a time (add, prefill, decode, free),
 through the paged backend on a Llama-3-8B fp16 KV (128 KiB per token) in
@@ -62,6 +83,7 @@ import numpy as np
 
 from bench.common import console, print_table, progress, save_results
 from kvmem import KVSpec, create_allocator
+from kvmem.errors import InvalidArgument
 from kvmem.tiers import BlockKey
 from kvmem.traces import load_or_synthesize
 
@@ -83,44 +105,91 @@ UNLIMITED = 1 << 62  # pages: a device cache that never evicts
 
 @dataclass(order=True)
 class Turn:
-    """One request of a conversation: its full prompt and the answer it generates."""
+    """One request of a conversation: its full prompt and the answer it generates.
+
+    ``history`` is how many leading prompt tokens are the conversation's
+    previous prompt and answer (0 on a first turn); ``system`` how many are a
+    shared system prompt (0 or :data:`SYSTEM_LEN`, first turns only);
+    ``cut`` marks a first turn whose row was drawn as a follow-up but whose
+    prompt was no longer than the history, so that it ended the conversation.
+    """
 
     time: float
     conv: int = field(compare=False)
     prompt: np.ndarray = field(compare=False)  # uint8 token ids
     answer: np.ndarray = field(compare=False)
+    history: int = field(default=0, compare=False)
+    system: int = field(default=0, compare=False)
+    cut: bool = field(default=False, compare=False)
 
 
 def conversations(rows: list[tuple[float, int, int]], seed: int) -> list[Turn]:
-    """The turns of every conversation built from ``rows``, in arrival order."""
+    """The turns of every conversation built from ``rows``, in arrival order.
+
+    Every turn's prompt has exactly its row's prompt length (the module
+    docstring states the rules). Raises :class:`InvalidArgument` for a row
+    whose prompt is shorter than one token.
+    """
+    bad = next((r for r in rows if r[1] < 1), None)
+    if bad is not None:
+        raise InvalidArgument(f"every trace row needs a prompt of 1 token or more, got {bad!r}")
     rng = np.random.default_rng(seed)
 
     def text(n: int) -> np.ndarray:
-        return rng.integers(0, 256, max(1, n), dtype=np.uint8)
+        return rng.integers(0, 256, n, dtype=np.uint8)
 
     systems = [text(SYSTEM_LEN) for _ in range(SYSTEM_PROMPTS)]
     zipf = 1.0 / np.arange(1, SYSTEM_PROMPTS + 1)
     zipf /= zipf.sum()
     turns: list[Turn] = []
     i = conv = 0
+    cut = False
     while i < len(rows):
-        n = min(MAX_TURNS, int(rng.geometric(TURN_P)), len(rows) - i)
+        n = min(MAX_TURNS, int(rng.geometric(TURN_P)))
         t, p, o = rows[i]
-        prompt = text(p)
-        if rng.random() < SYSTEM_SHARE:
-            prompt = np.concatenate([systems[int(rng.choice(SYSTEM_PROMPTS, p=zipf))], prompt])
-        answer = text(o)
-        turns.append(Turn(t, conv, prompt, answer))
-        for j in range(1, n):
+        if rng.random() < SYSTEM_SHARE and p > SYSTEM_LEN:
+            system = systems[int(rng.choice(SYSTEM_PROMPTS, p=zipf))]
+            prompt, sys_len = np.concatenate([system, text(p - SYSTEM_LEN)]), SYSTEM_LEN
+        else:
+            prompt, sys_len = text(p), 0
+        answer = text(max(1, o))
+        turns.append(Turn(t, conv, prompt, answer, system=sys_len, cut=cut))
+        i += 1
+        cut = False
+        for _ in range(1, n):
+            if i >= len(rows):
+                break
+            _, p, o = rows[i]
+            h = len(prompt) + len(answer)
+            if p <= h:  # this row's prompt cannot hold the history: a new conversation
+                cut = True
+                break
             t += float(rng.lognormal(np.log(THINK_MEDIAN_S), THINK_SIGMA))
-            _, p, o = rows[i + j]
-            prompt = np.concatenate([prompt, answer, text(p // 4)])
-            answer = text(o)
-            turns.append(Turn(t, conv, prompt, answer))
-        i += n
+            prompt = np.concatenate([prompt, answer, text(p - h)])
+            answer = text(max(1, o))
+            turns.append(Turn(t, conv, prompt, answer, history=h))
+            i += 1
         conv += 1
     turns.sort()
     return turns
+
+
+def workload_figures(turns: list[Turn], rows: list[tuple[float, int, int]]) -> dict[str, Any]:
+    """How the synthesized prompts compare with the trace rows they were built from."""
+    prompt = sum(len(t.prompt) for t in turns)
+    convs = len({t.conv for t in turns})
+    followups = sum(1 for t in turns if t.history)
+    cuts = sum(1 for t in turns if t.cut)
+    return {
+        "mean_prompt_tokens": prompt / max(len(turns), 1),
+        "trace_mean_prompt_tokens": sum(r[1] for r in rows) / max(len(rows), 1),
+        "history_share_of_prompt_tokens": sum(t.history for t in turns) / max(prompt, 1),
+        "system_share_of_prompt_tokens": sum(t.system for t in turns) / max(prompt, 1),
+        "mean_turns_per_conversation": len(turns) / max(convs, 1),
+        "followup_turns": followups,
+        "conversations_cut_by_short_prompt": cuts,
+        "cut_share_of_followup_draws": cuts / max(followups + cuts, 1),
+    }
 
 
 def page_keys(tokens: np.ndarray, n: int) -> list[BlockKey]:
@@ -369,6 +438,7 @@ def main() -> None:
         "requests": len(turns),
         "conversations": len({t.conv for t in turns}),
         "prompt_tokens": sum(len(t.prompt) for t in turns),
+        **workload_figures(turns, rows),
         "page_size": PAGE,
         "bytes_per_token": SPEC.bytes_per_token,
         "device_tokens": n,
@@ -380,6 +450,14 @@ def main() -> None:
         "disk_load_us_per_token": DISK_S_PER_TOKEN * 1e6,
         "host": platform.node(),
     }
+    console.print(
+        "workload: {requests:,} requests in {conversations:,} conversations "
+        "({mean_turns_per_conversation:.3f} turns each; {conversations_cut_by_short_prompt:,} "
+        "cut by a row's prompt no longer than the history, {cut_share_of_followup_draws:.1%} "
+        "of follow-up draws); mean prompt {mean_prompt_tokens:,.1f} tokens (trace "
+        "{trace_mean_prompt_tokens:,.1f}); history {history_share_of_prompt_tokens:.1%} and "
+        "system prompts {system_share_of_prompt_tokens:.1%} of prompt tokens".format(**figs)
+    )
     configs = {
         "device_only": (0, 0),
         "host": (8 * n, 0),
