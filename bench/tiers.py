@@ -2,37 +2,45 @@
 
 Workload: multi-turn conversations built on the rows of the Azure
 conversation trace (``kvmem.traces``; the synthetic generator with the same
-length statistics where the file is absent), taken in order. A row's
-``ContextTokens`` is the whole prompt of its request (history and system
-prompt included), so every synthesized prompt is exactly as long as its
-row's prompt, and every answer as long as its row's output:
+length statistics where the file is absent). A row's ``ContextTokens`` is
+the whole prompt of its request (history and system prompt included), so
+every turn takes one row, its prompt exactly as long as the row's prompt
+and its answer as long as the row's output, and every row is used by
+exactly one turn (the multiset of prompt lengths is the trace's). Events
+are taken in time order (a row's arrival before a follow-up due at the
+same time):
 
-* a conversation starts at its first row's arrival time, and its number of
-  turns is drawn geometric (mean 2, at most 10; LMSYS-Chat-1M averages
-  about 2);
+* a conversation starts with the earliest unused row (in arrival order), at
+  that row's arrival time; its number of turns is drawn geometric (mean 2,
+  at most 10; LMSYS-Chat-1M averages about 2);
 * one conversation in five draws one of 32 shared system prompts (512
   tokens, Zipf-popular); when the first row's prompt is longer than 512
   tokens, the system prompt is its first 512 tokens and the rest are the
   conversation's own; otherwise the prompt is all its own (no system
   prompt);
-* a follow-up turn takes the next row: with ``p`` its prompt length and
-  ``h`` the previous prompt plus answer, its prompt is that history followed
-  by a new user message of ``p - h`` tokens when ``p > h``; when ``p <= h``
-  the conversation ends there (fewer turns than drawn) and that row starts a
-  new conversation at its own arrival time (the results count these cuts:
-  ``conversations_cut_by_short_prompt``, ``cut_share_of_followup_draws``);
 * the user thinks between turns for a log-normal time (median 180 s,
   sigma 1.5: a quarter come back within a minute, a tenth after more than
-  20 minutes); a follow-up arrives that long after the previous turn (its
-  row's own arrival time is not used);
+  20 minutes); a follow-up is due that long after the previous turn and
+  arrives at its due time (its row's own arrival time is not used);
+* a follow-up takes, with ``h`` the previous prompt plus answer, the
+  earliest unused row whose prompt ``p`` is longer than ``h``, looking
+  through the next 2,000 unused rows (``SEARCH_ROWS``) in arrival order
+  from the earliest unused one, which is the first to arrive after the due
+  time (every row that arrived by then is used); its prompt is the history
+  followed by a new user message of ``p - h`` tokens. Where none of those
+  rows fits, the conversation ends there, with fewer turns than drawn (the
+  results count these: ``conversations_cut_by_short_prompt``,
+  ``cut_share_of_followup_draws``, and ``cuts_near_trace_end`` for those
+  that had fewer than 2,000 unused rows left after their due time);
 * every token other than a system prompt's is the conversation's own
   (random ids).
 
-Every row is used once, so the mean synthesized prompt equals the trace's
-(``mean_prompt_tokens``, ``trace_mean_prompt_tokens``); the results also
-give the realized ``mean_turns_per_conversation`` and the share of prompt
-tokens that are history (``history_share_of_prompt_tokens``) or a system
-prompt (``system_share_of_prompt_tokens``).
+So the mean synthesized prompt equals the trace's (``mean_prompt_tokens``,
+``trace_mean_prompt_tokens``); the results also give the realized and drawn
+``mean_turns_per_conversation``, the share of prompt tokens that are history
+(``history_share_of_prompt_tokens``) or a system prompt
+(``system_share_of_prompt_tokens``), and how long after its due time a
+follow-up's row arrived in the trace (``mean_followup_row_lead_s``).
 
 Replay: turns in arrival order, one at a time (add, prefill, decode, free),
 through the paged backend on a Llama-3-8B fp16 KV (128 KiB per token) in
@@ -68,6 +76,7 @@ Run: ``KVMEM_TRACES=../shared/traces python -m bench.tiers [--quick]``.
 from __future__ import annotations
 
 import argparse
+import heapq
 import os
 import platform
 import subprocess
@@ -100,6 +109,7 @@ MAX_TURNS = 10
 SYSTEM_PROMPTS = 32
 SYSTEM_LEN = 512
 SYSTEM_SHARE = 0.2
+SEARCH_ROWS = 2000  # unused rows a follow-up looks through for one that fits
 UNLIMITED = 1 << 62  # pages: a device cache that never evicts
 
 
@@ -107,32 +117,61 @@ UNLIMITED = 1 << 62  # pages: a device cache that never evicts
 class Turn:
     """One request of a conversation: its full prompt and the answer it generates.
 
-    ``history`` is how many leading prompt tokens are the conversation's
+    ``row`` is the index in the trace rows of the row whose lengths the turn
+    has; ``history`` how many leading prompt tokens are the conversation's
     previous prompt and answer (0 on a first turn); ``system`` how many are a
     shared system prompt (0 or :data:`SYSTEM_LEN`, first turns only);
-    ``cut`` marks a first turn whose row was drawn as a follow-up but whose
-    prompt was no longer than the history, so that it ended the conversation.
+    ``drawn`` the number of turns drawn for the conversation (first turns
+    only, 0 on follow-ups). ``cut_at`` is set on the last turn of a
+    conversation that drew another turn for which no row fitted: the time
+    that follow-up was due.
     """
 
     time: float
     conv: int = field(compare=False)
     prompt: np.ndarray = field(compare=False)  # uint8 token ids
     answer: np.ndarray = field(compare=False)
+    row: int = field(default=-1, compare=False)
     history: int = field(default=0, compare=False)
     system: int = field(default=0, compare=False)
-    cut: bool = field(default=False, compare=False)
+    drawn: int = field(default=0, compare=False)
+    cut_at: float | None = field(default=None, compare=False)
 
 
-def conversations(rows: list[tuple[float, int, int]], seed: int) -> list[Turn]:
+def fitting_row(used: np.ndarray, prompts: np.ndarray, start: int, h: int, search: int) -> int:
+    """The first of the next ``search`` unused positions from ``start`` whose prompt exceeds ``h``.
+
+    ``used`` and ``prompts`` are indexed by position in arrival order;
+    returns -1 where none of those rows fits.
+    """
+    n, left, j, chunk = len(used), search, start, 64
+    while j < n and left > 0:
+        stop = min(n, j + min(chunk, left))
+        free = ~used[j:stop]
+        hit = np.flatnonzero(free & (prompts[j:stop] > h))
+        if hit.size:
+            return j + int(hit[0])
+        left -= int(free.sum())
+        j, chunk = stop, chunk * 4
+    return -1
+
+
+def conversations(
+    rows: list[tuple[float, int, int]], seed: int, search: int = SEARCH_ROWS
+) -> list[Turn]:
     """The turns of every conversation built from ``rows``, in arrival order.
 
-    Every turn's prompt has exactly its row's prompt length (the module
-    docstring states the rules). Raises :class:`InvalidArgument` for a row
-    whose prompt is shorter than one token.
+    Every row is used by exactly one turn, whose prompt is exactly as long as
+    the row's prompt; a follow-up looks for its row among the next
+    ``search`` unused rows (the module docstring states the rules). Raises
+    :class:`InvalidArgument` for a row whose prompt is shorter than one
+    token or a ``search`` below 1.
     """
     bad = next((r for r in rows if r[1] < 1), None)
     if bad is not None:
         raise InvalidArgument(f"every trace row needs a prompt of 1 token or more, got {bad!r}")
+    if isinstance(search, bool) or not isinstance(search, int) or search < 1:
+        raise InvalidArgument(f"search must be an int of 1 or more, got {search!r}")
     rng = np.random.default_rng(seed)
 
     def text(n: int) -> np.ndarray:
@@ -141,54 +180,79 @@ def conversations(rows: list[tuple[float, int, int]], seed: int) -> list[Turn]:
     systems = [text(SYSTEM_LEN) for _ in range(SYSTEM_PROMPTS)]
     zipf = 1.0 / np.arange(1, SYSTEM_PROMPTS + 1)
     zipf /= zipf.sum()
+    order = np.argsort(np.array([r[0] for r in rows], dtype=np.float64), kind="stable").tolist()
+    prompts = np.array([rows[i][1] for i in order], dtype=np.int64)
+    used = np.zeros(len(rows), dtype=bool)  # by position in arrival order
+    due: list[tuple[float, int, int, Turn]] = []  # (due time, conv, turns left after it, last)
     turns: list[Turn] = []
-    i = conv = 0
-    cut = False
-    while i < len(rows):
-        n = min(MAX_TURNS, int(rng.geometric(TURN_P)))
-        t, p, o = rows[i]
-        if rng.random() < SYSTEM_SHARE and p > SYSTEM_LEN:
-            system = systems[int(rng.choice(SYSTEM_PROMPTS, p=zipf))]
-            prompt, sys_len = np.concatenate([system, text(p - SYSTEM_LEN)]), SYSTEM_LEN
+    first = conv = 0
+    while True:
+        while first < len(rows) and used[first]:
+            first += 1
+        arrival = rows[order[first]][0] if first < len(rows) else float("inf")
+        if due and due[0][0] < arrival:
+            t, c, left, prev = heapq.heappop(due)
+            h = len(prev.prompt) + len(prev.answer)
+            pos = fitting_row(used, prompts, first, h, search)
+            if pos < 0:
+                prev.cut_at = t
+                continue
+            _, p, o = rows[order[pos]]
+            prompt = np.concatenate([prev.prompt, prev.answer, text(p - h)])
+            turn = Turn(t, c, prompt, text(max(1, o)), row=order[pos], history=h)
+        elif first < len(rows):
+            drawn = min(MAX_TURNS, int(rng.geometric(TURN_P)))
+            pos, t, c, left = first, arrival, conv, drawn - 1
+            conv += 1
+            _, p, o = rows[order[pos]]
+            if rng.random() < SYSTEM_SHARE and p > SYSTEM_LEN:
+                system = systems[int(rng.choice(SYSTEM_PROMPTS, p=zipf))]
+                prompt, sys_len = np.concatenate([system, text(p - SYSTEM_LEN)]), SYSTEM_LEN
+            else:
+                prompt, sys_len = text(p), 0
+            turn = Turn(t, c, prompt, text(max(1, o)), row=order[pos], system=sys_len, drawn=drawn)
         else:
-            prompt, sys_len = text(p), 0
-        answer = text(max(1, o))
-        turns.append(Turn(t, conv, prompt, answer, system=sys_len, cut=cut))
-        i += 1
-        cut = False
-        for _ in range(1, n):
-            if i >= len(rows):
-                break
-            _, p, o = rows[i]
-            h = len(prompt) + len(answer)
-            if p <= h:  # this row's prompt cannot hold the history: a new conversation
-                cut = True
-                break
-            t += float(rng.lognormal(np.log(THINK_MEDIAN_S), THINK_SIGMA))
-            prompt = np.concatenate([prompt, answer, text(p - h)])
-            answer = text(max(1, o))
-            turns.append(Turn(t, conv, prompt, answer, history=h))
-            i += 1
-        conv += 1
+            break
+        used[pos] = True
+        turns.append(turn)
+        if left:
+            think = float(rng.lognormal(np.log(THINK_MEDIAN_S), THINK_SIGMA))
+            heapq.heappush(due, (t + think, c, left - 1, turn))
     turns.sort()
     return turns
 
 
-def workload_figures(turns: list[Turn], rows: list[tuple[float, int, int]]) -> dict[str, Any]:
-    """How the synthesized prompts compare with the trace rows they were built from."""
+def workload_figures(
+    turns: list[Turn], rows: list[tuple[float, int, int]], search: int = SEARCH_ROWS
+) -> dict[str, Any]:
+    """How the synthesized prompts compare with the trace rows they were built from.
+
+    ``conversations_cut_by_short_prompt`` counts the follow-ups for which no
+    row fitted (each ends its conversation), ``cuts_near_trace_end`` those of
+    them that found fewer unused rows than the search bound after their due
+    time; ``mean_followup_row_lead_s`` is how long after a follow-up's due
+    time its row arrived in the trace, on average.
+    """
     prompt = sum(len(t.prompt) for t in turns)
     convs = len({t.conv for t in turns})
-    followups = sum(1 for t in turns if t.history)
-    cuts = sum(1 for t in turns if t.cut)
+    follow = [t for t in turns if t.history]
+    cuts = [t.cut_at for t in turns if t.cut_at is not None]
+    times = np.sort(np.array([t.time for t in turns], dtype=np.float64))
+    unused = len(times) - np.searchsorted(times, np.array(cuts, dtype=np.float64), side="right")
+    lead = [rows[t.row][0] - t.time for t in follow]
     return {
         "mean_prompt_tokens": prompt / max(len(turns), 1),
         "trace_mean_prompt_tokens": sum(r[1] for r in rows) / max(len(rows), 1),
         "history_share_of_prompt_tokens": sum(t.history for t in turns) / max(prompt, 1),
         "system_share_of_prompt_tokens": sum(t.system for t in turns) / max(prompt, 1),
         "mean_turns_per_conversation": len(turns) / max(convs, 1),
-        "followup_turns": followups,
-        "conversations_cut_by_short_prompt": cuts,
-        "cut_share_of_followup_draws": cuts / max(followups + cuts, 1),
+        "mean_drawn_turns_per_conversation": sum(t.drawn for t in turns) / max(convs, 1),
+        "followup_turns": len(follow),
+        "conversations_cut_by_short_prompt": len(cuts),
+        "cut_share_of_followup_draws": len(cuts) / max(len(follow) + len(cuts), 1),
+        "cuts_near_trace_end": int((unused < search).sum()),
+        "followup_search_rows": search,
+        "mean_followup_row_lead_s": float(np.mean(lead)) if lead else 0.0,
     }
 
 
@@ -452,9 +516,11 @@ def main() -> None:
     }
     console.print(
         "workload: {requests:,} requests in {conversations:,} conversations "
-        "({mean_turns_per_conversation:.3f} turns each; {conversations_cut_by_short_prompt:,} "
-        "cut by a row's prompt no longer than the history, {cut_share_of_followup_draws:.1%} "
-        "of follow-up draws); mean prompt {mean_prompt_tokens:,.1f} tokens (trace "
+        "({mean_turns_per_conversation:.3f} turns each, {mean_drawn_turns_per_conversation:.3f} "
+        "drawn; {conversations_cut_by_short_prompt:,} follow-ups found no row longer than their "
+        "history, {cut_share_of_followup_draws:.1%} of those due, {cuts_near_trace_end:,} of them "
+        "near the trace's end; rows arrive {mean_followup_row_lead_s:.1f} s after their "
+        "follow-up on average); mean prompt {mean_prompt_tokens:,.1f} tokens (trace "
         "{trace_mean_prompt_tokens:,.1f}); history {history_share_of_prompt_tokens:.1%} and "
         "system prompts {system_share_of_prompt_tokens:.1%} of prompt tokens".format(**figs)
     )
