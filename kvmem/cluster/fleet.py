@@ -110,7 +110,11 @@ def _instance_main(
         rid = None
         with contextlib.suppress(KVError):
             rid = eng.accept_migration(
-                transport, src, timeout, on_output=forward, decide=functools.partial(decide, src)
+                transport,
+                src,
+                timeout=timeout,
+                on_output=forward,
+                decide=functools.partial(decide, src),
             )
         outbox.put(("accepted", rank, rid))
 
