@@ -7,7 +7,7 @@ copies the rest with the request's state, and hands over. Frames go over a
 alone; each frame the source sends is answered before the next::
 
     source (decoding)                                destination
-    BEGIN(meta)          ────────────────────────▶  Importer.begin     ◀── OK / error
+    BEGIN(meta)          ────────────────────────▶  Importer.begin     ◀── OK(prefix hit) / error
     STAGE(new tokens, chunk of full pages) ──────▶  write + commit     ◀── OK / error
       ... decode steps meanwhile; repeated while the delta is large ...
     FINAL(tokens, last chunk, request state) ────▶  write, finish,     ◀── OK: prepared
@@ -36,7 +36,10 @@ Disaggregated prefill uses the same protocol with a gate: a
 ``ready()`` is false (the prompt's later chunks compute meanwhile) and
 goes to FINAL only once it is true (the first token is sampled); with
 ``reserve_ahead`` the destination reserves every known token plus one at
-BEGIN, so no transfer starts without room for the whole prompt.
+BEGIN, so no transfer starts without room for the whole prompt. A
+destination whose prefix cache already holds the first positions (the
+previous turn of a conversation) says how many in its answer to BEGIN, and
+they are not sent.
 """
 
 from __future__ import annotations
@@ -73,6 +76,8 @@ class MigrationStats:
     bytes_copied: int = 0
     #: bytes of the stages sent while ``ready()`` was false (overlapped with the prefill)
     bytes_early: int = 0
+    #: leading positions the destination already held (its prefix cache): not sent
+    tokens_cached: int = 0
     downtime_s: float = 0.0
     total_s: float = 0.0
     started: float = field(default_factory=time.perf_counter)
@@ -150,7 +155,10 @@ class SourceMigration:
     def _post(self, kind: int, meta: Any, chunk: Chunk | None, early: bool = False) -> None:
         def run() -> None:
             try:
-                self._exchange(kind, meta, chunk, early)
+                held = self._exchange(kind, meta, chunk, early)
+                if kind == BEGIN and isinstance(held, int):  # the destination's prefix hit
+                    self.stats.tokens_cached = held
+                    self._copied = max(self._copied, held)
             except KVError as e:
                 self.error = e
 
@@ -198,7 +206,7 @@ class SourceMigration:
 
     def _final(self, computed: int, state: Callable[[], Any]) -> bool:
         t0 = time.perf_counter()
-        chunk = read_kv(self.alloc, self.seq_id, self._copied, computed)
+        chunk = read_kv(self.alloc, self.seq_id, min(self._copied, computed), computed)
         try:
             self._exchange(FINAL, (self._new_tokens(), computed, state()), chunk)
             # the decision: from here on the destination runs the request
@@ -302,7 +310,9 @@ def receive_migration(
                     imp.abort()
                 transport.wait_sent(transport.send(src, FAIL, (type(e).__name__, str(e))))
                 return None
-            transport.wait_sent(transport.send(src, OK, None))
+            # BEGIN's answer: the positions this side already holds (a prefix-cache hit)
+            answer = imp.written if kind == BEGIN and imp is not None else None
+            transport.wait_sent(transport.send(src, OK, answer))
         try:
             commit = transport.recv(src, "waiting for the hand-over decision").kind == COMMIT
         except PeerFailure:

@@ -104,6 +104,7 @@ def prefill_decode(
         out["handed"] = [rid for rid, _, _ in h.done]
         out["bytes"] = sum(s.bytes_copied for _, _, s in h.done)
         out["bytes_early"] = sum(s.bytes_early for _, _, s in h.done)
+        out["turn_cached"] = sum(s.tokens_cached for rid, _, s in h.done if rid == "turn")
         out["failed"] = list(h.failed)
         out["local"] = list(h.local)
         out["tokens"], out["finished"], out["cached"] = got.tokens, got.finished, got.cached

@@ -25,6 +25,8 @@ def test_decode_continues_each_prompt_with_the_colocated_tokens_and_pages_move_e
         assert r0["finished"].get(rid) is None and r1["finished"][rid] == 1
     # the second turn found the first turn's prompt in the prefill side's prefix cache
     assert r0["cached"]["turn"] >= len(w.PROMPTS[0]) // 16 * 16
+    # ... and the decode side held its pages from the first turn: they were not sent again
+    assert r0["turn_cached"] >= len(w.PROMPTS[0]) // 16 * 16
     # prompts of several chunks: some of their KV moved while later chunks computed
     assert 0 < r0["bytes_early"] < r0["bytes"]
     assert r0["used_after"] == 0 and r1["used_after"] == 0 and r0["left"] == (0, 0, 0)
