@@ -31,6 +31,7 @@ import itertools
 import os
 import queue
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -41,6 +42,8 @@ from typing import Any
 from kvmem.cluster.disagg import pair_transports, role_of, start_acceptors
 from kvmem.cluster.policy import Load, pick_instance, plan_migrations
 from kvmem.errors import InvalidArgument, KVError
+
+_SWITCH_S = 0.0005
 
 
 def _free_port() -> int:
@@ -69,6 +72,10 @@ def _instance_main(
     from kvmem.transfer.live import abort_remote
 
     torch.set_num_threads(1)
+    if prefill:
+        # a hand-off's frames go out from worker threads between the engine loop's steps:
+        # at the default 5 ms GIL switch interval each frame waits for a slice
+        sys.setswitchinterval(_SWITCH_S)
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
