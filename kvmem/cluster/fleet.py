@@ -21,6 +21,17 @@ reported the hand-over or is dead (:func:`settle_hand_over`).
 
 :meth:`Cluster.drain` marks an instance as draining: it gets no new
 requests and its running ones move out one by one.
+
+Disaggregated (``prefill=P``, DistServe; :mod:`kvmem.cluster.disagg`): the
+first P instances prefill and the others decode. A new request goes to the
+prefill instance with the most virtual free KV, which is told the decode
+instance (the same measure, among live ones) to hand it to; the migration
+policy is off. A decode instance found dead has its requests re-sent to a
+prefill instance with the tokens already delivered appended to the prompt
+(under a fresh id at the instances, so late outputs of the dead one are
+dropped): each request still finishes exactly once, with greedy outputs
+unchanged. One that was still on its way there decodes at its prefill
+instance instead (:mod:`kvmem.engine.roles`).
 """
 
 from __future__ import annotations
@@ -128,10 +139,16 @@ def _instance_main(
             )
         outbox.put(("accepted", rank, rid))
 
+    aborts: dict[str, None] = {}  # decode role: aborts that may come before their request
+
+    def accepted(rid: str) -> None:
+        if rid in aborts:  # aborted while on its way here
+            aborts.pop(rid, None)
+            eng.abort(rid)
+        outbox.put(("accepted", rank, rid))
+
     if eng.config.role == "decode":
-        start_acceptors(
-            eng, pairs, forward, lambda rid: outbox.put(("accepted", rank, rid)), decide
-        )
+        start_acceptors(eng, pairs, forward, accepted, decide)
     routed: dict[str, int] = {}  # request id -> its decode instance (prefill role)
     seen_done = seen_failed = seen_handed = seen_local = 0
     last = last_metrics = 0.0
@@ -158,6 +175,10 @@ def _instance_main(
                     routed[rid] = d
             elif kind == "abort":
                 eng.abort(msg[1])
+                if eng.config.role == "decode":
+                    aborts[msg[1]] = None
+                    if len(aborts) > 4096:
+                        aborts.pop(next(iter(aborts)))
             elif kind == "migrate":
                 try:
                     eng.migrate(msg[1], transport, msg[2])
@@ -380,7 +401,9 @@ class Cluster:
             iid = self._current.get(request_id, request_id)
         if i is None:
             return False
-        self._inboxes[i].put(("abort", iid))
+        # disaggregated: it may be on its way to a decode instance; unknown ids are ignored
+        for j in {i, *range(self.prefill, self.n if self.prefill else 0)}:
+            self._inboxes[j].put(("abort", iid))
         return True
 
     def drain(self, instance: int) -> None:

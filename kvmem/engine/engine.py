@@ -449,9 +449,9 @@ class Engine:
 
     # ------------------------------------------------------------ conveniences
     def has_unfinished(self) -> bool:
-        """True while any request is queued or running."""
+        """True while any request is queued or running (or a hand-off is left to settle)."""
         with self._inbox_lock:
-            return bool(self._ids)
+            return bool(self._ids) or self.handoffs.busy
 
     def generate(
         self,

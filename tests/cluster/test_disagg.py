@@ -98,3 +98,27 @@ def test_a_decode_instance_killed_while_serving_leaves_every_request_finished_on
 def test_a_fleet_needs_a_decode_instance():
     with pytest.raises(InvalidArgument, match="prefill"):
         Cluster(2, OPTS, prefill=2)
+
+
+def test_an_abort_reaches_a_request_wherever_it_is_and_nothing_stays_held():
+    params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+    col = _Collect()
+    reasons: dict[str, str | None] = {}
+
+    def collect(out) -> None:
+        col(out)
+        if out.finished:
+            reasons[out.request_id] = out.finish_reason
+
+    with Cluster(2, OPTS, prefill=1) as c:
+        for i, p in enumerate(PROMPTS[:3]):
+            c.add_request(p, params, request_id=f"r{i}", on_output=collect)
+        assert _wait(lambda: all(f"r{i}" in col.got for i in range(3)), 120), col.got
+        for i in range(3):  # on the decode instance, or still on its way there
+            assert c.abort(f"r{i}")
+        assert _wait(lambda: len(reasons) == 3, 60), reasons
+        assert _wait(lambda: _idle(c, range(2)), 10), [
+            (m.num_running, m.num_waiting, m.kv_used_tokens) for m in c.metrics
+        ]
+    assert reasons == {f"r{i}": "abort" for i in range(3)}
+    assert col.finished == {f"r{i}": 1 for i in range(3)}

@@ -78,7 +78,9 @@ def prefill_decode(
     """Rank 0 prefills every prompt and hands each to rank 1, which decodes it.
 
     ``fault``: ``"decode_dies"`` (rank 1 exits after taking two frames, in
-    the middle of the first transfer). ``decode_kv``: rank 1's KV capacity.
+    the middle of the first transfer); ``"abort"`` (rank 0 aborts ``r2``
+    once its transfer has begun, before its prompt is computed).
+    ``decode_kv``: rank 1's KV capacity.
     """
     group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
     t = Transport(group, timeout)
@@ -96,6 +98,13 @@ def prefill_decode(
         for i, p in enumerate(PROMPTS):
             eng.add_request(p, params(), request_id=f"r{i}", on_output=got)
             eng.handoffs.route(eng, f"r{i}", t, 1)
+        if fault == "abort":
+            out["aborted_mid_transfer"] = False
+            while "r2" not in got.tokens and eng.has_unfinished():
+                eng.step()
+                if any(rid == "r2" for rid, _ in eng.handoffs.active.values()):
+                    out["aborted_mid_transfer"] = eng.abort("r2")
+                    break
         eng.run()
         eng.add_request(NEXT_TURN, params(), request_id="turn", on_output=got)
         eng.handoffs.route(eng, "turn", t, 1)
@@ -129,7 +138,11 @@ def prefill_decode(
     acceptor = threading.Thread(
         target=serve_handoffs,
         args=(eng, t, 0),
-        kwargs={"count": len(PROMPTS) + 1, "on_output": got, "on_accepted": taken.append},
+        kwargs={
+            "count": len(PROMPTS) + (fault != "abort"),
+            "on_output": got,
+            "on_accepted": taken.append,
+        },
         daemon=True,
     )
     acceptor.start()
@@ -142,6 +155,7 @@ def prefill_decode(
     eng.allocator.check_integrity()
     return {
         "taken": taken,
+        "handed": [rid for rid in taken if rid is not None],
         "tokens": got.tokens,
         "finished": got.finished,
         "peak": peak[0],

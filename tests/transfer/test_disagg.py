@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvmem.engine import Engine
+from kvmem.engine.roles import serve_handoffs
 from kvmem.errors import InvalidArgument
 from tests.distributed.dist_harness import run_world
 from tests.transfer import disagg_workers as w
@@ -56,6 +57,17 @@ def test_a_decode_side_dying_mid_transfer_leaves_every_request_to_finish_once_at
     assert r0["used_after"] == 0 and r0["left"] == (0, 0, 0)
 
 
+def test_a_request_aborted_during_its_transfer_leaves_nothing_on_either_side():
+    r0, r1 = run_world(w.prefill_decode, 2, "abort", deadline=120)
+    ref = r0["reference"]
+    assert r0["aborted_mid_transfer"]
+    assert r0["finished"]["r2"] == 1 and "r2" not in r0["handed"] and "r2" not in r1["handed"]
+    assert "r2" not in r1["tokens"]
+    for rid in (r for r in IDS if r != "r2"):
+        assert r0["tokens"][rid] + r1["tokens"][rid] == ref[rid], rid
+    assert r0["used_after"] == 0 and r1["used_after"] == 0 and r0["left"] == (0, 0, 0)
+
+
 def test_roles_are_checked():
     with pytest.raises(InvalidArgument, match="role"):
         Engine(role="both")
@@ -63,3 +75,12 @@ def test_roles_are_checked():
         rid = eng.add_request([1, 2, 3])
         with pytest.raises(InvalidArgument, match="prefill"):
             eng.handoffs.route(eng, rid, None, 1)  # type: ignore[arg-type]
+    with Engine(num_kv_tokens=256, attention_impl="reference", role="prefill") as eng:
+        rid = eng.add_request([1, 2, 3])
+        with pytest.raises(InvalidArgument, match="no request"):
+            eng.handoffs.route(eng, "nope", None, 1)  # type: ignore[arg-type]
+        eng.handoffs.route(eng, rid, None, 1)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument, match="already"):
+            eng.handoffs.route(eng, rid, None, 1)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument, match="decode engine"):
+            serve_handoffs(eng, None, 0)  # type: ignore[arg-type]
