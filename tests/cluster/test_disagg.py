@@ -67,6 +67,8 @@ def test_prefill_and_decode_instances_give_the_colocated_tokens():
         for i, p in enumerate(PROMPTS[3:], 3):  # after the first: its prompt is cached
             c.add_request(p, params, request_id=f"r{i}", on_output=col)
         assert _wait(lambda: len(col.finished) == len(PROMPTS), 150), col.got
+        # each prefill report may trail its request's last token through the outputs queue
+        assert _wait(lambda: len(c.handoffs) == len(PROMPTS), 10), c.handoffs
         assert sorted(rid for rid, *_ in c.handoffs) == sorted(col.finished)
         assert all(p == 0 and d == 1 for _, p, d, _ in c.handoffs)
         assert sum(s.bytes_copied for *_, s in c.handoffs) > 0
