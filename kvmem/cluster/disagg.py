@@ -66,7 +66,7 @@ def start_acceptors(
             transport,
             0,
             on_output=on_output,
-            on_accepted=lambda rid: rid is not None and on_accepted(rid),
+            on_accepted=on_accepted,
             decide=lambda rid: decide(src, rid),
         )
 

@@ -24,7 +24,9 @@ FINAL, then COMMIT). A decode side without room answers BEGIN with
 the request to decode where it is, so it completes exactly once and
 nothing is left behind. Transfers to one decode instance over one
 transport never interleave: one is in flight per (transport, peer) pair,
-held requests first, then in admission order.
+held requests first, then in admission order (so give hand-offs a
+transport that no live migration uses: the cluster gives each pair a group
+of its own).
 
 :class:`Handoffs` is the prefill engine's side (advanced once per step);
 :func:`serve_handoffs` is the decode engine's: it accepts hand-offs from
@@ -154,8 +156,8 @@ class Handoffs:
                     route.peer,
                     engine.allocator,
                     rid,
-                    lambda r=r: list(r.token_ids),
-                    ready=lambda r=r: r.num_output_tokens > 0,
+                    functools.partial(_tokens, r),
+                    ready=functools.partial(_first_token_out, r),
                 ),
             )
 
@@ -181,6 +183,14 @@ class Handoffs:
                 del self.active[key]
 
 
+def _tokens(r: Request) -> list[int]:
+    return list(r.token_ids)
+
+
+def _first_token_out(r: Request) -> bool:
+    return r.num_output_tokens > 0
+
+
 def serve_handoffs(
     engine: Any,
     transport: Transport,
@@ -188,7 +198,7 @@ def serve_handoffs(
     *,
     stop: threading.Event | None = None,
     on_output: Any = None,
-    on_accepted: Callable[[str | None], None] | None = None,
+    on_accepted: Callable[[str], None] | None = None,
     decide: Callable[[str], bool] | None = None,
     idle_wait: float = 86400.0,
     count: int | None = None,
@@ -197,8 +207,8 @@ def serve_handoffs(
 
     Each is reserved whole at BEGIN (``OutOfKVMemory`` answered, nothing
     kept, when there is no room) and runs here from its COMMIT on, with
-    ``on_output`` as its output callback; ``on_accepted`` gets its id (None
-    for a transfer that did not complete). Returns once ``count`` requests
+    ``on_output`` as its output callback; ``on_accepted`` gets its id once
+    it runs here (a transfer that did not complete is not reported). Returns once ``count`` requests
     were taken in, ``stop`` is set (looked at between transfers), or the
     prefill peer fails (nothing of its transfer in flight is kept).
     ``idle_wait`` bounds the wait for the next transfer's first frame.
@@ -213,9 +223,10 @@ def serve_handoffs(
             return
         except KVError:
             rid = None
-        taken += rid is not None
-        if on_accepted is not None:
-            on_accepted(rid)
+        if rid is not None:
+            taken += 1
+            if on_accepted is not None:
+                on_accepted(rid)
 
 
 __all__ = ["ROLES", "Handoffs", "Route", "serve_handoffs"]

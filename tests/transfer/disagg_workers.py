@@ -133,7 +133,7 @@ def prefill_decode(
             return recv(*a, **k)
 
         t.recv = dying_recv  # type: ignore[method-assign]
-    taken: list[str | None] = []
+    taken: list[str] = []
     peak = [0]
     acceptor = threading.Thread(
         target=serve_handoffs,
@@ -155,7 +155,6 @@ def prefill_decode(
     eng.allocator.check_integrity()
     return {
         "taken": taken,
-        "handed": [rid for rid in taken if rid is not None],
         "tokens": got.tokens,
         "finished": got.finished,
         "peak": peak[0],

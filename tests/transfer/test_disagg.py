@@ -61,7 +61,7 @@ def test_a_request_aborted_during_its_transfer_leaves_nothing_on_either_side():
     r0, r1 = run_world(w.prefill_decode, 2, "abort", deadline=120)
     ref = r0["reference"]
     assert r0["aborted_mid_transfer"]
-    assert r0["finished"]["r2"] == 1 and "r2" not in r0["handed"] and "r2" not in r1["handed"]
+    assert r0["finished"]["r2"] == 1 and "r2" not in r0["handed"] and "r2" not in r1["taken"]
     assert "r2" not in r1["tokens"]
     for rid in (r for r in IDS if r != "r2"):
         assert r0["tokens"][rid] + r1["tokens"][rid] == ref[rid], rid
