@@ -10,12 +10,14 @@ prefill side's hand-off statistics:
   prompt was still being prefilled (stages sent before the first token was
   sampled; the rest moves with the hand-over, after it);
 - bytes moved, stages per request, prefix positions the decode side
-  already held;
+  already held, the time from BEGIN to the hand-over and of the final
+  stage (the prefill engine's loop waits for it);
 
 and at the front: whether every request's greedy tokens equal a colocated
 engine's (``token_identical``), time to first token and to the last token.
 Without ``quick`` the same requests also run on two colocated instances
-(``Cluster(2)``) side by side, for the latency ratios.
+(``Cluster(2)``) one after the other in the same run, for the latency
+ratios (same process count; the colocated pair prefills on both).
 
 The tiny model's prefill chunk takes a millisecond or two on a CPU while a
 hand-off frame costs milliseconds of Python (pickling, a worker thread, the
@@ -116,6 +118,8 @@ def run_e2e(quick: bool) -> dict[str, Any]:
         "stages_per_request": statistics.mean(s.stages for s in stats) if stats else 0.0,
         "decode_side_cached_tokens": sum(s.tokens_cached for s in stats),
         "handoff_s_mean": statistics.mean(s.total_s for s in stats) if stats else 0.0,
+        # the prefill engine's loop waits for the last stage and the decode side's confirmation
+        "final_stage_s_mean": statistics.mean(s.downtime_s for s in stats) if stats else 0.0,
         "disagg_ttft_s_mean": statistics.mean(dis["ttft"]) if dis["ttft"] else None,
         "disagg_latency_s_mean": statistics.mean(dis["latency"]) if dis["latency"] else None,
     }

@@ -117,8 +117,10 @@ def test_prefill_and_decode_instances_answer_like_one_engine_through_the_openai_
     )
     app = build_app(args)
     base = "kvmem serves its first token from a prefill instance and the rest elsewhere; "
-    # different lengths, several chunks each; the last two start with the first (prefix hits)
-    prompts = [base, "short", base * 2 + "and more", base + "second turn", base + "third one"]
+    # different lengths, several chunks each; a second wave extends the first prompt, whose
+    # pages are then in the prefill side's prefix cache
+    first = [base, "short", base * 2 + "and more"]
+    prompts = first + [base + "second turn", base + "third one"]
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     with Engine(num_kv_tokens=512, attention_impl="reference", max_num_batched_tokens=32) as eng:
         ref = [c.output_token_ids for c in eng.generate(prompts, params)]
@@ -139,7 +141,8 @@ def test_prefill_and_decode_instances_answer_like_one_engine_through_the_openai_
                 return list(r.choices[0].model_extra["token_ids"])
 
             with ThreadPoolExecutor(len(prompts)) as pool:  # concurrent requests
-                got = list(pool.map(ask, prompts))
+                got = list(pool.map(ask, first))
+                got += list(pool.map(ask, prompts[len(first) :]))
             assert got == ref
             # a prompt the decode side could never hold: a 400 before any work
             with pytest.raises(openai.BadRequestError, match="KV pool|decode instance"):
@@ -149,6 +152,10 @@ def test_prefill_and_decode_instances_answer_like_one_engine_through_the_openai_
         while len(cluster.handoffs) < len(prompts) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert len(cluster.handoffs) == len(prompts)  # every request went through a decode instance
+        want = 2 * (len(base.encode()) // 16 * 16)  # the second wave's prefix, cached
+        while cluster.metrics[0].prefix_cache_hit_tokens < want and time.monotonic() < deadline:
+            time.sleep(0.05)  # metrics come in every 0.25 s
+        assert cluster.metrics[0].prefix_cache_hit_tokens >= want
     finally:
         srv.stop()
 
