@@ -116,6 +116,8 @@ class Handoffs:
                 mig.abort()
                 del self.active[key]
                 continue
+            if r.swap_handle is not None:  # its KV is being swapped in: not readable yet
+                continue
             try:
                 if not mig.advance(functools.partial(request_state, r)):
                     continue
@@ -149,17 +151,19 @@ class Handoffs:
             if key in self.active:
                 continue
             route = self.routes[rid]
-            self.active[key] = (
-                rid,
-                SourceMigration(
+            try:
+                mig = SourceMigration(
                     route.transport,
                     route.peer,
                     engine.allocator,
                     rid,
                     functools.partial(_tokens, r),
                     ready=functools.partial(_first_token_out, r),
-                ),
-            )
+                )
+            except KVError as e:  # a transport that has failed already
+                self._failed(engine, r, e)
+                continue
+            self.active[key] = (rid, mig)
 
     def _failed(self, engine: Any, r: Request, err: BaseException) -> None:
         rid = r.request_id
