@@ -26,7 +26,7 @@ of milliseconds and a frame the same.
 
 ``run_e2e(quick)`` returns the figures (``bench.disagg`` calls it);
 ``python -m bench.disagg_e2e [--quick]`` prints them and writes
-``bench/results/disagg_e2e.json``.
+``bench/results/disagg_e2e.json`` and ``disagg_e2e.png``.
 """
 
 from __future__ import annotations
@@ -137,9 +137,33 @@ def run_e2e(quick: bool) -> dict[str, Any]:
     return out
 
 
+def _plot(figures: dict[str, Any], path: Any) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    moved = figures["kv_bytes_moved"] / 2**20
+    early = moved * figures["transfer_overlap_frac"]
+    ax[0].bar(["during prefill", "at hand-over"], [early, moved - early])
+    ax[0].set_title("KV moved (MiB)")
+    modes = [m for m in ("disagg", "colocated") if figures.get(f"{m}_ttft_s_mean") is not None]
+    for k, stat in enumerate(("ttft", "latency")):
+        vals = [figures[f"{m}_{stat}_s_mean"] for m in modes]
+        ax[1].bar([x + 0.4 * k for x in range(len(modes))], vals, width=0.4, label=stat)
+    ax[1].set_xticks(
+        [x + 0.2 for x in range(len(modes))], ["1 prefill + 1 decode", "2 colocated"][: len(modes)]
+    )
+    ax[1].set_title("mean time per request (s)")
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m bench.disagg_e2e [--quick]``."""
-    from bench.common import print_table, save_results
+    from bench.common import print_table, results_dir, save_results
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer, shorter requests; no baseline")
@@ -151,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         [[k, f"{v:.3f}" if isinstance(v, float) else v] for k, v in figures.items()],
     )
     save_results("disagg_e2e", figures, args.quick)
+    _plot(figures, results_dir() / "disagg_e2e.png")
     return 0
 
 
