@@ -16,8 +16,10 @@ prefill side's hand-off statistics:
 and at the front: whether every request's greedy tokens equal a colocated
 engine's (``token_identical``), time to first token and to the last token.
 Without ``quick`` the same requests also run on two colocated instances
-(``Cluster(2)``) one after the other in the same run, for the latency
-ratios (same process count; the colocated pair prefills on both).
+(``Cluster(2)``) in the same run, the two set-ups alternating over three
+rounds (the machine is shared: the time figures are medians over rounds),
+for the latency ratios (same process count; the colocated pair prefills
+on both instances, the disaggregated pair on one).
 
 The tiny model's prefill chunk takes a millisecond or two on a CPU while a
 hand-off frame costs milliseconds of Python (pickling, a worker thread, the
@@ -37,6 +39,7 @@ import threading
 import time
 from typing import Any
 
+ROUNDS = 3
 OPTS: dict[str, Any] = {
     "attention_impl": "reference",
     "num_kv_tokens": 8192,
@@ -97,43 +100,47 @@ def _serve(n: int, prefill: int, prompts: list[list[int]], params: Any) -> dict[
 
 def run_e2e(quick: bool) -> dict[str, Any]:
     """Serve the requests on 1 prefill + 1 decode instance (and, unless ``quick``, on 2
-    colocated ones); the figures of the module docstring."""
+    colocated ones, alternating over ``ROUNDS`` rounds); the figures of the module docstring
+    (time figures: the median over rounds of each round's mean)."""
     from kvmem.engine import Engine, SamplingParams
 
     prompts = _prompts(quick)
     params = SamplingParams(max_tokens=16 if quick else 32, temperature=0.0, ignore_eos=True)
     with Engine(**OPTS) as eng:
         ref = [c.output_token_ids for c in eng.generate(prompts, params)]
-    dis = _serve(2, 1, prompts, params)
-    stats = [s for *_, s in dis["handoffs"]]
+    modes = [(2, 1, "disagg")] + ([] if quick else [(2, 0, "colocated")])
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for *_, name in modes}
+    for k in range(1 if quick else ROUNDS):
+        for n, prefill, name in modes if k % 2 == 0 else modes[::-1]:
+            runs[name].append(_serve(n, prefill, prompts, params))
+    stats = [s for run in runs["disagg"] for *_, s in run["handoffs"]]
     moved = sum(s.bytes_copied for s in stats)
     out: dict[str, Any] = {
         "requests": len(prompts),
         "prompt_tokens": sum(len(p) for p in prompts),
         "max_num_batched_tokens": OPTS["max_num_batched_tokens"],
+        "rounds": len(runs["disagg"]),
         "handoffs": len(stats),
-        "token_identical": dis["tokens"] == ref,
+        "token_identical": all(run["tokens"] == ref for run in runs["disagg"]),
         "transfer_overlap_frac": sum(s.bytes_early for s in stats) / moved if moved else 0.0,
-        "kv_bytes_moved": moved,
+        "kv_bytes_moved_per_round": moved // len(runs["disagg"]),
         "stages_per_request": statistics.mean(s.stages for s in stats) if stats else 0.0,
-        "decode_side_cached_tokens": sum(s.tokens_cached for s in stats),
+        "decode_side_cached_tokens": sum(s.tokens_cached for s in stats) // len(runs["disagg"]),
         "handoff_s_mean": statistics.mean(s.total_s for s in stats) if stats else 0.0,
         # the prefill engine's loop waits for the last stage and the decode side's confirmation
         "final_stage_s_mean": statistics.mean(s.downtime_s for s in stats) if stats else 0.0,
-        "disagg_ttft_s_mean": statistics.mean(dis["ttft"]) if dis["ttft"] else None,
-        "disagg_latency_s_mean": statistics.mean(dis["latency"]) if dis["latency"] else None,
     }
+    for name, rs in runs.items():
+        if name != "disagg":
+            out[f"{name}_token_identical"] = all(run["tokens"] == ref for run in rs)
+        for stat in ("ttft", "latency"):
+            means = [statistics.mean(run[stat]) for run in rs if run[stat]]
+            out[f"{name}_{stat}_s_mean"] = statistics.median(means) if means else None
     if not quick:
-        col = _serve(2, 0, prompts, params)
-        out["colocated_token_identical"] = col["tokens"] == ref
-        out["colocated_ttft_s_mean"] = statistics.mean(col["ttft"])
-        out["colocated_latency_s_mean"] = statistics.mean(col["latency"])
-        out["ttft_ratio_disagg_over_colocated"] = (
-            out["disagg_ttft_s_mean"] / out["colocated_ttft_s_mean"]
-        )
-        out["latency_ratio_disagg_over_colocated"] = (
-            out["disagg_latency_s_mean"] / out["colocated_latency_s_mean"]
-        )
+        for stat in ("ttft", "latency"):
+            out[f"{stat}_ratio_disagg_over_colocated"] = (
+                out[f"disagg_{stat}_s_mean"] / out[f"colocated_{stat}_s_mean"]
+            )
     return out
 
 
@@ -144,7 +151,7 @@ def _plot(figures: dict[str, Any], path: Any) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
-    moved = figures["kv_bytes_moved"] / 2**20
+    moved = figures["kv_bytes_moved_per_round"] / 2**20
     early = moved * figures["transfer_overlap_frac"]
     ax[0].bar(["during prefill", "at hand-over"], [early, moved - early])
     ax[0].set_title("KV moved (MiB)")
