@@ -147,6 +147,9 @@ def test_prefill_and_decode_instances_answer_like_one_engine_through_the_openai_
             # a prompt the decode side could never hold: a 400 before any work
             with pytest.raises(openai.BadRequestError, match="KV pool|decode instance"):
                 c.completions.create(model=name, prompt="x" * 600, max_tokens=4)
+        # the same check behind the engine interface, whatever the HTTP layer checks first
+        with pytest.raises(InvalidRequest, match="decode instance"):
+            app.state.kvmem.runner.engine.add_request([1] * 512)
         cluster = app.state.kvmem.runner.engine.cluster
         deadline = time.monotonic() + 10  # the prefill side's reports may trail the outputs
         while len(cluster.handoffs) < len(prompts) and time.monotonic() < deadline:
