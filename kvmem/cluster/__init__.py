@@ -3,7 +3,8 @@
 - :mod:`kvmem.cluster.policy`: :class:`Load` (virtual usage), :func:`pick_instance`,
   :func:`plan_migrations`;
 - :mod:`kvmem.cluster.fleet`: :class:`Cluster`, N engine processes behind the dispatcher,
-  live-migrating requests from loaded (or draining) instances to free ones;
+  live-migrating requests from loaded (or draining) instances to free ones, or (``prefill=P``)
+  P prefill and N-P decode instances (:mod:`kvmem.cluster.disagg`, DistServe);
 - :mod:`kvmem.cluster.simulate`: the same policies on simulated instances, for benchmarks.
 """
 

@@ -21,6 +21,17 @@ reported the hand-over or is dead (:func:`settle_hand_over`).
 
 :meth:`Cluster.drain` marks an instance as draining: it gets no new
 requests and its running ones move out one by one.
+
+Disaggregated (``prefill=P``, DistServe; :mod:`kvmem.cluster.disagg`): the
+first P instances prefill and the others decode. A new request goes to the
+prefill instance with the most virtual free KV, which is told the decode
+instance (the same measure, among live ones) to hand it to; the migration
+policy is off. A decode instance found dead has its requests re-sent to a
+prefill instance with the tokens already delivered appended to the prompt
+(under a fresh id at the instances, so late outputs of the dead one are
+dropped): each request still finishes exactly once, with greedy outputs
+unchanged. One that was still on its way there decodes at its prefill
+instance instead (:mod:`kvmem.engine.roles`).
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ import itertools
 import os
 import queue
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -38,8 +50,11 @@ from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
+from kvmem.cluster.disagg import pair_transports, role_of, start_acceptors
 from kvmem.cluster.policy import Load, pick_instance, plan_migrations
 from kvmem.errors import InvalidArgument, KVError
+
+_SWITCH_S = 0.0005
 
 
 def _free_port() -> int:
@@ -57,16 +72,21 @@ def _instance_main(
     outbox: Any,
     timeout: float,
     report_s: float,
+    prefill: int = 0,
 ) -> None:
     """One instance: an engine stepping, answering the dispatcher's messages."""
     import torch
     import torch.distributed as dist
 
     from kvmem.distributed.transport import Transport
-    from kvmem.engine import Engine
+    from kvmem.engine import Engine, RequestOutput
     from kvmem.transfer.live import abort_remote
 
     torch.set_num_threads(1)
+    if prefill:
+        # a hand-off's frames go out from worker threads between the engine loop's steps:
+        # at the default 5 ms GIL switch interval each frame waits for a slice
+        sys.setswitchinterval(_SWITCH_S)
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
@@ -75,7 +95,8 @@ def _instance_main(
         timeout=timedelta(seconds=timeout),
     )
     transport = Transport(dist.distributed_c10d._get_default_group(), timeout)
-    eng = Engine(**dict(options))
+    pairs = pair_transports(rank, size, prefill, timeout)
+    eng = Engine(**{**options, "role": role_of(rank, prefill)})
 
     sent: dict[str, int] = {}  # output tokens forwarded so far, per request
 
@@ -90,7 +111,7 @@ def _instance_main(
         sent[rid] = start + len(out.new_token_ids)
         if out.finished:
             sent.pop(rid, None)
-        outbox.put(("out", rid, out, start))
+        outbox.put(("out", rid, out, start, rank))
 
     decisions: dict[str, queue.Queue[bool]] = {}
 
@@ -110,11 +131,26 @@ def _instance_main(
         rid = None
         with contextlib.suppress(KVError):
             rid = eng.accept_migration(
-                transport, src, timeout, on_output=forward, decide=functools.partial(decide, src)
+                transport,
+                src,
+                timeout=timeout,
+                on_output=forward,
+                decide=functools.partial(decide, src),
             )
         outbox.put(("accepted", rank, rid))
 
-    seen_done = seen_failed = 0
+    aborts: dict[str, None] = {}  # decode role: aborts that may come before their request
+
+    def accepted(rid: str) -> None:
+        if rid in aborts:  # aborted while on its way here
+            aborts.pop(rid, None)
+            eng.abort(rid)
+        outbox.put(("accepted", rank, rid))
+
+    if eng.config.role == "decode":
+        start_acceptors(eng, pairs, forward, accepted, decide)
+    routed: dict[str, int] = {}  # request id -> its decode instance (prefill role)
+    seen_done = seen_failed = seen_handed = seen_local = 0
     last = last_metrics = 0.0
     metrics_s = max(report_s, 0.25)
     while True:
@@ -126,10 +162,23 @@ def _instance_main(
                 break
             kind = msg[0]
             if kind == "add":
-                _, rid, prompt, params = msg
-                eng.add_request(prompt, params, request_id=rid, on_output=forward)
+                _, rid, prompt, params, d = msg
+                try:
+                    eng.add_request(prompt, params, request_id=rid, on_output=forward)
+                except KVError as e:
+                    outbox.put(
+                        ("out", rid, RequestOutput(rid, [], "", True, "error", str(e)), 0, rank)
+                    )
+                    continue
+                if d is not None:
+                    eng.handoffs.route(eng, rid, pairs[d], 1)
+                    routed[rid] = d
             elif kind == "abort":
                 eng.abort(msg[1])
+                if eng.config.role == "decode":
+                    aborts[msg[1]] = None
+                    if len(aborts) > 4096:
+                        aborts.pop(next(iter(aborts)))
             elif kind == "migrate":
                 try:
                     eng.migrate(msg[1], transport, msg[2])
@@ -157,6 +206,13 @@ def _instance_main(
         for rid, why in migs.failed[seen_failed:]:
             outbox.put(("migrated", rank, rid, None, why))
         seen_done, seen_failed = len(migs.done), len(migs.failed)
+        h = eng.handoffs
+        for rid, _peer, stats in h.done[seen_handed:]:
+            outbox.put(("handed", rank, rid, routed.pop(rid, None), stats))
+        for rid in h.local[seen_local:]:
+            outbox.put(("migrated", rank, rid, False, "its decode instance failed"))
+            routed.pop(rid, None)
+        seen_handed, seen_local = len(h.done), len(h.local)
         now = time.monotonic()
         if now - last >= report_s:
             last = now
@@ -205,14 +261,21 @@ class Cluster:
         timeout: float = 30.0,
         report_s: float = 0.02,
         policy_s: float = 0.05,
+        prefill: int = 0,
     ) -> None:
         if type(n) is not int or n < 1:
             raise InvalidArgument(f"a cluster needs at least one instance, got {n!r}")
+        if type(prefill) is not int or not 0 <= prefill < n:
+            raise InvalidArgument(
+                f"prefill instances must be 0 (colocated) or 1..{n - 1}, leaving one to decode; "
+                f"got {prefill!r}"
+            )
         import torch.multiprocessing as mp
 
         ctx = mp.get_context("spawn")
         self.n = n
-        self.migrate = migrate
+        self.prefill = prefill
+        self.migrate = migrate and not prefill
         self.policy_s = policy_s
         self._outbox = ctx.Queue()
         self._inboxes = [ctx.Queue() for _ in range(n)]
@@ -229,6 +292,7 @@ class Cluster:
                     self._outbox,
                     timeout,
                     report_s,
+                    prefill,
                 ),
                 daemon=True,
             )
@@ -251,6 +315,16 @@ class Cluster:
         self._pending_dst: dict[int, int] = {}
         self._outcome: dict[str, bool] = {}  # request id -> handed over, per migration reported
         self._undecided: dict[str, tuple[int, int]] = {}  # request id -> (destination, source)
+        #: (request id, prefill instance, decode instance, MigrationStats) of each hand-off
+        self.handoffs: list[tuple[str, int, int | None, Any]] = []
+        #: decode instances found dead; requests re-sent after one died
+        self.dead: set[int] = set()
+        self.resent: list[str] = []
+        self._requests: dict[str, tuple[list[int], Any]] = {}  # disaggregated: to re-send
+        self._tokens: dict[str, list[int]] = {}  # output tokens delivered, per request
+        self._alias: dict[str, str] = {}  # a re-sent request's id at the instances -> its id
+        self._current: dict[str, str] = {}  # request id -> its latest id at the instances
+        self._stale: set[str] = set()  # ids at the instances whose outputs are dropped
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ids = itertools.count()
@@ -270,26 +344,66 @@ class Cluster:
         request_id: str | None = None,
         on_output: Callable[[Any], None] | None = None,
     ) -> str:
-        """Send a request to the instance with the most virtual free KV; its id."""
+        """Send a request to the instance with the most virtual free KV; its id.
+
+        Disaggregated: to the prefill instance with the most, naming the
+        decode instance with the most (a live one) to hand it to."""
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         with self._lock:
             if rid in self.owner:
                 raise InvalidArgument(f"request id {rid!r} is already in the cluster")
-            i = pick_instance(self._virtual_loads())
-            self.owner[rid] = i
-            self._sent_demand[i] += len(prompt) + params.max_tokens
             if on_output is not None:
                 self._callbacks[rid] = on_output
-        self._inboxes[i].put(("add", rid, list(prompt), params))
+            if self.prefill:
+                self._requests[rid] = (list(prompt), params)
+            self._dispatch(rid, rid, list(prompt), params)
         return rid
+
+    def _dispatch(self, rid: str, iid: str, prompt: list[int], params: Any) -> None:
+        """Send ``rid`` as ``iid`` to an instance (under the lock)."""
+        loads = self._virtual_loads()
+        d = None
+        if self.prefill:
+            i = pick_instance(loads[: self.prefill])
+            dec = [
+                replace(ld, draining=True) if self.prefill + j in self.dead else ld
+                for j, ld in enumerate(loads[self.prefill :])
+            ]
+            if len(self.dead) < len(dec):  # else the prefill instance decodes it too
+                d = self.prefill + pick_instance(dec)
+                self._sent_demand[d] += len(prompt) + params.max_tokens
+        else:
+            i = pick_instance(loads)
+        self.owner[rid] = i
+        self._sent_demand[i] += len(prompt) + params.max_tokens
+        self._inboxes[i].put(("add", iid, prompt, params, d))
+
+    def _resend(self, rid: str) -> None:
+        """Run ``rid`` again from the tokens delivered so far (its decode instance died)."""
+        prompt, params = self._requests[rid]
+        toks = self._tokens.get(rid, [])
+        old = self._current.get(rid, rid)
+        self._stale.add(old)
+        self._early.pop(old, None)
+        self._delivered.pop(old, None)
+        iid = f"{rid}~{next(self._ids)}"
+        self._alias[iid] = rid
+        self._current[rid] = iid
+        self.resent.append(rid)
+        self._dispatch(
+            rid, iid, prompt + toks, replace(params, max_tokens=params.max_tokens - len(toks))
+        )
 
     def abort(self, request_id: str) -> bool:
         """Abort a request wherever it runs."""
         with self._lock:
             i = self.owner.get(request_id)
+            iid = self._current.get(request_id, request_id)
         if i is None:
             return False
-        self._inboxes[i].put(("abort", request_id))
+        # disaggregated: it may be on its way to a decode instance; unknown ids are ignored
+        for j in {i, *range(self.prefill, self.n if self.prefill else 0)}:
+            self._inboxes[j].put(("abort", iid))
         return True
 
     def drain(self, instance: int) -> None:
@@ -312,15 +426,19 @@ class Cluster:
     def _read(self) -> None:
         while not self._stop.is_set():
             self._settle()
+            self._recover()
             try:
                 msg = self._outbox.get(timeout=0.1)
             except queue.Empty:
                 continue
             kind = msg[0]
             if kind == "out":
-                _, rid, out, start = msg
-                for o in self._in_order(rid, out, start):
-                    self._deliver(rid, o)
+                _, iid, out, start, _src = msg
+                if iid in self._stale:
+                    continue
+                rid = self._alias.get(iid, iid)
+                for o in self._in_order(iid, out, start):
+                    self._deliver(rid, o if iid == rid else replace(o, request_id=rid), iid)
             elif kind == "load":
                 _, i, load, running = msg
                 with self._lock:
@@ -328,14 +446,25 @@ class Cluster:
                     self.running[i] = running
                     self._sent_demand[i] = 0
             elif kind == "accepted":
-                _, d, rid = msg
+                _, d, iid = msg
+                rid = self._alias.get(iid, iid)
                 with self._lock:
                     src = self._pending_dst.pop(d, None)
                     self.busy.discard(d)
-                    if rid is not None:
+                    if rid in self.owner and iid not in self._stale:
                         self.owner[rid] = d
                         if src is not None:
                             self.migrations.append((rid, src, d))
+            elif kind == "handed":
+                _, p, iid, d, stats = msg
+                rid = self._alias.get(iid, iid)
+                with self._lock:
+                    self.handoffs.append((rid, p, d, stats))
+                    self._outcome[iid] = True
+                    if rid in self.owner and iid not in self._stale:
+                        self.owner[rid] = d
+                        if d in self.dead:
+                            self._resend(rid)
             elif kind == "migrated":
                 _, s, rid, ok, why = msg
                 with self._lock:
@@ -360,6 +489,16 @@ class Cluster:
                     self._outcome.pop(rid, None)
                     self._inboxes[d].put(("decided", rid, run))
 
+    def _recover(self) -> None:
+        """Re-send the requests that a decode instance found dead was running."""
+        for d in range(self.prefill, self.n if self.prefill else 0):
+            if d in self.dead or self._procs[d].is_alive():
+                continue
+            with self._lock:
+                self.dead.add(d)
+                for rid in [r for r, o in self.owner.items() if o == d]:
+                    self._resend(rid)
+
     def _in_order(self, rid: str, out: Any, start: int) -> list[Any]:
         """The outputs of ``rid`` now deliverable in token order (``out`` buffered if early)."""
         pending = self._early.setdefault(rid, [])
@@ -376,14 +515,20 @@ class Cluster:
             del self._early[rid]
         return ready
 
-    def _deliver(self, rid: str, out: Any) -> None:
+    def _deliver(self, rid: str, out: Any, iid: str) -> None:
         cb = self._callbacks.get(rid)
+        if rid in self._requests:
+            self._tokens.setdefault(rid, []).extend(out.new_token_ids)
         if out.finished:
             with self._lock:
                 self.owner.pop(rid, None)
                 self._callbacks.pop(rid, None)
-            self._delivered.pop(rid, None)
-            self._outcome.pop(rid, None)
+                self._requests.pop(rid, None)
+                self._tokens.pop(rid, None)
+                self._current.pop(rid, None)
+                self._alias.pop(iid, None)
+            self._delivered.pop(iid, None)
+            self._outcome.pop(iid, None)
         if cb is not None:
             cb(out)
 

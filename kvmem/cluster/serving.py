@@ -3,7 +3,10 @@
 ``kvmem serve --instances N`` builds one engine as usual (its model,
 tokenizer and configuration are the template), then starts N instance
 processes with the same model, configuration and tokenizer, and serves them
-behind one OpenAI endpoint: :class:`ClusterEngine` has the calls
+behind one OpenAI endpoint; ``kvmem serve --prefill-instances P
+--decode-instances D`` starts P prefill and D decode instances instead (the
+first token of each request streams from a prefill instance, the rest from
+a decode instance). :class:`ClusterEngine` has the calls
 :class:`~kvmem.server.runner.AsyncEngine` makes of an engine (``add_request``,
 ``abort``, ``serve_forever``, ``metrics``, and the attributes the app reads).
 
@@ -27,7 +30,7 @@ from kvmem.engine.errors import InvalidRequest
 class ClusterEngine:
     """N copies of ``template`` in processes, served as one engine (see the module docstring)."""
 
-    def __init__(self, template: Engine, n: int, migrate: bool = True) -> None:
+    def __init__(self, template: Engine, n: int, migrate: bool = True, prefill: int = 0) -> None:
         self.template = template
         self.config = template.config
         self.tokenizer = template.tokenizer
@@ -36,7 +39,7 @@ class ClusterEngine:
         self.kv_capacity_tokens = template.kv_capacity_tokens
         model = getattr(template.executor, "model", None)
         options = {"model": model, "config": template.config, "tokenizer": template.tokenizer}
-        self.cluster = Cluster(n, options, migrate=migrate)
+        self.cluster = Cluster(n, options, migrate=migrate, prefill=prefill)
 
     def add_request(
         self,
@@ -49,12 +52,24 @@ class ClusterEngine:
         tenant: Hashable = "default",
         priority: int = 0,
     ) -> str:
-        """Dispatch a request to an instance (``fork_from`` runs it on its own)."""
+        """Dispatch a request to an instance (``fork_from`` runs it on its own).
+
+        Raises :class:`InvalidRequest` before anything is sent for an empty
+        prompt, one that fills the context, or one that no instance could
+        hold (with disaggregation: the prompt and its first token on a decode
+        instance)."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise InvalidRequest("the prompt is empty")
         if len(ids) >= self.max_model_len:
             raise InvalidRequest(f"the prompt has {len(ids)} tokens; the context is shorter")
+        need = len(ids) + (1 if self.cluster.prefill else 0)
+        if need > self.kv_capacity_tokens:
+            where = "a decode instance's" if self.cluster.prefill else "an instance's"
+            raise InvalidRequest(
+                f"the prompt has {len(ids)} tokens; {where} whole KV capacity is "
+                f"{self.kv_capacity_tokens} tokens, too few for it and its first generated token"
+            )
         return self.cluster.add_request(
             ids, params or SamplingParams(), request_id=request_id, on_output=on_output
         )

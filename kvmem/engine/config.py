@@ -157,6 +157,9 @@ class EngineConfig:
     (see :mod:`kvmem.attention`) is resolved once, when the engine is built. ``detokenize=False``
     skips text (and stop strings) for replay benchmarks. FP8 KV scales are calibrated from
     the first K/V each layer writes, times ``fp8_headroom`` (None: keep the spec's scales).
+    ``role``: ``colocated`` (prefill and decode here), ``prefill`` (requests routed to a decode
+    instance leave after their first token) or ``decode`` (takes requests in from prefill
+    instances); see :mod:`kvmem.engine.roles`.
     """
 
     backend: str = "paged"
@@ -177,3 +180,10 @@ class EngineConfig:
     seed: int = 0
     detokenize: bool = True
     finished_history: int = 100_000
+    role: str = "colocated"
+
+    def __post_init__(self) -> None:
+        if self.role not in ("colocated", "prefill", "decode"):
+            raise InvalidArgument(
+                f"unknown engine role {self.role!r}; known: colocated, prefill, decode"
+            )

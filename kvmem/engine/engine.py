@@ -47,6 +47,7 @@ from kvmem.engine.clock import Clock, WallClock
 from kvmem.engine.config import EngineConfig
 from kvmem.engine.errors import InvalidRequest
 from kvmem.engine.executor import Executor, ModelExecutor
+from kvmem.engine.handover import Migrations, accept
 from kvmem.engine.metrics import EngineMetrics, kv_fields
 from kvmem.engine.model import LlamaModel
 from kvmem.engine.policies import make_policy
@@ -59,12 +60,12 @@ from kvmem.engine.request import (
     SamplingParams,
     TokenLogprob,
 )
+from kvmem.engine.roles import Handoffs
 from kvmem.engine.sampling import read_logits, sample_requests
 from kvmem.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from kvmem.engine.stopping import advance_text, stop_reason
 from kvmem.engine.tokenizer import ByteTokenizer, IncrementalDecoder, Tokenizer
 from kvmem.errors import InvalidArgument, KVError
-from kvmem.transfer.handover import Migrations, accept
 
 log = logging.getLogger(__name__)
 _Pending = list[tuple[Request, RequestOutput]]
@@ -153,6 +154,7 @@ class Engine:
         self.generation_tokens = 0
         self._first_step_time: float | None = None
         self.migrations = Migrations()
+        self.handoffs = Handoffs()  # a prefill role's requests leaving for decode instances
 
     @classmethod
     def from_pretrained(
@@ -356,7 +358,10 @@ class Engine:
             self._drain(outputs)
             if self.migrations.active:
                 self.migrations.advance(self)
-        self._deliver(outputs)
+        self._deliver(outputs)  # first tokens stream before their hand-over
+        if self.handoffs.busy:
+            with self._step_lock:
+                self.handoffs.advance(self)
         return [o for _, o in outputs]
 
     def _run(self, plan: SchedulerOutput, outputs: _Pending) -> None:
@@ -444,9 +449,9 @@ class Engine:
 
     # ------------------------------------------------------------ conveniences
     def has_unfinished(self) -> bool:
-        """True while any request is queued or running."""
+        """True while any request is queued or running (or a hand-off is left to settle)."""
         with self._inbox_lock:
-            return bool(self._ids)
+            return bool(self._ids) or self.handoffs.busy
 
     def generate(
         self,
@@ -562,23 +567,16 @@ class Engine:
             )
 
     def migrate(self, request_id: str, transport: Any, dst: int, **options: Any) -> Any:
-        """Start moving a running request live to rank ``dst`` (:mod:`kvmem.transfer.handover`)."""
+        """Start moving a running request live to rank ``dst`` (:mod:`kvmem.engine.handover`)."""
         with self._step_lock:
             return self.migrations.start(self, request_id, transport, dst, **options)
 
-    def accept_migration(
-        self,
-        transport: Any,
-        src: int,
-        timeout: float | None = None,
-        on_output: Any = None,
-        decide: Any = None,
-    ) -> str | None:
+    def accept_migration(self, transport: Any, src: int, **options: Any) -> str | None:
         """Receive a request from rank ``src`` (blocks); its id once it runs here, else None.
 
-        ``decide(request_id) -> bool``: whether to run a complete copy whose
-        source fell silent before committing (default: drop it)."""
-        return accept(self, transport, src, timeout, on_output, decide)
+        Options of :func:`kvmem.engine.handover.accept`: ``timeout``, ``on_output``,
+        ``decide(request_id) -> bool`` (run a complete copy whose source fell silent?)."""
+        return accept(self, transport, src, **options)
 
     def request(self, request_id: str) -> Request | None:
         """A live or recently finished request's state (its ``metrics`` included)."""

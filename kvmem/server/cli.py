@@ -61,6 +61,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=1,
         help="engine instances (processes) behind one endpoint, with live migration (Llumnix)",
     )
+    p.add_argument(
+        "--prefill-instances",
+        type=int,
+        default=0,
+        help="disaggregated serving (DistServe): prefill instances, with --decode-instances",
+    )
+    p.add_argument(
+        "--decode-instances",
+        type=int,
+        default=0,
+        help="decode instances taking each request's KV from a prefill instance",
+    )
     p.add_argument("--backend", default="paged", help="KV backend: paged, vmem, grouped, ...")
     p.add_argument(
         "--backend-option",
@@ -219,12 +231,22 @@ def build_app(args: argparse.Namespace) -> Any:
         raise KVError("--metrics-need-key needs --api-key (or KVMEM_API_KEY)")
     if args.instances < 1:
         raise KVError(f"--instances must be at least 1, got {args.instances}")
+    pre, dec = args.prefill_instances, args.decode_instances
+    if pre or dec:
+        if pre < 1 or dec < 1:
+            raise KVError(
+                "--prefill-instances and --decode-instances go together, each at least 1; "
+                f"got {pre} and {dec}"
+            )
+        if args.instances > 1:
+            raise KVError("--instances is for colocated instances; not with --prefill-instances")
     built = build_engine(args)
     engine: Any = built.engine
-    if args.instances > 1:
+    if args.instances > 1 or pre:
         from kvmem.cluster.serving import ClusterEngine
 
-        engine = ClusterEngine(built.engine, args.instances)
+        n = pre + dec if pre else args.instances
+        engine = ClusterEngine(built.engine, n, migrate=not pre, prefill=pre)
     runner = AsyncEngine(engine, max_queue=args.max_queue)
     try:
         return create_app(

@@ -195,6 +195,11 @@ class Importer:
             self._guard(lambda: self.dst.append(self.seq_id, list(tokens)))
             self.num_tokens += len(tokens)
 
+    def reserve(self, total: int) -> None:
+        """Hold room for ``total`` positions of the sequence (written ones included)."""
+        if total > self.written:
+            self._guard(lambda: self.dst.reserve(self.seq_id, total - self.written))
+
     def write(self, chunk: Chunk) -> None:
         """Write and commit ``chunk``; it must start at or before the next unwritten position."""
         self._guard(lambda: self._write(chunk))

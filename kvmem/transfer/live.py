@@ -7,7 +7,7 @@ copies the rest with the request's state, and hands over. Frames go over a
 alone; each frame the source sends is answered before the next::
 
     source (decoding)                                destination
-    BEGIN(meta)          ────────────────────────▶  Importer.begin     ◀── OK / error
+    BEGIN(meta)          ────────────────────────▶  Importer.begin     ◀── OK(prefix hit) / error
     STAGE(new tokens, chunk of full pages) ──────▶  write + commit     ◀── OK / error
       ... decode steps meanwhile; repeated while the delta is large ...
     FINAL(tokens, last chunk, request state) ────▶  write, finish,     ◀── OK: prepared
@@ -30,6 +30,16 @@ whether the source is alive and what it reported); without one it drops
 its copy, which never runs a request twice. The copies of stages run on a
 worker thread (the KV is read on the caller's thread, under the caller's
 lock), so decode steps go on meanwhile; only FINAL stops the request.
+
+Disaggregated prefill uses the same protocol with a gate: a
+:class:`SourceMigration` given ``ready`` stages each new full page while
+``ready()`` is false (the prompt's later chunks compute meanwhile) and
+goes to FINAL only once it is true (the first token is sampled); with
+``reserve_ahead`` the destination reserves every known token plus one at
+BEGIN, so no transfer starts without room for the whole prompt. A
+destination whose prefix cache already holds the first positions (the
+previous turn of a conversation) says how many in its answer to BEGIN, and
+they are not sent.
 """
 
 from __future__ import annotations
@@ -64,6 +74,10 @@ class MigrationStats:
     stages: int = 0
     tokens_copied: int = 0
     bytes_copied: int = 0
+    #: bytes of the stages sent while ``ready()`` was false (overlapped with the prefill)
+    bytes_early: int = 0
+    #: leading positions the destination already held (its prefix cache): not sent
+    tokens_cached: int = 0
     downtime_s: float = 0.0
     total_s: float = 0.0
     started: float = field(default_factory=time.perf_counter)
@@ -79,7 +93,9 @@ class SourceMigration:
     ``tokens`` returns the sequence's current tokens; ``final_pages`` is the
     largest delta (in allocation units of ``alloc``, its ``granularity``)
     copied with the request stopped;
-    ``max_stages`` bounds the pre-copy stages.
+    ``max_stages`` bounds the pre-copy stages. With ``ready``, every new
+    full page is staged while ``ready()`` is false, and the hand-over waits
+    until it is true (a prompt still being prefilled).
     """
 
     def __init__(
@@ -92,12 +108,14 @@ class SourceMigration:
         *,
         final_pages: int = 2,
         max_stages: int = 8,
+        ready: Callable[[], bool] | None = None,
     ) -> None:
         self.transport, self.dst, self.alloc, self.seq_id = transport, dst, alloc, seq_id
         self.tokens = tokens
         self.unit = alloc.granularity  # a "page": the allocation unit (vmem's layout page is a row)
         self.final_tokens = max(1, final_pages) * self.unit
         self.max_stages = max_stages
+        self.ready = ready
         self.stats = MigrationStats()
         self.error: KVError | None = None
         self.done = False  # handed over
@@ -119,7 +137,7 @@ class SourceMigration:
         """True while a stage's copy is in flight."""
         return self._thread is not None and self._thread.is_alive()
 
-    def _exchange(self, kind: int, meta: Any, chunk: Chunk | None) -> Any:
+    def _exchange(self, kind: int, meta: Any, chunk: Chunk | None, early: bool = False) -> Any:
         tensors = [] if chunk is None else chunk.parts
         start = None if chunk is None else chunk.start
         sent = self.transport.send(self.dst, kind, (meta, start), tensors)
@@ -129,13 +147,18 @@ class SourceMigration:
             name, text = reply.meta
             raise _ERRORS.get(name, KVError)(f"rank {self.dst}: {text}")
         self.stats.bytes_copied += _chunk_bytes(chunk)
+        if early:
+            self.stats.bytes_early += _chunk_bytes(chunk)
         self.stats.tokens_copied += 0 if chunk is None else chunk.num_tokens
         return reply.meta
 
-    def _post(self, kind: int, meta: Any, chunk: Chunk | None) -> None:
+    def _post(self, kind: int, meta: Any, chunk: Chunk | None, early: bool = False) -> None:
         def run() -> None:
             try:
-                self._exchange(kind, meta, chunk)
+                held = self._exchange(kind, meta, chunk, early)
+                if kind == BEGIN and isinstance(held, int):  # the destination's prefix hit
+                    self.stats.tokens_cached = held
+                    self._copied = max(self._copied, held)
             except KVError as e:
                 self.error = e
 
@@ -168,19 +191,22 @@ class SourceMigration:
             raise MigrationFailed(f"migration of {self.seq_id!r} failed: {self.error}")
         computed = self.alloc.seq_info(self.seq_id).num_computed
         delta = computed - self._copied
-        if delta > self.final_tokens and self.stats.stages < self.max_stages:
+        gated = self.ready is not None and not self.ready()
+        if gated or (delta > self.final_tokens and self.stats.stages < self.max_stages):
             full = computed // self.unit * self.unit
             if full > self._copied:
                 chunk = read_kv(self.alloc, self.seq_id, self._copied, full)
                 self._copied = full
                 self.stats.stages += 1
-                self._post(STAGE, self._new_tokens(), chunk)
+                self._post(STAGE, self._new_tokens(), chunk, gated)
+                return False
+            if gated:
                 return False
         return self._final(computed, state)
 
     def _final(self, computed: int, state: Callable[[], Any]) -> bool:
         t0 = time.perf_counter()
-        chunk = read_kv(self.alloc, self.seq_id, self._copied, computed)
+        chunk = read_kv(self.alloc, self.seq_id, min(self._copied, computed), computed)
         try:
             self._exchange(FINAL, (self._new_tokens(), computed, state()), chunk)
             # the decision: from here on the destination runs the request
@@ -226,6 +252,7 @@ def receive_migration(
     on_begin: Callable[[SeqMeta], None] | None = None,
     on_prepare: Callable[[Hashable, Any], None] | None = None,
     decide: Callable[[Hashable], bool] | None = None,
+    reserve_ahead: bool = False,
 ) -> tuple[Hashable, Any] | None:
     """The destination side: build the migrating sequence in ``alloc`` frame by frame.
 
@@ -258,6 +285,8 @@ def receive_migration(
                             on_begin(smeta)
                         imp = Importer(alloc, seq_id, smeta)
                         imp.begin(smeta.tokens)
+                        if reserve_ahead:
+                            imp.reserve(len(smeta.tokens) + 1)
                     elif kind == ABORT or imp is None:
                         if imp is not None:
                             imp.abort()
@@ -281,7 +310,9 @@ def receive_migration(
                     imp.abort()
                 transport.wait_sent(transport.send(src, FAIL, (type(e).__name__, str(e))))
                 return None
-            transport.wait_sent(transport.send(src, OK, None))
+            # BEGIN's answer: the positions this side already holds (a prefix-cache hit)
+            answer = imp.written if kind == BEGIN and imp is not None else None
+            transport.wait_sent(transport.send(src, OK, answer))
         try:
             commit = transport.recv(src, "waiting for the hand-over decision").kind == COMMIT
         except PeerFailure:

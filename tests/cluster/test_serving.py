@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -105,3 +106,65 @@ def test_zero_instances_is_refused():
     add_arguments(p)
     with pytest.raises(Exception, match="--instances"):
         build_app(p.parse_args(["--instances", "0"]))
+
+
+def test_prefill_and_decode_instances_answer_like_one_engine_through_the_openai_api():
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(
+        ["--prefill-instances", "1", "--decode-instances", "1", "--num-kv-tokens", "512"]
+        + ["--attention-impl", "reference", "--max-num-batched-tokens", "32"]
+    )
+    app = build_app(args)
+    base = "kvmem serves its first token from a prefill instance and the rest elsewhere; "
+    # different lengths, several chunks each; a second wave extends the first prompt, whose
+    # pages are then in the prefill side's prefix cache
+    first = [base, "short", base * 2 + "and more"]
+    prompts = first + [base + "second turn", base + "third one"]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    with Engine(num_kv_tokens=512, attention_impl="reference", max_num_batched_tokens=32) as eng:
+        ref = [c.output_token_ids for c in eng.generate(prompts, params)]
+    srv = ServerThread(app).start()
+    try:
+        assert app.state.kvmem.runner.engine.cluster.prefill == 1
+        with openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0) as c:
+            name = c.models.list().data[0].id
+
+            def ask(prompt: str) -> list[int]:
+                r = c.completions.create(
+                    model=name,
+                    prompt=prompt,
+                    max_tokens=12,
+                    temperature=0,
+                    extra_body={"ignore_eos": True, "return_token_ids": True},
+                )
+                return list(r.choices[0].model_extra["token_ids"])
+
+            with ThreadPoolExecutor(len(prompts)) as pool:  # concurrent requests
+                got = list(pool.map(ask, first))
+                got += list(pool.map(ask, prompts[len(first) :]))
+            assert got == ref
+            # a prompt the decode side could never hold: a 400 before any work
+            with pytest.raises(openai.BadRequestError, match="KV pool|decode instance"):
+                c.completions.create(model=name, prompt="x" * 600, max_tokens=4)
+        # the same check behind the engine interface, whatever the HTTP layer checks first
+        with pytest.raises(InvalidRequest, match="decode instance"):
+            app.state.kvmem.runner.engine.add_request([1] * 512)
+        cluster = app.state.kvmem.runner.engine.cluster
+        deadline = time.monotonic() + 10  # the prefill side's reports may trail the outputs
+        while len(cluster.handoffs) < len(prompts) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(cluster.handoffs) == len(prompts)  # every request went through a decode instance
+        want = 2 * (len(base.encode()) // 16 * 16)  # the second wave's prefix, cached
+        while cluster.metrics[0].prefix_cache_hit_tokens < want and time.monotonic() < deadline:
+            time.sleep(0.05)  # metrics come in every 0.25 s
+        assert cluster.metrics[0].prefix_cache_hit_tokens >= want
+    finally:
+        srv.stop()
+
+
+def test_prefill_and_decode_instances_go_together():
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    with pytest.raises(Exception, match="go together"):
+        build_app(p.parse_args(["--prefill-instances", "1"]))

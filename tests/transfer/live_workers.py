@@ -14,9 +14,9 @@ from typing import Any
 import torch.distributed as dist
 
 from kvmem.distributed.transport import Transport
-from kvmem.engine import Engine, SamplingParams
+from kvmem.engine import Engine, SamplingParams, handover
 from kvmem.errors import KVError
-from kvmem.transfer import handover, live
+from kvmem.transfer import live
 
 PROMPT = list(range(1, 61))  # 60 tokens: several pages of 16
 MAX_TOKENS = 48

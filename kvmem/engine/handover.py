@@ -122,10 +122,13 @@ def accept(
     timeout: float | None = None,
     on_output: Any = None,
     decide: Callable[[str], bool] | None = None,
+    reserve_ahead: bool = False,
 ) -> str | None:
     """Receive one request migrating from rank ``src`` into ``engine``; its id once it runs
     here, or None if the migration failed, was aborted or its copy was dropped (nothing kept).
 
+    ``reserve_ahead``: reserve room for the whole request at BEGIN (a
+    prefill instance's hand-off, see :mod:`kvmem.engine.roles`).
     ``on_output`` becomes the request's output callback here (callbacks do
     not travel). ``decide(request_id)`` is asked whether to run the complete
     copy when the source falls silent before committing (see
@@ -173,6 +176,7 @@ def accept(
             on_begin=adopt_scales,
             on_prepare=prepare,
             decide=None if decide is None else (lambda seq_id: decide(str(seq_id))),
+            reserve_ahead=reserve_ahead,
         )
     finally:
         for r in parked.values():  # prepared, then dropped: its id is free again

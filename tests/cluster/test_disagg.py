@@ -1,0 +1,126 @@
+"""Prefill and decode instances behind the dispatcher: colocated tokens, faults finish once."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from kvmem.cluster import Cluster
+from kvmem.engine import Engine, SamplingParams
+from kvmem.errors import InvalidArgument
+
+pytestmark = pytest.mark.timeout(240)
+OPTS = {
+    "attention_impl": "reference",
+    "num_kv_tokens": 1024,
+    "seed": 0,
+    "max_num_batched_tokens": 32,
+}
+BASE = [(5 * j) % 200 + 1 for j in range(70)]
+#: different lengths; the last two share the first's prompt (prefix hits at the prefill side)
+PROMPTS = [BASE, [3, 1, 4, 1, 5] * 3, [(11 * j) % 230 + 2 for j in range(120)], BASE + [9] * 20]
+PROMPTS.append(BASE + [8] * 40)
+
+
+def _wait(cond, deadline: float) -> bool:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+class _Collect:
+    def __init__(self) -> None:
+        self.got: dict[str, list[int]] = {}
+        self.finished: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, out) -> None:
+        with self.lock:
+            self.got.setdefault(out.request_id, []).extend(out.new_token_ids)
+            if out.finished:
+                self.finished[out.request_id] = self.finished.get(out.request_id, 0) + 1
+
+
+def _reference(params: SamplingParams) -> list[list[int]]:
+    with Engine(**OPTS) as eng:
+        return [c.output_token_ids for c in eng.generate(PROMPTS, params)]
+
+
+def _idle(c: Cluster, ranks: range) -> bool:
+    ms = [c.metrics[i] for i in ranks]
+    return all(m is not None and m.kv_used_tokens == 0 and m.num_running == 0 for m in ms)
+
+
+def test_prefill_and_decode_instances_give_the_colocated_tokens():
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    ref = _reference(params)
+    col = _Collect()
+    with Cluster(2, OPTS, prefill=1) as c:
+        for i, p in enumerate(PROMPTS[:3]):
+            c.add_request(p, params, request_id=f"r{i}", on_output=col)
+        assert _wait(lambda: len(col.finished) == 3, 150), col.got
+        for i, p in enumerate(PROMPTS[3:], 3):  # after the first: its prompt is cached
+            c.add_request(p, params, request_id=f"r{i}", on_output=col)
+        assert _wait(lambda: len(col.finished) == len(PROMPTS), 150), col.got
+        # each prefill report may trail its request's last token through the outputs queue
+        assert _wait(lambda: len(c.handoffs) == len(PROMPTS), 10), c.handoffs
+        assert sorted(rid for rid, *_ in c.handoffs) == sorted(col.finished)
+        assert all(p == 0 and d == 1 for _, p, d, _ in c.handoffs)
+        assert sum(s.bytes_copied for *_, s in c.handoffs) > 0
+        assert _wait(lambda: _idle(c, range(2)), 10), c.metrics  # nothing held on either side
+        assert c.metrics[0].prefix_cache_hit_tokens >= 2 * (len(BASE) // 16 * 16)
+    assert col.finished == {f"r{i}": 1 for i in range(len(PROMPTS))}
+    assert [col.got[f"r{i}"] for i in range(len(PROMPTS))] == ref
+
+
+def test_a_decode_instance_killed_while_serving_leaves_every_request_finished_once():
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    ref = _reference(params)
+    col = _Collect()
+    with Cluster(3, OPTS, prefill=1, timeout=5.0) as c:
+        for i, p in enumerate(PROMPTS):
+            c.add_request(p, params, request_id=f"r{i}", on_output=col)
+        # kill decode instance 1 once it runs a request that has streamed a few tokens
+        assert _wait(lambda: any(c.owner.get(r) == 1 for r in col.got), 120), c.handoffs
+        c._procs[1].kill()
+        assert _wait(lambda: len(col.finished) == len(PROMPTS), 150), (col.got, c.resent)
+        assert c.dead == {1}
+        # re-sent from its delivered tokens, or (mid-transfer) decoded at the prefill side
+        assert c.resent or c.failed_migrations
+        assert _wait(lambda: _idle(c, range(0, 3, 2)), 10), c.metrics
+    assert col.finished == {f"r{i}": 1 for i in range(len(PROMPTS))}
+    assert [col.got[f"r{i}"] for i in range(len(PROMPTS))] == ref
+
+
+def test_a_fleet_needs_a_decode_instance():
+    with pytest.raises(InvalidArgument, match="prefill"):
+        Cluster(2, OPTS, prefill=2)
+
+
+def test_an_abort_reaches_a_request_wherever_it_is_and_nothing_stays_held():
+    params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+    col = _Collect()
+    reasons: dict[str, str | None] = {}
+
+    def collect(out) -> None:
+        col(out)
+        if out.finished:
+            reasons[out.request_id] = out.finish_reason
+
+    with Cluster(2, OPTS, prefill=1) as c:
+        for i, p in enumerate(PROMPTS[:3]):
+            c.add_request(p, params, request_id=f"r{i}", on_output=collect)
+        assert _wait(lambda: all(f"r{i}" in col.got for i in range(3)), 120), col.got
+        for i in range(3):  # on the decode instance, or still on its way there
+            assert c.abort(f"r{i}")
+        assert _wait(lambda: len(reasons) == 3, 60), reasons
+        assert _wait(lambda: _idle(c, range(2)), 10), [
+            (m.num_running, m.num_waiting, m.kv_used_tokens) for m in c.metrics
+        ]
+    assert reasons == {f"r{i}": "abort" for i in range(3)}
+    assert col.finished == {f"r{i}": 1 for i in range(3)}
