@@ -41,6 +41,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -145,10 +146,10 @@ class _Sim:
         self.max_failed = n if stop is None else math.floor(0.1 * n)
         self.failed = 0
         self.now = 0.0
-        self.events: list[tuple[float, int, Callable[[object], None], object]] = []
+        self.events: list[tuple[float, int, Callable[[Any], None], Any]] = []
         self.seq = itertools.count()
 
-    def at(self, t: float, fn: Callable[[object], None], arg: object = None) -> None:
+    def at(self, t: float, fn: Callable[[Any], None], arg: Any = None) -> None:
         heapq.heappush(self.events, (t, next(self.seq), fn, arg))
 
     def first_token(self, r: _Req) -> None:
@@ -165,7 +166,7 @@ class _Sim:
         if stop is not None and self.ttft[r.i] <= stop.ttft_s and self.tpot[r.i] > stop.tpot_s:
             self.failed += 1
 
-    def run(self, arrive: Callable[[object], None]) -> SimResult:
+    def run(self, arrive: Callable[[_Req], None]) -> SimResult:
         for r in self.reqs:
             self.at(r.arrival, arrive, r)
         while self.events:
@@ -251,8 +252,8 @@ class _Colocated(_Decoder):
         dt = self.sim.cost.step_time(tokens, rows, context)
         self.sim.at(self.sim.now + dt, self.done, (rows, chunks))
 
-    def done(self, arg: object) -> None:
-        rows, chunks = arg  # type: ignore[misc]
+    def done(self, arg: tuple[int, list[tuple[_Req, int]]]) -> None:
+        rows, chunks = arg
         self.busy = False
         if rows:
             self.decoded(rows)
@@ -301,8 +302,7 @@ class _Prefiller:
             self.busy = True
             self.sim.at(self.sim.now + self.sim.cost.step_time(tokens, 0, 0), self.done, batch)
 
-    def done(self, arg: object) -> None:
-        batch: list[_Req] = arg  # type: ignore[assignment]
+    def done(self, batch: list[_Req]) -> None:
         self.busy = False
         for r in batch:
             self.sim.first_token(r)
@@ -317,6 +317,7 @@ class _Prefiller:
 class _DecodeOnly(_Decoder):
     def __init__(self, sim: _Disagg) -> None:
         super().__init__(sim)
+        self.disagg = sim
         self.arrived: list[_Req] = []
         self.seqs = 0  # running, arrived and in transfer
 
@@ -339,25 +340,33 @@ class _DecodeOnly(_Decoder):
             dt = self.sim.cost.step_time(0, rows, self.context)
             self.sim.at(self.sim.now + dt, self.done, rows)
 
-    def done(self, arg: object) -> None:
+    def done(self, rows: int) -> None:
         self.busy = False
-        freed = self.decoded(int(arg))  # type: ignore[call-overload]
+        freed = self.decoded(rows)
         self.seqs -= freed
         if freed:
-            self.sim.place()
+            self.disagg.place()
         self.start()
 
 
 class _Disagg(_Sim):
-    def __init__(self, trace: Trace, prefill: int, decode: int, bandwidth: float, **kw: object):
-        super().__init__(trace, **kw)  # type: ignore[arg-type]
+    def __init__(
+        self,
+        trace: Trace,
+        prefill: int,
+        decode: int,
+        bandwidth: float,
+        cost: CostModel,
+        dep: Deployment,
+        stop: SLO | None,
+    ) -> None:
+        super().__init__(trace, cost, dep, stop)
         self.bandwidth = bandwidth
         self.prefillers = [_Prefiller(self) for _ in range(prefill)]
         self.decoders = [_DecodeOnly(self) for _ in range(decode)]
         self.held: deque[tuple[_Req, _Prefiller]] = deque()
 
-    def arrive(self, arg: object) -> None:
-        r: _Req = arg  # type: ignore[assignment]
+    def arrive(self, r: _Req) -> None:
         p = self.prefillers[pick_instance([p.load() for p in self.prefillers])]
         p.queue.append(r)
         p.queued += r.prompt
@@ -380,8 +389,8 @@ class _Disagg(_Sim):
             src.link_free = start + r.prompt * self.dep.kv_bytes_per_token / self.bandwidth
             self.at(src.link_free, self.transferred, (r, src, dst))
 
-    def transferred(self, arg: object) -> None:
-        r, src, dst = arg  # type: ignore[misc]
+    def transferred(self, arg: tuple[_Req, _Prefiller, _DecodeOnly]) -> None:
+        r, src, dst = arg
         src.used -= r.prompt
         src.start()
         dst.arrived.append(r)
@@ -407,8 +416,7 @@ def simulate_colocated(
     sim = _Sim(trace, cost, deployment or Deployment(), stop)
     fleet = [_Colocated(sim, token_budget) for _ in range(instances)]
 
-    def arrive(arg: object) -> None:
-        r: _Req = arg  # type: ignore[assignment]
+    def arrive(r: _Req) -> None:
         inst = fleet[pick_instance([f.load() for f in fleet])]
         inst.waiting.append(r)
         inst.waiting_kv += r.kv
@@ -433,9 +441,7 @@ def simulate_disagg(
     """
     if prefill < 1 or decode < 1 or not bandwidth >= 0:
         raise InvalidArgument("need prefill >= 1, decode >= 1 and bandwidth >= 0")
-    sim = _Disagg(
-        trace, prefill, decode, bandwidth, cost=cost, dep=deployment or Deployment(), stop=stop
-    )
+    sim = _Disagg(trace, prefill, decode, bandwidth, cost, deployment or Deployment(), stop)
     return sim.run(sim.arrive)
 
 
