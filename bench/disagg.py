@@ -130,7 +130,7 @@ def compare(
         splits[p] = goodput(disagg(p, n - p, bandwidth, cost), trace, slo, n, start)
         out[f"p{p}d{n - p}_goodput"] = splits[p]
     best_p = max(splits, key=lambda p: splits[p])
-    out["best_split"] = f"{best_p}:{n - best_p}"
+    out["best_split"] = f"{best_p}:{n - best_p}" if splits[best_p] > 0 else None
     out["disagg_goodput"] = splits[best_p]
     out["disagg_vs_colocated"] = splits[best_p] / colocated_best[1] if colocated_best[1] else None
     return out
@@ -192,7 +192,9 @@ def _plot(figs: dict[str, Any], n: int, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the sweep, print the tables, write the results and the plot."""
     ap = argparse.ArgumentParser(prog="python -m bench.disagg", description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="N=4, 300 requests, fewer budgets")
+    ap.add_argument(
+        "--quick", action="store_true", help="N=4, 300 requests, 2 budgets, 2 link speeds"
+    )
     ap.add_argument("--requests", type=int, default=None, help="requests per trace window")
     args = ap.parse_args(argv)
     quick = args.quick
@@ -270,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sens,
     )
 
-    gbps = [] if quick else list(SWEEP_GBPS)
+    gbps = [1.25, 25.0] if quick else list(SWEEP_GBPS)
     ratios = []
     code_best = best_colocated[("code", "tight")]
     for g in progress(gbps, desc="bandwidth"):
@@ -285,16 +287,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             [[g, r] for g, r in zip(gbps, ratios, strict=True)],
         )
 
-    figs["does_not_pay"] = [
-        f"{t}, {s} TPOT, {bw} link: {figs[f'{t}_{s}_{bw}_disagg_vs_colocated']:.2f}"
+    figs["bandwidth_breakeven_gbps"] = next(
+        (g for g, r in zip(gbps, ratios, strict=True) if (r or 0.0) >= 1.0), None
+    )
+    settings = [
+        (f"{t}_{s}_{bw}", f"{t}, {s} TPOT, {bw} link")
         for t in TRACES
         for s in SLOS
         for bw in BANDWIDTHS
-        if (figs[f"{t}_{s}_{bw}_disagg_vs_colocated"] or 0.0) < 1.0
     ]
+    settings += [
+        (f"{m}_{t}_tight_fast", f"{t}, tight TPOT, fast link, {m}")
+        for m in ("roofline", "poisson")
+        for t in TRACES
+    ]
+    figs["does_not_pay"] = [
+        f"{name}: {figs[f'{key}_disagg_vs_colocated'] or 0.0:.2f}"
+        for key, name in settings
+        if (figs[f"{key}_disagg_vs_colocated"] or 0.0) < 1.0
+    ] + [
+        f"code, tight TPOT, {g} GB/s link: {r or 0.0:.2f}"
+        for g, r in zip(gbps, ratios, strict=True)
+        if (r or 0.0) < 1.0
+    ]
+    console.print("disaggregation does not pay: " + "; ".join(figs["does_not_pay"]))
 
     b, g = best_colocated[("code", "tight")]
-    best_p = int(figs["headline_best_split"].split(":")[0])
+    best_p = int((figs["headline_best_split"] or f"{n // 2}:").split(":")[0])
     base = max(g, 0.05)
     per_inst = [base * f for f in (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)]
     att = curve(

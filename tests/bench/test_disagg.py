@@ -176,4 +176,9 @@ def test_quick_benchmark_writes_its_figures(tmp_path, monkeypatch):
     for ys in att:
         assert ys[0] >= ys[-1] and all(0 <= y <= 1 for y in ys)
     assert all(isinstance(x, str) for x in figs["does_not_pay"])
+    assert figs["bandwidth_sweep_gbps"] == [1.25, 25.0]
+    slow, fast = figs["bandwidth_sweep_disagg_vs_colocated"]
+    assert fast == pytest.approx(head) and slow <= fast
+    if figs["bandwidth_breakeven_gbps"] is not None:
+        assert head >= 1.0
     assert not math.isnan(figs["simulation_wall_s"])
