@@ -20,6 +20,10 @@ is the code trace, tight TPOT, fast link, best P:D against the best
 colocated budget; ``goodput_disagg_vs_colocated_conv`` is the same on the
 conversation trace.
 
+``transfer_overlap_frac`` comes from a real run (:mod:`bench.disagg_e2e`):
+the tiny model on 1 prefill + 1 decode CPU process, the fraction of the KV
+bytes moved while the prompt was still being prefilled.
+
 Cost model (:class:`kvmem.engine.simulate.CostModel`), Llama-3-8B in bf16
 on one H100-SXM-80GB::
 
@@ -328,6 +332,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     figs["curve_rates_per_instance"] = per_inst
     figs["curve_attainment"] = att
     figs["simulation_wall_s"] = time.perf_counter() - t0
+
+    from bench.disagg_e2e import run_e2e
+
+    e2e = run_e2e(quick)
+    figs.update({f"e2e_{k}": v for k, v in e2e.items()})
+    figs["transfer_overlap_frac"] = e2e["transfer_overlap_frac"]
+    console.print(
+        f"end to end (tiny model, 1 prefill + 1 decode process): "
+        f"{e2e['transfer_overlap_frac']:.0%} of the KV bytes moved during the prefill, "
+        f"token-identical: {e2e['token_identical']}"
+    )
     _plot(figs, n, results_dir() / "disagg.png")
     path = save_results("disagg", figs, quick=quick)
     console.print(f"headline: {figs['goodput_disagg_vs_colocated']} ({figs['headline']})")

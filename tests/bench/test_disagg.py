@@ -168,6 +168,9 @@ def test_quick_benchmark_writes_its_figures(tmp_path, monkeypatch):
                 assert slow <= figs[f"{t}_{s}_fast_p{p}d{n - p}_goodput"] * 1.02
         # a looser TPOT never lowers the colocated goodput
         assert figs[f"{t}_loose_colocated_goodput"] >= figs[f"{t}_tight_colocated_goodput"] * 0.98
+    # the end-to-end part: real processes, the KV handed from the prefill to the decode side
+    assert figs["e2e_token_identical"] is True and figs["e2e_handoffs"] == figs["e2e_requests"]
+    assert 0.0 <= figs["transfer_overlap_frac"] <= 1.0
     head = figs["goodput_disagg_vs_colocated"]
     assert head == figs["code_tight_fast_disagg_vs_colocated"] and head > 0
     assert figs["goodput_disagg_vs_colocated_conv"] > 0
