@@ -103,6 +103,7 @@ def make_vmem(map_ahead: bool, batch: int, max_len: int) -> VMemAllocator:
         max_seq_len=max_len,
         map_ahead=map_ahead,
         driver=HostDriver(prealloc=True),
+        prefix_caching=False,  # as the paged baseline: the step's own costs only
     )
 
 

@@ -5,7 +5,8 @@
     caller thread                         worker thread ("kvmem-vmem-map-ahead")
     reserve(s, 1) -> want(slot)  --+
     layout(batch) -> wake()      --+-->  queue  -->  run(slots):
-                                                       lock:   claim pool groups per slot
+                                                       per slot, most urgent first:
+                                                       lock:   claim pool groups
                                                        (none): driver.map_many(...)
                                                        lock:   publish, notify settle()
 
@@ -30,6 +31,10 @@ from kvmem.errors import DriverError
 __all__ = ["MapAhead"]
 
 _Item = list[int] | threading.Event | None
+
+#: Bytes per layer the worker maps at least per claim (when the pool is ample): on the
+#: host, one mmap per layer maps that many bytes of small pages.
+CHUNK_BYTES = 64 * 1024
 
 
 def _worker(ref: weakref.ReferenceType[MapAhead], q: queue.SimpleQueue[_Item]) -> None:
@@ -70,6 +75,11 @@ class MapAhead:
     ) -> None:
         self.space = space
         self.ahead = ahead
+        #: Pages the worker maps at least per claim while the pool is ample.
+        self.chunk = max(1, CHUNK_BYTES // space.page_bytes)
+        #: While the pool is ample a slot is asked for this much sooner: half a chunk.
+        self.early = space.cover(self.chunk) // 2 if self.chunk > 1 else 0
+        self._ample = space.num_groups // 4  # the pool is ample above this many groups
         self._target = target
         self._lock = lock
         self._cv = threading.Condition(lock)  # notified when a batch of mappings lands
@@ -90,11 +100,15 @@ class MapAhead:
         return bool(self._requests)
 
     def want(self, slot: int, reserved: int) -> None:
-        """Ask for the slot's next pages if under ``ahead`` tokens are mapped past ``reserved``."""
-        covered = self.space.covered[slot]
-        if self._wanted[slot] or covered - reserved >= self.ahead:
-            return
-        if covered >= self.space.max_seq_len:
+        """Ask for the slot's next pages if under ``ahead`` tokens are mapped past ``reserved``.
+
+        (Half a chunk sooner while the pool is ample, so that the worker
+        is asked well before the caller could need the pages.)
+        """
+        sp = self.space
+        covered = sp.covered[slot]
+        margin = self.ahead + self.early if len(sp.pool) > self._ample else self.ahead
+        if self._wanted[slot] or covered - reserved >= margin or covered >= sp.max_seq_len:
             return
         self._wanted[slot] = True
         self._requests.append(slot)
@@ -121,34 +135,56 @@ class MapAhead:
         self._requests = []
 
     def run(self, slots: list[int]) -> None:
-        """Worker side: map, from the pool only and without the lock, the slots' next pages."""
+        """Worker side: map, from the pool only and without the lock, the slots' next pages.
+
+        Slots go nearest to running out first, one at a time: each is
+        claimed, mapped and published before the next, so a caller that
+        needs a slot waits for that slot's mapping at most, never a batch's.
+        """
         sp = self.space
-        claims: list[tuple[int, list[int]]] = []
         with self._lock:
-            for slot in slots:
+            order = []
+            for slot in dict.fromkeys(slots):
                 self._wanted[slot] = False
+                target = None if self.closed else self._target(slot)
+                if target is not None:
+                    order.append((sp.covered[slot] - target, slot))
+        order.sort()
+        for _, slot in order:
+            with self._lock:
                 target = None if self.closed else self._target(slot)
                 if target is None or slot in self._inflight:
                     continue
-                groups = sp.claim(slot, min(sp.max_seq_len, target + 2 * self.ahead))
-                if groups:
-                    claims.append((slot, groups))
-                    self._inflight.add(slot)
-        results: dict[int, tuple[int, int, DriverError | None]] = {}
-        try:
-            for slot, groups in claims:
-                results[slot] = sp.map_claimed(slot, groups)
-        finally:  # whatever happened, every claim lands (unmapped ones back in the pool)
-            with self._lock:
-                for slot, groups in claims:
-                    done, calls, err = results.get(slot, (0, 0, None))
+                groups = sp.claim(slot, self._goal(slot, target))
+                if not groups:
+                    continue
+                self._inflight.add(slot)
+            result: tuple[int, int, DriverError | None] = (0, 0, None)
+            try:
+                result = sp.map_claimed(slot, groups)
+            finally:  # whatever happened, the claim lands (unmapped groups back in the pool)
+                with self._lock:
+                    done, calls, err = result
                     sp.publish(slot, groups, done, calls)
                     self._inflight.discard(slot)
                     self.groups += done
                     if err is not None:
                         self.last_error = str(err)
                         self.errors += 1
-                self._cv.notify_all()
+                    self._cv.notify_all()
+
+    def _goal(self, slot: int, target: int) -> int:
+        """(Lock held.) Tokens the slot should cover after this claim.
+
+        ``2 * ahead`` past the reservation, and while the pool is ample
+        (over a quarter of it free) a whole chunk of pages: a layer's pages
+        of one claim are adjacent, in memory and (groups popped in order)
+        in the driver, so the host driver maps them with one ``mmap``.
+        """
+        sp = self.space
+        spare = len(sp.pool) - self._ample
+        chunk = sp.cover(len(sp.groups[slot]) + min(self.chunk, max(0, spare)))
+        return min(sp.max_seq_len, max(target + 2 * self.ahead, chunk))
 
     def settle(self, slot: int | None = None) -> None:
         """(Lock held.) Wait until the worker is not mapping ``slot`` (any slot if None)."""
