@@ -11,13 +11,18 @@ Scenario 2, decode-step overhead. ``--batch`` sequences decode ``--steps``
 tokens after a prompt; the timed allocator step is, for every sequence,
 ``append + reserve(1)``, then one ``layout`` of the batch, then ``commit``
 for every sequence. Prompt lengths are staggered so that every step has
-some sequences crossing into a new page. Compared side by side
-(interleaved rounds; the median step, the mean beside it): paged
+some sequences crossing into a new page. Compared side by side: paged
 (16-token pages) and vmem with the same 16 tokens per page (4 KiB host
-pages backed up front, a KV spec of 32 layers x 1 head x 64 dims, fp16),
-with mapping ahead on and off. Steps run back to back, and with pauses
-between steps (``--gaps-ms``) standing in for the model's forward pass (not
-timed), which is when a map-ahead worker does its work.
+pages backed up front, a KV spec of 32 layers x 1 head x 64 dims, fp16, no
+prefix caching on either), with mapping ahead on and off. Steps run back to
+back, and with pauses between steps (``--gaps-ms``) standing in for the
+model's forward pass (not timed), which is when a map-ahead worker does its
+work. One untimed run of each kind warms the process up first; then
+``--reps`` rounds run every kind once each, in alternating order, so that
+the machine's noise falls on all kinds alike. Overheads against paged are
+given on the median step and on the mean step (all rounds' steps pooled),
+and as the median over rounds of each round's ratio of mean steps (a
+round's kinds ran back to back, so one noisy minute moves its ratio less).
 
 Run: ``python -m bench.vmem [--quick]``.
 """
@@ -145,6 +150,9 @@ def decode_run(
     return out, ahead
 
 
+KINDS = ("paged", "vmem_ahead", "vmem_sync")
+
+
 def decode_overhead(
     batch: int,
     prompt: int,
@@ -153,24 +161,37 @@ def decode_overhead(
     gap_s: float,
     suffix: str,
 ) -> dict[str, float]:
-    """Median step per allocator kind over interleaved rounds; figure names end in ``suffix``."""
-    kinds = ["paged", "vmem_ahead", "vmem_sync"]
-    times: dict[str, list[float]] = {k: [] for k in kinds}
+    """Step times per allocator kind over interleaved rounds; figure names end in ``suffix``.
+
+    ``<kind>_step_us`` is the median step, ``_step_mean_us`` the mean (every
+    round's steps pooled), ``_step_p90_us`` / ``_step_p99_us`` percentiles;
+    ``<kind>_overhead`` and ``<kind>_mean_overhead`` compare the median and
+    the mean with paged's; ``<kind>_round_mean_overhead`` is the median over
+    rounds of the round's mean-step ratio.
+    """
+    kinds = list(KINDS)
+    times: dict[str, list[list[float]]] = {k: [] for k in kinds}
     ahead_groups = 0.0
     rounds = [k for r in range(reps) for k in (kinds if r % 2 == 0 else kinds[::-1])]
     label = "back to back" if not gap_s else f"{gap_s * 1e3:g} ms gap"
+    for kind in kinds:  # warm-up: first-call costs (imports, native loads) land on no kind
+        decode_run(kind, batch, prompt, min(steps, 20), gap_s)
     for kind in progress(rounds, total=len(rounds), desc=f"decode ({label})"):
         t, ahead = decode_run(kind, batch, prompt, steps, gap_s)
-        times[kind] += t
+        times[kind].append(t)
         ahead_groups += ahead
-    med = {k: float(np.median(v)) for k, v in times.items()}
+    pooled = {k: np.concatenate(v) for k, v in times.items()}
     figs: dict[str, float] = {"vmem_ahead_worker_groups": ahead_groups / reps}
     for k in kinds:
-        figs[f"{k}_step_us"] = 1e6 * med[k]
-        figs[f"{k}_step_mean_us"] = 1e6 * float(np.mean(times[k]))
-        figs[f"{k}_step_p90_us"] = 1e6 * float(np.percentile(times[k], 90))
-    figs["vmem_ahead_overhead"] = med["vmem_ahead"] / med["paged"] - 1
-    figs["vmem_sync_overhead"] = med["vmem_sync"] / med["paged"] - 1
+        figs[f"{k}_step_us"] = 1e6 * float(np.median(pooled[k]))
+        figs[f"{k}_step_mean_us"] = 1e6 * float(np.mean(pooled[k]))
+        figs[f"{k}_step_p90_us"] = 1e6 * float(np.percentile(pooled[k], 90))
+        figs[f"{k}_step_p99_us"] = 1e6 * float(np.percentile(pooled[k], 99))
+    for k in kinds[1:]:
+        figs[f"{k}_overhead"] = figs[f"{k}_step_us"] / figs["paged_step_us"] - 1
+        figs[f"{k}_mean_overhead"] = figs[f"{k}_step_mean_us"] / figs["paged_step_mean_us"] - 1
+        ratios = [np.mean(a) / np.mean(p) for a, p in zip(times[k], times["paged"], strict=True)]
+        figs[f"{k}_round_mean_overhead"] = float(np.median(ratios)) - 1
     return {k + suffix: v for k, v in figs.items()}
 
 
@@ -264,24 +285,27 @@ def main() -> None:
         for s in ("4k", "64k", "2m")
     ]
     print_table("driver: µs per page", ["", "first map", "map", "unmap"], rows)
-    header = [""]
     for g in gaps:
-        header += [f"{g:g} ms gap" if g else "back to back", "overhead"]
-    table = []
-    for name, label in (
-        ("paged", "paged"),
-        ("vmem_ahead", "vmem, map ahead"),
-        ("vmem_sync", "vmem, no map ahead"),
-    ):
-        row: list[Any] = [label]
-        for g in gaps:
-            suffix = f"_gap{g:g}ms" if g else ""
-            over = 0.0 if name == "paged" else figs[f"{name}_overhead{suffix}"]
-            row += [figs[f"{name}_step_us{suffix}"], over]
-        table.append(row)
-    print_table(
-        f"allocator decode step, batch {args.batch} (median µs; overhead vs paged)", header, table
-    )
+        suffix = f"_gap{g:g}ms" if g else ""
+        table = []
+        for name, label in (
+            ("paged", "paged"),
+            ("vmem_ahead", "vmem, map ahead"),
+            ("vmem_sync", "vmem, no map ahead"),
+        ):
+            row: list[Any] = [label, figs[f"{name}_step_us{suffix}"]]
+            row.append(0.0 if name == "paged" else figs[f"{name}_overhead{suffix}"])
+            row.append(figs[f"{name}_step_mean_us{suffix}"])
+            for what in ("mean_overhead", "round_mean_overhead"):
+                row.append(0.0 if name == "paged" else figs[f"{name}_{what}{suffix}"])
+            row.append(figs[f"{name}_step_p99_us{suffix}"])
+            table.append(row)
+        print_table(
+            f"allocator decode step, batch {args.batch}, "
+            f"{f'{g:g} ms gap' if g else 'back to back'} (µs; overheads vs paged)",
+            ["", "median", "overhead", "mean", "overhead", "per-round", "p99"],
+            table,
+        )
     path = save_results("vmem", figs, quick=args.quick)
     plot(figs, path.with_suffix(".png"))
     console.print(f"wrote {path} and {path.with_suffix('.png')}")

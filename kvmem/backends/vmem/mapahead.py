@@ -75,11 +75,14 @@ class MapAhead:
     ) -> None:
         self.space = space
         self.ahead = ahead
-        #: Pages the worker maps at least per claim while the pool is ample.
-        self.chunk = max(1, CHUNK_BYTES // space.page_bytes)
-        #: While the pool is ample a slot is asked for this much sooner: half a chunk.
-        self.early = space.cover(self.chunk) // 2 if self.chunk > 1 else 0
-        self._ample = space.num_groups // 4  # the pool is ample above this many groups
+        #: Most pages a claim takes beyond ``2 * ahead`` (small pages only: a chunk of bytes).
+        self.chunk = (
+            max(1, CHUNK_BYTES // space.page_bytes) if space.page_bytes < CHUNK_BYTES else 0
+        )
+        #: Pages beyond ``2 * ahead`` the next claim takes (the worker updates it).
+        self.extra = self.chunk
+        #: Tokens sooner than ``ahead`` a slot is asked for: half of what ``extra`` covers.
+        self.early = space.cover(self.extra) // 2
         self._target = target
         self._lock = lock
         self._cv = threading.Condition(lock)  # notified when a batch of mappings lands
@@ -102,12 +105,12 @@ class MapAhead:
     def want(self, slot: int, reserved: int) -> None:
         """Ask for the slot's next pages if under ``ahead`` tokens are mapped past ``reserved``.
 
-        (Half a chunk sooner while the pool is ample, so that the worker
+        (``early`` tokens sooner while claims take chunks, so that the worker
         is asked well before the caller could need the pages.)
         """
         sp = self.space
         covered = sp.covered[slot]
-        margin = self.ahead + self.early if len(sp.pool) > self._ample else self.ahead
+        margin = self.ahead + self.early
         if self._wanted[slot] or covered - reserved >= margin or covered >= sp.max_seq_len:
             return
         self._wanted[slot] = True
@@ -176,14 +179,18 @@ class MapAhead:
     def _goal(self, slot: int, target: int) -> int:
         """(Lock held.) Tokens the slot should cover after this claim.
 
-        ``2 * ahead`` past the reservation, and while the pool is ample
-        (over a quarter of it free) a whole chunk of pages: a layer's pages
-        of one claim are adjacent, in memory and (groups popped in order)
-        in the driver, so the host driver maps them with one ``mmap``.
+        ``2 * ahead`` past the reservation, and on small pages a chunk of up
+        to :data:`CHUNK_BYTES` per layer past the mapped pages, at most a
+        slot's share of the pool (``1 / max_seqs`` of it). A layer's pages
+        of one claim are adjacent in memory and (groups popped in order) in
+        the driver: the host driver maps them with one ``mmap``. Updates
+        ``extra`` and ``early`` for the next claims.
         """
         sp = self.space
-        spare = len(sp.pool) - self._ample
-        chunk = sp.cover(len(sp.groups[slot]) + min(self.chunk, max(0, spare)))
+        if self.chunk:
+            self.extra = min(self.chunk, len(sp.pool) // sp.max_seqs)
+            self.early = sp.cover(self.extra) // 2
+        chunk = sp.cover(len(sp.groups[slot]) + self.extra)
         return min(sp.max_seq_len, max(target + 2 * self.ahead, chunk))
 
     def settle(self, slot: int | None = None) -> None:
