@@ -79,15 +79,17 @@ class MapAhead:
         self.chunk = (
             max(1, CHUNK_BYTES // space.page_bytes) if space.page_bytes < CHUNK_BYTES else 0
         )
-        #: Pages beyond ``2 * ahead`` the next claim takes (the worker updates it).
-        self.extra = self.chunk
-        #: Tokens sooner than ``ahead`` a slot is asked for: half of what ``extra`` covers.
-        self.early = space.cover(self.extra) // 2
+        #: Tokens sooner than ``ahead`` a slot under its share is asked for: half a chunk.
+        self.early = space.cover(self.chunk) // 2 if self.chunk else 0
+        self._even = space.num_groups // space.max_seqs  # groups per slot, the pool split evenly
         self._target = target
         self._lock = lock
         self._cv = threading.Condition(lock)  # notified when a batch of mappings lands
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._wanted = [False] * space.max_seqs  # slot already asked of the worker
+        # per slot: no need to look again while reserved < _quiet_below and covered is unchanged
+        self._quiet_below = [0] * space.max_seqs
+        self._quiet_covered = [-1] * space.max_seqs
         self._requests: list[int] = []  # slots to hand the worker at the next wake-up
         self._inflight: set[int] = set()  # slots the worker is mapping (lock not held)
         self.thread: threading.Thread | None = None
@@ -105,14 +107,24 @@ class MapAhead:
     def want(self, slot: int, reserved: int) -> None:
         """Ask for the slot's next pages if under ``ahead`` tokens are mapped past ``reserved``.
 
-        (``early`` tokens sooner while claims take chunks, so that the worker
-        is asked well before the caller could need the pages.)
+        ``early`` tokens sooner while the slot is under its share (see
+        :meth:`share`), so that the worker is asked well before the caller
+        could need the pages. Never while the pool is empty: the worker maps
+        from the pool only.
         """
+        covered = self.space.covered[slot]
+        if reserved < self._quiet_below[slot] and covered == self._quiet_covered[slot]:
+            return  # the decode step's usual case: two lookups
         sp = self.space
-        covered = sp.covered[slot]
-        margin = self.ahead + self.early
-        if self._wanted[slot] or covered - reserved >= margin or covered >= sp.max_seq_len:
+        if self._wanted[slot] or covered >= sp.max_seq_len or not sp.pool:
             return
+        room = covered - reserved
+        if room >= self.ahead:
+            early = self.early if len(sp.groups[slot]) < self.share(slot) else 0
+            if room >= self.ahead + early:
+                self._quiet_below[slot] = covered - self.ahead - early + 1
+                self._quiet_covered[slot] = covered
+                return
         self._wanted[slot] = True
         self._requests.append(slot)
         if len(self._requests) >= 64:
@@ -176,22 +188,29 @@ class MapAhead:
                         self.errors += 1
                     self._cv.notify_all()
 
+    def share(self, slot: int) -> int:
+        """Groups the slot may have mapped when claims take chunks.
+
+        Its even share of the pool (``num_groups // max_seqs``), or more
+        while the pool is large: what it has plus ``1 / max_seqs`` of the
+        pool. So early sequences cannot take, ahead of need, the pages that
+        later ones will need, and a sparsely used pool still maps in chunks.
+        """
+        sp = self.space
+        return max(self._even, len(sp.groups[slot]) + len(sp.pool) // sp.max_seqs)
+
     def _goal(self, slot: int, target: int) -> int:
         """(Lock held.) Tokens the slot should cover after this claim.
 
         ``2 * ahead`` past the reservation, and on small pages a chunk of up
-        to :data:`CHUNK_BYTES` per layer past the mapped pages, at most a
-        slot's share of the pool (``1 / max_seqs`` of it). A layer's pages
-        of one claim are adjacent in memory and (groups popped in order) in
-        the driver: the host driver maps them with one ``mmap``. Updates
-        ``extra`` and ``early`` for the next claims.
+        to :data:`CHUNK_BYTES` per layer past the mapped pages, up to the
+        slot's :meth:`share`. A layer's pages of one claim are adjacent in
+        memory and (groups popped in order) in the driver: the host driver
+        maps them with one ``mmap``.
         """
         sp = self.space
-        if self.chunk:
-            self.extra = min(self.chunk, len(sp.pool) // sp.max_seqs)
-            self.early = sp.cover(self.extra) // 2
-        chunk = sp.cover(len(sp.groups[slot]) + self.extra)
-        return min(sp.max_seq_len, max(target + 2 * self.ahead, chunk))
+        pages = min(len(sp.groups[slot]) + self.chunk, self.share(slot)) if self.chunk else 0
+        return min(sp.max_seq_len, max(target + 2 * self.ahead, sp.cover(pages)))
 
     def settle(self, slot: int | None = None) -> None:
         """(Lock held.) Wait until the worker is not mapping ``slot`` (any slot if None)."""
