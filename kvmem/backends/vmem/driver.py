@@ -55,6 +55,9 @@ class VMemDriver(ABC):
     max_mappings: int | None = None
     #: True when ``free_range`` also removes the pages mapped in the range.
     free_unmaps: bool = False
+    #: True when :meth:`map_many` also takes an int64 numpy array of ``(addr, handle)`` rows
+    #: (handles are ints): callers then build it without a Python loop.
+    array_pages: bool = False
 
     @property
     @abstractmethod

@@ -91,6 +91,7 @@ class HostDriver(VMemDriver):
 
     name = "host"
     free_unmaps = True  # munmap of the range drops the pages mapped in it
+    array_pages = True  # handles are file offsets
 
     def __init__(self, prealloc: bool = False, name: str = "kvmem") -> None:
         if not hasattr(os, "memfd_create"):
@@ -236,9 +237,11 @@ class HostDriver(VMemDriver):
             raise DriverError(f"mmap placed the page at {got:#x}, not {addr:#x}")
 
     def map_many(
-        self, pages: Sequence[tuple[int, PageHandle]], size: int
+        self, pages: Sequence[tuple[int, PageHandle]] | np.ndarray, size: int
     ) -> tuple[int, DriverError | None]:
         """:meth:`map` for many pages: handles checked here, the mmaps in few native calls.
+
+        ``pages`` may also be an int64 array of ``(addr, offset)`` rows.
 
         Consecutive pages whose addresses and file offsets both follow on
         (a sequence's next pages of one layer, from adjacent pages of the

@@ -32,8 +32,8 @@ __all__ = ["MapAhead"]
 
 _Item = list[int] | threading.Event | None
 
-#: Bytes per layer the worker maps at least per claim (when the pool is ample): on the
-#: host, one mmap per layer maps that many bytes of small pages.
+#: Bytes per layer a claim maps past a slot's pages (up to the slot's share of the pool):
+#: on the host, one mmap per layer maps that many bytes of small pages.
 CHUNK_BYTES = 64 * 1024
 
 
@@ -63,7 +63,10 @@ class MapAhead:
     ``lock`` is the allocator's lock; ``target(slot)`` (called with it held)
     says how many tokens the slot should cover, or None when the slot has no
     sequence any more. ``ahead`` is how far beyond the reserved KV a slot
-    should stay mapped before the worker is asked for more.
+    should stay mapped before the worker is asked for more. On pages smaller
+    than :data:`CHUNK_BYTES` a claim maps a chunk of pages at once, up to
+    the slot's :meth:`share` of the pool, and slots under their share are
+    asked for ``early`` tokens sooner.
     """
 
     def __init__(

@@ -126,7 +126,7 @@ class VirtualKV:
                 self._handles = handles
                 for li in range(nl):
                     handles[li::nl] = driver.create_many(num_groups, page_bytes)
-                if all(type(h) is int for h in handles):  # host file offsets: gathered in numpy
+                if driver.array_pages and all(type(h) is int for h in handles):
                     self._int_handles = np.array(handles, dtype=np.int64).reshape(num_groups, nl)
         except BaseException:
             self.close()
