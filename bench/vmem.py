@@ -269,10 +269,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument(
-        "--long-batch", type=int, default=16, help="sequences of the long decode (scenario 3)"
+        "--long-batch", type=int, default=8, help="sequences of the long decode (scenario 3)"
     )
     ap.add_argument(
-        "--long-steps", type=int, default=None, help="its steps (default 1500; 600 with --quick)"
+        "--long-steps", type=int, default=None, help="its steps (default 3000; 1000 with --quick)"
     )
     ap.add_argument(
         "--gaps-ms",
@@ -282,7 +282,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     steps = args.steps or (100 if args.quick else 180)  # 4 KiB pages: vm.max_map_count caps it
-    long_steps = args.long_steps or (600 if args.quick else 1500)
+    long_steps = args.long_steps or (1000 if args.quick else 3000)
     reps = args.reps or (3 if args.quick else 9)
     gaps = [float(g) for g in (args.gaps_ms or ("0,5" if args.quick else "0,2,10")).split(",")]
     figs: dict[str, Any] = {

@@ -34,7 +34,7 @@ _Item = list[int] | threading.Event | None
 
 #: Bytes per layer a claim maps past a slot's pages (up to the slot's share of the pool):
 #: on the host, one mmap per layer maps that many bytes of small pages.
-CHUNK_BYTES = 64 * 1024
+CHUNK_BYTES = 256 * 1024
 
 
 def _worker(ref: weakref.ReferenceType[MapAhead], q: queue.SimpleQueue[_Item]) -> None:
