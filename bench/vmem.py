@@ -11,13 +11,27 @@ Scenario 2, decode-step overhead. ``--batch`` sequences decode ``--steps``
 tokens after a prompt; the timed allocator step is, for every sequence,
 ``append + reserve(1)``, then one ``layout`` of the batch, then ``commit``
 for every sequence. Prompt lengths are staggered so that every step has
-some sequences crossing into a new page. Compared side by side
-(interleaved rounds; the median step, the mean beside it): paged
+some sequences crossing into a new page. Compared side by side: paged
 (16-token pages) and vmem with the same 16 tokens per page (4 KiB host
-pages backed up front, a KV spec of 32 layers x 1 head x 64 dims, fp16),
-with mapping ahead on and off. Steps run back to back, and with pauses
-between steps (``--gaps-ms``) standing in for the model's forward pass (not
-timed), which is when a map-ahead worker does its work.
+pages backed up front, a KV spec of 32 layers x 1 head x 64 dims, fp16, no
+prefix caching on either), with mapping ahead on and off. With mapping
+ahead, the worker either catches up on the prompts' pages before the timed
+steps (``vmem_ahead``, the figure the issue's target is about) or maps them
+during the first timed steps (``vmem_ahead_cold``); the page groups mapped
+during the timed steps, by the worker and by the steps, are counted. Steps
+run back to back, and with pauses between steps (``--gaps-ms``) standing in for the
+model's forward pass (not timed), which is when a map-ahead worker does its
+work. One untimed run of each kind warms the process up first; then
+``--reps`` rounds run every kind once each, in alternating order, so that
+the machine's noise falls on all kinds alike. Overheads against paged are
+given on the median step and on the mean step (all rounds' steps pooled),
+and as the median over rounds of each round's ratio of mean steps (a
+round's kinds ran back to back, so one noisy minute moves its ratio less).
+
+Scenario 3, long decode: ``--long-batch`` sequences decode
+``--long-steps`` tokens back to back, far past the pages the worker maps
+before timing, so that in the timed steps the worker keeps mapping (its
+figures end in ``_long``). vm.max_map_count bounds batch x length here.
 
 Run: ``python -m bench.vmem [--quick]``.
 """
@@ -83,13 +97,13 @@ def driver_latency(
 
 
 def make_alloc(kind: str, batch: int, max_len: int) -> KVAllocator:
-    """A paged allocator (``kind="paged"``) or a host vmem one (``vmem``, ``vmem_ahead``)."""
+    """A paged allocator (``kind="paged"``) or a host vmem one (``vmem_sync``, ``vmem_ahead``)."""
     num_tokens = batch * max_len
     if kind == "paged":
         return create_allocator(
             "paged", SPEC, num_tokens=num_tokens, page_size=16, prefix_caching=False
         )
-    return make_vmem(kind == "vmem_ahead", batch, max_len)
+    return make_vmem(kind.startswith("vmem_ahead"), batch, max_len)
 
 
 def make_vmem(map_ahead: bool, batch: int, max_len: int) -> VMemAllocator:
@@ -103,6 +117,7 @@ def make_vmem(map_ahead: bool, batch: int, max_len: int) -> VMemAllocator:
         max_seq_len=max_len,
         map_ahead=map_ahead,
         driver=HostDriver(prealloc=True),
+        prefix_caching=False,  # as the paged baseline: the step's own costs only
     )
 
 
@@ -112,10 +127,17 @@ def decode_run(
     prompt: int,
     steps: int,
     gap_s: float,
-) -> tuple[list[float], float]:
-    """Seconds per allocator-side decode step for one fresh allocator, and groups mapped ahead."""
+) -> tuple[list[float], dict[str, float]]:
+    """Seconds per allocator-side decode step for one fresh allocator, and mapping counts.
+
+    Kinds: ``paged``; ``vmem_ahead`` (the worker catches up before the
+    timed steps); ``vmem_ahead_cold`` (timing starts right after the
+    prompts, while the worker maps their first chunks); ``vmem_sync``. The
+    counts are page groups mapped during the timed steps by the worker
+    (``worker_groups``) and by the steps themselves (``step_groups``).
+    """
     max_len = prompt + steps + 64
-    vm = make_vmem(kind == "vmem_ahead", batch, max_len) if kind != "paged" else None
+    vm = make_vmem(kind.startswith("vmem_ahead"), batch, max_len) if kind != "paged" else None
     a = vm if vm is not None else make_alloc(kind, batch, max_len)
     sids = list(range(batch))
     for sid in sids:  # staggered prompts: page crossings spread over the steps
@@ -123,8 +145,9 @@ def decode_run(
         a.add(sid, [1] * n)
         a.reserve(sid, n)
         a.commit(sid, n)
-    if vm is not None:  # let the map-ahead worker catch up before timing
+    if vm is not None and kind != "vmem_ahead_cold":  # the worker catches up before timing
         vm.wait_map_ahead(10)
+    before = a.stats().extra
     out = []
     batch_ones = [(sid, 1) for sid in sids]
     for _ in range(steps):
@@ -139,9 +162,17 @@ def decode_run(
             a.commit(sid, 1)
         out.append(time.perf_counter() - t0)
     a.check_integrity()
-    ahead = float(a.stats().extra.get("map_ahead_groups", 0))
+    after = a.stats().extra
     a.close()
-    return out, ahead
+    counts = {"worker_groups": 0.0, "step_groups": 0.0}
+    if vm is not None:
+        worker = after["map_ahead_groups"] - before["map_ahead_groups"]
+        mapped = (after["map_calls"] - before["map_calls"]) / SPEC.num_layers
+        counts = {"worker_groups": worker, "step_groups": mapped - worker}
+    return out, counts
+
+
+KINDS = ("paged", "vmem_ahead", "vmem_ahead_cold", "vmem_sync")
 
 
 def decode_overhead(
@@ -152,24 +183,41 @@ def decode_overhead(
     gap_s: float,
     suffix: str,
 ) -> dict[str, float]:
-    """Median step per allocator kind over interleaved rounds; figure names end in ``suffix``."""
-    kinds = ["paged", "vmem_ahead", "vmem_sync"]
-    times: dict[str, list[float]] = {k: [] for k in kinds}
-    ahead_groups = 0.0
+    """Step times per allocator kind over interleaved rounds; figure names end in ``suffix``.
+
+    ``<kind>_step_us`` is the median step, ``_step_mean_us`` the mean (every
+    round's steps pooled), ``_step_p90_us`` / ``_step_p99_us`` percentiles;
+    ``<kind>_overhead`` and ``<kind>_mean_overhead`` compare the median and
+    the mean with paged's; ``<kind>_round_mean_overhead`` is the median over
+    rounds of the round's mean-step ratio.
+    """
+    kinds = list(KINDS)
+    times: dict[str, list[list[float]]] = {k: [] for k in kinds}
+    counts = {k: {"worker_groups": 0.0, "step_groups": 0.0} for k in kinds}
     rounds = [k for r in range(reps) for k in (kinds if r % 2 == 0 else kinds[::-1])]
     label = "back to back" if not gap_s else f"{gap_s * 1e3:g} ms gap"
+    for kind in kinds:  # warm-up: first-call costs (imports, native loads) land on no kind
+        decode_run(kind, batch, prompt, min(steps, 20), gap_s)
     for kind in progress(rounds, total=len(rounds), desc=f"decode ({label})"):
-        t, ahead = decode_run(kind, batch, prompt, steps, gap_s)
-        times[kind] += t
-        ahead_groups += ahead
-    med = {k: float(np.median(v)) for k, v in times.items()}
-    figs: dict[str, float] = {"vmem_ahead_worker_groups": ahead_groups / reps}
+        t, c = decode_run(kind, batch, prompt, steps, gap_s)
+        times[kind].append(t)
+        for name, v in c.items():
+            counts[kind][name] += v / reps
+    pooled = {k: np.concatenate(v) for k, v in times.items()}
+    figs: dict[str, float] = {}
+    for k in kinds[1:]:  # page groups mapped during a run's timed steps, by whom
+        figs[f"{k}_worker_groups"] = counts[k]["worker_groups"]
+        figs[f"{k}_step_groups"] = counts[k]["step_groups"]
     for k in kinds:
-        figs[f"{k}_step_us"] = 1e6 * med[k]
-        figs[f"{k}_step_mean_us"] = 1e6 * float(np.mean(times[k]))
-        figs[f"{k}_step_p90_us"] = 1e6 * float(np.percentile(times[k], 90))
-    figs["vmem_ahead_overhead"] = med["vmem_ahead"] / med["paged"] - 1
-    figs["vmem_sync_overhead"] = med["vmem_sync"] / med["paged"] - 1
+        figs[f"{k}_step_us"] = 1e6 * float(np.median(pooled[k]))
+        figs[f"{k}_step_mean_us"] = 1e6 * float(np.mean(pooled[k]))
+        figs[f"{k}_step_p90_us"] = 1e6 * float(np.percentile(pooled[k], 90))
+        figs[f"{k}_step_p99_us"] = 1e6 * float(np.percentile(pooled[k], 99))
+    for k in kinds[1:]:
+        figs[f"{k}_overhead"] = figs[f"{k}_step_us"] / figs["paged_step_us"] - 1
+        figs[f"{k}_mean_overhead"] = figs[f"{k}_step_mean_us"] / figs["paged_step_mean_us"] - 1
+        ratios = [np.mean(a) / np.mean(p) for a, p in zip(times[k], times["paged"], strict=True)]
+        figs[f"{k}_round_mean_overhead"] = float(np.median(ratios)) - 1
     return {k + suffix: v for k, v in figs.items()}
 
 
@@ -189,20 +237,24 @@ def plot(figs: dict[str, Any], path: Path) -> None:
     a.set_yscale("log")
     a.set_title("host driver (memfd + mmap)")
     a.legend()
-    names = ["paged", "vmem_ahead", "vmem_sync"]
+    names = list(KINDS)
     gaps = figs["gaps_ms"]
     w = 0.8 / len(gaps)
     for i, g in enumerate(gaps):
         suffix = f"_gap{g:g}ms" if g else ""
-        b.bar(
-            np.arange(3) + (i - (len(gaps) - 1) / 2) * w,
+        x = np.arange(len(names)) + (i - (len(gaps) - 1) / 2) * w
+        bars = b.bar(
+            x,
             [figs[f"{n}_step_us{suffix}"] for n in names],
             w,
             label=f"{g:g} ms gap" if g else "back to back",
         )
-    b.set_xticks(np.arange(3), names)
-    b.set_ylabel(f"µs per allocator step (batch {figs['batch']})")
-    b.set_title("decode-step cost")
+        means = [figs[f"{n}_step_mean_us{suffix}"] for n in names]
+        b.scatter(x, means, marker="_", s=200, color=bars.patches[0].get_facecolor(), zorder=3)
+    b.set_xticks(np.arange(len(names)), [n.replace("_", "\n", 1) for n in names])
+    b.set_ylabel(f"µs per allocator step (batch {figs['batch']}, log)")
+    b.set_yscale("log")
+    b.set_title("decode-step cost: median (bars), mean (dashes)")
     b.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -217,6 +269,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument(
+        "--long-batch", type=int, default=8, help="sequences of the long decode (scenario 3)"
+    )
+    ap.add_argument(
+        "--long-steps", type=int, default=None, help="its steps (default 3000; 1000 with --quick)"
+    )
+    ap.add_argument(
         "--gaps-ms",
         default=None,
         help="pauses between steps standing in for the forward pass, comma list "
@@ -224,6 +282,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     steps = args.steps or (100 if args.quick else 180)  # 4 KiB pages: vm.max_map_count caps it
+    long_steps = args.long_steps or (1000 if args.quick else 3000)
     reps = args.reps or (3 if args.quick else 9)
     gaps = [float(g) for g in (args.gaps_ms or ("0,5" if args.quick else "0,2,10")).split(",")]
     figs: dict[str, Any] = {
@@ -253,6 +312,8 @@ def main() -> None:
     for g in gaps:
         suffix = f"_gap{g:g}ms" if g else ""
         figs.update(decode_overhead(args.batch, args.prompt, steps, reps, g / 1e3, suffix))
+    figs["long_batch"], figs["long_steps"] = args.long_batch, long_steps
+    figs.update(decode_overhead(args.long_batch, args.prompt, long_steps, reps, 0.0, "_long"))
     rows = [
         [
             f"host {s} page",
@@ -263,24 +324,30 @@ def main() -> None:
         for s in ("4k", "64k", "2m")
     ]
     print_table("driver: µs per page", ["", "first map", "map", "unmap"], rows)
-    header = [""]
-    for g in gaps:
-        header += [f"{g:g} ms gap" if g else "back to back", "overhead"]
-    table = []
-    for name, label in (
-        ("paged", "paged"),
-        ("vmem_ahead", "vmem, map ahead"),
-        ("vmem_sync", "vmem, no map ahead"),
-    ):
-        row: list[Any] = [label]
-        for g in gaps:
-            suffix = f"_gap{g:g}ms" if g else ""
-            over = 0.0 if name == "paged" else figs[f"{name}_overhead{suffix}"]
-            row += [figs[f"{name}_step_us{suffix}"], over]
-        table.append(row)
-    print_table(
-        f"allocator decode step, batch {args.batch} (median µs; overhead vs paged)", header, table
-    )
+    scenarios = [(g, f"_gap{g:g}ms" if g else "", args.batch) for g in gaps]
+    for g, suffix, batch in [*scenarios, (0.0, "_long", args.long_batch)]:
+        table = []
+        for name, label in (
+            ("paged", "paged"),
+            ("vmem_ahead", "vmem, map ahead"),
+            ("vmem_ahead_cold", "vmem, map ahead, cold"),
+            ("vmem_sync", "vmem, no map ahead"),
+        ):
+            row: list[Any] = [label, figs[f"{name}_step_us{suffix}"]]
+            row.append(0.0 if name == "paged" else figs[f"{name}_overhead{suffix}"])
+            row.append(figs[f"{name}_step_mean_us{suffix}"])
+            for what in ("mean_overhead", "round_mean_overhead"):
+                row.append(0.0 if name == "paged" else figs[f"{name}_{what}{suffix}"])
+            row.append(figs[f"{name}_step_p99_us{suffix}"])
+            table.append(row)
+        what = f"{g:g} ms gap" if g else "back to back"
+        if suffix == "_long":
+            what += f", {long_steps} steps"
+        print_table(
+            f"allocator decode step, batch {batch}, {what} (µs; overheads vs paged)",
+            ["", "median", "overhead", "mean", "overhead", "per-round", "p99"],
+            table,
+        )
     path = save_results("vmem", figs, quick=args.quick)
     plot(figs, path.with_suffix(".png"))
     console.print(f"wrote {path} and {path.with_suffix('.png')}")

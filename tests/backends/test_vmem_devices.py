@@ -135,20 +135,31 @@ def test_tensor_at_refuses_bad_ranges_and_devices(addr, size, device):
 
 
 def counting(drv) -> dict[str, int]:
-    """Count the driver's device syncs and page unmaps (wrapping its methods)."""
+    """Count the driver's device syncs and pages unmapped (wrapping its methods)."""
     n = {"syncs": 0, "unmaps": 0}
-    sync, unmap = drv.synchronize, drv.unmap
+    sync, unmap, unmap_many = drv.synchronize, drv.unmap, drv.unmap_many
+    inside = [False]  # a default unmap_many calls unmap: count its pages once
 
     def counted_sync() -> None:
         n["syncs"] += 1
         sync()
 
     def counted_unmap(addr: int, size: int) -> None:
-        n["unmaps"] += 1
+        n["unmaps"] += not inside[0]
         unmap(addr, size)
+
+    def counted_unmap_many(addrs, size):
+        inside[0] = True
+        try:
+            done, err = unmap_many(addrs, size)
+        finally:
+            inside[0] = False
+        n["unmaps"] += done
+        return done, err
 
     drv.synchronize = counted_sync
     drv.unmap = counted_unmap
+    drv.unmap_many = counted_unmap_many
     return n
 
 

@@ -55,6 +55,9 @@ class VMemDriver(ABC):
     max_mappings: int | None = None
     #: True when ``free_range`` also removes the pages mapped in the range.
     free_unmaps: bool = False
+    #: True when :meth:`map_many` also takes an int64 numpy array of ``(addr, handle)`` rows
+    #: (handles are ints): callers then build it without a Python loop.
+    array_pages: bool = False
 
     @property
     @abstractmethod
@@ -124,6 +127,20 @@ class VMemDriver(ABC):
         Does not wait for the device: call :meth:`synchronize` first when work
         queued on it may still touch the page (once for a batch of unmaps).
         """
+
+    def unmap_many(self, addrs: Sequence[int], size: int) -> tuple[int, DriverError | None]:
+        """Unmap the page at each address in order, stopping at the first failure.
+
+        Returns how many were unmapped and the error that stopped it (None if
+        all were). Does not synchronize; drivers override it to cut per-call
+        overhead.
+        """
+        for i, addr in enumerate(addrs):
+            try:
+                self.unmap(addr, size)
+            except DriverError as e:
+                return i, e
+        return len(addrs), None
 
     def synchronize(self) -> None:  # noqa: B027 - optional hook, nothing to wait for by default
         """Wait until the device has finished the work queued on it (kernels, copies).

@@ -35,6 +35,7 @@ import os
 import threading
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from kvmem import native
@@ -90,6 +91,7 @@ class HostDriver(VMemDriver):
 
     name = "host"
     free_unmaps = True  # munmap of the range drops the pages mapped in it
+    array_pages = True  # handles are file offsets
 
     def __init__(self, prealloc: bool = False, name: str = "kvmem") -> None:
         if not hasattr(os, "memfd_create"):
@@ -104,6 +106,8 @@ class HostDriver(VMemDriver):
             raise DriverError(f"memfd_create failed: {e.strerror}") from None
         self._size = 0  # file size: the next page's offset
         self._pages: dict[int, int] = {}  # offset -> size of every live page
+        # file page numbers (offset // system page) of the pages with memory: consecutive
+        # ints hash without collisions, where offsets (multiples of 4 KiB) collide
         self._backed: set[int] = set()
         self._ranges: dict[int, int] = {}  # start -> size of every reserved range
         self._lock = threading.Lock()
@@ -176,7 +180,7 @@ class HostDriver(VMemDriver):
                 err = self._err(f"fallocate of {count} pages of {size} bytes")
                 self.release_many(offs)
                 raise err
-            self._backed.update(offs)
+            self._backed.update(o // self._page for o in offs)
         return offs
 
     def release_many(self, handles: Sequence[int]) -> DriverError | None:
@@ -188,8 +192,8 @@ class HostDriver(VMemDriver):
             if size is None:
                 first = first or DriverError(f"release: no page at offset {h!r}")
                 continue
-            if h in self._backed:
-                self._backed.discard(h)
+            if h // self._page in self._backed:
+                self._backed.discard(h // self._page)
                 if runs and runs[-1][1] == h:
                     runs[-1][1] = h + size
                 else:
@@ -201,22 +205,22 @@ class HostDriver(VMemDriver):
         return first
 
     def _back(self, off: int, size: int) -> None:
-        if off in self._backed:
+        if off // self._page in self._backed:
             return
         if self._libc.fallocate(self.fd, 0, off, size) != 0:
             raise self._err(f"fallocate of page at offset {off} ({size} bytes)")
-        self._backed.add(off)
+        self._backed.add(off // self._page)
 
     def release(self, handle: int) -> None:
         """Give the page's memory back (punch its hole in the memfd)."""
         size = self._pages.pop(handle, None)
         if size is None:
             raise InvalidArgument(f"release: no page at offset {handle!r}")
-        if handle in self._backed:
+        if handle // self._page in self._backed:
             mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
             if self._libc.fallocate(self.fd, mode, handle, size) != 0:
                 raise self._err(f"fallocate(PUNCH_HOLE) at offset {handle}")
-            self._backed.discard(handle)
+            self._backed.discard(handle // self._page)
 
     def map(self, addr: int, size: int, handle: int) -> None:
         """Map the page at file offset ``handle`` over ``[addr, addr + size)``."""
@@ -233,64 +237,144 @@ class HostDriver(VMemDriver):
             raise DriverError(f"mmap placed the page at {got:#x}, not {addr:#x}")
 
     def map_many(
-        self, pages: Sequence[tuple[int, PageHandle]], size: int
+        self, pages: Sequence[tuple[int, PageHandle]] | np.ndarray, size: int
     ) -> tuple[int, DriverError | None]:
-        """:meth:`map` for many pages: backing checked here, the mmap loop in one native call.
+        """:meth:`map` for many pages: handles checked here, the mmaps in few native calls.
 
-        Pages are mapped in order, one :func:`kvmem.native.host_map_pages`
-        call per reserved range they fall in (the native loop checks every
-        address against that range); the Python loop is its fallback.
+        ``pages`` may also be an int64 array of ``(addr, offset)`` rows.
+
+        Consecutive pages whose addresses and file offsets both follow on
+        (a sequence's next pages of one layer, from adjacent pages of the
+        file) become one ``mmap`` of the whole run; runs of equal length go
+        to :func:`kvmem.native.host_map_pages` together (the GIL is released
+        while it maps). Every handle is looked up (and backed) before
+        anything is mapped: an unknown one maps nothing. Pages are mapped in
+        order up to the first one outside a reserved range, with an
+        unaligned offset, or whose ``mmap`` failed.
         """
         self._check("map", 0, size)
+        if not len(pages):
+            return 0, None
+        try:
+            arr = np.asarray(pages, dtype=np.int64).reshape(len(pages), 2)
+        except (TypeError, ValueError, OverflowError) as e:
+            return 0, DriverError(f"map: page addresses and handles must be ints ({e})")
+        if not self._backed.issuperset((arr[:, 1] // self._page).tolist()):
+            for handle in arr[:, 1].tolist():
+                if handle // self._page in self._backed:
+                    continue
+                if self._pages.get(handle) != size:
+                    return 0, DriverError(f"map: no page of {size} bytes at offset {handle!r}")
+                try:
+                    self._back(handle, size)
+                except DriverError as e:
+                    return 0, e
+        addrs = arr[:, 0]
         done = 0
-        for start, n, base, length in self._groups(pages, size):
-            group = pages[start : start + n]
-            for _, handle in group:
-                if handle not in self._backed:
-                    if self._pages.get(handle) != size:
-                        msg = f"map: no page of {size} bytes at offset {handle!r}"
-                        return done, DriverError(msg)
-                    try:
-                        self._back(handle, size)
-                    except DriverError as e:
-                        return done, e
-            if base is None:
-                return done, DriverError(
-                    f"map: address {group[0][0]:#x} is not inside a reserved range"
+        n, err = self._inside(addrs, size)
+        for base, length, first, count, run in self._batches(addrs[:n], arr[:n, 1], size):
+            idx = slice(first, first + count * run, run)
+            try:  # an offset that is no page's (unaligned) is refused before any mmap
+                got, errno = native.host_map_pages(
+                    self.fd, base, length, addrs[idx], arr[idx, 1], run * size
                 )
-            addrs = [a for a, _ in group]
-            offs = [h for _, h in group]
-            try:
-                got, errno = native.host_map_pages(self.fd, base, length, addrs, offs, size)
             except InvalidArgument as e:
-                return done, DriverError(str(e))
-            done += got
+                return done, DriverError(f"map: {e}")
+            done += got * run
             if errno:
                 return done, DriverError(
-                    f"mmap(MAP_FIXED | MAP_SHARED) of offset {offs[got]} failed: "
+                    f"mmap(MAP_FIXED | MAP_SHARED) of offset {int(arr[done, 1])} failed: "
                     f"{os.strerror(errno)} (errno {errno})"
                 )
-        return done, None
+        return done, err
 
-    def _groups(
-        self, pages: Sequence[tuple[int, PageHandle]], size: int
-    ) -> list[tuple[int, int, int | None, int]]:
-        """Consecutive runs of ``pages`` inside one reserved range: (first, count, start, size)."""
-        out: list[tuple[int, int, int | None, int]] = []
-        cur: tuple[int, int] | None = None
-        for i, (addr, _) in enumerate(pages):
-            if cur is None or not (cur[0] <= addr and addr + size <= cur[0] + cur[1]):
-                cur = next(
-                    ((b, n) for b, n in self._ranges.items() if b <= addr and addr + size <= b + n),
-                    None,
+    def _inside(
+        self, addrs: np.ndarray, size: int, what: str = "map"
+    ) -> tuple[int, DriverError | None]:
+        """How many leading pages of ``addrs`` lie in reserved ranges, and the error after them."""
+        ranges = self._ranges
+        if len(ranges) == 1:  # the allocator's one range: two comparisons per page
+            ((b, ln),) = ranges.items()
+            bad = (addrs < b) | (addrs > b + ln - size)
+        else:
+            bad = self._range_of(addrs, size) < 0
+        if not bad.any():
+            return len(addrs), None
+        i = int(np.argmax(bad))
+        return i, DriverError(f"{what}: address {int(addrs[i]):#x} is not inside a reserved range")
+
+    def _range_of(self, addrs: np.ndarray, size: int) -> np.ndarray:
+        """Per page, the index of the reserved range (sorted by start) holding it, else -1."""
+        starts = np.array(sorted(self._ranges), dtype=np.int64)
+        ends = np.array([s + self._ranges[s] for s in starts.tolist()], dtype=np.int64)
+        i = np.searchsorted(starts, addrs, side="right") - 1
+        ok = (i >= 0) & (addrs + size <= ends[np.maximum(i, 0)])
+        return np.where(ok, i, -1)
+
+    def _batches(
+        self, addrs: np.ndarray, offs: np.ndarray | None, size: int
+    ) -> list[tuple[int, int, int, int, int]]:
+        """Runs of pages one ``mmap`` can cover, grouped for one native call each.
+
+        A run is pages that follow on in address (and in file offset, when
+        ``offs`` is given) inside one reserved range; consecutive runs of
+        the same length make a batch. Yields ``(range start, range size,
+        first page, runs, pages per run)``; every page lies in a range.
+        """
+        n = len(addrs)
+        if n == 0:
+            return []
+        rng = None if len(self._ranges) == 1 else self._range_of(addrs, size)
+        follows = (addrs[1:] - addrs[:-1]) == size
+        if offs is not None:
+            follows &= (offs[1:] - offs[:-1]) == size
+        if rng is not None:
+            follows &= rng[1:] == rng[:-1]
+        cuts = np.flatnonzero(~follows) + 1
+        range_starts = sorted(self._ranges)
+        if rng is None:  # one range: runs of one length (the usual case) make one batch
+            run = int(cuts[0]) if len(cuts) else n
+            if n % run == 0 and (len(cuts) == n // run - 1) and not (cuts % run).any():
+                base = range_starts[0]
+                return [(base, self._ranges[base], 0, n // run, run)]
+        starts = [0, *cuts.tolist()]
+        out: list[list[int]] = []
+        for first, end in zip(starts, [*starts[1:], n], strict=True):
+            run = end - first
+            base = range_starts[0 if rng is None else int(rng[first])]
+            last = out[-1] if out else None
+            if last is not None and last[4] == run and last[0] == base:
+                last[3] += 1
+            else:
+                out.append([base, self._ranges[base], first, 1, run])
+        return [(b, ln, f, c, r) for b, ln, f, c, r in out]
+
+    def unmap_many(self, addrs: Sequence[int], size: int) -> tuple[int, DriverError | None]:
+        """:meth:`unmap` for many pages of reserved ranges, runs of adjacent ones at once.
+
+        Consecutive addresses that follow on become one ``mmap(PROT_NONE)``
+        of the whole run, runs of equal length one native call. Stops at
+        the first page outside a reserved range or the first failure.
+        """
+        self._check("unmap", 0, size)
+        if not len(addrs):
+            return 0, None
+        try:
+            a = np.asarray(addrs, dtype=np.int64).reshape(-1)
+        except (TypeError, ValueError, OverflowError) as e:
+            return 0, DriverError(f"unmap: addresses must be ints ({e})")
+        n, err = self._inside(a, size, "unmap")
+        done = 0
+        for base, length, first, count, run in self._batches(a[:n], None, size):
+            idx = slice(first, first + count * run, run)
+            got, errno = native.host_unmap_pages(base, length, a[idx], run * size)
+            done += got * run
+            if errno:
+                return done, DriverError(
+                    f"mmap(PROT_NONE) over {int(a[done]):#x} failed: "
+                    f"{os.strerror(errno)} (errno {errno})"
                 )
-                if cur is None:
-                    out.append((i, 1, None, 0))
-                    break
-                out.append((i, 0, cur[0], cur[1]))
-            first, n, b, ln = out[-1]
-            out[-1] = (first, n + 1, b, ln)
-        return out
+        return done, err
 
     def unmap(self, addr: int, size: int) -> None:
         """Put PROT_NONE back over ``[addr, addr + size)``."""

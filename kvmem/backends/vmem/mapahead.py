@@ -5,7 +5,8 @@
     caller thread                         worker thread ("kvmem-vmem-map-ahead")
     reserve(s, 1) -> want(slot)  --+
     layout(batch) -> wake()      --+-->  queue  -->  run(slots):
-                                                       lock:   claim pool groups per slot
+                                                       per slot, most urgent first:
+                                                       lock:   claim pool groups
                                                        (none): driver.map_many(...)
                                                        lock:   publish, notify settle()
 
@@ -30,6 +31,10 @@ from kvmem.errors import DriverError
 __all__ = ["MapAhead"]
 
 _Item = list[int] | threading.Event | None
+
+#: Bytes per layer a claim maps past a slot's pages (up to the slot's share of the pool):
+#: on the host, one mmap per layer maps that many bytes of small pages.
+CHUNK_BYTES = 256 * 1024
 
 
 def _worker(ref: weakref.ReferenceType[MapAhead], q: queue.SimpleQueue[_Item]) -> None:
@@ -58,7 +63,10 @@ class MapAhead:
     ``lock`` is the allocator's lock; ``target(slot)`` (called with it held)
     says how many tokens the slot should cover, or None when the slot has no
     sequence any more. ``ahead`` is how far beyond the reserved KV a slot
-    should stay mapped before the worker is asked for more.
+    should stay mapped before the worker is asked for more. On pages smaller
+    than :data:`CHUNK_BYTES` a claim maps a chunk of pages at once, up to
+    the slot's :meth:`share` of the pool, and slots under their share are
+    asked for ``early`` tokens sooner.
     """
 
     def __init__(
@@ -70,11 +78,21 @@ class MapAhead:
     ) -> None:
         self.space = space
         self.ahead = ahead
+        #: Most pages a claim takes beyond ``2 * ahead`` (small pages only: a chunk of bytes).
+        self.chunk = (
+            max(1, CHUNK_BYTES // space.page_bytes) if space.page_bytes < CHUNK_BYTES else 0
+        )
+        #: Tokens sooner than ``ahead`` a slot under its share is asked for: half a chunk.
+        self.early = space.cover(self.chunk) // 2 if self.chunk else 0
+        self._even = space.num_groups // space.max_seqs  # groups per slot, the pool split evenly
         self._target = target
         self._lock = lock
         self._cv = threading.Condition(lock)  # notified when a batch of mappings lands
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._wanted = [False] * space.max_seqs  # slot already asked of the worker
+        # per slot: no need to look again while reserved < _quiet_below and covered is unchanged
+        self._quiet_below = [0] * space.max_seqs
+        self._quiet_covered = [-1] * space.max_seqs
         self._requests: list[int] = []  # slots to hand the worker at the next wake-up
         self._inflight: set[int] = set()  # slots the worker is mapping (lock not held)
         self.thread: threading.Thread | None = None
@@ -90,12 +108,26 @@ class MapAhead:
         return bool(self._requests)
 
     def want(self, slot: int, reserved: int) -> None:
-        """Ask for the slot's next pages if under ``ahead`` tokens are mapped past ``reserved``."""
+        """Ask for the slot's next pages if under ``ahead`` tokens are mapped past ``reserved``.
+
+        ``early`` tokens sooner while the slot is under its share (see
+        :meth:`share`), so that the worker is asked well before the caller
+        could need the pages. Never while the pool is empty: the worker maps
+        from the pool only.
+        """
         covered = self.space.covered[slot]
-        if self._wanted[slot] or covered - reserved >= self.ahead:
+        if reserved < self._quiet_below[slot] and covered == self._quiet_covered[slot]:
+            return  # the decode step's usual case: two lookups
+        sp = self.space
+        if self._wanted[slot] or covered >= sp.max_seq_len or not sp.pool:
             return
-        if covered >= self.space.max_seq_len:
-            return
+        room = covered - reserved
+        if room >= self.ahead:
+            early = self.early if len(sp.groups[slot]) < self.share(slot) else 0
+            if room >= self.ahead + early:
+                self._quiet_below[slot] = covered - self.ahead - early + 1
+                self._quiet_covered[slot] = covered
+                return
         self._wanted[slot] = True
         self._requests.append(slot)
         if len(self._requests) >= 64:
@@ -121,34 +153,67 @@ class MapAhead:
         self._requests = []
 
     def run(self, slots: list[int]) -> None:
-        """Worker side: map, from the pool only and without the lock, the slots' next pages."""
+        """Worker side: map, from the pool only and without the lock, the slots' next pages.
+
+        Slots go nearest to running out first, one at a time: each is
+        claimed, mapped and published before the next, so a caller that
+        needs a slot waits for that slot's mapping at most, never a batch's.
+        """
         sp = self.space
-        claims: list[tuple[int, list[int]]] = []
         with self._lock:
-            for slot in slots:
+            order = []
+            for slot in dict.fromkeys(slots):
                 self._wanted[slot] = False
+                target = None if self.closed else self._target(slot)
+                if target is not None:
+                    order.append((sp.covered[slot] - target, slot))
+        order.sort()
+        for _, slot in order:
+            with self._lock:
                 target = None if self.closed else self._target(slot)
                 if target is None or slot in self._inflight:
                     continue
-                groups = sp.claim(slot, min(sp.max_seq_len, target + 2 * self.ahead))
-                if groups:
-                    claims.append((slot, groups))
-                    self._inflight.add(slot)
-        results: dict[int, tuple[int, int, DriverError | None]] = {}
-        try:
-            for slot, groups in claims:
-                results[slot] = sp.map_claimed(slot, groups)
-        finally:  # whatever happened, every claim lands (unmapped ones back in the pool)
-            with self._lock:
-                for slot, groups in claims:
-                    done, calls, err = results.get(slot, (0, 0, None))
+                groups = sp.claim(slot, self._goal(slot, target))
+                if not groups:
+                    continue
+                self._inflight.add(slot)
+            result: tuple[int, int, DriverError | None] = (0, 0, None)
+            try:
+                result = sp.map_claimed(slot, groups)
+            finally:  # whatever happened, the claim lands (unmapped groups back in the pool)
+                with self._lock:
+                    done, calls, err = result
                     sp.publish(slot, groups, done, calls)
                     self._inflight.discard(slot)
                     self.groups += done
                     if err is not None:
                         self.last_error = str(err)
                         self.errors += 1
-                self._cv.notify_all()
+                    self._cv.notify_all()
+
+    def share(self, slot: int) -> int:
+        """Groups the slot may have mapped when claims take chunks.
+
+        Its even share of the pool (``num_groups // max_seqs``), or more
+        while the pool is large: what it has plus ``1 / max_seqs`` of the
+        pool. So early sequences cannot take, ahead of need, the pages that
+        later ones will need, and a sparsely used pool still maps in chunks.
+        """
+        sp = self.space
+        return max(self._even, len(sp.groups[slot]) + len(sp.pool) // sp.max_seqs)
+
+    def _goal(self, slot: int, target: int) -> int:
+        """(Lock held.) Tokens the slot should cover after this claim.
+
+        ``2 * ahead`` past the reservation, and on small pages a chunk of up
+        to :data:`CHUNK_BYTES` per layer past the mapped pages, up to the
+        slot's :meth:`share`. A layer's pages of one claim are adjacent in
+        memory and (groups popped in order) in the driver: the host driver
+        maps them with one ``mmap``.
+        """
+        sp = self.space
+        pages = min(len(sp.groups[slot]) + self.chunk, self.share(slot)) if self.chunk else 0
+        return min(sp.max_seq_len, max(target + 2 * self.ahead, sp.cover(pages)))
 
     def settle(self, slot: int | None = None) -> None:
         """(Lock held.) Wait until the worker is not mapping ``slot`` (any slot if None)."""

@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from kvmem.backends.vmem.driver import PageHandle, VMemDriver
@@ -110,6 +111,7 @@ class VirtualKV:
         #: Per slot: token positions below this may lie in shared pages.
         self.shared_below = [0] * max_seqs
         self._handles: list[PageHandle] = []
+        self._int_handles: np.ndarray | None = None  # [group, layer], when handles are ints
         self._range = False
         self._batching = False  # inside unmapping(): one device sync for every unmap
         self._synced = False  # the device was synchronized in this batch
@@ -124,6 +126,8 @@ class VirtualKV:
                 self._handles = handles
                 for li in range(nl):
                     handles[li::nl] = driver.create_many(num_groups, page_bytes)
+                if driver.array_pages and all(type(h) is int for h in handles):
+                    self._int_handles = np.array(handles, dtype=np.int64).reshape(num_groups, nl)
         except BaseException:
             self.close()
             raise
@@ -174,24 +178,51 @@ class VirtualKV:
     def _addr(self, li: int, slot: int, j: int) -> int:
         return self.base + li * self.layer_bytes + slot * self.row_bytes + j * self.page_bytes
 
-    def _map_group(self, slot: int, j: int, g: int) -> None:
-        """Map group ``g`` as page ``j`` of ``slot`` (every layer), or map nothing."""
-        drv, pb, nl = self.driver, self.page_bytes, self.num_layers
-        if drv.bookkeeping_only:
-            self.map_calls += nl
-            return
-        done, err = drv.map_many(self._group_pages(slot, j, g), pb)
-        self.map_calls += done
-        if err is not None:
-            for li in range(done):
-                with contextlib.suppress(DriverError):
-                    drv.unmap(self._addr(li, slot, j), pb)
-                    self.unmap_calls += 1
-            raise err
+    def _page_addrs(self, slot: int, start: int, count: int) -> np.ndarray:
+        """Addresses of pages ``start .. start + count - 1`` of ``slot``, layer by layer.
 
-    def _group_pages(self, slot: int, j: int, g: int) -> list[tuple[int, PageHandle]]:
-        nl, h = self.num_layers, self._handles
-        return [(self._addr(li, slot, j), h[g * nl + li]) for li in range(nl)]
+        Layer-major, so that a layer's pages are adjacent in the list as in
+        memory: the driver maps or unmaps such a run with one call.
+        """
+        first = self.base + slot * self.row_bytes + start * self.page_bytes
+        layers = np.arange(self.num_layers, dtype=np.int64) * self.layer_bytes
+        pages = np.arange(count, dtype=np.int64) * self.page_bytes
+        return (first + layers[:, None] + pages[None, :]).ravel()
+
+    def _map_pages(
+        self, slot: int, start: int, groups: list[int]
+    ) -> tuple[int, DriverError | None]:
+        """Map ``groups`` as pages ``start, start + 1, ...`` of ``slot`` on every layer.
+
+        Touches no shared state (the map-ahead worker calls it without the
+        lock). Returns how many leading groups got mapped on every layer
+        (their pages stay mapped) and the error that stopped it; pages of
+        the other groups that did get mapped are unmapped again.
+        """
+        drv, pb, nl, k = self.driver, self.page_bytes, self.num_layers, len(groups)
+        if drv.bookkeeping_only or not k:
+            return k, None
+        addrs = self._page_addrs(slot, start, k)
+        pages: Sequence[tuple[int, PageHandle]]
+        if self._int_handles is not None:  # [addr, handle] rows, built without a Python loop
+            pages = np.stack((addrs, self._int_handles[groups].T.ravel()), axis=1)
+        else:
+            h = self._handles
+            handles = [h[g * nl + li] for li in range(nl) for g in groups]
+            pages = list(zip(addrs.tolist(), handles, strict=True))
+        try:
+            done, err = drv.map_many(pages, pb)
+        except Exception as e:  # not the driver's contract: undo everything, report it
+            done, err = len(pages), DriverError(f"map_many failed unexpectedly: {e!r}")
+        if err is None:
+            return k, None
+        layer, i = divmod(done, k)  # layers below `layer` are mapped, and `i` pages of it
+        full = i if layer == nl - 1 else 0
+        for n, a in enumerate(addrs[:done].tolist()):  # never used by the device: no sync
+            if n % k >= full:
+                with contextlib.suppress(Exception):
+                    drv.unmap(a, pb)
+        return full, err
 
     @contextlib.contextmanager
     def unmapping(self) -> Iterator[None]:
@@ -208,7 +239,9 @@ class VirtualKV:
             if not outer:
                 self._batching = self._synced = False
 
-    def _unmap(self, addrs: list[int], keep_going: bool = False) -> tuple[int, DriverError | None]:
+    def _unmap(
+        self, addrs: Sequence[int] | np.ndarray, keep_going: bool = False
+    ) -> tuple[int, DriverError | None]:
         """Unmap the pages at ``addrs`` in order after one device sync (per batch).
 
         Stops at the first failure unless ``keep_going``; returns how many
@@ -218,7 +251,7 @@ class VirtualKV:
         if drv.bookkeeping_only:
             self.unmap_calls += len(addrs)
             return len(addrs), None
-        if not addrs:
+        if not len(addrs):
             return 0, None
         if not self._synced:
             try:
@@ -226,24 +259,18 @@ class VirtualKV:
             except DriverError as e:
                 return 0, e
             self._synced = self._batching
-        done, first = 0, None
-        for addr in addrs:
-            try:
-                drv.unmap(addr, pb)
-            except DriverError as e:
-                first = first or e
-                if not keep_going:
-                    break
-                continue
-            done += 1
+        done, first, pos = 0, None, 0
+        while pos < len(addrs):
+            got, err = drv.unmap_many(addrs[pos:], pb)
+            done, pos = done + got, pos + got
+            if err is None:
+                break
+            first = first or err
+            if not keep_going:
+                break
+            pos += 1
         self.unmap_calls += done
         return done, first
-
-    def _tail_addrs(self, slot: int, count: int) -> list[int]:
-        """Addresses of the last ``count`` pages of ``slot``, every layer, last page first."""
-        n, nl = len(self.groups[slot]), self.num_layers
-        pages = range(n - 1, n - 1 - count, -1)
-        return [self._addr(li, slot, j) for j in pages for li in range(nl)]
 
     def _take(self, g: int) -> None:
         if self.ref[g]:
@@ -262,19 +289,27 @@ class VirtualKV:
     def _pop_tail(self, slot: int, count: int = 1) -> int:
         """Unmap the last ``count`` groups of ``slot`` in one batch; return those pooled again.
 
-        On a driver failure the groups unmapped on every layer are dropped
-        from the slot and the error is raised.
+        All or nothing: on a driver failure the pages this call unmapped are
+        mapped back (same physical pages, bytes kept) and the error raised.
         """
         lst = self.groups[slot]
         if count <= 0:
             return 0
-        done, err = self._unmap(self._tail_addrs(slot, count))
+        start = len(lst) - count
+        addrs = self._page_addrs(slot, start, count)
+        done, err = self._unmap(addrs)
+        if err is not None:
+            nl, h, tail = self.num_layers, self._handles, lst[start:]
+            back = [
+                (a, h[tail[n % count] * nl + n // count])
+                for n, a in enumerate(addrs[:done].tolist())
+            ]
+            self.map_calls += self.driver.map_many(back, self.page_bytes)[0] if back else 0
+            raise err
         freed = 0
-        for _ in range(done // self.num_layers):
+        for _ in range(count):
             freed += self._drop(lst.pop())
         self.covered[slot] = self.cover(len(lst))
-        if err is not None:
-            raise err
         return freed
 
     def grow(self, slot: int, n: int) -> int:
@@ -283,22 +318,16 @@ class VirtualKV:
         The caller made sure the pool has them. A driver failure unmaps what
         this call mapped, puts those groups back in the pool and re-raises.
         """
-        lst = self.groups[slot]
-        done = 0
-        try:
-            for _ in range(max(0, self.pages(n) - len(lst))):
-                g = self.pool[-1]
-                self._map_group(slot, len(lst), g)
-                self.pool.pop()
-                self.ref[g] = 1
-                lst.append(g)
-                done += 1
-        except DriverError:
+        want = max(0, self.pages(n) - len(self.groups[slot]))
+        if not want:
+            return 0
+        groups = [self.pool.pop() for _ in range(want)]
+        done, err = self._map_pages(slot, len(self.groups[slot]), groups)
+        self.publish(slot, groups, done, done * self.num_layers)
+        if err is not None:
             self._pop_tail(slot, done)
-            raise
-        finally:
-            self.covered[slot] = self.cover(len(lst))
-        return done
+            raise err
+        return want
 
     # Mapping ahead happens in three steps so that the driver calls run without the
     # allocator's lock: claim (locked) -> map_claimed (unlocked) -> publish (locked).
@@ -315,23 +344,8 @@ class VirtualKV:
         Returns (groups fully mapped, driver map calls made, the error that
         stopped it). A group mapped on some layers only is unmapped again.
         """
-        drv, pb, nl = self.driver, self.page_bytes, self.num_layers
-        start = len(self.groups[slot])
-        if drv.bookkeeping_only:
-            return len(groups), 0, None
-        pages = [p for i, g in enumerate(groups) for p in self._group_pages(slot, start + i, g)]
-        try:
-            done, err = drv.map_many(pages, pb)
-        except Exception as e:  # not the driver's contract: undo everything, report it
-            done, err = 0, DriverError(f"map_many failed unexpectedly: {e!r}")
-            for addr, _ in pages:
-                with contextlib.suppress(Exception):
-                    drv.unmap(addr, pb)
-        full = done // nl
-        for addr, _ in pages[full * nl : done]:
-            with contextlib.suppress(DriverError):
-                drv.unmap(addr, pb)
-        return full, full * nl, err
+        done, err = self._map_pages(slot, len(self.groups[slot]), groups)
+        return done, 0 if self.driver.bookkeeping_only else done * self.num_layers, err
 
     def publish(self, slot: int, groups: list[int], done: int, calls: int) -> None:
         """Record the first ``done`` claimed groups as mapped under ``slot``; pool the rest."""
@@ -372,17 +386,16 @@ class VirtualKV:
     def share(self, src: int, dst: int, n: int) -> None:
         """Map under the empty slot ``dst`` the groups ``src``'s first ``n`` tokens use."""
         lst = self.groups[dst]
-        try:
-            for j in range(self.pages(n)):
-                g = self.groups[src][j]
-                self._map_group(dst, j, g)
-                self._take(g)
-                lst.append(g)
-        except DriverError:
+        groups = self.groups[src][: self.pages(n)]
+        done, err = self._map_pages(dst, 0, groups)
+        for g in groups[:done]:
+            self._take(g)
+            lst.append(g)
+        self.map_calls += done * self.num_layers
+        self.covered[dst] = self.cover(len(lst))
+        if err is not None:
             self._pop_tail(dst, len(lst))
-            raise
-        finally:
-            self.covered[dst] = self.cover(len(lst))
+            raise err
         bound = self._shared_bound(dst)
         self.shared_below[dst] = bound
         self.shared_below[src] = max(self.shared_below[src], bound)
@@ -514,7 +527,7 @@ class VirtualKV:
         with self.unmapping():
             for slot, lst in enumerate(self.groups):
                 if each and lst:
-                    err = self._unmap(self._tail_addrs(slot, len(lst)), keep_going=True)[1]
+                    err = self._unmap(self._page_addrs(slot, 0, len(lst)), keep_going=True)[1]
                     if err is not None and on_error is not None:
                         on_error(err)
                 while lst:
