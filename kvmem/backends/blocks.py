@@ -344,6 +344,39 @@ class BlockTableBackend(KVBackend[BlockSeq]):
             self._set_row(s, start)
         s.reserved = target
 
+    def _grow_many(self, grow: list[tuple[Hashable, BlockSeq, int]]) -> None:
+        """All the growths or none: one pass sets the ones that fit in pages already held (a
+        decode step's usual case); the rest take pages only once their total is known free."""
+        ps = self.page_size
+        ref = self._ref
+        slow: list[tuple[Hashable, BlockSeq, int]] = []
+        need = 0
+        for item in grow:
+            _, s, target = item
+            if target > len(s.blocks) * ps or ref[s.blocks[s.num_computed // ps]] != 1:
+                new, cow = self._needed(s, target)
+                need += new + cow
+                slow.append(item)
+        if slow and not self._ensure_free(need):
+            raise OutOfKVMemory(
+                f"{len(slow)} sequences (first {slow[0][0]!r}) need {need} pages, "
+                f"{len(self._free)} free"
+            )
+        for sid, s, target in grow:
+            if target <= len(s.blocks) * ps and ref[s.blocks[s.num_computed // ps]] == 1:
+                s.reserved = target
+            else:
+                self._grow(sid, s, target)
+
+    def _commit_many(self, seqs: list[BlockSeq], ends: list[int]) -> None:
+        """Publish the pages that filled up; a commit that fills none costs two comparisons."""
+        ps = self.page_size
+        cache = self.prefix_caching
+        for s, end in zip(seqs, ends, strict=True):
+            if cache and end // ps > s.num_computed // ps:
+                self._on_commit(s, end)
+            s.num_computed = end
+
     def _can_grow(self, grow: list[tuple[BlockSeq, int]]) -> bool:
         total = 0
         for s, target in grow:
