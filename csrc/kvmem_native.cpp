@@ -240,9 +240,11 @@ std::tuple<int64_t, int64_t, std::string> cuda_unmap(const torch::Tensor& addrs,
 }
 
 // ---------------------------------------------------------------- layout
-// The arrays of a BatchLayout (see kvmem/layout.py build_layout).
+// The arrays of a BatchLayout (see kvmem/layout.py build_layout). Sequence i's
+// pages are row i of `table`, or row rows[i] when `rows` (int64 [B]) is given.
 std::vector<torch::Tensor> layout_arrays(const torch::Tensor& table, const torch::Tensor& seq_lens,
-                                         const torch::Tensor& query_lens, int64_t page_size) {
+                                         const torch::Tensor& query_lens, int64_t page_size,
+                                         const c10::optional<torch::Tensor>& rows) {
   if (page_size <= 0) bad("page_size must be positive");
   if (table.device().type() != torch::kCPU || table.scalar_type() != torch::kInt32 ||
       table.dim() != 2)
@@ -251,9 +253,21 @@ std::vector<torch::Tensor> layout_arrays(const torch::Tensor& table, const torch
     if (t->device().type() != torch::kCPU || t->scalar_type() != torch::kInt32 ||
         t->dim() != 1 || !t->is_contiguous())
       bad("seq_lens and query_lens must be contiguous cpu int32 tensors [B]");
-  int64_t b = table.size(0), w = table.size(1);
-  if (seq_lens.size(0) != b || query_lens.size(0) != b)
+  int64_t b = seq_lens.size(0), w = table.size(1);
+  const int64_t* rp = nullptr;
+  if (rows.has_value()) {
+    const torch::Tensor& r = *rows;
+    if (r.device().type() != torch::kCPU || r.scalar_type() != torch::kInt64 || r.dim() != 1 ||
+        !r.is_contiguous() || r.size(0) != b)
+      bad("rows must be a contiguous cpu int64 tensor [B]");
+    rp = r.data_ptr<int64_t>();
+    for (int64_t i = 0; i < b; ++i)
+      if (rp[i] < 0 || rp[i] >= table.size(0))
+        bad("row " + std::to_string(rp[i]) + " is not a row of the table");
+  } else if (table.size(0) != b) {
     bad("table, seq_lens and query_lens disagree on the batch size");
+  }
+  if (query_lens.size(0) != b) bad("table, seq_lens and query_lens disagree on the batch size");
   const int32_t* sl = seq_lens.data_ptr<int32_t>();
   const int32_t* ql = query_lens.data_ptr<int32_t>();
   int64_t nnz = 0, ntok = 0, max_pages = 0;
@@ -285,7 +299,7 @@ std::vector<torch::Tensor> layout_arrays(const torch::Tensor& table, const torch
   qp[0] = 0;
   for (int64_t i = 0; i < b; ++i) {
     int64_t np = (static_cast<int64_t>(sl[i]) + page_size - 1) / page_size;
-    const int32_t* row = tp + i * s0;
+    const int32_t* row = tp + (rp ? rp[i] : i) * s0;
     int32_t* drow = dp + i * max_pages;
     int32_t* out = ix + ip[i];
     for (int64_t j = 0; j < np; ++j) out[j] = drow[j] = row[j * s1];
@@ -367,6 +381,54 @@ torch::Tensor page_keys(py::handle tokens, int64_t page_size, uint64_t prev, int
   return out;
 }
 
+// ------------------------------------------------------ prefix-cache hashes
+// CPython's tuple hash (xxHash-based, Objects/tupleobject.c since 3.8): the
+// chain below equals hash((parent, tuple(page))) computed in Python, which
+// kvmem.native checks once before it trusts this path.
+constexpr uint64_t kX1 = 11400714785074694791ull, kX2 = 14029467366897019727ull,
+                   kX5 = 2870177450012600261ull;
+
+inline uint64_t xx_round(uint64_t acc, uint64_t lane) {
+  acc += lane * kX2;
+  acc = (acc << 31) | (acc >> 33);
+  return acc * kX1;
+}
+
+inline int64_t xx_end(uint64_t acc, uint64_t len) {
+  acc += len ^ (kX5 ^ 3527539ull);
+  return acc == static_cast<uint64_t>(-1) ? 1546275796 : static_cast<int64_t>(acc);
+}
+
+inline Py_hash_t hash_of(PyObject* o) {
+  Py_hash_t h = PyObject_Hash(o);
+  if (h == -1) throw py::error_already_set();
+  return h;
+}
+
+// Pages first .. first + count - 1 of `tokens` (a list): parent = hash((parent,
+// tuple(page))) for each, the hashes returned in order.
+py::list chain_hashes(py::handle tokens, int64_t page_size, int64_t first, int64_t count,
+                      int64_t parent) {
+  if (!PyList_Check(tokens.ptr())) bad("tokens must be a list");
+  if (page_size <= 0) bad("page_size must be positive");
+  if (first < 0 || count < 0) bad("first and count must be >= 0");
+  PyObject* seq = tokens.ptr();
+  if ((first + count) * page_size > PyList_GET_SIZE(seq)) bad("the pages run past the tokens");
+  py::list out(count);
+  for (int64_t i = 0; i < count; ++i) {
+    uint64_t inner = kX5;
+    PyObject** item = PySequence_Fast_ITEMS(seq) + (first + i) * page_size;
+    for (int64_t j = 0; j < page_size; ++j)
+      inner = xx_round(inner, static_cast<uint64_t>(hash_of(item[j])));
+    py::int_ p(static_cast<long long>(parent));
+    uint64_t acc = xx_round(kX5, static_cast<uint64_t>(hash_of(p.ptr())));
+    acc = xx_round(acc, static_cast<uint64_t>(xx_end(inner, page_size)));
+    parent = xx_end(acc, 2);
+    PyList_SET_ITEM(out.ptr(), i, PyLong_FromLongLong(parent));
+  }
+  return out;
+}
+
 bool with_cuda() {
 #ifdef KVMEM_WITH_CUDA
   return true;
@@ -385,8 +447,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("host_unmap", &host_unmap);
   m.def("cuda_map", &cuda_map);
   m.def("cuda_unmap", &cuda_unmap);
-  m.def("layout_arrays", &layout_arrays);
+  m.def("layout_arrays", &layout_arrays, py::arg("table"), py::arg("seq_lens"),
+        py::arg("query_lens"), py::arg("page_size"), py::arg("rows") = py::none());
   m.def("page_keys", &page_keys);
+  m.def("chain_hashes", &chain_hashes);
   m.def("with_cuda", &with_cuda);
   m.attr("ABI") = 1;
 }

@@ -17,7 +17,11 @@ so a layout slices rows instead of building them::
 Prefix caching. When a page fills up (``commit``), it gets a key chained
 from the keys before it, ``(hash(previous key), its tokens)``, and becomes
 findable. ``add`` walks a new prompt's full pages through those keys and
-shares every leading page it finds. Pages no sequence holds sit in one free
+shares every leading page it finds. The index maps ``hash(key)`` to the
+page, and a hit is confirmed against the page's exact key (its parent hash
+and token tuple), so a hash collision is a miss, never wrong KV. The hashes
+of a run of pages come from one :func:`kvmem.native.chain_hashes` call
+(Python's own ``hash`` values, computed natively). Pages no sequence holds sit in one free
 queue, which is also the eviction order::
 
     front (taken first)                                        back
@@ -66,6 +70,7 @@ from kvmem.allocator import Capabilities, KVStats, capacity_pages
 from kvmem.backends.base import KVBackend, SeqState, ceil_div
 from kvmem.backends.freepages import FreePages, FreeQueue
 from kvmem.errors import IntegrityError, InvalidArgument, OutOfKVMemory
+from kvmem.native import chain_hashes
 from kvmem.spec import KVSpec
 from kvmem.storage import LayerKV, PagePool, StorageLayout
 from kvmem.swap import block_runs
@@ -136,7 +141,7 @@ class BlockTableBackend(KVBackend[BlockSeq]):
         self.pool = PagePool(spec, self.num_pages, page_size, self.device, storage_layout)
         self._ref = [0] * self.num_pages
         self._key: list[BlockKey | None] = [None] * self.num_pages
-        self._cached: dict[BlockKey, int] = {}
+        self._index: dict[int, int] = {}  # hash(key) -> the page holding that key
         self._free: FreePages = self._make_free_pages()
         self._num_cached_free = 0
         self._table = np.zeros((16, 16), dtype=np.int32)
@@ -201,8 +206,9 @@ class BlockTableBackend(KVBackend[BlockSeq]):
             key = self._key[b]
             if key is not None:  # evict its cached prefix
                 self._num_cached_free -= 1
-                if self._cached.get(key) == b:
-                    del self._cached[key]
+                h = hash(key)
+                if self._index.get(h) == b:
+                    del self._index[h]
                 self._key[b] = None
                 evicted.append((key, b))
             self._ref[b] = 1
@@ -233,9 +239,13 @@ class BlockTableBackend(KVBackend[BlockSeq]):
         ps = self.page_size
         return (s.hashes[i - 1] if i else s.root, tuple(s.tokens[i * ps : (i + 1) * ps]))
 
-    def _publish(self, b: int, key: BlockKey) -> bool:
-        if self._key[b] is None and key not in self._cached:
-            self._cached[key] = b
+    def _publish(self, b: int, key: BlockKey, h: int | None = None) -> bool:
+        """Make page ``b`` findable under ``key`` (``h``: its hash, if known); False if the page
+        has a key already or another page holds this one."""
+        if h is None:
+            h = hash(key)
+        if self._key[b] is None and h not in self._index:
+            self._index[h] = b
             self._key[b] = key
             if self.kv_events.active:
                 self.kv_events.emit(stored([key], "device"))
@@ -255,12 +265,23 @@ class BlockTableBackend(KVBackend[BlockSeq]):
         s = BlockSeq(tokens, -1, hash(("kvmem", cache_salt)))
         if self.prefix_caching:
             parent = s.root
-            for i in range((len(tokens) - 1) // ps):
-                key = (parent, tuple(tokens[i * ps : (i + 1) * ps]))
-                b = self._cached.get(key)
+            full = (len(tokens) - 1) // ps
+            index, keys = self._index, self._key
+            hashes = chain_hashes(tokens, ps, 0, min(full, 1), parent)  # most prompts miss at once
+            for i in range(full):
+                if i == len(hashes):
+                    hashes += chain_hashes(tokens, ps, i, full - i, parent)
+                b = index.get(hashes[i])
                 if b is None:
                     break
-                parent = hash(key)
+                key = keys[b]
+                if (
+                    key is None
+                    or key[0] != parent
+                    or key[1] != tuple(tokens[i * ps : (i + 1) * ps])
+                ):
+                    break  # a hash collision: another prefix
+                parent = hashes[i]
                 s.blocks.append(b)
                 s.hashes.append(parent)
             for b in s.blocks:
@@ -396,12 +417,25 @@ class BlockTableBackend(KVBackend[BlockSeq]):
         """Publish the pages that filled up to the prefix cache."""
         if self.prefix_caching:
             ps = self.page_size
+            first, last = s.num_computed // ps, end // ps
+            if last == first:
+                return
+            toks, keys, index, blocks = s.tokens, self._key, self._index, s.blocks
+            parent = s.hashes[first - 1] if first else s.root
+            hashes = chain_hashes(toks, ps, first, last - first, parent)
+            events = self.kv_events.active
             filled = []
-            for i in range(s.num_computed // ps, end // ps):
-                key = self._key_of(s, i)
-                s.hashes.append(hash(key))
-                if self._publish(s.blocks[i], key):
-                    filled.append((key, s.blocks[i]))
+            for i, h in enumerate(hashes, first):
+                b = blocks[i]
+                if keys[b] is None and h not in index:
+                    key = (parent, tuple(toks[i * ps : (i + 1) * ps]))
+                    index[h] = b
+                    keys[b] = key
+                    if events:
+                        self.kv_events.emit(stored([key], "device"))
+                    filled.append((key, b))
+                parent = h
+            s.hashes += hashes
             if filled and self._tiers is not None:
                 self._tiers.filled(filled)
             self.kv_events.flush()
@@ -437,7 +471,7 @@ class BlockTableBackend(KVBackend[BlockSeq]):
     def _shutdown(self) -> None:
         if self._tiers is not None:
             self._tiers.close()
-        self._cached.clear()
+        self._index.clear()
         self.pool.buffers.clear()
 
     # ---------------------------------------------------------------- queries
@@ -523,11 +557,12 @@ class BlockTableBackend(KVBackend[BlockSeq]):
         if len(free) != len(self._free) or free != {b for b, r in enumerate(refs) if r == 0}:
             raise IntegrityError("free pages are not exactly the unreferenced pages")
         self._free.check()
-        for key, b in self._cached.items():
-            if self._key[b] != key:
+        for h, b in self._index.items():
+            key = self._key[b]
+            if key is None or hash(key) != h:
                 raise IntegrityError(f"cache entry points at page {b}, which has another key")
         keyed = [b for b, k in enumerate(self._key) if k is not None]
-        if len(keyed) != len(self._cached):
+        if len(keyed) != len(self._index):
             raise IntegrityError("pages with keys and the cache index differ")
         if self._num_cached_free != sum(1 for b in free if self._key[b] is not None):
             raise IntegrityError("cached page count is off")

@@ -277,3 +277,25 @@ def page_keys(tok: np.ndarray, ps: int, prev: int, first: int) -> np.ndarray:
     idx = np.arange(first + 1, first + 1 + len(t), dtype=np.uint64)
     inc = _fmix(_fmix(h) + idx * np.uint64(P1))
     return np.cumsum(inc, dtype=np.uint64) + np.uint64(prev)
+
+
+# ------------------------------------------------------------ prefix-cache hashes
+def check_chain(tokens: Any, ps: int, first: int, count: int) -> None:
+    """A token list and pages ``first .. first + count - 1`` of ``ps`` tokens inside it."""
+    if not isinstance(tokens, list):
+        raise InvalidArgument("tokens must be a list")
+    if ps <= 0:
+        raise InvalidArgument("page_size must be positive")
+    if first < 0 or count < 0:
+        raise InvalidArgument("first and count must be >= 0")
+    if (first + count) * ps > len(tokens):
+        raise InvalidArgument("the pages run past the tokens")
+
+
+def chain_hashes(tokens: list[int], ps: int, first: int, count: int, parent: int) -> list[int]:
+    """``parent = hash((parent, tuple(page)))`` for each page, the hashes in order."""
+    out = []
+    for i in range(first, first + count):
+        parent = hash((parent, tuple(tokens[i * ps : (i + 1) * ps])))
+        out.append(parent)
+    return out
