@@ -429,6 +429,257 @@ py::list chain_hashes(py::handle tokens, int64_t page_size, int64_t first, int64
   return out;
 }
 
+// ------------------------------------------------ block-table batch passes
+// The common case of the block-table backends' batched calls (kvmem/backends/
+// blocks.py), run over their sequence states in one loop. A pass returns None,
+// having changed nothing, whenever a call is not the common case (an unknown,
+// swapped or loading sequence, a bad count, a commit beyond the reserved
+// slots, ...): the backend then runs its Python version, which raises the
+// right error. Attributes are read by name, so the states stay Python objects.
+struct Bail {};
+
+PyObject *kSwapped, *kTransfer, *kComputed, *kReserved, *kBlocks, *kTokens, *kRow;
+
+void intern_names() {
+  if (kSwapped) return;
+  kSwapped = PyUnicode_InternFromString("swapped");
+  kTransfer = PyUnicode_InternFromString("transfer");
+  kComputed = PyUnicode_InternFromString("num_computed");
+  kReserved = PyUnicode_InternFromString("reserved");
+  kBlocks = PyUnicode_InternFromString("blocks");
+  kTokens = PyUnicode_InternFromString("tokens");
+  kRow = PyUnicode_InternFromString("row");
+}
+
+// A new reference to o.name, else Bail.
+PyObject* get(PyObject* o, PyObject* name) {
+  PyObject* v = PyObject_GetAttr(o, name);
+  if (!v) {
+    PyErr_Clear();
+    throw Bail();
+  }
+  return v;
+}
+
+int64_t as_int(PyObject* v) {  // an exact int that fits in int64, else Bail
+  if (!PyLong_CheckExact(v)) throw Bail();
+  int overflow = 0;
+  long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+  if (overflow || (x == -1 && PyErr_Occurred())) {
+    PyErr_Clear();
+    throw Bail();
+  }
+  return x;
+}
+
+int64_t get_int(PyObject* o, PyObject* name) {
+  PyObject* v = get(o, name);
+  int64_t x;
+  try {
+    x = as_int(v);
+  } catch (Bail&) {
+    Py_DECREF(v);
+    throw;
+  }
+  Py_DECREF(v);
+  return x;
+}
+
+void set_int(PyObject* o, PyObject* name, int64_t x) {
+  PyObject* v = PyLong_FromLongLong(x);
+  if (!v) throw py::error_already_set();
+  int rc = PyObject_SetAttr(o, name, v);
+  Py_DECREF(v);
+  if (rc) throw py::error_already_set();
+}
+
+// The list `name` of o (a borrowed pointer: o keeps it alive), else Bail.
+PyObject* get_list(PyObject* o, PyObject* name) {
+  PyObject* v = get(o, name);
+  Py_DECREF(v);
+  if (!PyList_Check(v)) throw Bail();
+  return v;
+}
+
+// The state of seq_id in `seqs` (borrowed), registered and with no copy in
+// flight; `resident`: not swapped out. Else Bail.
+PyObject* state(PyObject* seqs, PyObject* sid, bool resident) {
+  PyObject* s = PyDict_GetItemWithError(seqs, sid);
+  if (!s) {
+    PyErr_Clear();
+    throw Bail();
+  }
+  PyObject* t = get(s, kTransfer);
+  Py_DECREF(t);
+  if (t != Py_None) throw Bail();
+  if (resident) {
+    PyObject* w = get(s, kSwapped);
+    Py_DECREF(w);
+    if (w != Py_False) throw Bail();
+  }
+  return s;
+}
+
+struct Batch {
+  PyObject** ids;
+  PyObject** counts;
+  Py_ssize_t n;
+};
+
+Batch batch_of(py::handle ids, py::handle counts) {
+  if (!(PyList_Check(ids.ptr()) || PyTuple_Check(ids.ptr())) || !PyList_Check(counts.ptr()))
+    throw Bail();
+  Py_ssize_t n = PySequence_Fast_GET_SIZE(ids.ptr());
+  if (PyList_GET_SIZE(counts.ptr()) != n) throw Bail();
+  return {PySequence_Fast_ITEMS(ids.ptr()), PySequence_Fast_ITEMS(counts.ptr()), n};
+}
+
+int64_t positive(PyObject* v) {
+  int64_t x = as_int(v);
+  if (x <= 0) throw Bail();
+  return x;
+}
+
+// reserve_many: sequences whose growth fits in the pages they hold (the page
+// the next entry goes to not shared: ref[page] == 1) are cheap, the others
+// slow. When none is slow, or `apply`, the cheap ones are set; the slow ones'
+// indices are returned for the backend to grow (apply=False: nothing set).
+py::object reserve_pass(py::handle seqs, py::handle ids, py::handle counts, int64_t ps,
+                        py::handle ref, bool apply) {
+  intern_names();
+  if (ps <= 0 || !PyDict_Check(seqs.ptr()) || !PyList_Check(ref.ptr())) return py::none();
+  try {
+    Batch b = batch_of(ids, counts);
+    std::vector<std::pair<PyObject*, int64_t>> cheap;
+    std::vector<Py_ssize_t> slow;
+    Py_ssize_t nref = PyList_GET_SIZE(ref.ptr());
+    for (Py_ssize_t i = 0; i < b.n; ++i) {
+      PyObject* s = state(seqs.ptr(), b.ids[i], true);
+      int64_t target = get_int(s, kComputed) + positive(b.counts[i]);
+      if (target <= get_int(s, kReserved)) continue;
+      PyObject* blocks = get_list(s, kBlocks);
+      int64_t held = PyList_GET_SIZE(blocks), idx = get_int(s, kComputed) / ps;
+      bool fits = target <= held * ps;
+      if (fits) {
+        int64_t page = as_int(PyList_GET_ITEM(blocks, idx));
+        if (page < 0 || page >= nref) throw Bail();
+        fits = as_int(PyList_GET_ITEM(ref.ptr(), page)) == 1;
+      }
+      if (fits)
+        cheap.emplace_back(s, target);
+      else
+        slow.push_back(i);
+    }
+    if (slow.empty() || apply)
+      for (auto& [s, target] : cheap) set_int(s, kReserved, target);
+    py::list out(slow.size());
+    for (size_t k = 0; k < slow.size(); ++k) out[k] = py::int_(slow[k]);
+    return std::move(out);
+  } catch (Bail&) {
+    return py::none();
+  }
+}
+
+// commit_many: every commit checked (within the reserved slots and the known
+// tokens), then the ones that fill no page (or all, without `cache`) are set;
+// the indices of those that fill one are returned for the backend to publish.
+py::object commit_pass(py::handle seqs, py::handle ids, py::handle counts, int64_t ps,
+                       bool cache) {
+  intern_names();
+  if (ps <= 0 || !PyDict_Check(seqs.ptr())) return py::none();
+  try {
+    Batch b = batch_of(ids, counts);
+    std::vector<std::pair<PyObject*, int64_t>> set;
+    std::vector<Py_ssize_t> fill;
+    set.reserve(b.n);
+    for (Py_ssize_t i = 0; i < b.n; ++i) {
+      PyObject* s = state(seqs.ptr(), b.ids[i], true);
+      int64_t done = get_int(s, kComputed), end = done + positive(b.counts[i]);
+      if (end > get_int(s, kReserved) || end > PyList_GET_SIZE(get_list(s, kTokens))) throw Bail();
+      if (cache && end / ps > done / ps)
+        fill.push_back(i);
+      else
+        set.emplace_back(s, end);
+    }
+    for (auto& [s, end] : set) set_int(s, kComputed, end);
+    py::list out(fill.size());
+    for (size_t k = 0; k < fill.size(); ++k) out[k] = py::int_(fill[k]);
+    return std::move(out);
+  } catch (Bail&) {
+    return py::none();
+  }
+}
+
+// append_many: each token list is a non-empty list of non-negative ints
+// (swapped sequences too); all checked, then every one appended. True, or
+// None (nothing appended).
+py::object append_pass(py::handle seqs, py::handle ids, py::handle tokens) {
+  intern_names();
+  if (!PyDict_Check(seqs.ptr())) return py::none();
+  try {
+    Batch b = batch_of(ids, tokens);
+    std::vector<PyObject*> lists(b.n);
+    for (Py_ssize_t i = 0; i < b.n; ++i) {
+      lists[i] = get_list(state(seqs.ptr(), b.ids[i], false), kTokens);
+      PyObject* t = b.counts[i];
+      if (!PyList_Check(t) || PyList_GET_SIZE(t) == 0) throw Bail();
+      for (Py_ssize_t j = 0; j < PyList_GET_SIZE(t); ++j)
+        if (as_int(PyList_GET_ITEM(t, j)) < 0) throw Bail();
+    }
+    for (Py_ssize_t i = 0; i < b.n; ++i) {
+      PyObject* t = b.counts[i];
+      for (Py_ssize_t j = 0; j < PyList_GET_SIZE(t); ++j)
+        if (PyList_Append(lists[i], PyList_GET_ITEM(t, j))) throw py::error_already_set();
+    }
+    return py::bool_(true);
+  } catch (Bail&) {
+    return py::none();
+  }
+}
+
+// layout: the batch [(seq_id, n), ...] checked (resident, n new entries in
+// reserved slots, no id twice) into (ids tuple, table rows int64 [B],
+// seq_lens int32 [B], query_lens int32 [B]), or None.
+py::object layout_pass(py::handle seqs, py::handle batch) {
+  intern_names();
+  if (!PyDict_Check(seqs.ptr()) || !PyList_Check(batch.ptr())) return py::none();
+  try {
+    Py_ssize_t n = PyList_GET_SIZE(batch.ptr());
+    if (n == 0) throw Bail();
+    auto rows = torch::empty({n}, torch::TensorOptions().dtype(torch::kInt64));
+    auto lens = torch::empty({n}, torch::TensorOptions().dtype(torch::kInt32));
+    auto qlens = torch::empty({n}, torch::TensorOptions().dtype(torch::kInt32));
+    int64_t* rp = rows.data_ptr<int64_t>();
+    int32_t *lp = lens.data_ptr<int32_t>(), *qp = qlens.data_ptr<int32_t>();
+    py::tuple ids(n);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* item = PyList_GET_ITEM(batch.ptr(), i);
+      if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) throw Bail();
+      PyObject* sid = PyTuple_GET_ITEM(item, 0);
+      PyObject* s = state(seqs.ptr(), sid, true);
+      int64_t q = positive(PyTuple_GET_ITEM(item, 1));
+      int64_t end = get_int(s, kComputed) + q;
+      if (end > get_int(s, kReserved) || end > INT32_MAX) throw Bail();
+      rp[i] = get_int(s, kRow);
+      lp[i] = static_cast<int32_t>(end);
+      qp[i] = static_cast<int32_t>(q);
+      Py_INCREF(sid);
+      PyTuple_SET_ITEM(ids.ptr(), i, sid);
+    }
+    PyObject* distinct = PySet_New(ids.ptr());
+    if (!distinct) {
+      PyErr_Clear();
+      throw Bail();
+    }
+    Py_ssize_t m = PySet_GET_SIZE(distinct);
+    Py_DECREF(distinct);
+    if (m != n) throw Bail();
+    return py::make_tuple(ids, rows, lens, qlens);
+  } catch (Bail&) {
+    return py::none();
+  }
+}
+
 bool with_cuda() {
 #ifdef KVMEM_WITH_CUDA
   return true;
@@ -451,6 +702,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("query_lens"), py::arg("page_size"), py::arg("rows") = py::none());
   m.def("page_keys", &page_keys);
   m.def("chain_hashes", &chain_hashes);
+  m.def("reserve_pass", &reserve_pass);
+  m.def("commit_pass", &commit_pass);
+  m.def("append_pass", &append_pass);
+  m.def("layout_pass", &layout_pass);
   m.def("with_cuda", &with_cuda);
   m.attr("ABI") = 1;
 }

@@ -114,6 +114,7 @@ def build_layout(
     device: torch.device,
     spec: Any = None,
     zero_padded: bool = False,
+    rows: np.ndarray | None = None,
 ) -> BatchLayout:
     """Build a :class:`BatchLayout` from dense page rows, in one pass over the batch.
 
@@ -121,18 +122,24 @@ def build_layout(
     page_size)`` valid page ids; ``seq_lens`` and ``query_lens`` are int [B]
     with ``0 <= query_lens <= seq_lens``, else :class:`InvalidArgument`.
     ``zero_padded`` promises that every entry past those is already 0, which
-    saves the Python version a pass. ``table`` may be modified. The arrays
-    come from :func:`kvmem.native.layout_arrays` (the csrc/ extension, or
-    numpy with the same results).
+    saves the Python version a pass. ``table`` may be modified, unless
+    ``rows`` (int [B]) is given: sequence b's pages are then row ``rows[b]``
+    of ``table``, read in place. The arrays come from
+    :func:`kvmem.native.layout_arrays` (the csrc/ extension, or numpy with
+    the same results).
     """
     b = len(seq_ids)
     if len(seq_lens) != b:
         raise InvalidArgument(f"{b} sequence ids for {len(seq_lens)} sequence lengths")
-    a = layout_arrays(table, seq_lens, query_lens, page_size, zero_padded)
-    cpu = torch.device(device).type == "cpu"
+    a = layout_arrays(table, seq_lens, query_lens, page_size, zero_padded, rows=rows)
+    kind = torch.device(device).type
 
     def t(x: torch.Tensor) -> torch.Tensor:
-        return x if cpu else x.to(device)
+        if kind == "cpu":
+            return x
+        if kind == "meta":  # bookkeeping-only allocators: shapes, no data to move
+            return torch.empty(x.shape, dtype=x.dtype, device="meta")
+        return x.to(device)
 
     return BatchLayout(
         page_size=page_size,

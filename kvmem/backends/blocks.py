@@ -67,9 +67,11 @@ import numpy as np
 import torch
 
 from kvmem.allocator import Capabilities, KVStats, capacity_pages
+from kvmem.backends import blockbatch
 from kvmem.backends.base import KVBackend, SeqState, ceil_div
 from kvmem.backends.freepages import FreePages, FreeQueue
 from kvmem.errors import IntegrityError, InvalidArgument, OutOfKVMemory
+from kvmem.layout import BatchLayout, build_layout
 from kvmem.native import chain_hashes
 from kvmem.spec import KVSpec
 from kvmem.storage import LayerKV, PagePool, StorageLayout
@@ -109,6 +111,9 @@ class BlockTableBackend(KVBackend[BlockSeq]):
     """
 
     capabilities = Capabilities(prefix_caching=True, fork=True)
+    native_passes: bool | None = None
+    """The batched calls' common case in C++ (:mod:`kvmem.backends.blockbatch`): None uses it
+    when the extension is in use, False never (the Python version, same results)."""
 
     def __init__(
         self,
@@ -365,39 +370,6 @@ class BlockTableBackend(KVBackend[BlockSeq]):
             self._set_row(s, start)
         s.reserved = target
 
-    def _grow_many(self, grow: list[tuple[Hashable, BlockSeq, int]]) -> None:
-        """All the growths or none: one pass sets the ones that fit in pages already held (a
-        decode step's usual case); the rest take pages only once their total is known free."""
-        ps = self.page_size
-        ref = self._ref
-        slow: list[tuple[Hashable, BlockSeq, int]] = []
-        need = 0
-        for item in grow:
-            _, s, target = item
-            if target > len(s.blocks) * ps or ref[s.blocks[s.num_computed // ps]] != 1:
-                new, cow = self._needed(s, target)
-                need += new + cow
-                slow.append(item)
-        if slow and not self._ensure_free(need):
-            raise OutOfKVMemory(
-                f"{len(slow)} sequences (first {slow[0][0]!r}) need {need} pages, "
-                f"{len(self._free)} free"
-            )
-        for sid, s, target in grow:
-            if target <= len(s.blocks) * ps and ref[s.blocks[s.num_computed // ps]] == 1:
-                s.reserved = target
-            else:
-                self._grow(sid, s, target)
-
-    def _commit_many(self, seqs: list[BlockSeq], ends: list[int]) -> None:
-        """Publish the pages that filled up; a commit that fills none costs two comparisons."""
-        ps = self.page_size
-        cache = self.prefix_caching
-        for s, end in zip(seqs, ends, strict=True):
-            if cache and end // ps > s.num_computed // ps:
-                self._on_commit(s, end)
-            s.num_computed = end
-
     def _can_grow(self, grow: list[tuple[BlockSeq, int]]) -> bool:
         total = 0
         for s, target in grow:
@@ -408,10 +380,44 @@ class BlockTableBackend(KVBackend[BlockSeq]):
     def _pages(self, s: BlockSeq) -> Sequence[int]:
         return s.blocks
 
-    def _page_rows(self, seqs: list[BlockSeq], seq_lens: np.ndarray) -> tuple[np.ndarray, bool]:
+    # ------------------------------------------------------------ batched calls
+    def reserve_many(self, seq_ids: Sequence[Hashable], num_tokens: int | Sequence[int]) -> None:
+        """:meth:`KVBackend.reserve_many` in one pass (see :mod:`kvmem.backends.blockbatch`)."""
+        blockbatch.reserve_many(self, seq_ids, num_tokens)
+
+    def commit_many(self, seq_ids: Sequence[Hashable], num_tokens: int | Sequence[int]) -> None:
+        """:meth:`KVBackend.commit_many` in one pass (see :mod:`kvmem.backends.blockbatch`)."""
+        blockbatch.commit_many(self, seq_ids, num_tokens)
+
+    def append_many(self, seq_ids: Sequence[Hashable], token_ids: Sequence[Sequence[int]]) -> None:
+        """:meth:`KVBackend.append_many` in one pass (see :mod:`kvmem.backends.blockbatch`)."""
+        if not blockbatch.append_many(self, seq_ids, token_ids):
+            super().append_many(seq_ids, token_ids)
+
+    def layout(self, batch: Sequence[tuple[Hashable, int]]) -> BatchLayout:
+        """:meth:`KVBackend.layout`, checked and gathered in one native pass where it can be."""
+        lay = blockbatch.layout(self, batch)
+        return super().layout(batch) if lay is None else lay
+
+    def _make_layout(
+        self,
+        ids: tuple[Hashable, ...],
+        seqs: list[BlockSeq],
+        seq_lens: np.ndarray,
+        query_lens: np.ndarray,
+    ) -> BatchLayout:
+        """The layout read straight from the block table's rows (no gathered copy of them)."""
         rows = np.fromiter((s.row for s in seqs), dtype=np.int64, count=len(seqs))
-        max_pages = -(-int(seq_lens.max()) // self.page_size)
-        return self._table[rows, :max_pages], False  # rows hold pages reserved past seq_lens
+        return build_layout(
+            self.page_size,
+            self._table,
+            seq_lens,
+            query_lens,
+            ids,
+            self.device,
+            self.spec,
+            rows=rows,
+        )
 
     def _on_commit(self, s: BlockSeq, end: int) -> None:
         """Publish the pages that filled up to the prefix cache."""

@@ -11,6 +11,8 @@ small calls (a ``copy_`` per page, an ``mmap`` per page, a dict per page)::
     page_keys          chained 64-bit prefix-cache keys of a prompt's full pages
     chain_hashes       the paged prefix cache's page hashes, hash((parent, tuple(page))),
                        equal to Python's own (CPython's tuple hash, checked once)
+    batch_passes       the block-table backends' batched calls (reserve_many, commit_many,
+                       append_many, layout) over their sequence states, common case only
 
 The extension is compiled from ``csrc/`` with ``torch.utils.cpp_extension``
 the first time an operation is used (a message says so; it takes about a
@@ -40,6 +42,7 @@ __all__ = [
     "CSRC",
     "LayoutArrays",
     "NativeStatus",
+    "batch_passes",
     "chain_hashes",
     "copy_layer_blocks",
     "copy_page_runs",
@@ -282,7 +285,10 @@ def layout_arrays(
             raise InvalidArgument(f"row {r[int(np.argmax(bad))]} is not a row of the table")
         ext = pick(native)
         if ext is None:
-            return layout_arrays(tab[r], seq_lens, query_lens, page_size, zero_padded, native=False)
+            sl = np.asarray(seq_lens)
+            need = -(-int(sl.max()) // page_size) if sl.size and page_size > 0 else 0
+            sub = tab[r, : max(need, 0)]  # the columns the batch reads (fewer: the check says so)
+            return layout_arrays(sub, seq_lens, query_lens, page_size, zero_padded, native=False)
         table = tab if tab.dtype == np.int32 and tab.strides[1] == 4 else tab.astype(np.int32)
         rows = np.ascontiguousarray(r, dtype=np.int64)
     if isinstance(page_size, bool) or not isinstance(page_size, int | np.integer):
@@ -307,8 +313,8 @@ def layout_arrays(
     ext = pick(native)
     if ext is not None:
         args = (torch.from_numpy(tab), torch.from_numpy(sl), torch.from_numpy(ql), page_size)
-        kw = {} if rows is None else {"rows": torch.from_numpy(rows)}
-        return LayoutArrays(*call(ext.layout_arrays, *args, **kw))
+        r = None if rows is None else torch.from_numpy(rows)
+        return LayoutArrays(*call(ext.layout_arrays, *args, r))
     _py.check_layout(tab, sl, ql, page_size)
     out = _py.layout_arrays(tab, sl, ql, page_size, zero_padded)
     return LayoutArrays(*(torch.from_numpy(x) for x in out))
@@ -413,3 +419,18 @@ def chain_hashes(
         return call(ext.chain_hashes, tokens, page_size, first, count, parent)  # type: ignore[no-any-return]
     _py.check_chain(tokens, page_size, first, count)
     return _py.chain_hashes(tokens, page_size, first, count, parent)
+
+
+# ---------------------------------------------------------- batch passes
+def batch_passes(native: bool | None = None) -> Any:
+    """The extension's block-table batch passes, or None on the Python path.
+
+    ``reserve_pass``, ``commit_pass``, ``append_pass`` and ``layout_pass``
+    run the common case of :class:`~kvmem.backends.blocks.BlockTableBackend`'s
+    batched calls over its sequence states in one C++ loop each; each
+    returns None, having changed nothing, for anything else (an unknown,
+    swapped or loading sequence, a bad count, ...), and the backend then runs
+    its Python version, which computes the same or raises the right error.
+    """
+    ext = pick(native)
+    return ext if ext is not None and hasattr(ext, "reserve_pass") else None
