@@ -455,12 +455,18 @@ def check_count(name: str, n: object) -> int:
     return n
 
 
+_INT = {int}
+
+
 def check_tokens(token_ids: Sequence[int]) -> list[int]:
     """A non-empty list of non-negative token ids, else InvalidArgument."""
-    try:
-        toks = [int(t) for t in token_ids]
-    except (TypeError, ValueError) as e:
-        raise InvalidArgument(f"token ids must be ints: {e}") from None
+    if type(token_ids) is list and set(map(type, token_ids)) == _INT:
+        toks = token_ids.copy()  # a prompt of plain ints: no conversion needed
+    else:
+        try:
+            toks = [int(t) for t in token_ids]
+        except (TypeError, ValueError) as e:
+            raise InvalidArgument(f"token ids must be ints: {e}") from None
     if not toks:
         raise InvalidArgument("token ids must not be empty")
     if min(toks) < 0:

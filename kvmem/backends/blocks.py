@@ -207,16 +207,17 @@ class BlockTableBackend(KVBackend[BlockSeq]):
         """``n`` free pages for ``s`` (the caller checked there are), held once each."""
         pages = self._free.take(n, s, len(s.blocks), after)
         evicted: list[tuple[BlockKey, int]] = []
+        keys, ref = self._key, self._ref
         for b in pages:
-            key = self._key[b]
+            key = keys[b]
             if key is not None:  # evict its cached prefix
                 self._num_cached_free -= 1
                 h = hash(key)
                 if self._index.get(h) == b:
                     del self._index[h]
-                self._key[b] = None
+                keys[b] = None
                 evicted.append((key, b))
-            self._ref[b] = 1
+            ref[b] = 1
         if evicted:
             self._drop_cached(evicted)
         return pages
@@ -430,7 +431,7 @@ class BlockTableBackend(KVBackend[BlockSeq]):
             parent = s.hashes[first - 1] if first else s.root
             hashes = chain_hashes(toks, ps, first, last - first, parent)
             events = self.kv_events.active
-            filled = []
+            filled = [] if self._tiers is not None else None
             for i, h in enumerate(hashes, first):
                 b = blocks[i]
                 if keys[b] is None and h not in index:
@@ -439,7 +440,8 @@ class BlockTableBackend(KVBackend[BlockSeq]):
                     keys[b] = key
                     if events:
                         self.kv_events.emit(stored([key], "device"))
-                    filled.append((key, b))
+                    if filled is not None:
+                        filled.append((key, b))
                 parent = h
             s.hashes += hashes
             if filled and self._tiers is not None:
@@ -465,8 +467,13 @@ class BlockTableBackend(KVBackend[BlockSeq]):
 
     def _clear_blocks(self, s: BlockSeq) -> None:
         """Release every page ``s`` holds (last first) and empty its table row."""
-        for b in reversed(s.blocks):
-            self._release(b)
+        ref, keys, put = self._ref, self._key, self._free.put
+        for b in reversed(s.blocks):  # _release, inlined: a long sequence frees many pages
+            ref[b] -= 1
+            if not ref[b]:
+                cached = keys[b] is not None
+                put(b, cached)
+                self._num_cached_free += cached
         self._table[s.row, : len(s.blocks)] = 0
         s.blocks = []
         self._free.forget(s)

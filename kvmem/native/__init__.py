@@ -36,7 +36,7 @@ import torch
 
 from kvmem.errors import InvalidArgument
 from kvmem.native import python as _py
-from kvmem.native.build import CSRC, NativeStatus, call, enabled, pick, status
+from kvmem.native.build import CSRC, NativeStatus, call, enabled, pick, python_only, status
 
 __all__ = [
     "CSRC",
@@ -54,6 +54,7 @@ __all__ = [
     "host_unmap_pages",
     "layout_arrays",
     "page_keys",
+    "python_only",
     "root_key",
     "runs_to_segments",
     "status",
