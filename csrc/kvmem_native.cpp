@@ -7,6 +7,8 @@
 // only in CUDA builds: KVMEM_WITH_CUDA).
 #include <sys/mman.h>
 #include <torch/extension.h>
+// after Python.h (through torch/extension.h): T_OBJECT_EX, READONLY, PyMember_GetOne
+#include <structmember.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -431,29 +433,58 @@ py::list chain_hashes(py::handle tokens, int64_t page_size, int64_t first, int64
 
 // ------------------------------------------------ block-table batch passes
 // The common case of the block-table backends' batched calls (kvmem/backends/
-// blocks.py), run over their sequence states in one loop. A pass returns None,
-// having changed nothing, whenever a call is not the common case (an unknown,
-// swapped or loading sequence, a bad count, a commit beyond the reserved
-// slots, ...): the backend then runs its Python version, which raises the
-// right error. Attributes are read by name, so the states stay Python objects.
+// blockbatch.py), run over their sequence states in one loop. A pass returns
+// None, having changed nothing, whenever a call is not the common case (an
+// unknown, swapped or loading sequence, a bad count, a commit beyond the
+// reserved slots, ...): the backend then runs its Python version, which raises
+// the right error. The states stay Python objects; their __slots__ fields are
+// read and written through their member descriptors, as Python itself does.
 struct Bail {};
 
-PyObject *kSwapped, *kTransfer, *kComputed, *kReserved, *kBlocks, *kTokens, *kRow;
+enum Field { kSwapped, kTransfer, kComputed, kReserved, kBlocks, kTokens, kRow, kFields };
+const char* const kNames[kFields] = {"swapped", "transfer", "num_computed", "reserved",
+                                     "blocks",  "tokens",   "row"};
 
-void intern_names() {
-  if (kSwapped) return;
-  kSwapped = PyUnicode_InternFromString("swapped");
-  kTransfer = PyUnicode_InternFromString("transfer");
-  kComputed = PyUnicode_InternFromString("num_computed");
-  kReserved = PyUnicode_InternFromString("reserved");
-  kBlocks = PyUnicode_InternFromString("blocks");
-  kTokens = PyUnicode_InternFromString("tokens");
-  kRow = PyUnicode_InternFromString("row");
+struct Members {
+  PyObject* type = nullptr;  // a strong reference: the address cannot be reused
+  PyMemberDef* m[kFields] = {};
+};
+Members members;
+
+// The writable object slot `name` of type t (a member descriptor found along
+// its MRO, as attribute access finds it), else nullptr.
+PyMemberDef* member_of(PyObject* t, const char* name) {
+  PyObject* d = PyObject_GetAttrString(t, name);
+  if (!d) {
+    PyErr_Clear();
+    return nullptr;
+  }
+  PyMemberDef* m = nullptr;
+  if (Py_IS_TYPE(d, &PyMemberDescr_Type)) {
+    m = reinterpret_cast<PyMemberDescrObject*>(d)->d_member;
+    if (m->type != T_OBJECT_EX || (m->flags & READONLY)) m = nullptr;
+  }
+  Py_DECREF(d);  // the type's dict keeps the descriptor alive
+  return m;
 }
 
-// A new reference to o.name, else Bail.
-PyObject* get(PyObject* o, PyObject* name) {
-  PyObject* v = PyObject_GetAttr(o, name);
+PyMemberDef* const* fields_of(PyObject* s) {
+  PyObject* t = reinterpret_cast<PyObject*>(Py_TYPE(s));
+  if (t != members.type) {
+    Members found;
+    for (int k = 0; k < kFields; ++k)
+      if (!(found.m[k] = member_of(t, kNames[k]))) throw Bail();
+    Py_INCREF(t);
+    Py_XDECREF(members.type);
+    found.type = t;
+    members = found;
+  }
+  return members.m;
+}
+
+// A new reference to field f of s, else Bail.
+PyObject* get(PyObject* s, Field f) {
+  PyObject* v = PyMember_GetOne(reinterpret_cast<const char*>(s), fields_of(s)[f]);
   if (!v) {
     PyErr_Clear();
     throw Bail();
@@ -472,8 +503,8 @@ int64_t as_int(PyObject* v) {  // an exact int that fits in int64, else Bail
   return x;
 }
 
-int64_t get_int(PyObject* o, PyObject* name) {
-  PyObject* v = get(o, name);
+int64_t get_int(PyObject* s, Field f) {
+  PyObject* v = get(s, f);
   int64_t x;
   try {
     x = as_int(v);
@@ -485,17 +516,17 @@ int64_t get_int(PyObject* o, PyObject* name) {
   return x;
 }
 
-void set_int(PyObject* o, PyObject* name, int64_t x) {
+void set_int(PyObject* s, Field f, int64_t x) {
   PyObject* v = PyLong_FromLongLong(x);
   if (!v) throw py::error_already_set();
-  int rc = PyObject_SetAttr(o, name, v);
+  int rc = PyMember_SetOne(reinterpret_cast<char*>(s), fields_of(s)[f], v);
   Py_DECREF(v);
   if (rc) throw py::error_already_set();
 }
 
-// The list `name` of o (a borrowed pointer: o keeps it alive), else Bail.
-PyObject* get_list(PyObject* o, PyObject* name) {
-  PyObject* v = get(o, name);
+// The list in field f of s (borrowed: s keeps it alive), else Bail.
+PyObject* get_list(PyObject* s, Field f) {
+  PyObject* v = get(s, f);
   Py_DECREF(v);
   if (!PyList_Check(v)) throw Bail();
   return v;
@@ -546,7 +577,6 @@ int64_t positive(PyObject* v) {
 // indices are returned for the backend to grow (apply=False: nothing set).
 py::object reserve_pass(py::handle seqs, py::handle ids, py::handle counts, int64_t ps,
                         py::handle ref, bool apply) {
-  intern_names();
   if (ps <= 0 || !PyDict_Check(seqs.ptr()) || !PyList_Check(ref.ptr())) return py::none();
   try {
     Batch b = batch_of(ids, counts);
@@ -585,7 +615,6 @@ py::object reserve_pass(py::handle seqs, py::handle ids, py::handle counts, int6
 // the indices of those that fill one are returned for the backend to publish.
 py::object commit_pass(py::handle seqs, py::handle ids, py::handle counts, int64_t ps,
                        bool cache) {
-  intern_names();
   if (ps <= 0 || !PyDict_Check(seqs.ptr())) return py::none();
   try {
     Batch b = batch_of(ids, counts);
@@ -614,7 +643,6 @@ py::object commit_pass(py::handle seqs, py::handle ids, py::handle counts, int64
 // (swapped sequences too); all checked, then every one appended. True, or
 // None (nothing appended).
 py::object append_pass(py::handle seqs, py::handle ids, py::handle tokens) {
-  intern_names();
   if (!PyDict_Check(seqs.ptr())) return py::none();
   try {
     Batch b = batch_of(ids, tokens);
@@ -638,10 +666,10 @@ py::object append_pass(py::handle seqs, py::handle ids, py::handle tokens) {
 }
 
 // layout: the batch [(seq_id, n), ...] checked (resident, n new entries in
-// reserved slots, no id twice) into (ids tuple, table rows int64 [B],
-// seq_lens int32 [B], query_lens int32 [B]), or None.
-py::object layout_pass(py::handle seqs, py::handle batch) {
-  intern_names();
+// reserved slots, no id twice) and laid out from rows of the backend's dense
+// block table: (ids tuple, max_seq_len, max_query_len, the layout_arrays), or None.
+py::object layout_pass(py::handle seqs, py::handle batch, const torch::Tensor& table,
+                       int64_t page_size) {
   if (!PyDict_Check(seqs.ptr()) || !PyList_Check(batch.ptr())) return py::none();
   try {
     Py_ssize_t n = PyList_GET_SIZE(batch.ptr());
@@ -651,6 +679,7 @@ py::object layout_pass(py::handle seqs, py::handle batch) {
     auto qlens = torch::empty({n}, torch::TensorOptions().dtype(torch::kInt32));
     int64_t* rp = rows.data_ptr<int64_t>();
     int32_t *lp = lens.data_ptr<int32_t>(), *qp = qlens.data_ptr<int32_t>();
+    int64_t max_len = 0, max_q = 0;
     py::tuple ids(n);
     for (Py_ssize_t i = 0; i < n; ++i) {
       PyObject* item = PyList_GET_ITEM(batch.ptr(), i);
@@ -663,6 +692,8 @@ py::object layout_pass(py::handle seqs, py::handle batch) {
       rp[i] = get_int(s, kRow);
       lp[i] = static_cast<int32_t>(end);
       qp[i] = static_cast<int32_t>(q);
+      max_len = std::max(max_len, end);
+      max_q = std::max(max_q, q);
       Py_INCREF(sid);
       PyTuple_SET_ITEM(ids.ptr(), i, sid);
     }
@@ -674,7 +705,8 @@ py::object layout_pass(py::handle seqs, py::handle batch) {
     Py_ssize_t m = PySet_GET_SIZE(distinct);
     Py_DECREF(distinct);
     if (m != n) throw Bail();
-    return py::make_tuple(ids, rows, lens, qlens);
+    auto arrays = layout_arrays(table, lens, qlens, page_size, rows);
+    return py::make_tuple(ids, max_len, max_q, arrays);
   } catch (Bail&) {
     return py::none();
   }

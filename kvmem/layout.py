@@ -23,7 +23,7 @@ that kernels can size their grids without a device sync.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,26 +132,39 @@ def build_layout(
     if len(seq_lens) != b:
         raise InvalidArgument(f"{b} sequence ids for {len(seq_lens)} sequence lengths")
     a = layout_arrays(table, seq_lens, query_lens, page_size, zero_padded, rows=rows)
+    max_len = int(seq_lens.max()) if b else 0
+    return from_arrays(
+        page_size, a, seq_ids, device, spec, max_len, int(query_lens.max()) if b else 0
+    )
+
+
+def from_arrays(
+    page_size: int,
+    arrays: Sequence[torch.Tensor],
+    seq_ids: tuple[Hashable, ...],
+    device: torch.device,
+    spec: Any,
+    max_seq_len: int,
+    max_query_len: int,
+) -> BatchLayout:
+    """A :class:`BatchLayout` of cpu ``arrays`` (:data:`TENSOR_FIELDS` in order), on ``device``.
+
+    On the meta device (bookkeeping-only allocators) the tensors are shapes only.
+    """
     kind = torch.device(device).type
 
     def t(x: torch.Tensor) -> torch.Tensor:
         if kind == "cpu":
             return x
-        if kind == "meta":  # bookkeeping-only allocators: shapes, no data to move
+        if kind == "meta":
             return torch.empty(x.shape, dtype=x.dtype, device="meta")
         return x.to(device)
 
     return BatchLayout(
-        page_size=page_size,
-        kv_indptr=t(a.kv_indptr),
-        kv_indices=t(a.kv_indices),
-        kv_last_page_len=t(a.kv_last_page_len),
-        block_table=t(a.block_table),
-        seq_lens=t(a.seq_lens),
-        query_start_loc=t(a.query_start_loc),
-        slot_mapping=t(a.slot_mapping),
+        page_size,
+        *(t(x) for x in arrays),
         seq_ids=seq_ids,
-        max_seq_len=int(seq_lens.max()) if b else 0,
-        max_query_len=int(query_lens.max()) if b else 0,
+        max_seq_len=max_seq_len,
+        max_query_len=max_query_len,
         spec=spec,
     )

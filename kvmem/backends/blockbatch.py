@@ -24,9 +24,11 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from kvmem.allocator import batch_counts, check_batch_ids, check_commit
 from kvmem.errors import OutOfKVMemory
-from kvmem.layout import BatchLayout, build_layout
+from kvmem.layout import BatchLayout, from_arrays
 from kvmem.native import batch_passes
 
 if TYPE_CHECKING:
@@ -106,7 +108,9 @@ def _grow_rest(
         raise _short(b, len(left), ids[left[0]], need)
     for i in ext.reserve_pass(seqs, ids, counts, b.page_size, b._ref, True):
         s = seqs[ids[i]]
-        b._grow(ids[i], s, s.num_computed + counts[i])
+        target = s.num_computed + counts[i]
+        new, cow = b._needed(s, target)
+        b._grow_into(s, target, new, cow)
 
 
 def commit_many(
@@ -161,17 +165,13 @@ def layout(b: BlockTableBackend, batch: Sequence[tuple[Hashable, int]]) -> Batch
     """The layout, the batch checked and its table rows gathered in one native pass; None when
     it is left to :meth:`KVBackend.layout`."""
     ext = _passes(b)
-    got = None if ext is None else ext.layout_pass(b._seqs, batch)
+    if ext is None:
+        return None
+    view = b._table_view
+    if view is None or view[0] is not b._table:  # the table grew: a new array
+        view = b._table_view = (b._table, torch.from_numpy(b._table))
+    got = ext.layout_pass(b._seqs, batch, view[1], b.page_size)
     if got is None:
         return None
-    ids, rows, lens, qlens = got
-    return build_layout(
-        b.page_size,
-        b._table,
-        lens.numpy(),
-        qlens.numpy(),
-        ids,
-        b.device,
-        b.spec,
-        rows=rows.numpy(),
-    )
+    ids, max_len, max_q, arrays = got
+    return from_arrays(b.page_size, arrays, ids, b.device, b.spec, max_len, max_q)

@@ -72,7 +72,7 @@ from kvmem.backends.base import KVBackend, SeqState, ceil_div
 from kvmem.backends.freepages import FreePages, FreeQueue
 from kvmem.errors import IntegrityError, InvalidArgument, OutOfKVMemory
 from kvmem.layout import BatchLayout, build_layout
-from kvmem.native import chain_hashes
+from kvmem.native import chain_hashes, hash_chain
 from kvmem.spec import KVSpec
 from kvmem.storage import LayerKV, PagePool, StorageLayout
 from kvmem.swap import block_runs
@@ -150,6 +150,7 @@ class BlockTableBackend(KVBackend[BlockSeq]):
         self._free: FreePages = self._make_free_pages()
         self._num_cached_free = 0
         self._table = np.zeros((16, 16), dtype=np.int32)
+        self._table_view: tuple[np.ndarray, torch.Tensor] | None = None  # _table as a tensor
         self._free_rows = list(range(15, -1, -1))
         self._prefix_queries = 0
         self._prefix_hits = 0
@@ -198,6 +199,9 @@ class BlockTableBackend(KVBackend[BlockSeq]):
 
     def _set_row(self, s: BlockSeq, start: int) -> None:
         n = len(s.blocks)
+        if n == start + 1 and n <= self._table.shape[1]:  # one page more: a decode step's
+            self._table[s.row, start] = s.blocks[start]
+            return
         if n > self._table.shape[1]:
             w = max(n, 2 * self._table.shape[1])
             self._table = np.pad(self._table, ((0, 0), (0, w - self._table.shape[1])))
@@ -357,6 +361,11 @@ class BlockTableBackend(KVBackend[BlockSeq]):
             raise OutOfKVMemory(
                 f"sequence {seq_id!r} needs {new + cow} pages, {len(self._free)} free"
             )
+        self._grow_into(s, target, new, cow)
+
+    def _grow_into(self, s: BlockSeq, target: int, new: int, cow: bool) -> None:
+        """Take ``new`` pages (and copy the shared one, ``cow``) for ``s``: they are free."""
+        ps = self.page_size
         if cow:
             idx = s.num_computed // ps
             old = s.blocks[idx]
@@ -429,7 +438,7 @@ class BlockTableBackend(KVBackend[BlockSeq]):
                 return
             toks, keys, index, blocks = s.tokens, self._key, self._index, s.blocks
             parent = s.hashes[first - 1] if first else s.root
-            hashes = chain_hashes(toks, ps, first, last - first, parent)
+            hashes = hash_chain()(toks, ps, first, last - first, parent)
             events = self.kv_events.active
             filled = [] if self._tiers is not None else None
             for i, h in enumerate(hashes, first):

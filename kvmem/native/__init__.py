@@ -29,6 +29,7 @@ Both paths check every argument before anything changes and raise
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -44,6 +45,7 @@ __all__ = [
     "NativeStatus",
     "batch_passes",
     "chain_hashes",
+    "hash_chain",
     "copy_layer_blocks",
     "copy_page_runs",
     "copy_segments",
@@ -389,6 +391,15 @@ def _native_hashes(ext: Any) -> bool:
                 agree = agree and ext.chain_hashes(toks, ps, 0, len(toks) // ps, parent) == want
         _hashes_agree = agree
     return _hashes_agree
+
+
+def hash_chain() -> Callable[[list[int], int, int, int, int], list[int]]:
+    """The function :func:`chain_hashes` runs (native or Python, as it would pick now), without
+    its argument checks: for callers whose arguments are known good (the block tables)."""
+    ext = pick(None)
+    if ext is not None and _native_hashes(ext):
+        return ext.chain_hashes  # type: ignore[no-any-return]
+    return _py.chain_hashes
 
 
 def chain_hashes(
