@@ -407,6 +407,17 @@ inline Py_hash_t hash_of(PyObject* o) {
   return h;
 }
 
+// hash((parent, tuple(page))) of the page starting at `item`.
+int64_t page_hash(PyObject** item, int64_t page_size, int64_t parent) {
+  uint64_t inner = kX5;
+  for (int64_t j = 0; j < page_size; ++j)
+    inner = xx_round(inner, static_cast<uint64_t>(hash_of(item[j])));
+  py::int_ p(static_cast<long long>(parent));
+  uint64_t acc = xx_round(kX5, static_cast<uint64_t>(hash_of(p.ptr())));
+  acc = xx_round(acc, static_cast<uint64_t>(xx_end(inner, page_size)));
+  return xx_end(acc, 2);
+}
+
 // Pages first .. first + count - 1 of `tokens` (a list): parent = hash((parent,
 // tuple(page))) for each, the hashes returned in order.
 py::list chain_hashes(py::handle tokens, int64_t page_size, int64_t first, int64_t count,
@@ -418,17 +429,72 @@ py::list chain_hashes(py::handle tokens, int64_t page_size, int64_t first, int64
   if ((first + count) * page_size > PyList_GET_SIZE(seq)) bad("the pages run past the tokens");
   py::list out(count);
   for (int64_t i = 0; i < count; ++i) {
-    uint64_t inner = kX5;
-    PyObject** item = PySequence_Fast_ITEMS(seq) + (first + i) * page_size;
-    for (int64_t j = 0; j < page_size; ++j)
-      inner = xx_round(inner, static_cast<uint64_t>(hash_of(item[j])));
-    py::int_ p(static_cast<long long>(parent));
-    uint64_t acc = xx_round(kX5, static_cast<uint64_t>(hash_of(p.ptr())));
-    acc = xx_round(acc, static_cast<uint64_t>(xx_end(inner, page_size)));
-    parent = xx_end(acc, 2);
+    parent = page_hash(PySequence_Fast_ITEMS(seq) + (first + i) * page_size, page_size, parent);
     PyList_SET_ITEM(out.ptr(), i, PyLong_FromLongLong(parent));
   }
   return out;
+}
+
+// The prefix cache's publication of a sequence's pages first .. first + count
+// - 1 (kvmem/backends/blocks.py _on_commit): their chained hashes, and each
+// page whose block (blocks[i]) has no key yet and whose hash `index` lacks
+// gets the key (parent hash, tuple(page)): keys[block] = key, index[hash] =
+// block. Returns (hashes, [(key, block) published]); the Python version is
+// kvmem/native/python.py publish_pages.
+py::tuple publish_pages(py::handle tokens, int64_t page_size, int64_t first, int64_t count,
+                        int64_t parent, py::handle blocks, py::handle keys, py::handle index) {
+  PyObject *seq = tokens.ptr(), *bl = blocks.ptr(), *kl = keys.ptr(), *ix = index.ptr();
+  if (!PyList_Check(seq) || !PyList_Check(bl) || !PyList_Check(kl) || !PyDict_Check(ix))
+    bad("tokens, blocks and keys must be lists, index a dict");
+  if (page_size <= 0) bad("page_size must be positive");
+  if (first < 0 || count < 0) bad("first and count must be >= 0");
+  if ((first + count) * page_size > PyList_GET_SIZE(seq) || first + count > PyList_GET_SIZE(bl))
+    bad("the pages run past the tokens or the blocks");
+  py::list hashes(count);
+  py::list published;
+  PyObject* parent_obj = PyLong_FromLongLong(parent);
+  if (!parent_obj) throw py::error_already_set();
+  py::object parent_ref = py::reinterpret_steal<py::object>(parent_obj);
+  for (int64_t i = 0; i < count; ++i) {
+    PyObject** item = PySequence_Fast_ITEMS(seq) + (first + i) * page_size;
+    int64_t h = page_hash(item, page_size, parent);
+    PyObject* hobj = PyLong_FromLongLong(h);
+    if (!hobj) throw py::error_already_set();
+    PyList_SET_ITEM(hashes.ptr(), i, hobj);  // the list owns it from here
+    PyObject* bobj = PyList_GET_ITEM(bl, first + i);
+    long long b = PyLong_AsLongLong(bobj);
+    if (b < 0 || b >= PyList_GET_SIZE(kl)) {
+      PyErr_Clear();
+      bad("a block is not an index of keys");
+    }
+    if (PyList_GET_ITEM(kl, b) == Py_None) {
+      int has = PyDict_Contains(ix, hobj);
+      if (has < 0) throw py::error_already_set();
+      if (!has) {
+        PyObject* page = PyTuple_New(page_size);
+        if (!page) throw py::error_already_set();
+        for (int64_t j = 0; j < page_size; ++j) {
+          Py_INCREF(item[j]);
+          PyTuple_SET_ITEM(page, j, item[j]);
+        }
+        PyObject* key = PyTuple_Pack(2, parent_obj, page);
+        Py_DECREF(page);
+        if (!key) throw py::error_already_set();
+        PyObject* pair = PyTuple_Pack(2, key, bobj);
+        int rc = pair ? PyDict_SetItem(ix, hobj, bobj) : -1;
+        if (!rc) rc = PyList_Append(published.ptr(), pair);
+        Py_XDECREF(pair);
+        if (rc) {
+          Py_DECREF(key);
+          throw py::error_already_set();
+        }
+        PyList_SetItem(kl, b, key);  // steals the reference, drops the None
+      }
+    }
+    parent = h;
+    parent_obj = hobj;
+  }
+  return py::make_tuple(hashes, published);
 }
 
 // ------------------------------------------------ block-table batch passes
@@ -734,6 +800,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("query_lens"), py::arg("page_size"), py::arg("rows") = py::none());
   m.def("page_keys", &page_keys);
   m.def("chain_hashes", &chain_hashes);
+  m.def("publish_pages", &publish_pages);
   m.def("reserve_pass", &reserve_pass);
   m.def("commit_pass", &commit_pass);
   m.def("append_pass", &append_pass);

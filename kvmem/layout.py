@@ -151,14 +151,15 @@ def from_arrays(
 
     On the meta device (bookkeeping-only allocators) the tensors are shapes only.
     """
-    kind = torch.device(device).type
+    dev = torch.device(device)
+    kind = dev.type
 
     def t(x: torch.Tensor) -> torch.Tensor:
         if kind == "cpu":
             return x
         if kind == "meta":
-            return torch.empty(x.shape, dtype=x.dtype, device="meta")
-        return x.to(device)
+            return torch.empty_like(x, device=dev)
+        return x.to(dev)
 
     return BatchLayout(
         page_size,

@@ -44,21 +44,32 @@ def _passes(b: BlockTableBackend) -> Any:
     return batch_passes()
 
 
+def _counts(seq_ids: Sequence[Hashable], num_tokens: int | Sequence[int]) -> Any:
+    """``(ids, counts)`` for a native pass, which checks each count itself, or None."""
+    ids = check_batch_ids(seq_ids)
+    if type(num_tokens) is int:
+        return (ids, [num_tokens] * len(ids)) if num_tokens > 0 and ids else None
+    if type(num_tokens) is list and len(num_tokens) == len(ids) and ids:
+        return ids, num_tokens
+    return None
+
+
 def reserve_many(
     b: BlockTableBackend, seq_ids: Sequence[Hashable], num_tokens: int | Sequence[int]
 ) -> None:
     """Growths that fit in the pages a sequence holds (the next KV's page not shared) are set
     at once; the rest take pages once their total is known to be free. On any error every
     growth already set is put back."""
-    ids, counts = batch_counts(seq_ids, num_tokens, "num_tokens")
     seqs, ps, ref = b._seqs, b.page_size, b._ref
     ext = _passes(b)
-    if ext is not None and ids:
-        left = ext.reserve_pass(seqs, ids, counts, ps, ref, False)
+    fast = None if ext is None else _counts(seq_ids, num_tokens)
+    if fast is not None:
+        left = ext.reserve_pass(seqs, *fast, ps, ref, False)
         if left is not None:
             if left:
-                _grow_rest(b, ext, ids, counts, left)
+                _grow_rest(b, ext, *fast, left)
             return
+    ids, counts = batch_counts(seq_ids, num_tokens, "num_tokens")
     cheap: list[tuple[BlockSeq, int]] = []
     slow: list[tuple[Hashable, BlockSeq, int]] = []
     need = 0
@@ -109,8 +120,7 @@ def _grow_rest(
     for i in ext.reserve_pass(seqs, ids, counts, b.page_size, b._ref, True):
         s = seqs[ids[i]]
         target = s.num_computed + counts[i]
-        new, cow = b._needed(s, target)
-        b._grow_into(s, target, new, cow)
+        b._grow_into(s, target, *b._needed(s, target))
 
 
 def commit_many(
@@ -118,10 +128,11 @@ def commit_many(
 ) -> None:
     """Every commit checked first, then each applied; pages that fill up are published as by
     ``commit``."""
-    ids, counts = batch_counts(seq_ids, num_tokens, "num_tokens")
     seqs, ps = b._seqs, b.page_size
     ext = _passes(b)
-    if ext is not None and ids:
+    fast = None if ext is None else _counts(seq_ids, num_tokens)
+    if fast is not None:
+        ids, counts = fast
         fill = ext.commit_pass(seqs, ids, counts, ps, b.prefix_caching)
         if fill is not None:
             for i in fill:
@@ -130,6 +141,7 @@ def commit_many(
                 b._on_commit(s, end)
                 s.num_computed = end
             return
+    ids, counts = batch_counts(seq_ids, num_tokens, "num_tokens")
     states: list[BlockSeq] = []
     for sid, n in zip(ids, counts, strict=True):
         s = seqs.get(sid)

@@ -72,7 +72,7 @@ from kvmem.backends.base import KVBackend, SeqState, ceil_div
 from kvmem.backends.freepages import FreePages, FreeQueue
 from kvmem.errors import IntegrityError, InvalidArgument, OutOfKVMemory
 from kvmem.layout import BatchLayout, build_layout
-from kvmem.native import chain_hashes, hash_chain
+from kvmem.native import chain_hashes, page_publisher
 from kvmem.spec import KVSpec
 from kvmem.storage import LayerKV, PagePool, StorageLayout
 from kvmem.swap import block_runs
@@ -436,25 +436,18 @@ class BlockTableBackend(KVBackend[BlockSeq]):
             first, last = s.num_computed // ps, end // ps
             if last == first:
                 return
-            toks, keys, index, blocks = s.tokens, self._key, self._index, s.blocks
             parent = s.hashes[first - 1] if first else s.root
-            hashes = hash_chain()(toks, ps, first, last - first, parent)
-            events = self.kv_events.active
-            filled = [] if self._tiers is not None else None
-            for i, h in enumerate(hashes, first):
-                b = blocks[i]
-                if keys[b] is None and h not in index:
-                    key = (parent, tuple(toks[i * ps : (i + 1) * ps]))
-                    index[h] = b
-                    keys[b] = key
-                    if events:
-                        self.kv_events.emit(stored([key], "device"))
-                    if filled is not None:
-                        filled.append((key, b))
-                parent = h
+            publish = page_publisher()
+            hashes, published = publish(
+                s.tokens, ps, first, last - first, parent, s.blocks, self._key, self._index
+            )
             s.hashes += hashes
-            if filled and self._tiers is not None:
-                self._tiers.filled(filled)
+            if published:
+                if self.kv_events.active:
+                    for key, _ in published:
+                        self.kv_events.emit(stored([key], "device"))
+                if self._tiers is not None:
+                    self._tiers.filled(published)
             self.kv_events.flush()
 
     def _fork(self, parent_id: Hashable, p: BlockSeq, child_id: Hashable) -> BlockSeq:

@@ -45,7 +45,7 @@ __all__ = [
     "NativeStatus",
     "batch_passes",
     "chain_hashes",
-    "hash_chain",
+    "page_publisher",
     "copy_layer_blocks",
     "copy_page_runs",
     "copy_segments",
@@ -393,13 +393,15 @@ def _native_hashes(ext: Any) -> bool:
     return _hashes_agree
 
 
-def hash_chain() -> Callable[[list[int], int, int, int, int], list[int]]:
-    """The function :func:`chain_hashes` runs (native or Python, as it would pick now), without
-    its argument checks: for callers whose arguments are known good (the block tables)."""
+def page_publisher() -> Callable[..., tuple[list[int], list[tuple[Any, int]]]]:
+    """The block tables' prefix-cache publication of a run of pages, native where
+    :func:`chain_hashes` is: ``(tokens, page_size, first, count, parent, blocks, keys,
+    index) -> (hashes, [(key, block) published])`` (see ``publish_pages`` in csrc/). No
+    argument checks beyond the native ones: for callers whose arguments are known good."""
     ext = pick(None)
     if ext is not None and _native_hashes(ext):
-        return ext.chain_hashes  # type: ignore[no-any-return]
-    return _py.chain_hashes
+        return ext.publish_pages  # type: ignore[no-any-return]
+    return _py.publish_pages
 
 
 def chain_hashes(

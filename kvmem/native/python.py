@@ -299,3 +299,31 @@ def chain_hashes(tokens: list[int], ps: int, first: int, count: int, parent: int
         parent = hash((parent, tuple(tokens[i * ps : (i + 1) * ps])))
         out.append(parent)
     return out
+
+
+def publish_pages(
+    tokens: list[int],
+    ps: int,
+    first: int,
+    count: int,
+    parent: int,
+    blocks: list[int],
+    keys: list[Any],
+    index: dict[int, int],
+) -> tuple[list[int], list[tuple[Any, int]]]:
+    """The hashes of pages ``first ..`` and the ``(key, block)`` of each page newly keyed:
+    a block without a key whose hash ``index`` lacks gets ``(parent hash, tuple(page))``."""
+    hashes: list[int] = []
+    published: list[tuple[Any, int]] = []
+    for i in range(first, first + count):
+        page = tuple(tokens[i * ps : (i + 1) * ps])
+        h = hash((parent, page))
+        b = blocks[i]
+        if keys[b] is None and h not in index:
+            key = (parent, page)
+            index[h] = b
+            keys[b] = key
+            published.append((key, b))
+        hashes.append(h)
+        parent = h
+    return hashes, published

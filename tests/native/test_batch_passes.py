@@ -130,3 +130,31 @@ def test_native_passes_equal_the_python_version(ops, prefix_caching):
                     assert getattr(la, f).tolist() == getattr(lb, f).tolist(), f
             a.check_integrity()
             b.check_integrity()
+
+
+@needs_native
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.integers(0, 9), min_size=0, max_size=60),
+    st.sampled_from([1, 2, 4]),
+    st.integers(-(2**63), 2**63 - 1),
+    st.data(),
+)
+def test_publish_pages_native_equals_python(toks, ps, parent, data):
+    from kvmem.native import python as py
+
+    n = len(toks) // ps
+    first = data.draw(st.integers(0, n))
+    blocks = data.draw(st.lists(st.integers(0, 9), min_size=n, max_size=n))
+    keyed = data.draw(st.sets(st.integers(0, 9)))
+    results = []
+    for fn in (native.batch_passes().publish_pages, py.publish_pages):
+        keys = [("old", b) if b in keyed else None for b in range(10)]
+        index = {hash(("taken", 1)): 3}
+        out = fn(toks, ps, first, n - first, parent, blocks, keys, index)
+        results.append((out, keys, index))
+    assert results[0] == results[1]
+    hashes, published = results[1][0]
+    assert len(hashes) == n - first
+    for key, b in published:  # every page keyed here is findable under its hash
+        assert results[1][2][hash(key)] == b and results[1][1][b] == key
