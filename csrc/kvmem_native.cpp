@@ -638,38 +638,47 @@ int64_t positive(PyObject* v) {
 }
 
 // reserve_many: sequences whose growth fits in the pages they hold (the page
-// the next entry goes to not shared: ref[page] == 1) are cheap, the others
-// slow. When none is slow, or `apply`, the cheap ones are set; the slow ones'
-// indices are returned for the backend to grow (apply=False: nothing set).
+// the next entry goes to not shared: ref[page] == 1) are cheap; the others
+// need `new` more pages and, when that page is shared, one copy (`cow`), as
+// blocks.py _needed counts them. If those pages exceed `free`, their number is
+// returned and nothing is set; else the cheap ones are set and the indices of
+// the others returned for the backend to grow (in order: a copy made for one
+// may leave another's page unshared).
 py::object reserve_pass(py::handle seqs, py::handle ids, py::handle counts, int64_t ps,
-                        py::handle ref, bool apply) {
+                        py::handle ref, int64_t free) {
   if (ps <= 0 || !PyDict_Check(seqs.ptr()) || !PyList_Check(ref.ptr())) return py::none();
   try {
     Batch b = batch_of(ids, counts);
     std::vector<std::pair<PyObject*, int64_t>> cheap;
-    std::vector<Py_ssize_t> slow;
+    std::vector<int64_t> slow;
+    int64_t need = 0;
     Py_ssize_t nref = PyList_GET_SIZE(ref.ptr());
     for (Py_ssize_t i = 0; i < b.n; ++i) {
       PyObject* s = state(seqs.ptr(), b.ids[i], true);
-      int64_t target = get_int(s, kComputed) + positive(b.counts[i]);
+      int64_t done = get_int(s, kComputed);
+      int64_t target = done + positive(b.counts[i]);
       if (target <= get_int(s, kReserved)) continue;
       PyObject* blocks = get_list(s, kBlocks);
-      int64_t held = PyList_GET_SIZE(blocks), idx = get_int(s, kComputed) / ps;
-      bool fits = target <= held * ps;
-      if (fits) {
+      int64_t held = PyList_GET_SIZE(blocks), idx = done / ps;
+      bool shared = false;
+      if (idx < held) {
         int64_t page = as_int(PyList_GET_ITEM(blocks, idx));
         if (page < 0 || page >= nref) throw Bail();
-        fits = as_int(PyList_GET_ITEM(ref.ptr(), page)) == 1;
+        shared = as_int(PyList_GET_ITEM(ref.ptr(), page)) > 1;
       }
-      if (fits)
+      if (target <= held * ps && !shared) {
         cheap.emplace_back(s, target);
-      else
+      } else {
+        int64_t add = std::max<int64_t>(0, (target + ps - 1) / ps - held);
+        need += add + shared;
         slow.push_back(i);
+      }
     }
-    if (slow.empty() || apply)
-      for (auto& [s, target] : cheap) set_int(s, kReserved, target);
+    if (need > free) return py::int_(need);
+    for (auto& [s, target] : cheap) set_int(s, kReserved, target);
     py::list out(slow.size());
-    for (size_t k = 0; k < slow.size(); ++k) out[k] = py::int_(slow[k]);
+    for (size_t k = 0; k < slow.size(); ++k)
+      PyList_SET_ITEM(out.ptr(), k, PyLong_FromLongLong(slow[k]));
     return std::move(out);
   } catch (Bail&) {
     return py::none();

@@ -64,10 +64,17 @@ def reserve_many(
     ext = _passes(b)
     fast = None if ext is None else _counts(seq_ids, num_tokens)
     if fast is not None:
-        left = ext.reserve_pass(seqs, *fast, ps, ref, False)
-        if left is not None:
-            if left:
-                _grow_rest(b, ext, *fast, left)
+        ids, counts = fast
+        got = ext.reserve_pass(seqs, ids, counts, ps, ref, len(b._free))
+        if type(got) is int:  # short of pages: perhaps swaps in flight free some
+            if not b._ensure_free(got):
+                raise _short(b, len(ids), ids[0], got)
+            got = ext.reserve_pass(seqs, ids, counts, ps, ref, len(b._free))
+        if type(got) is list:
+            for i in got:
+                s = seqs[ids[i]]
+                target = s.num_computed + counts[i]
+                b._grow_into(s, target, *b._needed(s, target))
             return
     ids, counts = batch_counts(seq_ids, num_tokens, "num_tokens")
     cheap: list[tuple[BlockSeq, int]] = []
@@ -102,25 +109,6 @@ def reserve_many(
 
 def _short(b: BlockTableBackend, n: int, first: Hashable, need: int) -> OutOfKVMemory:
     return OutOfKVMemory(f"{n} sequences (first {first!r}) need {need} pages, {len(b._free)} free")
-
-
-def _grow_rest(
-    b: BlockTableBackend, ext: Any, ids: Sequence[Hashable], counts: list[int], left: list[int]
-) -> None:
-    """The native pass left the sequences at indices ``left`` to grow (it set nothing):
-    check the room for them, then set the cheap ones and grow these."""
-    seqs = b._seqs
-    need = 0
-    for i in left:
-        s = seqs[ids[i]]
-        new, cow = b._needed(s, s.num_computed + counts[i])
-        need += new + cow
-    if not b._ensure_free(need):
-        raise _short(b, len(left), ids[left[0]], need)
-    for i in ext.reserve_pass(seqs, ids, counts, b.page_size, b._ref, True):
-        s = seqs[ids[i]]
-        target = s.num_computed + counts[i]
-        b._grow_into(s, target, *b._needed(s, target))
 
 
 def commit_many(

@@ -67,7 +67,9 @@ def test_layout_rows_out_of_range_are_refused(path):
 
 OPS = st.lists(
     st.tuples(
-        st.sampled_from(["append", "reserve", "commit", "commit", "commit_any", "free", "add"]),
+        st.sampled_from(
+            ["append", "reserve", "commit", "commit", "commit_any", "free", "add", "fork"]
+        ),
         st.lists(st.integers(0, 7), unique=True, max_size=8),
         st.integers(1, 12),
     ),
@@ -116,11 +118,13 @@ def test_native_passes_equal_the_python_version(ops, prefix_caching):
                         x.free(ids[0])
                     elif kind == "add":
                         x.add(live, prompt + [n])
+                    elif kind == "fork" and ids:
+                        x.fork(ids[0], live)
                     outcomes.append(None)
                 except Exception as e:  # noqa: BLE001 - both must fail alike
                     outcomes.append(type(e))
             assert outcomes[0] == outcomes[1]
-            live += kind == "add"
+            live += kind == "add" or (kind == "fork" and bool(ids))
             assert snapshot(a) == snapshot(b)
             ready = [s for s in a.seq_ids() if a.seq_info(s).capacity > a.seq_info(s).num_computed]
             if ready:
