@@ -161,9 +161,16 @@ def from_arrays(
             return torch.empty_like(x, device=dev)
         return x.to(dev)
 
+    a = [t(x) for x in arrays]
     return BatchLayout(
-        page_size,
-        *(t(x) for x in arrays),
+        page_size=page_size,
+        kv_indptr=a[0],
+        kv_indices=a[1],
+        kv_last_page_len=a[2],
+        block_table=a[3],
+        seq_lens=a[4],
+        query_start_loc=a[5],
+        slot_mapping=a[6],
         seq_ids=seq_ids,
         max_seq_len=max_seq_len,
         max_query_len=max_query_len,

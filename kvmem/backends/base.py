@@ -23,8 +23,7 @@ them after every check has passed)::
     append_many          the checks of append, for every one      (none)
     reserve_many         the checks of reserve, for every one     _grow_many([(id, s, target)])
                                                                     -> _can_grow, _grow
-    commit_many          the checks of commit, for every one      _commit_many(seqs, ends)
-                                                                    -> _on_commit
+    commit_many          the checks of commit, for every one      _on_commit(s, end)
     fork                 capability, resident parent, duplicate   _fork(parent_id, p, child_id)
     free                 capability (keep_on_host), lookup        _park / _drop(seq_id, s)
     swap_out / swap_in   capability, closed guard, id list        _start_swap_out / _start_swap_in
@@ -217,12 +216,6 @@ class KVBackend(KVAllocator, Generic[S]):
             )
         for sid, s, target in grow:
             self._grow(sid, s, target)
-
-    def _commit_many(self, seqs: list[S], ends: list[int]) -> None:
-        """``_on_commit(s, end)`` then ``s.num_computed = end`` for each pair (all checked)."""
-        for s, end in zip(seqs, ends, strict=True):
-            self._on_commit(s, end)
-            s.num_computed = end
 
     def _page_rows(self, seqs: list[S], seq_lens: np.ndarray) -> tuple[np.ndarray, bool]:
         """The int32 [B, W] page table of a layout batch and whether it is zero past each row.
@@ -514,13 +507,12 @@ class KVBackend(KVAllocator, Generic[S]):
         """
         ids, counts = batch_counts(seq_ids, num_tokens, "num_tokens")
         states = self._states(ids, resident=True)
-        ends: list[int] = []
         for sid, s, n in zip(ids, states, counts, strict=True):
-            end = s.num_computed + n
-            if end > s.reserved or end > len(s.tokens):
+            if s.num_computed + n > min(s.reserved, len(s.tokens)):
                 check_commit(sid, s.num_computed, s.reserved, len(s.tokens), n)  # raises
-            ends.append(end)
-        self._commit_many(states, ends)
+        for s, n in zip(states, counts, strict=True):
+            self._on_commit(s, s.num_computed + n)
+            s.num_computed += n
 
     def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
         """Make ``child_id`` a copy of the parent sharing its KV (backends declaring ``fork``)."""

@@ -72,9 +72,9 @@ def reserve_many(
             got = ext.reserve_pass(seqs, ids, counts, ps, ref, len(b._free))
         if type(got) is list:
             for i in got:
-                s = seqs[ids[i]]
-                target = s.num_computed + counts[i]
-                b._grow_into(s, target, *b._needed(s, target))
+                grown = seqs[ids[i]]
+                target = grown.num_computed + counts[i]
+                b._grow_into(grown, target, *b._needed(grown, target))
             return
     ids, counts = batch_counts(seq_ids, num_tokens, "num_tokens")
     cheap: list[tuple[BlockSeq, int]] = []
@@ -124,10 +124,10 @@ def commit_many(
         fill = ext.commit_pass(seqs, ids, counts, ps, b.prefix_caching)
         if fill is not None:
             for i in fill:
-                s = seqs[ids[i]]
-                end = s.num_computed + counts[i]
-                b._on_commit(s, end)
-                s.num_computed = end
+                filled = seqs[ids[i]]
+                end = filled.num_computed + counts[i]
+                b._on_commit(filled, end)
+                filled.num_computed = end
             return
     ids, counts = batch_counts(seq_ids, num_tokens, "num_tokens")
     states: list[BlockSeq] = []

@@ -316,8 +316,8 @@ def layout_arrays(
     ext = pick(native)
     if ext is not None:
         args = (torch.from_numpy(tab), torch.from_numpy(sl), torch.from_numpy(ql), page_size)
-        r = None if rows is None else torch.from_numpy(rows)
-        return LayoutArrays(*call(ext.layout_arrays, *args, r))
+        rt = None if rows is None else torch.from_numpy(rows)
+        return LayoutArrays(*call(ext.layout_arrays, *args, rt))
     _py.check_layout(tab, sl, ql, page_size)
     out = _py.layout_arrays(tab, sl, ql, page_size, zero_padded)
     return LayoutArrays(*(torch.from_numpy(x) for x in out))
