@@ -49,7 +49,7 @@ def trace_lengths(n: int, seed: int) -> list[tuple[int, int]]:
 class DecodeRun:
     """One paged allocator through scenario 1, stepped with batched or single calls."""
 
-    def __init__(self, prompts: list[tuple[list[int], int]], batch: int, batched: bool) -> None:
+    def __init__(self, prompts: list[tuple[np.ndarray, int]], batch: int, batched: bool) -> None:
         self.alloc = create_allocator(
             "paged", LLAMA3_8B, num_tokens=4 * 1024 * 1024, page_size=PAGE, device="meta"
         )
@@ -64,7 +64,8 @@ class DecodeRun:
             self._admit()
 
     def _admit(self) -> None:
-        toks, out = next(self._prompts)
+        arr, out = next(self._prompts)
+        toks = arr.tolist()
         sid = self._next_id
         self._next_id += 1
         cached = self.alloc.add(sid, toks)
@@ -118,10 +119,15 @@ def side_by_side_steps(runs: dict[str, DecodeRun], steps: int, desc: str) -> dic
     return {k: np.array(v) for k, v in times.items()}
 
 
-def trace_prompts(n: int, seed: int) -> list[tuple[list[int], int]]:
-    """``n`` random prompts with (prompt, output) lengths from the trace."""
+def trace_prompts(n: int, seed: int) -> list[tuple[np.ndarray, int]]:
+    """``n`` random prompts (token arrays) with (prompt, output) lengths from the trace.
+
+    :class:`DecodeRun` makes each a list when it admits it, as a tokenizer hands
+    a new request's tokens over: millions of token ints made up front would sit
+    cold in memory, which no serving engine's new prompt does.
+    """
     rng = np.random.default_rng(seed)
-    return [(rng.integers(0, 32000, p).tolist(), o) for p, o in trace_lengths(n, seed)]
+    return [(rng.integers(0, 32000, p), o) for p, o in trace_lengths(n, seed)]
 
 
 def decode_heavy(steps: int, batch: int, seed: int) -> dict[str, float]:

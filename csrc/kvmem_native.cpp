@@ -438,14 +438,17 @@ py::list chain_hashes(py::handle tokens, int64_t page_size, int64_t first, int64
 // The prefix cache's publication of a sequence's pages first .. first + count
 // - 1 (kvmem/backends/blocks.py _on_commit): their chained hashes, and each
 // page whose block (blocks[i]) has no key yet and whose hash `index` lacks
-// gets the key (parent hash, tuple(page)): keys[block] = key, index[hash] =
-// block. Returns (hashes, [(key, block) published]); the Python version is
-// kvmem/native/python.py publish_pages.
+// gets the key (parent hash, tuple(page)): keys[block] = key, page_hashes[block]
+// = hash, index[hash] = block. Returns (hashes, [(key, block) published]); the
+// Python version is kvmem/native/python.py publish_pages.
 py::tuple publish_pages(py::handle tokens, int64_t page_size, int64_t first, int64_t count,
-                        int64_t parent, py::handle blocks, py::handle keys, py::handle index) {
+                        int64_t parent, py::handle blocks, py::handle keys, py::handle index,
+                        py::handle page_hashes) {
   PyObject *seq = tokens.ptr(), *bl = blocks.ptr(), *kl = keys.ptr(), *ix = index.ptr();
-  if (!PyList_Check(seq) || !PyList_Check(bl) || !PyList_Check(kl) || !PyDict_Check(ix))
-    bad("tokens, blocks and keys must be lists, index a dict");
+  PyObject* ph = page_hashes.ptr();
+  if (!PyList_Check(seq) || !PyList_Check(bl) || !PyList_Check(kl) || !PyDict_Check(ix) ||
+      !PyList_Check(ph) || PyList_GET_SIZE(ph) != PyList_GET_SIZE(kl))
+    bad("tokens, blocks, keys and page_hashes must be lists (the last two alike), index a dict");
   if (page_size <= 0) bad("page_size must be positive");
   if (first < 0 || count < 0) bad("first and count must be >= 0");
   if ((first + count) * page_size > PyList_GET_SIZE(seq) || first + count > PyList_GET_SIZE(bl))
@@ -489,6 +492,8 @@ py::tuple publish_pages(py::handle tokens, int64_t page_size, int64_t first, int
           throw py::error_already_set();
         }
         PyList_SetItem(kl, b, key);  // steals the reference, drops the None
+        Py_INCREF(hobj);
+        PyList_SetItem(ph, b, hobj);
       }
     }
     parent = h;

@@ -147,6 +147,7 @@ class BlockTableBackend(KVBackend[BlockSeq]):
         self._ref = [0] * self.num_pages
         self._key: list[BlockKey | None] = [None] * self.num_pages
         self._index: dict[int, int] = {}  # hash(key) -> the page holding that key
+        self._page_hash = [0] * self.num_pages  # hash(key) of each keyed page
         self._free: FreePages = self._make_free_pages()
         self._num_cached_free = 0
         self._table = np.zeros((16, 16), dtype=np.int32)
@@ -216,7 +217,7 @@ class BlockTableBackend(KVBackend[BlockSeq]):
             key = keys[b]
             if key is not None:  # evict its cached prefix
                 self._num_cached_free -= 1
-                h = hash(key)
+                h = self._page_hash[b]  # hash(key), without reading its tokens again
                 if self._index.get(h) == b:
                     del self._index[h]
                 keys[b] = None
@@ -257,6 +258,7 @@ class BlockTableBackend(KVBackend[BlockSeq]):
         if self._key[b] is None and h not in self._index:
             self._index[h] = b
             self._key[b] = key
+            self._page_hash[b] = h
             if self.kv_events.active:
                 self.kv_events.emit(stored([key], "device"))
             return True
@@ -439,7 +441,15 @@ class BlockTableBackend(KVBackend[BlockSeq]):
             parent = s.hashes[first - 1] if first else s.root
             publish = page_publisher()
             hashes, published = publish(
-                s.tokens, ps, first, last - first, parent, s.blocks, self._key, self._index
+                s.tokens,
+                ps,
+                first,
+                last - first,
+                parent,
+                s.blocks,
+                self._key,
+                self._index,
+                self._page_hash,
             )
             s.hashes += hashes
             if published:
@@ -576,6 +586,9 @@ class BlockTableBackend(KVBackend[BlockSeq]):
             key = self._key[b]
             if key is None or hash(key) != h:
                 raise IntegrityError(f"cache entry points at page {b}, which has another key")
+        for b, key in enumerate(self._key):
+            if key is not None and hash(key) != self._page_hash[b]:
+                raise IntegrityError(f"page {b}: its recorded hash is not its key's")
         keyed = [b for b, k in enumerate(self._key) if k is not None]
         if len(keyed) != len(self._index):
             raise IntegrityError("pages with keys and the cache index differ")

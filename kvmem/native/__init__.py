@@ -396,7 +396,8 @@ def _native_hashes(ext: Any) -> bool:
 def page_publisher() -> Callable[..., tuple[list[int], list[tuple[Any, int]]]]:
     """The block tables' prefix-cache publication of a run of pages, native where
     :func:`chain_hashes` is: ``(tokens, page_size, first, count, parent, blocks, keys,
-    index) -> (hashes, [(key, block) published])`` (see ``publish_pages`` in csrc/). No
+    index, page_hashes) -> (hashes, [(key, block) published])`` (see ``publish_pages`` in
+    csrc/). No
     argument checks beyond the native ones: for callers whose arguments are known good."""
     ext = pick(None)
     if ext is not None and _native_hashes(ext):

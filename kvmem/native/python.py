@@ -310,9 +310,13 @@ def publish_pages(
     blocks: list[int],
     keys: list[Any],
     index: dict[int, int],
+    page_hashes: list[int],
 ) -> tuple[list[int], list[tuple[Any, int]]]:
     """The hashes of pages ``first ..`` and the ``(key, block)`` of each page newly keyed:
-    a block without a key whose hash ``index`` lacks gets ``(parent hash, tuple(page))``."""
+    a block without a key whose hash ``index`` lacks gets ``(parent hash, tuple(page))``
+    (and its hash in ``page_hashes``)."""
+    if len(page_hashes) != len(keys):
+        raise InvalidArgument("keys and page_hashes must be alike")
     hashes: list[int] = []
     published: list[tuple[Any, int]] = []
     for i in range(first, first + count):
@@ -323,6 +327,7 @@ def publish_pages(
             key = (parent, page)
             index[h] = b
             keys[b] = key
+            page_hashes[b] = h
             published.append((key, b))
         hashes.append(h)
         parent = h

@@ -155,10 +155,12 @@ def test_publish_pages_native_equals_python(toks, ps, parent, data):
     for fn in (native.batch_passes().publish_pages, py.publish_pages):
         keys = [("old", b) if b in keyed else None for b in range(10)]
         index = {hash(("taken", 1)): 3}
-        out = fn(toks, ps, first, n - first, parent, blocks, keys, index)
-        results.append((out, keys, index))
+        page_hashes = [0] * 10
+        out = fn(toks, ps, first, n - first, parent, blocks, keys, index, page_hashes)
+        results.append((out, keys, index, page_hashes))
     assert results[0] == results[1]
     hashes, published = results[1][0]
     assert len(hashes) == n - first
     for key, b in published:  # every page keyed here is findable under its hash
         assert results[1][2][hash(key)] == b and results[1][1][b] == key
+        assert results[1][3][b] == hash(key)
