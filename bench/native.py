@@ -24,7 +24,14 @@ repetition (the machine is shared and its speed drifts), and reports medians:
   :func:`kvmem.native.page_keys`, and the native one (from a Python list,
   as the allocator holds tokens); ns per prompt token. For scale,
   ``paged_add_commit_ns_per_token`` is the whole prompt through a paged
-  allocator (add, reserve, commit, free) on the meta device.
+  allocator (add, reserve, commit, free) on the meta device, and
+  ``paged_add_commit_python_ns_per_token`` the same on the Python path.
+* ``decode step``: ``bench.alloc``'s scenario 1 (256 sequences, Azure-trace
+  lengths, churn) with the batched calls, its steps interleaved on two
+  allocators: one with the native path (layout arrays, page hashes, the
+  block-table batch passes), one with every operation's Python version (as
+  under ``KVMEM_NATIVE=0``, through :func:`kvmem.native.python_only`);
+  ``us_per_seq_step`` and ``us_per_seq_step_python``, medians over steps.
 
 Run: ``python -m bench.native [--quick]``; writes bench/results/native.json and native.png.
 """
@@ -57,6 +64,7 @@ TARGETS = {
     "layout_us_256_seqs": ("<=", 50.0),
     "prefix_hash_ns_per_token": ("<=", 30.0),
     "perpage_swap_frac_of_limit": (">=", 0.9),
+    "us_per_seq_step": ("<=", 2.0),
 }
 
 
@@ -234,9 +242,14 @@ def bench_prefix_hash(reps: int) -> dict[str, float]:
         alloc.commit("p", n)
         alloc.free("p")
 
+    def paged_add_python() -> None:
+        with native.python_only():
+            paged_add()
+
     t = side_by_side(
         {
             "paged_add": paged_add,
+            "paged_add_python": paged_add_python,
             "paged": paged_keys,
             "numpy": lambda: native.page_keys(toks, ps, native=False),
             "native": lambda: native.page_keys(toks, ps),
@@ -244,11 +257,39 @@ def bench_prefix_hash(reps: int) -> dict[str, float]:
         reps,
     )
     return {
+        "paged_add_commit_python_ns_per_token": t["paged_add_python"] / n * 1e9,
         "prefix_hash_ns_per_token": t["native"] / n * 1e9,
         "prefix_hash_numpy_ns_per_token": t["numpy"] / n * 1e9,
         "prefix_hash_paged_ns_per_token": t["paged"] / n * 1e9,
         "paged_add_commit_ns_per_token": t["paged_add"] / n * 1e9,
         "prefix_hash_tokens": n,
+    }
+
+
+def bench_decode(steps: int) -> dict[str, float]:
+    """bench.alloc's scenario 1 with the batched calls: native against the Python path."""
+    from bench.alloc import DecodeRun, trace_prompts
+
+    batch = 256
+    prompts = trace_prompts(steps * 4 + batch, 0)
+    runs = {"native": DecodeRun(prompts, batch, True), "python": DecodeRun(prompts, batch, True)}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for i in range(steps):
+        for k in ("native", "python") if i % 2 else ("python", "native"):
+            if k == "python":
+                with native.python_only():
+                    times[k].append(runs[k].step())
+            else:
+                times[k].append(runs[k].step())
+    for r in runs.values():
+        r.alloc.check_integrity()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "us_per_seq_step": med["native"],
+        "us_per_seq_step_python": med["python"],
+        "us_per_seq_step_speedup": med["python"] / med["native"],
+        "decode_steps": steps,
+        "decode_batch": batch,
     }
 
 
@@ -295,6 +336,7 @@ def plot(fig: dict[str, Any], path: Path) -> None:
         ("host unmap, us per page", "host_unmap_python_us_per_page", "host_unmap_us_per_page"),
         ("layout, us per 256 seqs", "layout_python_us_256_seqs", "layout_us_256_seqs"),
         ("prefix keys, ns per token", "prefix_hash_paged_ns_per_token", "prefix_hash_ns_per_token"),
+        ("decode step, us per seq", "us_per_seq_step_python", "us_per_seq_step"),
     ]
     panels = [p for p in panels if p[1] in fig]
     f, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.4))
@@ -339,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         ("host map", lambda: bench_host_map(512, reps)),
         ("layout", lambda: bench_layout(reps)),
         ("prefix hash", lambda: bench_prefix_hash(reps)),
+        ("decode step", lambda: bench_decode(60 if args.quick else 1000)),
     ]
     for i, (name, fn) in enumerate(steps, 1):
         print(f"[{i}/{len(steps)}] {name}...", file=sys.stderr, flush=True)

@@ -7,6 +7,8 @@
 // only in CUDA builds: KVMEM_WITH_CUDA).
 #include <sys/mman.h>
 #include <torch/extension.h>
+// after Python.h (through torch/extension.h): T_OBJECT_EX, READONLY, PyMember_GetOne
+#include <structmember.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -240,9 +242,11 @@ std::tuple<int64_t, int64_t, std::string> cuda_unmap(const torch::Tensor& addrs,
 }
 
 // ---------------------------------------------------------------- layout
-// The arrays of a BatchLayout (see kvmem/layout.py build_layout).
+// The arrays of a BatchLayout (see kvmem/layout.py build_layout). Sequence i's
+// pages are row i of `table`, or row rows[i] when `rows` (int64 [B]) is given.
 std::vector<torch::Tensor> layout_arrays(const torch::Tensor& table, const torch::Tensor& seq_lens,
-                                         const torch::Tensor& query_lens, int64_t page_size) {
+                                         const torch::Tensor& query_lens, int64_t page_size,
+                                         const c10::optional<torch::Tensor>& rows) {
   if (page_size <= 0) bad("page_size must be positive");
   if (table.device().type() != torch::kCPU || table.scalar_type() != torch::kInt32 ||
       table.dim() != 2)
@@ -251,9 +255,21 @@ std::vector<torch::Tensor> layout_arrays(const torch::Tensor& table, const torch
     if (t->device().type() != torch::kCPU || t->scalar_type() != torch::kInt32 ||
         t->dim() != 1 || !t->is_contiguous())
       bad("seq_lens and query_lens must be contiguous cpu int32 tensors [B]");
-  int64_t b = table.size(0), w = table.size(1);
-  if (seq_lens.size(0) != b || query_lens.size(0) != b)
+  int64_t b = seq_lens.size(0), w = table.size(1);
+  const int64_t* rp = nullptr;
+  if (rows.has_value()) {
+    const torch::Tensor& r = *rows;
+    if (r.device().type() != torch::kCPU || r.scalar_type() != torch::kInt64 || r.dim() != 1 ||
+        !r.is_contiguous() || r.size(0) != b)
+      bad("rows must be a contiguous cpu int64 tensor [B]");
+    rp = r.data_ptr<int64_t>();
+    for (int64_t i = 0; i < b; ++i)
+      if (rp[i] < 0 || rp[i] >= table.size(0))
+        bad("row " + std::to_string(rp[i]) + " is not a row of the table");
+  } else if (table.size(0) != b) {
     bad("table, seq_lens and query_lens disagree on the batch size");
+  }
+  if (query_lens.size(0) != b) bad("table, seq_lens and query_lens disagree on the batch size");
   const int32_t* sl = seq_lens.data_ptr<int32_t>();
   const int32_t* ql = query_lens.data_ptr<int32_t>();
   int64_t nnz = 0, ntok = 0, max_pages = 0;
@@ -285,7 +301,7 @@ std::vector<torch::Tensor> layout_arrays(const torch::Tensor& table, const torch
   qp[0] = 0;
   for (int64_t i = 0; i < b; ++i) {
     int64_t np = (static_cast<int64_t>(sl[i]) + page_size - 1) / page_size;
-    const int32_t* row = tp + i * s0;
+    const int32_t* row = tp + (rp ? rp[i] : i) * s0;
     int32_t* drow = dp + i * max_pages;
     int32_t* out = ix + ip[i];
     for (int64_t j = 0; j < np; ++j) out[j] = drow[j] = row[j * s1];
@@ -367,6 +383,415 @@ torch::Tensor page_keys(py::handle tokens, int64_t page_size, uint64_t prev, int
   return out;
 }
 
+// ------------------------------------------------------ prefix-cache hashes
+// CPython's tuple hash (xxHash-based, Objects/tupleobject.c since 3.8): the
+// chain below equals hash((parent, tuple(page))) computed in Python, which
+// kvmem.native checks once before it trusts this path.
+constexpr uint64_t kX1 = 11400714785074694791ull, kX2 = 14029467366897019727ull,
+                   kX5 = 2870177450012600261ull;
+
+inline uint64_t xx_round(uint64_t acc, uint64_t lane) {
+  acc += lane * kX2;
+  acc = (acc << 31) | (acc >> 33);
+  return acc * kX1;
+}
+
+inline int64_t xx_end(uint64_t acc, uint64_t len) {
+  acc += len ^ (kX5 ^ 3527539ull);
+  return acc == static_cast<uint64_t>(-1) ? 1546275796 : static_cast<int64_t>(acc);
+}
+
+inline Py_hash_t hash_of(PyObject* o) {
+  Py_hash_t h = PyObject_Hash(o);
+  if (h == -1) throw py::error_already_set();
+  return h;
+}
+
+// hash((parent, tuple(page))) of the page starting at `item`.
+int64_t page_hash(PyObject** item, int64_t page_size, int64_t parent) {
+  uint64_t inner = kX5;
+  for (int64_t j = 0; j < page_size; ++j)
+    inner = xx_round(inner, static_cast<uint64_t>(hash_of(item[j])));
+  py::int_ p(static_cast<long long>(parent));
+  uint64_t acc = xx_round(kX5, static_cast<uint64_t>(hash_of(p.ptr())));
+  acc = xx_round(acc, static_cast<uint64_t>(xx_end(inner, page_size)));
+  return xx_end(acc, 2);
+}
+
+// Pages first .. first + count - 1 of `tokens` (a list): parent = hash((parent,
+// tuple(page))) for each, the hashes returned in order.
+py::list chain_hashes(py::handle tokens, int64_t page_size, int64_t first, int64_t count,
+                      int64_t parent) {
+  if (!PyList_Check(tokens.ptr())) bad("tokens must be a list");
+  if (page_size <= 0) bad("page_size must be positive");
+  if (first < 0 || count < 0) bad("first and count must be >= 0");
+  PyObject* seq = tokens.ptr();
+  if ((first + count) * page_size > PyList_GET_SIZE(seq)) bad("the pages run past the tokens");
+  py::list out(count);
+  for (int64_t i = 0; i < count; ++i) {
+    parent = page_hash(PySequence_Fast_ITEMS(seq) + (first + i) * page_size, page_size, parent);
+    PyList_SET_ITEM(out.ptr(), i, PyLong_FromLongLong(parent));
+  }
+  return out;
+}
+
+// The prefix cache's publication of a sequence's pages first .. first + count
+// - 1 (kvmem/backends/blocks.py _on_commit): their chained hashes, and each
+// page whose block (blocks[i]) has no key yet and whose hash `index` lacks
+// gets the key (parent hash, tuple(page)): keys[block] = key, page_hashes[block]
+// = hash, index[hash] = block. Returns (hashes, [(key, block) published]); the
+// Python version is kvmem/native/python.py publish_pages.
+py::tuple publish_pages(py::handle tokens, int64_t page_size, int64_t first, int64_t count,
+                        int64_t parent, py::handle blocks, py::handle keys, py::handle index,
+                        py::handle page_hashes) {
+  PyObject *seq = tokens.ptr(), *bl = blocks.ptr(), *kl = keys.ptr(), *ix = index.ptr();
+  PyObject* ph = page_hashes.ptr();
+  if (!PyList_Check(seq) || !PyList_Check(bl) || !PyList_Check(kl) || !PyDict_Check(ix) ||
+      !PyList_Check(ph) || PyList_GET_SIZE(ph) != PyList_GET_SIZE(kl))
+    bad("tokens, blocks, keys and page_hashes must be lists (the last two alike), index a dict");
+  if (page_size <= 0) bad("page_size must be positive");
+  if (first < 0 || count < 0) bad("first and count must be >= 0");
+  if ((first + count) * page_size > PyList_GET_SIZE(seq) || first + count > PyList_GET_SIZE(bl))
+    bad("the pages run past the tokens or the blocks");
+  py::list hashes(count);
+  py::list published;
+  PyObject* parent_obj = PyLong_FromLongLong(parent);
+  if (!parent_obj) throw py::error_already_set();
+  py::object parent_ref = py::reinterpret_steal<py::object>(parent_obj);
+  for (int64_t i = 0; i < count; ++i) {
+    PyObject** item = PySequence_Fast_ITEMS(seq) + (first + i) * page_size;
+    int64_t h = page_hash(item, page_size, parent);
+    PyObject* hobj = PyLong_FromLongLong(h);
+    if (!hobj) throw py::error_already_set();
+    PyList_SET_ITEM(hashes.ptr(), i, hobj);  // the list owns it from here
+    PyObject* bobj = PyList_GET_ITEM(bl, first + i);
+    long long b = PyLong_AsLongLong(bobj);
+    if (b < 0 || b >= PyList_GET_SIZE(kl)) {
+      PyErr_Clear();
+      bad("a block is not an index of keys");
+    }
+    if (PyList_GET_ITEM(kl, b) == Py_None) {
+      int has = PyDict_Contains(ix, hobj);
+      if (has < 0) throw py::error_already_set();
+      if (!has) {
+        PyObject* page = PyTuple_New(page_size);
+        if (!page) throw py::error_already_set();
+        for (int64_t j = 0; j < page_size; ++j) {
+          Py_INCREF(item[j]);
+          PyTuple_SET_ITEM(page, j, item[j]);
+        }
+        PyObject* key = PyTuple_Pack(2, parent_obj, page);
+        Py_DECREF(page);
+        if (!key) throw py::error_already_set();
+        PyObject* pair = PyTuple_Pack(2, key, bobj);
+        int rc = pair ? PyDict_SetItem(ix, hobj, bobj) : -1;
+        if (!rc) rc = PyList_Append(published.ptr(), pair);
+        Py_XDECREF(pair);
+        if (rc) {
+          Py_DECREF(key);
+          throw py::error_already_set();
+        }
+        PyList_SetItem(kl, b, key);  // steals the reference, drops the None
+        Py_INCREF(hobj);
+        PyList_SetItem(ph, b, hobj);
+      }
+    }
+    parent = h;
+    parent_obj = hobj;
+  }
+  return py::make_tuple(hashes, published);
+}
+
+// ------------------------------------------------ block-table batch passes
+// The common case of the block-table backends' batched calls (kvmem/backends/
+// blockbatch.py), run over their sequence states in one loop. A pass returns
+// None, having changed nothing, whenever a call is not the common case (an
+// unknown, swapped or loading sequence, a bad count, a commit beyond the
+// reserved slots, ...): the backend then runs its Python version, which raises
+// the right error. The states stay Python objects; their __slots__ fields are
+// read and written through their member descriptors, as Python itself does.
+struct Bail {};
+
+enum Field { kSwapped, kTransfer, kComputed, kReserved, kBlocks, kTokens, kRow, kFields };
+const char* const kNames[kFields] = {"swapped", "transfer", "num_computed", "reserved",
+                                     "blocks",  "tokens",   "row"};
+
+struct Members {
+  PyObject* type = nullptr;  // a strong reference: the address cannot be reused
+  PyMemberDef* m[kFields] = {};
+};
+Members members;
+
+// The writable object slot `name` of type t (a member descriptor found along
+// its MRO, as attribute access finds it), else nullptr.
+PyMemberDef* member_of(PyObject* t, const char* name) {
+  PyObject* d = PyObject_GetAttrString(t, name);
+  if (!d) {
+    PyErr_Clear();
+    return nullptr;
+  }
+  PyMemberDef* m = nullptr;
+  if (Py_IS_TYPE(d, &PyMemberDescr_Type)) {
+    m = reinterpret_cast<PyMemberDescrObject*>(d)->d_member;
+    if (m->type != T_OBJECT_EX || (m->flags & READONLY)) m = nullptr;
+  }
+  Py_DECREF(d);  // the type's dict keeps the descriptor alive
+  return m;
+}
+
+PyMemberDef* const* fields_of(PyObject* s) {
+  PyObject* t = reinterpret_cast<PyObject*>(Py_TYPE(s));
+  if (t != members.type) {
+    Members found;
+    for (int k = 0; k < kFields; ++k)
+      if (!(found.m[k] = member_of(t, kNames[k]))) throw Bail();
+    Py_INCREF(t);
+    Py_XDECREF(members.type);
+    found.type = t;
+    members = found;
+  }
+  return members.m;
+}
+
+// A new reference to field f of s, else Bail.
+PyObject* get(PyObject* s, Field f) {
+  PyObject* v = PyMember_GetOne(reinterpret_cast<const char*>(s), fields_of(s)[f]);
+  if (!v) {
+    PyErr_Clear();
+    throw Bail();
+  }
+  return v;
+}
+
+int64_t as_int(PyObject* v) {  // an exact int that fits in int64, else Bail
+  if (!PyLong_CheckExact(v)) throw Bail();
+  int overflow = 0;
+  long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+  if (overflow || (x == -1 && PyErr_Occurred())) {
+    PyErr_Clear();
+    throw Bail();
+  }
+  return x;
+}
+
+int64_t get_int(PyObject* s, Field f) {
+  PyObject* v = get(s, f);
+  int64_t x;
+  try {
+    x = as_int(v);
+  } catch (Bail&) {
+    Py_DECREF(v);
+    throw;
+  }
+  Py_DECREF(v);
+  return x;
+}
+
+void set_int(PyObject* s, Field f, int64_t x) {
+  PyObject* v = PyLong_FromLongLong(x);
+  if (!v) throw py::error_already_set();
+  int rc = PyMember_SetOne(reinterpret_cast<char*>(s), fields_of(s)[f], v);
+  Py_DECREF(v);
+  if (rc) throw py::error_already_set();
+}
+
+// The list in field f of s (borrowed: s keeps it alive), else Bail.
+PyObject* get_list(PyObject* s, Field f) {
+  PyObject* v = get(s, f);
+  Py_DECREF(v);
+  if (!PyList_Check(v)) throw Bail();
+  return v;
+}
+
+// The state of seq_id in `seqs` (borrowed), registered and with no copy in
+// flight; `resident`: not swapped out. Else Bail.
+PyObject* state(PyObject* seqs, PyObject* sid, bool resident) {
+  PyObject* s = PyDict_GetItemWithError(seqs, sid);
+  if (!s) {
+    PyErr_Clear();
+    throw Bail();
+  }
+  PyObject* t = get(s, kTransfer);
+  Py_DECREF(t);
+  if (t != Py_None) throw Bail();
+  if (resident) {
+    PyObject* w = get(s, kSwapped);
+    Py_DECREF(w);
+    if (w != Py_False) throw Bail();
+  }
+  return s;
+}
+
+struct Batch {
+  PyObject** ids;
+  PyObject** counts;
+  Py_ssize_t n;
+};
+
+Batch batch_of(py::handle ids, py::handle counts) {
+  if (!(PyList_Check(ids.ptr()) || PyTuple_Check(ids.ptr())) || !PyList_Check(counts.ptr()))
+    throw Bail();
+  Py_ssize_t n = PySequence_Fast_GET_SIZE(ids.ptr());
+  if (PyList_GET_SIZE(counts.ptr()) != n) throw Bail();
+  return {PySequence_Fast_ITEMS(ids.ptr()), PySequence_Fast_ITEMS(counts.ptr()), n};
+}
+
+int64_t positive(PyObject* v) {
+  int64_t x = as_int(v);
+  if (x <= 0) throw Bail();
+  return x;
+}
+
+// reserve_many: sequences whose growth fits in the pages they hold (the page
+// the next entry goes to not shared: ref[page] == 1) are cheap; the others
+// need `new` more pages and, when that page is shared, one copy (`cow`), as
+// blocks.py _needed counts them. If those pages exceed `free`, their number is
+// returned and nothing is set; else the cheap ones are set and the indices of
+// the others returned for the backend to grow (in order: a copy made for one
+// may leave another's page unshared).
+py::object reserve_pass(py::handle seqs, py::handle ids, py::handle counts, int64_t ps,
+                        py::handle ref, int64_t free) {
+  if (ps <= 0 || !PyDict_Check(seqs.ptr()) || !PyList_Check(ref.ptr())) return py::none();
+  try {
+    Batch b = batch_of(ids, counts);
+    std::vector<std::pair<PyObject*, int64_t>> cheap;
+    std::vector<int64_t> slow;
+    int64_t need = 0;
+    Py_ssize_t nref = PyList_GET_SIZE(ref.ptr());
+    for (Py_ssize_t i = 0; i < b.n; ++i) {
+      PyObject* s = state(seqs.ptr(), b.ids[i], true);
+      int64_t done = get_int(s, kComputed);
+      int64_t target = done + positive(b.counts[i]);
+      if (target <= get_int(s, kReserved)) continue;
+      PyObject* blocks = get_list(s, kBlocks);
+      int64_t held = PyList_GET_SIZE(blocks), idx = done / ps;
+      bool shared = false;
+      if (idx < held) {
+        int64_t page = as_int(PyList_GET_ITEM(blocks, idx));
+        if (page < 0 || page >= nref) throw Bail();
+        shared = as_int(PyList_GET_ITEM(ref.ptr(), page)) > 1;
+      }
+      if (target <= held * ps && !shared) {
+        cheap.emplace_back(s, target);
+      } else {
+        int64_t add = std::max<int64_t>(0, (target + ps - 1) / ps - held);
+        need += add + shared;
+        slow.push_back(i);
+      }
+    }
+    if (need > free) return py::int_(need);
+    for (auto& [s, target] : cheap) set_int(s, kReserved, target);
+    py::list out(slow.size());
+    for (size_t k = 0; k < slow.size(); ++k)
+      PyList_SET_ITEM(out.ptr(), k, PyLong_FromLongLong(slow[k]));
+    return std::move(out);
+  } catch (Bail&) {
+    return py::none();
+  }
+}
+
+// commit_many: every commit checked (within the reserved slots and the known
+// tokens), then the ones that fill no page (or all, without `cache`) are set;
+// the indices of those that fill one are returned for the backend to publish.
+py::object commit_pass(py::handle seqs, py::handle ids, py::handle counts, int64_t ps,
+                       bool cache) {
+  if (ps <= 0 || !PyDict_Check(seqs.ptr())) return py::none();
+  try {
+    Batch b = batch_of(ids, counts);
+    std::vector<std::pair<PyObject*, int64_t>> set;
+    std::vector<Py_ssize_t> fill;
+    set.reserve(b.n);
+    for (Py_ssize_t i = 0; i < b.n; ++i) {
+      PyObject* s = state(seqs.ptr(), b.ids[i], true);
+      int64_t done = get_int(s, kComputed), end = done + positive(b.counts[i]);
+      if (end > get_int(s, kReserved) || end > PyList_GET_SIZE(get_list(s, kTokens))) throw Bail();
+      if (cache && end / ps > done / ps)
+        fill.push_back(i);
+      else
+        set.emplace_back(s, end);
+    }
+    for (auto& [s, end] : set) set_int(s, kComputed, end);
+    py::list out(fill.size());
+    for (size_t k = 0; k < fill.size(); ++k) out[k] = py::int_(fill[k]);
+    return std::move(out);
+  } catch (Bail&) {
+    return py::none();
+  }
+}
+
+// append_many: each token list is a non-empty list of non-negative ints
+// (swapped sequences too); all checked, then every one appended. True, or
+// None (nothing appended).
+py::object append_pass(py::handle seqs, py::handle ids, py::handle tokens) {
+  if (!PyDict_Check(seqs.ptr())) return py::none();
+  try {
+    Batch b = batch_of(ids, tokens);
+    std::vector<PyObject*> lists(b.n);
+    for (Py_ssize_t i = 0; i < b.n; ++i) {
+      lists[i] = get_list(state(seqs.ptr(), b.ids[i], false), kTokens);
+      PyObject* t = b.counts[i];
+      if (!PyList_Check(t) || PyList_GET_SIZE(t) == 0) throw Bail();
+      for (Py_ssize_t j = 0; j < PyList_GET_SIZE(t); ++j)
+        if (as_int(PyList_GET_ITEM(t, j)) < 0) throw Bail();
+    }
+    for (Py_ssize_t i = 0; i < b.n; ++i) {
+      PyObject* t = b.counts[i];
+      for (Py_ssize_t j = 0; j < PyList_GET_SIZE(t); ++j)
+        if (PyList_Append(lists[i], PyList_GET_ITEM(t, j))) throw py::error_already_set();
+    }
+    return py::bool_(true);
+  } catch (Bail&) {
+    return py::none();
+  }
+}
+
+// layout: the batch [(seq_id, n), ...] checked (resident, n new entries in
+// reserved slots, no id twice) and laid out from rows of the backend's dense
+// block table: (ids tuple, max_seq_len, max_query_len, the layout_arrays), or None.
+py::object layout_pass(py::handle seqs, py::handle batch, const torch::Tensor& table,
+                       int64_t page_size) {
+  if (!PyDict_Check(seqs.ptr()) || !PyList_Check(batch.ptr())) return py::none();
+  try {
+    Py_ssize_t n = PyList_GET_SIZE(batch.ptr());
+    if (n == 0) throw Bail();
+    auto rows = torch::empty({n}, torch::TensorOptions().dtype(torch::kInt64));
+    auto lens = torch::empty({n}, torch::TensorOptions().dtype(torch::kInt32));
+    auto qlens = torch::empty({n}, torch::TensorOptions().dtype(torch::kInt32));
+    int64_t* rp = rows.data_ptr<int64_t>();
+    int32_t *lp = lens.data_ptr<int32_t>(), *qp = qlens.data_ptr<int32_t>();
+    int64_t max_len = 0, max_q = 0;
+    py::tuple ids(n);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* item = PyList_GET_ITEM(batch.ptr(), i);
+      if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) throw Bail();
+      PyObject* sid = PyTuple_GET_ITEM(item, 0);
+      PyObject* s = state(seqs.ptr(), sid, true);
+      int64_t q = positive(PyTuple_GET_ITEM(item, 1));
+      int64_t end = get_int(s, kComputed) + q;
+      if (end > get_int(s, kReserved) || end > INT32_MAX) throw Bail();
+      rp[i] = get_int(s, kRow);
+      lp[i] = static_cast<int32_t>(end);
+      qp[i] = static_cast<int32_t>(q);
+      max_len = std::max(max_len, end);
+      max_q = std::max(max_q, q);
+      Py_INCREF(sid);
+      PyTuple_SET_ITEM(ids.ptr(), i, sid);
+    }
+    PyObject* distinct = PySet_New(ids.ptr());
+    if (!distinct) {
+      PyErr_Clear();
+      throw Bail();
+    }
+    Py_ssize_t m = PySet_GET_SIZE(distinct);
+    Py_DECREF(distinct);
+    if (m != n) throw Bail();
+    auto arrays = layout_arrays(table, lens, qlens, page_size, rows);
+    return py::make_tuple(ids, max_len, max_q, arrays);
+  } catch (Bail&) {
+    return py::none();
+  }
+}
+
 bool with_cuda() {
 #ifdef KVMEM_WITH_CUDA
   return true;
@@ -385,8 +810,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("host_unmap", &host_unmap);
   m.def("cuda_map", &cuda_map);
   m.def("cuda_unmap", &cuda_unmap);
-  m.def("layout_arrays", &layout_arrays);
+  m.def("layout_arrays", &layout_arrays, py::arg("table"), py::arg("seq_lens"),
+        py::arg("query_lens"), py::arg("page_size"), py::arg("rows") = py::none());
   m.def("page_keys", &page_keys);
+  m.def("chain_hashes", &chain_hashes);
+  m.def("publish_pages", &publish_pages);
+  m.def("reserve_pass", &reserve_pass);
+  m.def("commit_pass", &commit_pass);
+  m.def("append_pass", &append_pass);
+  m.def("layout_pass", &layout_pass);
   m.def("with_cuda", &with_cuda);
   m.attr("ABI") = 1;
 }

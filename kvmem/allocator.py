@@ -18,6 +18,14 @@ One decode step of an engine, for each running sequence::
     alloc.commit(seq, 1)               # that KV now exists (full pages become shareable)
     alloc.append(seq, [next_token])    # the sampled token, whose KV comes next step
 
+or the same step for the whole batch at once, one call per kind (the
+block-table backends do each in one tight pass; others loop the single calls)::
+
+    alloc.reserve_many(seqs, 1)        # all or nothing across the batch
+    lay = alloc.layout([(seq, 1) for seq in seqs])
+    alloc.commit_many(seqs, 1)
+    alloc.append_many(seqs, [[tok] for tok in sampled])
+
 Every method either succeeds or raises a :class:`~kvmem.errors.KVError`
 subclass and leaves the allocator exactly as it was.
 """
@@ -237,6 +245,52 @@ class KVAllocator(ABC):
     def commit(self, seq_id: SeqId, num_tokens: int) -> None:
         """Record that ``num_tokens`` more KV entries are written."""
 
+    # ------------------------------------------------------------ batched calls
+    # Each equals the loop of its single call over the batch, except that it is
+    # all or nothing: every argument and sequence is checked (and for
+    # reserve_many, the room for all of them) before anything changes, with the
+    # single call's typed errors. An empty batch changes nothing. Backends
+    # override them with a faster pass; these versions use only the public calls.
+
+    def append_many(self, seq_ids: Sequence[SeqId], token_ids: Sequence[Sequence[int]]) -> None:
+        """``append(seq_ids[i], token_ids[i])`` for every i, all or nothing.
+
+        Raises InvalidArgument (lengths differ, a sequence named twice, bad
+        tokens) and UnknownSequence before any token is added.
+        """
+        ids = check_batch_ids(seq_ids)
+        if isinstance(token_ids, (str, bytes)) or len(token_ids) != len(ids):
+            raise InvalidArgument(f"{len(ids)} sequences need as many token lists")
+        toks = [check_tokens(t) for t in token_ids]
+        for sid in ids:
+            self.seq_info(sid)
+        for sid, t in zip(ids, toks, strict=True):
+            self.append(sid, t)
+
+    def reserve_many(self, seq_ids: Sequence[SeqId], num_tokens: int | Sequence[int]) -> None:
+        """``reserve(seq_ids[i], n_i)`` for every i (``num_tokens``: one count for all, or
+        one per sequence), all or nothing: OutOfKVMemory, changing nothing, unless they
+        all fit at once (as :meth:`can_reserve` tells).
+        """
+        ids, counts = batch_counts(seq_ids, num_tokens, "num_tokens")
+        requests = dict(zip(ids, counts, strict=True))
+        if requests and not self.can_reserve(requests):
+            raise OutOfKVMemory(f"the {len(ids)} reservations do not fit at once")
+        for sid, n in requests.items():
+            self.reserve(sid, n)
+
+    def commit_many(self, seq_ids: Sequence[SeqId], num_tokens: int | Sequence[int]) -> None:
+        """``commit(seq_ids[i], n_i)`` for every i (``num_tokens``: one count for all, or one
+        per sequence), all or nothing: every count is checked against its sequence first."""
+        ids, counts = batch_counts(seq_ids, num_tokens, "num_tokens")
+        for sid, n in zip(ids, counts, strict=True):
+            info = self.seq_info(sid)
+            if info.swapped:
+                raise InvalidArgument(f"sequence {sid!r} is swapped out; swap it in first")
+            check_commit(sid, info.num_computed, info.capacity, info.num_tokens, n)
+        for sid, n in zip(ids, counts, strict=True):
+            self.commit(sid, n)
+
     @abstractmethod
     def fork(self, parent_id: SeqId, child_id: SeqId) -> None:
         """Make ``child_id`` a copy of the parent that shares its KV, copy-on-write."""
@@ -401,12 +455,18 @@ def check_count(name: str, n: object) -> int:
     return n
 
 
+_INT = {int}
+
+
 def check_tokens(token_ids: Sequence[int]) -> list[int]:
     """A non-empty list of non-negative token ids, else InvalidArgument."""
-    try:
-        toks = [int(t) for t in token_ids]
-    except (TypeError, ValueError) as e:
-        raise InvalidArgument(f"token ids must be ints: {e}") from None
+    if type(token_ids) is list and set(map(type, token_ids)) == _INT:
+        toks = token_ids.copy()  # a prompt of plain ints: no conversion needed
+    else:
+        try:
+            toks = [int(t) for t in token_ids]
+        except (TypeError, ValueError) as e:
+            raise InvalidArgument(f"token ids must be ints: {e}") from None
     if not toks:
         raise InvalidArgument("token ids must not be empty")
     if min(toks) < 0:
@@ -456,6 +516,40 @@ def batch_ids(batch: Sequence[tuple[SeqId, int]]) -> tuple[SeqId, ...]:
     if len(set(ids)) != len(ids):
         raise InvalidArgument("a sequence appears twice in the batch")
     return ids
+
+
+def check_batch_ids(seq_ids: Sequence[SeqId]) -> Sequence[SeqId]:
+    """``seq_ids`` (a list or tuple of distinct ids), else InvalidArgument (batched calls)."""
+    if not isinstance(seq_ids, (list, tuple)):
+        if isinstance(seq_ids, (str, bytes)) or not isinstance(seq_ids, Sequence):
+            raise InvalidArgument(f"pass a sequence of sequence ids, got {seq_ids!r}")
+        seq_ids = list(seq_ids)
+    try:
+        distinct = len(set(seq_ids)) == len(seq_ids)
+    except TypeError:
+        raise InvalidArgument("sequence ids must be hashable") from None
+    if not distinct:
+        raise InvalidArgument("a sequence is named twice")
+    return seq_ids
+
+
+def batch_counts(
+    seq_ids: Sequence[SeqId], num_tokens: int | Sequence[int], name: str
+) -> tuple[Sequence[SeqId], list[int]]:
+    """The ids of a batched call and one positive count per id (``num_tokens`` is one int for
+    every sequence, or one per sequence), else InvalidArgument."""
+    ids = check_batch_ids(seq_ids)
+    if type(num_tokens) is int and num_tokens > 0:
+        return ids, [num_tokens] * len(ids)
+    if isinstance(num_tokens, (str, bytes)) or not isinstance(num_tokens, Sequence):
+        return ids, [check_count(name, num_tokens)] * len(ids)
+    if len(num_tokens) != len(ids):
+        raise InvalidArgument(f"{len(ids)} sequences need {len(ids)} counts, got {len(num_tokens)}")
+    counts = list(num_tokens)
+    for n in counts:
+        if type(n) is not int or n <= 0:
+            check_count(name, n)
+    return ids, counts
 
 
 def check_seq_ids(seq_ids: Iterable[SeqId]) -> list[SeqId]:

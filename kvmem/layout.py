@@ -23,7 +23,7 @@ that kernels can size their grids without a device sync.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,6 +114,7 @@ def build_layout(
     device: torch.device,
     spec: Any = None,
     zero_padded: bool = False,
+    rows: np.ndarray | None = None,
 ) -> BatchLayout:
     """Build a :class:`BatchLayout` from dense page rows, in one pass over the batch.
 
@@ -121,30 +122,57 @@ def build_layout(
     page_size)`` valid page ids; ``seq_lens`` and ``query_lens`` are int [B]
     with ``0 <= query_lens <= seq_lens``, else :class:`InvalidArgument`.
     ``zero_padded`` promises that every entry past those is already 0, which
-    saves the Python version a pass. ``table`` may be modified. The arrays
-    come from :func:`kvmem.native.layout_arrays` (the csrc/ extension, or
-    numpy with the same results).
+    saves the Python version a pass. ``table`` may be modified, unless
+    ``rows`` (int [B]) is given: sequence b's pages are then row ``rows[b]``
+    of ``table``, read in place. The arrays come from
+    :func:`kvmem.native.layout_arrays` (the csrc/ extension, or numpy with
+    the same results).
     """
     b = len(seq_ids)
     if len(seq_lens) != b:
         raise InvalidArgument(f"{b} sequence ids for {len(seq_lens)} sequence lengths")
-    a = layout_arrays(table, seq_lens, query_lens, page_size, zero_padded)
-    cpu = torch.device(device).type == "cpu"
+    a = layout_arrays(table, seq_lens, query_lens, page_size, zero_padded, rows=rows)
+    max_len = int(seq_lens.max()) if b else 0
+    return from_arrays(
+        page_size, a, seq_ids, device, spec, max_len, int(query_lens.max()) if b else 0
+    )
+
+
+def from_arrays(
+    page_size: int,
+    arrays: Sequence[torch.Tensor],
+    seq_ids: tuple[Hashable, ...],
+    device: torch.device,
+    spec: Any,
+    max_seq_len: int,
+    max_query_len: int,
+) -> BatchLayout:
+    """A :class:`BatchLayout` of cpu ``arrays`` (:data:`TENSOR_FIELDS` in order), on ``device``.
+
+    On the meta device (bookkeeping-only allocators) the tensors are shapes only.
+    """
+    dev = torch.device(device)
+    kind = dev.type
 
     def t(x: torch.Tensor) -> torch.Tensor:
-        return x if cpu else x.to(device)
+        if kind == "cpu":
+            return x
+        if kind == "meta":
+            return torch.empty_like(x, device=dev)
+        return x.to(dev)
 
+    a = [t(x) for x in arrays]
     return BatchLayout(
         page_size=page_size,
-        kv_indptr=t(a.kv_indptr),
-        kv_indices=t(a.kv_indices),
-        kv_last_page_len=t(a.kv_last_page_len),
-        block_table=t(a.block_table),
-        seq_lens=t(a.seq_lens),
-        query_start_loc=t(a.query_start_loc),
-        slot_mapping=t(a.slot_mapping),
+        kv_indptr=a[0],
+        kv_indices=a[1],
+        kv_last_page_len=a[2],
+        block_table=a[3],
+        seq_lens=a[4],
+        query_start_loc=a[5],
+        slot_mapping=a[6],
         seq_ids=seq_ids,
-        max_seq_len=int(seq_lens.max()) if b else 0,
-        max_query_len=int(query_lens.max()) if b else 0,
+        max_seq_len=max_seq_len,
+        max_query_len=max_query_len,
         spec=spec,
     )

@@ -20,6 +20,10 @@ them after every check has passed)::
     layout               empty batch, resident, reserved, dups    _make_layout -> _page_rows
                                                                     -> _pages(s)
     commit               lookup, resident, reserved, known        _on_commit(s, end)
+    append_many          the checks of append, for every one      (none)
+    reserve_many         the checks of reserve, for every one     _grow_many([(id, s, target)])
+                                                                    -> _can_grow, _grow
+    commit_many          the checks of commit, for every one      _on_commit(s, end)
     fork                 capability, resident parent, duplicate   _fork(parent_id, p, child_id)
     free                 capability (keep_on_host), lookup        _park / _drop(seq_id, s)
     swap_out / swap_in   capability, closed guard, id list        _start_swap_out / _start_swap_in
@@ -59,7 +63,8 @@ from kvmem.allocator import (
     KVAllocator,
     SeqInfo,
     SwapHandle,
-    batch_ids,
+    batch_counts,
+    check_batch_ids,
     check_commit,
     check_count,
     check_new_tokens,
@@ -67,7 +72,7 @@ from kvmem.allocator import (
     check_tokens,
     raise_unknown,
 )
-from kvmem.errors import DuplicateSequence, IntegrityError, InvalidArgument, KVError
+from kvmem.errors import DuplicateSequence, IntegrityError, InvalidArgument, KVError, OutOfKVMemory
 from kvmem.layout import BatchLayout, build_layout
 from kvmem.storage import LayerKV
 
@@ -196,6 +201,21 @@ class KVBackend(KVAllocator, Generic[S]):
         Called on every commit: keep it cheap when no page filled. A
         prefix-caching backend publishes the pages that filled up here.
         """
+
+    def _grow_many(self, grow: list[tuple[Hashable, S, int]]) -> None:
+        """``_grow(seq_id, s, target)`` for every entry (distinct, each ``target > s.reserved``),
+        all or nothing: OutOfKVMemory, changing nothing, unless :meth:`_can_grow` says they all
+        fit. A backend with a cheaper pass (most growths fit in memory already held) overrides it.
+        """
+        if len(grow) == 1:
+            self._grow(*grow[0])
+            return
+        if not self._can_grow([(s, target) for _, s, target in grow]):
+            raise OutOfKVMemory(
+                f"{len(grow)} sequences (first {grow[0][0]!r}) need more room than is free"
+            )
+        for sid, s, target in grow:
+            self._grow(sid, s, target)
 
     def _page_rows(self, seqs: list[S], seq_lens: np.ndarray) -> tuple[np.ndarray, bool]:
         """The int32 [B, W] page table of a layout batch and whether it is zero past each row.
@@ -386,21 +406,26 @@ class KVBackend(KVAllocator, Generic[S]):
         self._check_open()
         if not batch:
             raise InvalidArgument("layout of an empty batch")
-        b = len(batch)
-        seq_lens = np.empty(b, dtype=np.int32)
-        qlens = np.empty(b, dtype=np.int32)
+        ids: list[Hashable] = []
+        lens: list[int] = []
+        qlens: list[int] = []
         states: list[S] = []
         seqs = self._seqs
-        for i, (sid, n) in enumerate(batch):
+        for sid, n in batch:
             s = seqs.get(sid)
             if s is None or s.swapped or s.transfer is not None:
                 s = self._resident(sid)
             if type(n) is not int or n <= 0 or s.num_computed + n > s.reserved:
                 check_new_tokens(sid, s.num_computed, s.reserved, n)  # raises
+            ids.append(sid)
             states.append(s)
-            seq_lens[i] = s.num_computed + n
-            qlens[i] = n
-        return self._make_layout(batch_ids(batch), states, seq_lens, qlens)
+            lens.append(s.num_computed + n)
+            qlens.append(n)
+        if len(set(ids)) != len(ids):
+            raise InvalidArgument("a sequence appears twice in the batch")
+        return self._make_layout(
+            tuple(ids), states, np.array(lens, dtype=np.int32), np.array(qlens, dtype=np.int32)
+        )
 
     def commit(self, seq_id: Hashable, num_tokens: int) -> None:
         """Record that ``num_tokens`` more KV entries are written (reserved, of known tokens)."""
@@ -410,6 +435,84 @@ class KVBackend(KVAllocator, Generic[S]):
         end = check_commit(seq_id, s.num_computed, s.reserved, len(s.tokens), num_tokens)
         self._on_commit(s, end)
         s.num_computed = end
+
+    # ---------------------------------------------------------------- batched calls
+    def _states(self, ids: Sequence[Hashable], resident: bool) -> list[S]:
+        """The state of every id (UnknownSequence; with ``resident``, InvalidArgument if one is
+        swapped out), swaps in flight finished."""
+        seqs = self._seqs
+        out: list[S] = []
+        for sid in ids:
+            s = seqs.get(sid)
+            if s is None or s.transfer is not None or (resident and s.swapped):
+                s = self._resident(sid) if resident else self._get(sid)
+            out.append(s)
+        if not ids:
+            self._check_open()
+        return out
+
+    def append_many(self, seq_ids: Sequence[Hashable], token_ids: Sequence[Sequence[int]]) -> None:
+        """``append(seq_ids[i], token_ids[i])`` for every i, all or nothing (swapped ones too).
+
+        Raises InvalidArgument (lengths differ, a sequence named twice, bad
+        tokens, over ``max_seq_len``) and UnknownSequence before any change.
+        """
+        ids = check_batch_ids(seq_ids)
+        try:
+            same = len(token_ids) == len(ids) and not isinstance(token_ids, (str, bytes))
+        except TypeError:
+            same = False
+        if not same:
+            raise InvalidArgument(f"{len(ids)} sequences need as many token lists")
+        states = self._states(ids, resident=False)
+        limit = self.max_seq_len
+        toks: list[Sequence[int]] = []
+        for sid, s, t in zip(ids, states, token_ids, strict=True):
+            if not (type(t) is list and len(t) == 1 and type(t[0]) is int and t[0] >= 0):
+                t = check_tokens(t)
+            if limit is not None:
+                self._check_length(sid, len(s.tokens) + len(t))
+            toks.append(t)
+        for s, t in zip(states, toks, strict=True):
+            s.tokens += t
+
+    def reserve_many(self, seq_ids: Sequence[Hashable], num_tokens: int | Sequence[int]) -> None:
+        """``reserve(seq_ids[i], n_i)`` for every i, all or nothing across the batch.
+
+        ``num_tokens`` is one count for every sequence or one per sequence.
+        Raises OutOfKVMemory when the growths do not all fit at once (as
+        :meth:`can_reserve` tells), InvalidArgument (bad counts, a sequence
+        named twice or swapped out, over ``max_seq_len``), UnknownSequence;
+        every one changes nothing.
+        """
+        ids, counts = batch_counts(seq_ids, num_tokens, "num_tokens")
+        states = self._states(ids, resident=True)
+        limit = self.max_seq_len
+        grow: list[tuple[Hashable, S, int]] = []
+        for sid, s, n in zip(ids, states, counts, strict=True):
+            target = s.num_computed + n
+            if target > s.reserved:
+                if limit is not None and target > limit:
+                    raise InvalidArgument(
+                        f"sequence {sid!r}: {target} KV entries exceed max_seq_len {limit}"
+                    )
+                grow.append((sid, s, target))
+        if grow:
+            self._grow_many(grow)
+
+    def commit_many(self, seq_ids: Sequence[Hashable], num_tokens: int | Sequence[int]) -> None:
+        """``commit(seq_ids[i], n_i)`` for every i, all or nothing (every count checked first).
+
+        ``num_tokens`` is one count for every sequence or one per sequence.
+        """
+        ids, counts = batch_counts(seq_ids, num_tokens, "num_tokens")
+        states = self._states(ids, resident=True)
+        for sid, s, n in zip(ids, states, counts, strict=True):
+            if s.num_computed + n > min(s.reserved, len(s.tokens)):
+                check_commit(sid, s.num_computed, s.reserved, len(s.tokens), n)  # raises
+        for s, n in zip(states, counts, strict=True):
+            self._on_commit(s, s.num_computed + n)
+            s.num_computed += n
 
     def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
         """Make ``child_id`` a copy of the parent sharing its KV (backends declaring ``fork``)."""

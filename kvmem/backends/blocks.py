@@ -17,7 +17,11 @@ so a layout slices rows instead of building them::
 Prefix caching. When a page fills up (``commit``), it gets a key chained
 from the keys before it, ``(hash(previous key), its tokens)``, and becomes
 findable. ``add`` walks a new prompt's full pages through those keys and
-shares every leading page it finds. Pages no sequence holds sit in one free
+shares every leading page it finds. The index maps ``hash(key)`` to the
+page, and a hit is confirmed against the page's exact key (its parent hash
+and token tuple), so a hash collision is a miss, never wrong KV. The hashes
+of a run of pages come from one :func:`kvmem.native.chain_hashes` call
+(Python's own ``hash`` values, computed natively). Pages no sequence holds sit in one free
 queue, which is also the eviction order::
 
     front (taken first)                                        back
@@ -63,9 +67,12 @@ import numpy as np
 import torch
 
 from kvmem.allocator import Capabilities, KVStats, capacity_pages
+from kvmem.backends import blockbatch
 from kvmem.backends.base import KVBackend, SeqState, ceil_div
 from kvmem.backends.freepages import FreePages, FreeQueue
 from kvmem.errors import IntegrityError, InvalidArgument, OutOfKVMemory
+from kvmem.layout import BatchLayout, build_layout
+from kvmem.native import chain_hashes, page_publisher
 from kvmem.spec import KVSpec
 from kvmem.storage import LayerKV, PagePool, StorageLayout
 from kvmem.swap import block_runs
@@ -104,6 +111,9 @@ class BlockTableBackend(KVBackend[BlockSeq]):
     """
 
     capabilities = Capabilities(prefix_caching=True, fork=True)
+    native_passes: bool | None = None
+    """The batched calls' common case in C++ (:mod:`kvmem.backends.blockbatch`): None uses it
+    when the extension is in use, False never (the Python version, same results)."""
 
     def __init__(
         self,
@@ -136,10 +146,12 @@ class BlockTableBackend(KVBackend[BlockSeq]):
         self.pool = PagePool(spec, self.num_pages, page_size, self.device, storage_layout)
         self._ref = [0] * self.num_pages
         self._key: list[BlockKey | None] = [None] * self.num_pages
-        self._cached: dict[BlockKey, int] = {}
+        self._index: dict[int, int] = {}  # hash(key) -> the page holding that key
+        self._page_hash = [0] * self.num_pages  # hash(key) of each keyed page
         self._free: FreePages = self._make_free_pages()
         self._num_cached_free = 0
         self._table = np.zeros((16, 16), dtype=np.int32)
+        self._table_view: tuple[np.ndarray, torch.Tensor] | None = None  # _table as a tensor
         self._free_rows = list(range(15, -1, -1))
         self._prefix_queries = 0
         self._prefix_hits = 0
@@ -188,6 +200,9 @@ class BlockTableBackend(KVBackend[BlockSeq]):
 
     def _set_row(self, s: BlockSeq, start: int) -> None:
         n = len(s.blocks)
+        if n == start + 1 and n <= self._table.shape[1]:  # one page more: a decode step's
+            self._table[s.row, start] = s.blocks[start]
+            return
         if n > self._table.shape[1]:
             w = max(n, 2 * self._table.shape[1])
             self._table = np.pad(self._table, ((0, 0), (0, w - self._table.shape[1])))
@@ -197,15 +212,17 @@ class BlockTableBackend(KVBackend[BlockSeq]):
         """``n`` free pages for ``s`` (the caller checked there are), held once each."""
         pages = self._free.take(n, s, len(s.blocks), after)
         evicted: list[tuple[BlockKey, int]] = []
+        keys, ref = self._key, self._ref
         for b in pages:
-            key = self._key[b]
+            key = keys[b]
             if key is not None:  # evict its cached prefix
                 self._num_cached_free -= 1
-                if self._cached.get(key) == b:
-                    del self._cached[key]
-                self._key[b] = None
+                h = self._page_hash[b]  # hash(key), without reading its tokens again
+                if self._index.get(h) == b:
+                    del self._index[h]
+                keys[b] = None
                 evicted.append((key, b))
-            self._ref[b] = 1
+            ref[b] = 1
         if evicted:
             self._drop_cached(evicted)
         return pages
@@ -233,10 +250,15 @@ class BlockTableBackend(KVBackend[BlockSeq]):
         ps = self.page_size
         return (s.hashes[i - 1] if i else s.root, tuple(s.tokens[i * ps : (i + 1) * ps]))
 
-    def _publish(self, b: int, key: BlockKey) -> bool:
-        if self._key[b] is None and key not in self._cached:
-            self._cached[key] = b
+    def _publish(self, b: int, key: BlockKey, h: int | None = None) -> bool:
+        """Make page ``b`` findable under ``key`` (``h``: its hash, if known); False if the page
+        has a key already or another page holds this one."""
+        if h is None:
+            h = hash(key)
+        if self._key[b] is None and h not in self._index:
+            self._index[h] = b
             self._key[b] = key
+            self._page_hash[b] = h
             if self.kv_events.active:
                 self.kv_events.emit(stored([key], "device"))
             return True
@@ -255,12 +277,23 @@ class BlockTableBackend(KVBackend[BlockSeq]):
         s = BlockSeq(tokens, -1, hash(("kvmem", cache_salt)))
         if self.prefix_caching:
             parent = s.root
-            for i in range((len(tokens) - 1) // ps):
-                key = (parent, tuple(tokens[i * ps : (i + 1) * ps]))
-                b = self._cached.get(key)
+            full = (len(tokens) - 1) // ps
+            index, keys = self._index, self._key
+            hashes = chain_hashes(tokens, ps, 0, min(full, 1), parent)  # most prompts miss at once
+            for i in range(full):
+                if i == len(hashes):
+                    hashes += chain_hashes(tokens, ps, i, full - i, parent)
+                b = index.get(hashes[i])
                 if b is None:
                     break
-                parent = hash(key)
+                key = keys[b]
+                if (
+                    key is None
+                    or key[0] != parent
+                    or key[1] != tuple(tokens[i * ps : (i + 1) * ps])
+                ):
+                    break  # a hash collision: another prefix
+                parent = hashes[i]
                 s.blocks.append(b)
                 s.hashes.append(parent)
             for b in s.blocks:
@@ -330,6 +363,11 @@ class BlockTableBackend(KVBackend[BlockSeq]):
             raise OutOfKVMemory(
                 f"sequence {seq_id!r} needs {new + cow} pages, {len(self._free)} free"
             )
+        self._grow_into(s, target, new, cow)
+
+    def _grow_into(self, s: BlockSeq, target: int, new: int, cow: bool) -> None:
+        """Take ``new`` pages (and copy the shared one, ``cow``) for ``s``: they are free."""
+        ps = self.page_size
         if cow:
             idx = s.num_computed // ps
             old = s.blocks[idx]
@@ -354,23 +392,72 @@ class BlockTableBackend(KVBackend[BlockSeq]):
     def _pages(self, s: BlockSeq) -> Sequence[int]:
         return s.blocks
 
-    def _page_rows(self, seqs: list[BlockSeq], seq_lens: np.ndarray) -> tuple[np.ndarray, bool]:
+    # ------------------------------------------------------------ batched calls
+    def reserve_many(self, seq_ids: Sequence[Hashable], num_tokens: int | Sequence[int]) -> None:
+        """:meth:`KVBackend.reserve_many` in one pass (see :mod:`kvmem.backends.blockbatch`)."""
+        blockbatch.reserve_many(self, seq_ids, num_tokens)
+
+    def commit_many(self, seq_ids: Sequence[Hashable], num_tokens: int | Sequence[int]) -> None:
+        """:meth:`KVBackend.commit_many` in one pass (see :mod:`kvmem.backends.blockbatch`)."""
+        blockbatch.commit_many(self, seq_ids, num_tokens)
+
+    def append_many(self, seq_ids: Sequence[Hashable], token_ids: Sequence[Sequence[int]]) -> None:
+        """:meth:`KVBackend.append_many` in one pass (see :mod:`kvmem.backends.blockbatch`)."""
+        if not blockbatch.append_many(self, seq_ids, token_ids):
+            super().append_many(seq_ids, token_ids)
+
+    def layout(self, batch: Sequence[tuple[Hashable, int]]) -> BatchLayout:
+        """:meth:`KVBackend.layout`, checked and gathered in one native pass where it can be."""
+        lay = blockbatch.layout(self, batch)
+        return super().layout(batch) if lay is None else lay
+
+    def _make_layout(
+        self,
+        ids: tuple[Hashable, ...],
+        seqs: list[BlockSeq],
+        seq_lens: np.ndarray,
+        query_lens: np.ndarray,
+    ) -> BatchLayout:
+        """The layout read straight from the block table's rows (no gathered copy of them)."""
         rows = np.fromiter((s.row for s in seqs), dtype=np.int64, count=len(seqs))
-        max_pages = -(-int(seq_lens.max()) // self.page_size)
-        return self._table[rows, :max_pages], False  # rows hold pages reserved past seq_lens
+        return build_layout(
+            self.page_size,
+            self._table,
+            seq_lens,
+            query_lens,
+            ids,
+            self.device,
+            self.spec,
+            rows=rows,
+        )
 
     def _on_commit(self, s: BlockSeq, end: int) -> None:
         """Publish the pages that filled up to the prefix cache."""
         if self.prefix_caching:
             ps = self.page_size
-            filled = []
-            for i in range(s.num_computed // ps, end // ps):
-                key = self._key_of(s, i)
-                s.hashes.append(hash(key))
-                if self._publish(s.blocks[i], key):
-                    filled.append((key, s.blocks[i]))
-            if filled and self._tiers is not None:
-                self._tiers.filled(filled)
+            first, last = s.num_computed // ps, end // ps
+            if last == first:
+                return
+            parent = s.hashes[first - 1] if first else s.root
+            publish = page_publisher()
+            hashes, published = publish(
+                s.tokens,
+                ps,
+                first,
+                last - first,
+                parent,
+                s.blocks,
+                self._key,
+                self._index,
+                self._page_hash,
+            )
+            s.hashes += hashes
+            if published:
+                if self.kv_events.active:
+                    for key, _ in published:
+                        self.kv_events.emit(stored([key], "device"))
+                if self._tiers is not None:
+                    self._tiers.filled(published)
             self.kv_events.flush()
 
     def _fork(self, parent_id: Hashable, p: BlockSeq, child_id: Hashable) -> BlockSeq:
@@ -392,8 +479,13 @@ class BlockTableBackend(KVBackend[BlockSeq]):
 
     def _clear_blocks(self, s: BlockSeq) -> None:
         """Release every page ``s`` holds (last first) and empty its table row."""
-        for b in reversed(s.blocks):
-            self._release(b)
+        ref, keys, put = self._ref, self._key, self._free.put
+        for b in reversed(s.blocks):  # _release, inlined: a long sequence frees many pages
+            ref[b] -= 1
+            if not ref[b]:
+                cached = keys[b] is not None
+                put(b, cached)
+                self._num_cached_free += cached
         self._table[s.row, : len(s.blocks)] = 0
         s.blocks = []
         self._free.forget(s)
@@ -404,7 +496,7 @@ class BlockTableBackend(KVBackend[BlockSeq]):
     def _shutdown(self) -> None:
         if self._tiers is not None:
             self._tiers.close()
-        self._cached.clear()
+        self._index.clear()
         self.pool.buffers.clear()
 
     # ---------------------------------------------------------------- queries
@@ -490,11 +582,15 @@ class BlockTableBackend(KVBackend[BlockSeq]):
         if len(free) != len(self._free) or free != {b for b, r in enumerate(refs) if r == 0}:
             raise IntegrityError("free pages are not exactly the unreferenced pages")
         self._free.check()
-        for key, b in self._cached.items():
-            if self._key[b] != key:
+        for h, b in self._index.items():
+            key = self._key[b]
+            if key is None or hash(key) != h:
                 raise IntegrityError(f"cache entry points at page {b}, which has another key")
+        for b, key in enumerate(self._key):
+            if key is not None and hash(key) != self._page_hash[b]:
+                raise IntegrityError(f"page {b}: its recorded hash is not its key's")
         keyed = [b for b, k in enumerate(self._key) if k is not None]
-        if len(keyed) != len(self._cached):
+        if len(keyed) != len(self._index):
             raise IntegrityError("pages with keys and the cache index differ")
         if self._num_cached_free != sum(1 for b in free if self._key[b] is not None):
             raise IntegrityError("cached page count is off")

@@ -314,8 +314,11 @@ class Scheduler:
         each in ``finished`` leaves the scheduler and its KV is freed.
         """
         alloc = self.allocator
+        if chunks:
+            alloc.commit_many(
+                [c.request.request_id for c in chunks], [c.num_tokens for c in chunks]
+            )
         for c in chunks:
-            alloc.commit(c.request.request_id, c.num_tokens)
             c.request.metrics.num_computed_tokens += c.num_tokens
         for child in forked:
             parent = child.fork_of
@@ -328,8 +331,10 @@ class Scheduler:
             child.metrics.num_cached_tokens += child.num_prompt_tokens
             child.prompt_logprobs = list(parent.prompt_logprobs)
             self.running.append(child)
-        for r in appended:
-            alloc.append(r.request_id, r.token_ids[-1:])
+        if appended:
+            alloc.append_many(
+                [r.request_id for r in appended], [r.token_ids[-1:] for r in appended]
+            )
         for r in finished:
             self.remove(r)
 
@@ -500,7 +505,20 @@ class Scheduler:
         todo = [(r, r.num_to_compute) for r in ready]
         decodes = [x for x in todo if x[1] == 1]
         prefills = [x for x in todo if x[1] > 1]
-        for r, left in decodes + prefills:
+        order = decodes + prefills
+        head = decodes[: max(budget, 0)]
+        if head:  # every decode's slot in one call; the loop below preempts when it fails
+            try:
+                self.allocator.reserve_many([r.request_id for r, _ in head], 1)
+            except OutOfKVMemory:
+                pass
+            else:
+                for r, left in head:
+                    out.chunks.append(ScheduledChunk(r, r.num_tokens - left, 1))
+                    scheduled.add(id(r))
+                budget -= len(head)
+                order = decodes[len(head) :] + prefills
+        for r, left in order:
             if budget <= 0:
                 break
             if r.status is not RequestStatus.RUNNING or r not in self.running:

@@ -9,6 +9,10 @@ small calls (a ``copy_`` per page, an ``mmap`` per page, a dict per page)::
     cuda_map_pages     cuMemMap + cuMemSetAccess of CUDA VMM pages (CUDA builds only)
     layout_arrays      the arrays of a BatchLayout from dense block tables
     page_keys          chained 64-bit prefix-cache keys of a prompt's full pages
+    chain_hashes       the paged prefix cache's page hashes, hash((parent, tuple(page))),
+                       equal to Python's own (CPython's tuple hash, checked once)
+    batch_passes       the block-table backends' batched calls (reserve_many, commit_many,
+                       append_many, layout) over their sequence states, common case only
 
 The extension is compiled from ``csrc/`` with ``torch.utils.cpp_extension``
 the first time an operation is used (a message says so; it takes about a
@@ -25,6 +29,7 @@ Both paths check every argument before anything changes and raise
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -32,12 +37,15 @@ import torch
 
 from kvmem.errors import InvalidArgument
 from kvmem.native import python as _py
-from kvmem.native.build import CSRC, NativeStatus, call, enabled, pick, status
+from kvmem.native.build import CSRC, NativeStatus, call, enabled, pick, python_only, status
 
 __all__ = [
     "CSRC",
     "LayoutArrays",
     "NativeStatus",
+    "batch_passes",
+    "chain_hashes",
+    "page_publisher",
     "copy_layer_blocks",
     "copy_page_runs",
     "copy_segments",
@@ -48,6 +56,7 @@ __all__ = [
     "host_unmap_pages",
     "layout_arrays",
     "page_keys",
+    "python_only",
     "root_key",
     "runs_to_segments",
     "status",
@@ -254,16 +263,37 @@ def layout_arrays(
     page_size: int,
     zero_padded: bool = False,
     *,
+    rows: np.ndarray | None = None,
     native: bool | None = None,
 ) -> LayoutArrays:
     """BatchLayout arrays for a batch; see :func:`kvmem.layout.build_layout`.
 
     ``table`` is int [B, W], row b holding at least ``ceil(seq_lens[b] /
-    page_size)`` page ids; ``0 <= query_lens[b] <= seq_lens[b]``. The Python
-    version may modify ``table`` and return a view of it as the block table
-    (``zero_padded`` promises the entries past each row's pages are 0, which
-    saves it a pass); the native one leaves it alone.
+    page_size)`` page ids; ``0 <= query_lens[b] <= seq_lens[b]``. With
+    ``rows`` (int [B]), sequence b's pages are row ``rows[b]`` of a larger
+    ``table`` instead (a backend's whole block table, read in place). The
+    Python version may modify ``table`` and return a view of it as the block
+    table (``zero_padded`` promises the entries past each row's pages are 0,
+    which saves it a pass); the native one leaves it alone.
     """
+    if rows is not None:
+        r = np.asarray(rows)
+        tab = np.asarray(table)
+        if r.ndim != 1 or (r.size and r.dtype.kind not in "iu") or len(r) != len(seq_lens):
+            raise InvalidArgument("rows must be an integer array [B]")
+        if tab.ndim != 2:
+            raise InvalidArgument("table, seq_lens and query_lens disagree on the batch size")
+        bad = (r < 0) | (r >= len(tab))
+        if bad.any():
+            raise InvalidArgument(f"row {r[int(np.argmax(bad))]} is not a row of the table")
+        ext = pick(native)
+        if ext is None:
+            sl = np.asarray(seq_lens)
+            need = -(-int(sl.max()) // page_size) if sl.size and page_size > 0 else 0
+            sub = tab[r, : max(need, 0)]  # the columns the batch reads (fewer: the check says so)
+            return layout_arrays(sub, seq_lens, query_lens, page_size, zero_padded, native=False)
+        table = tab if tab.dtype == np.int32 and tab.strides[1] == 4 else tab.astype(np.int32)
+        rows = np.ascontiguousarray(r, dtype=np.int64)
     if isinstance(page_size, bool) or not isinstance(page_size, int | np.integer):
         raise InvalidArgument("page_size must be a positive int")
     if page_size <= 0:
@@ -276,7 +306,7 @@ def layout_arrays(
             x.dtype.kind in "iu" or (x.dtype.kind == "f" and np.array_equal(x, np.floor(x)))
         ):
             raise InvalidArgument("table, seq_lens and query_lens must hold integers")
-    if not (len(tab) == len(sl) == len(ql)):
+    if not (len(sl) == len(ql) and (rows is not None or len(tab) == len(sl))):
         raise InvalidArgument("table, seq_lens and query_lens disagree on the batch size")
     sl = np.ascontiguousarray(sl, dtype=np.int32)
     ql = np.ascontiguousarray(ql, dtype=np.int32)
@@ -286,7 +316,8 @@ def layout_arrays(
     ext = pick(native)
     if ext is not None:
         args = (torch.from_numpy(tab), torch.from_numpy(sl), torch.from_numpy(ql), page_size)
-        return LayoutArrays(*call(ext.layout_arrays, *args))
+        rt = None if rows is None else torch.from_numpy(rows)
+        return LayoutArrays(*call(ext.layout_arrays, *args, rt))
     _py.check_layout(tab, sl, ql, page_size)
     out = _py.layout_arrays(tab, sl, ql, page_size, zero_padded)
     return LayoutArrays(*(torch.from_numpy(x) for x in out))
@@ -342,3 +373,79 @@ def page_keys(
         arg = torch.from_numpy(_py.tokens_array(tokens))
     out = call(ext.page_keys, arg, page_size, p, first)
     return out.numpy().view(np.uint64)
+
+
+# --------------------------------------------------------- prefix-cache hashes
+_hashes_agree: bool | None = None
+
+
+def _native_hashes(ext: Any) -> bool:
+    """Whether the extension's tuple hash equals this interpreter's (checked once)."""
+    global _hashes_agree
+    if _hashes_agree is None:
+        toks = [0, 1, 2**40, 7, 2**61, 5, 12345, 3]
+        agree = True
+        for parent in (0, -1, -(2**63), 2**63 - 1, hash(("kvmem", None))):
+            for ps in (1, 4):
+                want = _py.chain_hashes(toks, ps, 0, len(toks) // ps, parent)
+                agree = agree and ext.chain_hashes(toks, ps, 0, len(toks) // ps, parent) == want
+        _hashes_agree = agree
+    return _hashes_agree
+
+
+def page_publisher() -> Callable[..., tuple[list[int], list[tuple[Any, int]]]]:
+    """The block tables' prefix-cache publication of a run of pages, native where
+    :func:`chain_hashes` is: ``(tokens, page_size, first, count, parent, blocks, keys,
+    index, page_hashes) -> (hashes, [(key, block) published])`` (see ``publish_pages`` in
+    csrc/). No
+    argument checks beyond the native ones: for callers whose arguments are known good."""
+    ext = pick(None)
+    if ext is not None and _native_hashes(ext):
+        return ext.publish_pages  # type: ignore[no-any-return]
+    return _py.publish_pages
+
+
+def chain_hashes(
+    tokens: list[int],
+    page_size: int,
+    first: int,
+    count: int,
+    parent: int,
+    *,
+    native: bool | None = None,
+) -> list[int]:
+    """The paged prefix cache's hashes of pages ``first .. first + count - 1`` of ``tokens``.
+
+    Page i's hash is ``hash((hash of page i - 1, tuple(tokens of page i)))``,
+    page ``first - 1``'s hash being ``parent``: exactly the values Python
+    computes, so that keys built either way meet in one cache::
+
+        tokens   [ t0 .. t15 ][ t16 .. t31 ][ t32 .. ]     (page_size 16)
+        hashes   h0 = hash((parent, (t0..t15)))  h1 = hash((h0, (t16..t31)))
+
+    ``tokens`` is a list of ints; the native path is used only where its
+    tuple hash was found to equal the interpreter's (CPython >= 3.8).
+    """
+    for name, v in (("page_size", page_size), ("first", first), ("count", count)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise InvalidArgument(f"{name} must be an int")
+    ext = pick(native)
+    if ext is not None and _native_hashes(ext):
+        return call(ext.chain_hashes, tokens, page_size, first, count, parent)  # type: ignore[no-any-return]
+    _py.check_chain(tokens, page_size, first, count)
+    return _py.chain_hashes(tokens, page_size, first, count, parent)
+
+
+# ---------------------------------------------------------- batch passes
+def batch_passes(native: bool | None = None) -> Any:
+    """The extension's block-table batch passes, or None on the Python path.
+
+    ``reserve_pass``, ``commit_pass``, ``append_pass`` and ``layout_pass``
+    run the common case of :class:`~kvmem.backends.blocks.BlockTableBackend`'s
+    batched calls over its sequence states in one C++ loop each; each
+    returns None, having changed nothing, for anything else (an unknown,
+    swapped or loading sequence, a bad count, ...), and the backend then runs
+    its Python version, which computes the same or raises the right error.
+    """
+    ext = pick(native)
+    return ext if ext is not None and hasattr(ext, "reserve_pass") else None

@@ -7,6 +7,8 @@ import importlib.util
 import os
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -16,7 +18,7 @@ import torch
 
 from kvmem.errors import InvalidArgument, KVError
 
-__all__ = ["CSRC", "NativeStatus", "call", "enabled", "load", "pick", "status"]
+__all__ = ["CSRC", "NativeStatus", "call", "enabled", "load", "pick", "python_only", "status"]
 
 
 def _find_csrc() -> Path:
@@ -142,9 +144,25 @@ def enabled() -> bool:
     return load() is not None
 
 
+_python_only = False
+
+
+@contextmanager
+def python_only() -> Iterator[None]:
+    """Within the block, operations called with ``native=None`` take their Python versions, as
+    under ``KVMEM_NATIVE=0``: both paths side by side in one process (benchmarks). Not for use
+    while other threads run operations."""
+    global _python_only
+    before, _python_only = _python_only, True
+    try:
+        yield
+    finally:
+        _python_only = before
+
+
 def pick(native: bool | None) -> ModuleType | None:
     """The extension to use: ``None`` = whatever loaded, ``False`` = Python, ``True`` = native."""
-    if native is False:
+    if native is False or (native is None and _python_only):
         return None
     ext = load()
     if native and ext is None:

@@ -277,3 +277,58 @@ def page_keys(tok: np.ndarray, ps: int, prev: int, first: int) -> np.ndarray:
     idx = np.arange(first + 1, first + 1 + len(t), dtype=np.uint64)
     inc = _fmix(_fmix(h) + idx * np.uint64(P1))
     return np.cumsum(inc, dtype=np.uint64) + np.uint64(prev)
+
+
+# ------------------------------------------------------------ prefix-cache hashes
+def check_chain(tokens: Any, ps: int, first: int, count: int) -> None:
+    """A token list and pages ``first .. first + count - 1`` of ``ps`` tokens inside it."""
+    if not isinstance(tokens, list):
+        raise InvalidArgument("tokens must be a list")
+    if ps <= 0:
+        raise InvalidArgument("page_size must be positive")
+    if first < 0 or count < 0:
+        raise InvalidArgument("first and count must be >= 0")
+    if (first + count) * ps > len(tokens):
+        raise InvalidArgument("the pages run past the tokens")
+
+
+def chain_hashes(tokens: list[int], ps: int, first: int, count: int, parent: int) -> list[int]:
+    """``parent = hash((parent, tuple(page)))`` for each page, the hashes in order."""
+    out = []
+    for i in range(first, first + count):
+        parent = hash((parent, tuple(tokens[i * ps : (i + 1) * ps])))
+        out.append(parent)
+    return out
+
+
+def publish_pages(
+    tokens: list[int],
+    ps: int,
+    first: int,
+    count: int,
+    parent: int,
+    blocks: list[int],
+    keys: list[Any],
+    index: dict[int, int],
+    page_hashes: list[int],
+) -> tuple[list[int], list[tuple[Any, int]]]:
+    """The hashes of pages ``first ..`` and the ``(key, block)`` of each page newly keyed:
+    a block without a key whose hash ``index`` lacks gets ``(parent hash, tuple(page))``
+    (and its hash in ``page_hashes``)."""
+    if len(page_hashes) != len(keys):
+        raise InvalidArgument("keys and page_hashes must be alike")
+    hashes: list[int] = []
+    published: list[tuple[Any, int]] = []
+    for i in range(first, first + count):
+        page = tuple(tokens[i * ps : (i + 1) * ps])
+        h = hash((parent, page))
+        b = blocks[i]
+        if keys[b] is None and h not in index:
+            key = (parent, page)
+            index[h] = b
+            keys[b] = key
+            page_hashes[b] = h
+            published.append((key, b))
+        hashes.append(h)
+        parent = h
+    return hashes, published

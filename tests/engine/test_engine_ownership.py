@@ -58,7 +58,7 @@ def test_every_allocator_call_of_a_step_comes_from_the_scheduler(model):
     by_method: dict[str, set[str]] = {}
     for (_, fn, method), _n in stepping.items():
         by_method.setdefault(method, set()).add(fn)
-    assert by_method["commit"] == {"update"} and by_method["append"] == {"update"}
+    assert by_method["commit_many"] == {"update"} and by_method["append_many"] == {"update"}
     assert by_method["layout"] == {"_step_kv"} and by_method["layer"] == {"_step_kv"}
     assert by_method["free"] == {"_release"}
     layouts = sum(n for (_, _, m), n in stepping.items() if m == "layout")

@@ -133,7 +133,7 @@ def test_the_event_stream_rebuilds_every_medium(kind: str, tmp_path: Path) -> No
         conv = i % 4
         serve(alloc, (i, "x"), [conv * 1000 + t for t in range((1 + i // 4) * PS + 1)], kv)
     want = alloc._tiers.block_hashes()  # type: ignore[attr-defined]
-    want[MEDIUMS["device"]] = {block_hash(k) for k in alloc._cached}  # type: ignore[attr-defined]
+    want[MEDIUMS["device"]] = {block_hash(k) for k in alloc._key if k is not None}  # type: ignore[attr-defined]
     assert index.snapshot() == {m: h for m, h in want.items() if h}
     assert set(index.snapshot()) == {"GPU", "CPU", "DISK"}
     alloc.close()

@@ -1,0 +1,166 @@
+"""Prefix-cache hashes, layouts from table rows and the block-table batch passes: native
+equals Python."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvmem import KVSpec, create_allocator, native
+from kvmem.errors import InvalidArgument
+from tests.conformance.kvmodel import snapshot
+
+from .conftest import needs_native, paths
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(st.integers(0, 2**62), max_size=80),
+    st.sampled_from([1, 4, 16]),
+    st.integers(-(2**63), 2**63 - 1),
+)
+def test_chain_hashes_are_pythons_hash_chain(toks, ps, parent):
+    want, h = [], parent
+    for i in range(len(toks) // ps):
+        h = hash((h, tuple(toks[i * ps : (i + 1) * ps])))
+        want.append(h)
+    for nat in paths():
+        assert native.chain_hashes(toks, ps, 0, len(want), parent, native=nat) == want
+        if want:  # a later run of pages continues from the hash before it
+            got = native.chain_hashes(toks, ps, 1, len(want) - 1, want[0], native=nat)
+            assert got == want[1:]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [((1, 2, 3, 4), 2, 0, 1), ([1, 2, 3], 2, 0, 2), ([1, 2], 0, 0, 1), ([1, 2], 1, -1, 1)],
+)
+def test_chain_hashes_refuse_bad_arguments(path, args):
+    with pytest.raises(InvalidArgument):
+        native.chain_hashes(*args, parent=0, native=path)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 12), st.integers(0, 2**31), st.sampled_from([1, 4, 16]))
+def test_layout_from_table_rows_equals_the_gathered_table(b, seed, ps):
+    rng = np.random.default_rng(seed)
+    table = rng.integers(0, 1000, (20, 9)).astype(np.int32)
+    rows = rng.choice(20, b, replace=False)
+    seq = rng.integers(1, 9 * ps + 1, b).astype(np.int32)
+    q = np.minimum(rng.integers(1, 5, b), seq).astype(np.int32)
+    want = native.layout_arrays(table[rows].copy(), seq, q, ps, native=False)
+    for nat in paths():
+        got = native.layout_arrays(table.copy(), seq, q, ps, rows=rows, native=nat)
+        for x, y in zip(got, want, strict=True):
+            assert x.dtype == y.dtype and x.tolist() == y.tolist()
+
+
+def test_layout_rows_out_of_range_are_refused(path):
+    table = np.zeros((4, 4), dtype=np.int32)
+    one = np.ones(1, dtype=np.int32)
+    for rows in ([4], [-1], [0, 1]):
+        with pytest.raises(InvalidArgument):
+            native.layout_arrays(table, one, one, 4, rows=np.array(rows), native=path)
+
+
+OPS = st.lists(
+    st.tuples(
+        st.sampled_from(
+            ["append", "reserve", "commit", "commit", "commit_any", "free", "add", "fork"]
+        ),
+        st.lists(st.integers(0, 7), unique=True, max_size=8),
+        st.integers(1, 12),
+    ),
+    max_size=25,
+)
+
+
+@needs_native
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(OPS, st.booleans())
+def test_native_passes_equal_the_python_version(ops, prefix_caching):
+    spec = KVSpec(1, 1, 8)
+
+    def make():
+        return create_allocator(
+            "paged", spec, num_tokens=160, page_size=4, prefix_caching=prefix_caching
+        )
+
+    with make() as a, make() as b:
+        b.native_passes = False
+        prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5]
+        for x in (a, b):
+            for sid in range(4):
+                x.add(sid, prompt[: 3 + 2 * sid])
+        live = 4
+        for kind, picks, n in ops:
+            known = a.seq_ids()
+            ids = [p for p in picks if p in known] if kind != "commit_any" else picks
+            room = {}
+            for sid in ids if kind == "commit" else ():
+                info = a.seq_info(sid)
+                if min(info.capacity, info.num_tokens) > info.num_computed:
+                    room[sid] = min(n, min(info.capacity, info.num_tokens) - info.num_computed)
+            outcomes = []
+            for x in (a, b):
+                try:
+                    if kind == "append":
+                        x.append_many(ids, [[t % 5] * (1 + t % 2) for t in ids])
+                    elif kind == "reserve":
+                        x.reserve_many(ids, [n + t for t in ids])
+                    elif kind == "commit":
+                        x.commit_many(list(room), list(room.values()))
+                    elif kind == "commit_any":
+                        x.commit_many(ids, n)
+                    elif kind == "free" and ids:
+                        x.free(ids[0])
+                    elif kind == "add":
+                        x.add(live, prompt + [n])
+                    elif kind == "fork" and ids:
+                        x.fork(ids[0], live)
+                    outcomes.append(None)
+                except Exception as e:  # noqa: BLE001 - both must fail alike
+                    outcomes.append(type(e))
+            assert outcomes[0] == outcomes[1]
+            live += kind == "add" or (kind == "fork" and bool(ids))
+            assert snapshot(a) == snapshot(b)
+            ready = [s for s in a.seq_ids() if a.seq_info(s).capacity > a.seq_info(s).num_computed]
+            if ready:
+                batch = [(s, 1) for s in ready]
+                la, lb = a.layout(batch), b.layout(batch)
+                for f in ("kv_indptr", "kv_indices", "block_table", "seq_lens", "slot_mapping"):
+                    assert getattr(la, f).tolist() == getattr(lb, f).tolist(), f
+            a.check_integrity()
+            b.check_integrity()
+
+
+@needs_native
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.integers(0, 9), min_size=0, max_size=60),
+    st.sampled_from([1, 2, 4]),
+    st.integers(-(2**63), 2**63 - 1),
+    st.data(),
+)
+def test_publish_pages_native_equals_python(toks, ps, parent, data):
+    from kvmem.native import python as py
+
+    n = len(toks) // ps
+    first = data.draw(st.integers(0, n))
+    blocks = data.draw(st.lists(st.integers(0, 9), min_size=n, max_size=n))
+    keyed = data.draw(st.sets(st.integers(0, 9)))
+    results = []
+    for fn in (native.batch_passes().publish_pages, py.publish_pages):
+        keys = [("old", b) if b in keyed else None for b in range(10)]
+        index = {hash(("taken", 1)): 3}
+        page_hashes = [0] * 10
+        out = fn(toks, ps, first, n - first, parent, blocks, keys, index, page_hashes)
+        results.append((out, keys, index, page_hashes))
+    assert results[0] == results[1]
+    hashes, published = results[1][0]
+    assert len(hashes) == n - first
+    for key, b in published:  # every page keyed here is findable under its hash
+        assert results[1][2][hash(key)] == b and results[1][1][b] == key
+        assert results[1][3][b] == hash(key)
