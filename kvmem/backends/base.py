@@ -479,11 +479,9 @@ class KVBackend(KVAllocator, Generic[S]):
     def reserve_many(self, seq_ids: Sequence[Hashable], num_tokens: int | Sequence[int]) -> None:
         """``reserve(seq_ids[i], n_i)`` for every i, all or nothing across the batch.
 
-        ``num_tokens`` is one count for every sequence or one per sequence.
-        Raises OutOfKVMemory when the growths do not all fit at once (as
-        :meth:`can_reserve` tells), InvalidArgument (bad counts, a sequence
-        named twice or swapped out, over ``max_seq_len``), UnknownSequence;
-        every one changes nothing.
+        ``num_tokens``: one count for all or one per sequence. OutOfKVMemory when the growths
+        do not all fit at once; InvalidArgument (bad counts, a sequence named twice or swapped
+        out, over ``max_seq_len``); UnknownSequence: every one changes nothing.
         """
         ids, counts = batch_counts(seq_ids, num_tokens, "num_tokens")
         states = self._states(ids, resident=True)
@@ -493,9 +491,7 @@ class KVBackend(KVAllocator, Generic[S]):
             target = s.num_computed + n
             if target > s.reserved:
                 if limit is not None and target > limit:
-                    raise InvalidArgument(
-                        f"sequence {sid!r}: {target} KV entries exceed max_seq_len {limit}"
-                    )
+                    raise InvalidArgument(f"{sid!r}: {target} entries > max_seq_len {limit}")
                 grow.append((sid, s, target))
         if grow:
             self._grow_many(grow)

@@ -22,22 +22,20 @@ code below, which gives the same results and raises the right error.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from kvmem.allocator import batch_counts, check_batch_ids, check_commit
+from kvmem.backends.blockstate import BlockSeq, BlockTables
 from kvmem.errors import OutOfKVMemory
 from kvmem.layout import BatchLayout, from_arrays
 from kvmem.native import batch_passes
 
-if TYPE_CHECKING:
-    from kvmem.backends.blocks import BlockSeq, BlockTableBackend
-
 __all__ = ["append_many", "commit_many", "layout", "reserve_many"]
 
 
-def _passes(b: BlockTableBackend) -> Any:
+def _passes(b: BlockTables) -> Any:
     """The native batch passes, or None (the Python versions)."""
     if b.native_passes is False or b.max_seq_len is not None:
         return None
@@ -55,7 +53,7 @@ def _counts(seq_ids: Sequence[Hashable], num_tokens: int | Sequence[int]) -> Any
 
 
 def reserve_many(
-    b: BlockTableBackend, seq_ids: Sequence[Hashable], num_tokens: int | Sequence[int]
+    b: BlockTables, seq_ids: Sequence[Hashable], num_tokens: int | Sequence[int]
 ) -> None:
     """Growths that fit in the pages a sequence holds (the next KV's page not shared) are set
     at once; the rest take pages once their total is known to be free. On any error every
@@ -107,12 +105,12 @@ def reserve_many(
         b._grow(sid, s, target)
 
 
-def _short(b: BlockTableBackend, n: int, first: Hashable, need: int) -> OutOfKVMemory:
+def _short(b: BlockTables, n: int, first: Hashable, need: int) -> OutOfKVMemory:
     return OutOfKVMemory(f"{n} sequences (first {first!r}) need {need} pages, {len(b._free)} free")
 
 
 def commit_many(
-    b: BlockTableBackend, seq_ids: Sequence[Hashable], num_tokens: int | Sequence[int]
+    b: BlockTables, seq_ids: Sequence[Hashable], num_tokens: int | Sequence[int]
 ) -> None:
     """Every commit checked first, then each applied; pages that fill up are published as by
     ``commit``."""
@@ -150,7 +148,7 @@ def commit_many(
 
 
 def append_many(
-    b: BlockTableBackend, seq_ids: Sequence[Hashable], token_ids: Sequence[Sequence[int]]
+    b: BlockTables, seq_ids: Sequence[Hashable], token_ids: Sequence[Sequence[int]]
 ) -> bool:
     """Lists of non-negative ints appended in one native pass; False when the call is left to
     :meth:`KVBackend.append_many` (nothing changed)."""
@@ -161,7 +159,7 @@ def append_many(
     return len(ids) == len(token_ids) and bool(ext.append_pass(b._seqs, ids, token_ids))
 
 
-def layout(b: BlockTableBackend, batch: Sequence[tuple[Hashable, int]]) -> BatchLayout | None:
+def layout(b: BlockTables, batch: Sequence[tuple[Hashable, int]]) -> BatchLayout | None:
     """The layout, the batch checked and its table rows gathered in one native pass; None when
     it is left to :meth:`KVBackend.layout`."""
     ext = _passes(b)

@@ -68,7 +68,8 @@ import torch
 
 from kvmem.allocator import Capabilities, KVStats, capacity_pages
 from kvmem.backends import blockbatch
-from kvmem.backends.base import KVBackend, SeqState, ceil_div
+from kvmem.backends.base import KVBackend, ceil_div
+from kvmem.backends.blockstate import BlockSeq
 from kvmem.backends.freepages import FreePages, FreeQueue
 from kvmem.errors import IntegrityError, InvalidArgument, OutOfKVMemory
 from kvmem.layout import BatchLayout, build_layout
@@ -82,20 +83,6 @@ from kvmem.tiers.events import EventHub, removed, stored
 __all__ = ["BlockKey", "BlockSeq", "BlockTableBackend"]
 
 BlockKey = tuple[int, tuple[int, ...]]
-
-
-class BlockSeq(SeqState):
-    """A sequence of a block-table backend: its pages, their prefix keys, its table row."""
-
-    __slots__ = ("blocks", "hashes", "row", "root", "parked")
-
-    def __init__(self, tokens: list[int], row: int, root: int) -> None:
-        super().__init__(tokens)
-        self.blocks: list[int] = []
-        self.hashes: list[int] = []  # hash of the key of each full, computed page
-        self.row = row
-        self.root = root  # chain seed: hash of the cache salt
-        self.parked = False  # swapped and finished: evictable (free(keep_on_host=True))
 
 
 class BlockTableBackend(KVBackend[BlockSeq]):

@@ -44,7 +44,8 @@ import torch
 
 from kvmem.allocator import Capabilities, SwapHandle, check_tokens
 from kvmem.backends.base import ceil_div
-from kvmem.backends.blocks import BlockSeq, BlockTableBackend
+from kvmem.backends.blocks import BlockTableBackend
+from kvmem.backends.blockstate import BlockSeq
 from kvmem.errors import (
     DuplicateSequence,
     IntegrityError,
