@@ -188,6 +188,9 @@ def _instance_main(
                     outbox.put(("migrated", rank, msg[1], None, str(e)))
             elif kind == "accept":
                 threading.Thread(target=accept, args=(msg[1],), daemon=True).start()
+            elif kind == "dead":  # prefill role: a decode instance the front found dead
+                if msg[1] in pairs:
+                    eng.handoffs.peer_failed(pairs[msg[1]], f"instance {msg[1]} died")
             elif kind == "decided":
                 box = decisions.get(msg[1])
                 if box is not None:
@@ -496,6 +499,8 @@ class Cluster:
                 continue
             with self._lock:
                 self.dead.add(d)
+                for p in range(self.prefill):  # its hand-offs in flight end now
+                    self._inboxes[p].put(("dead", d))
                 for rid in [r for r, o in self.owner.items() if o == d]:
                     self._resend(rid)
 

@@ -112,6 +112,17 @@ class Handoffs:
                 self.held[rid] = r
         for key, (rid, mig) in list(self.active.items()):
             r = engine._requests[rid]
+            transport = self.routes[rid].transport
+            if mig.busy and (transport.failure is not None or mig.overdue):
+                # the peer is known dead, or a frame to it is stuck: give up now, never
+                # interleave another frame with the one in flight
+                err = transport.failure or transport.fail(
+                    "handing off", f"rank {mig.dst} did not settle a frame in time"
+                )
+                mig.give_up(err)
+                del self.active[key]
+                self._failed(engine, r, err)
+                continue
             if rid not in self.held and r not in sched.running:  # preempted mid-prefill
                 mig.abort()
                 del self.active[key]
@@ -164,6 +175,11 @@ class Handoffs:
                 self._failed(engine, r, e)
                 continue
             self.active[key] = (rid, mig)
+
+    def peer_failed(self, transport: Transport, why: str) -> None:
+        """Mark ``transport`` failed (its decode peer is known dead): every hand-off over it
+        ends at the next :meth:`advance` and its request decodes here."""
+        transport.fail("handing off", why)
 
     def _failed(self, engine: Any, r: Request, err: BaseException) -> None:
         rid = r.request_id

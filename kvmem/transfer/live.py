@@ -122,6 +122,7 @@ class SourceMigration:
         self._sent_tokens = 0
         self._copied = 0
         self._thread: threading.Thread | None = None
+        self._posted_at = 0.0
         meta = export_meta(alloc, seq_id, tokens())
         meta.num_computed = 0  # the stages carry the KV
         self._sent_tokens = len(meta.tokens)
@@ -162,8 +163,31 @@ class SourceMigration:
             except KVError as e:
                 self.error = e
 
+        self._posted_at = time.monotonic()
         self._thread = threading.Thread(target=run, name="kvmem-migration", daemon=True)
         self._thread.start()
+
+    @property
+    def overdue(self) -> bool:
+        """True while a stage's exchange has run past what its bounded waits allow.
+
+        One exchange waits at most ``timeout`` for the answer and ``timeout``
+        for the frame to be taken; past three timeouts it is stuck.
+        """
+        return self.busy and time.monotonic() - self._posted_at > 3 * self.transport.timeout
+
+    def give_up(self, err: KVError) -> None:
+        """Fail now without waiting for the stage in flight (the request stays here).
+
+        The stage's thread is left to end on its own: nothing sends COMMIT
+        from it, so the destination never runs the request; mark the
+        transport failed first (``Transport.fail``) so that no other frame
+        goes out behind it.
+        """
+        if self.done:
+            return
+        self.error = self.error or err
+        self._thread = None
 
     def _new_tokens(self) -> list[int]:
         toks = self.tokens()

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
+from kvmem.distributed.transport import PeerFailure
 from kvmem.engine import Engine
 from kvmem.engine.roles import serve_handoffs
 from kvmem.errors import InvalidArgument
+from kvmem.transfer.live import COMMIT
 from tests.distributed.dist_harness import run_world
 from tests.transfer import disagg_workers as w
 
@@ -84,3 +89,59 @@ def test_roles_are_checked():
             eng.handoffs.route(eng, rid, None, 1)  # type: ignore[arg-type]
         with pytest.raises(InvalidArgument, match="decode engine"):
             serve_handoffs(eng, None, 0)  # type: ignore[arg-type]
+
+
+class _SilentPeer:
+    """A transport whose peer takes frames but never answers: each answer's wait hangs
+    until ``release`` (a stuck connection, as a wait that does not end would leave it)."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.failure: PeerFailure | None = None
+        self.release = threading.Event()
+        self.kinds: list[int] = []
+
+    def send(self, dst: int, kind: int, meta: object, tensors: object = ()) -> None:
+        if self.failure is not None:
+            raise self.failure
+        self.kinds.append(kind)
+
+    def recv(self, src: int, what: str = "", first_wait: float | None = None) -> None:
+        self.release.wait()
+        raise PeerFailure("released")
+
+    def wait_sent(self, sent: object, what: str = "") -> None:
+        return None
+
+    def fail(self, what: str, why: str) -> PeerFailure:
+        self.failure = self.failure or PeerFailure(f"{what}: {why}")
+        return self.failure
+
+
+def _serve_locally(peer: _SilentPeer, mark_dead: bool) -> tuple[dict, dict, list]:
+    col = w.Collector()
+    with w.make_engine("prefill") as eng:
+        for i, p in enumerate(w.PROMPTS[:2]):
+            eng.add_request(p, w.params(), request_id=f"r{i}", on_output=col)
+            eng.handoffs.route(eng, f"r{i}", peer, 1)  # type: ignore[arg-type]
+        end = time.monotonic() + 60
+        while eng.has_unfinished() and time.monotonic() < end:
+            eng.step()
+            if mark_dead and eng.handoffs.active:
+                eng.handoffs.peer_failed(peer, "instance 1 died")  # type: ignore[arg-type]
+        left = (eng.handoffs.busy, eng.allocator.stats().used_tokens)
+    peer.release.set()
+    assert left == (False, 0)
+    return col.tokens, col.finished, eng.handoffs.local
+
+
+@pytest.mark.parametrize("mark_dead", [False, True], ids=["stuck", "dead"])
+def test_a_hand_off_stuck_on_its_peer_ends_in_bounded_time_and_decodes_at_prefill(mark_dead):
+    ref = w.reference()
+    peer = _SilentPeer(timeout=0.3)
+    tokens, finished, local = _serve_locally(peer, mark_dead)
+    assert sorted(local) == ["r0", "r1"]
+    assert finished == {"r0": 1, "r1": 1}
+    assert tokens == {rid: ref[rid] for rid in ("r0", "r1")}
+    assert COMMIT not in peer.kinds  # nothing was handed over
+    assert peer.failure is not None  # no frame goes out behind the stuck one
