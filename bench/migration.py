@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     figures.update(fleet_figures(args.quick))
     RESULTS.mkdir(parents=True, exist_ok=True)
     _plot(ctxs, rows, RESULTS / "migration.png")
-    path = save_results("migration", figures)
+    path = save_results("migration", figures, args.quick)
     console.print(f"wrote {path}")
     return figures
 
