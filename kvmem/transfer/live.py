@@ -133,6 +133,11 @@ class SourceMigration:
         """True once the migration has failed (the request stays here)."""
         return self.error is not None
 
+    def wait_frame(self, timeout: float) -> None:
+        """Wait at most ``timeout`` seconds for the frame in flight (if any) to be answered."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+
     @property
     def busy(self) -> bool:
         """True while a stage's copy is in flight."""

@@ -94,8 +94,7 @@ def prefill_decode(
             # every frame in flight lands before the next chunk computes, however loaded the
             # machine: the pages of one chunk move while the next one computes
             for _, mig in list(eng.handoffs.active.values()):
-                if mig._thread is not None:
-                    mig._thread.join(3 * timeout)
+                mig.wait_frame(3 * timeout)
             time.sleep(STEP_S)
             return execute(*a, **k)
 

@@ -90,8 +90,8 @@ def migrate_once(
         mig = eng.migrate("r", t, 1, final_pages=1, max_stages=4)
         while eng.migrations.active:
             eng.step()  # decodes while a stage's copy is in flight
-            if mig._thread is not None:  # one step per stage, however slow the machine: the
-                mig._thread.join(3 * timeout)  # request must not finish before the hand-over
+            # one step per stage, however slow the machine: the request must not finish
+            mig.wait_frame(3 * timeout)  # before the hand-over
         out["stages"] = mig.stats.stages
         out["handed_over"] = bool(eng.migrations.done)
         out["failed"] = [why for _, why in eng.migrations.failed]
