@@ -37,10 +37,12 @@ instance instead (:mod:`kvmem.engine.roles`).
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import functools
 import itertools
 import os
 import queue
+import signal
 import socket
 import sys
 import threading
@@ -48,7 +50,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import timedelta
-from typing import Any
+from typing import Any, TextIO
 
 from kvmem.cluster.disagg import pair_transports, role_of, start_acceptors
 from kvmem.cluster.policy import Load, pick_instance, plan_migrations
@@ -82,6 +84,8 @@ def _instance_main(
     from kvmem.engine import Engine, RequestOutput
     from kvmem.transfer.live import abort_remote
 
+    # ``Cluster.dump_state`` sends SIGUSR1: every thread's stack goes to this process's stderr
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     torch.set_num_threads(1)
     if prefill:
         # a hand-off's frames go out from worker threads between the engine loop's steps:
@@ -556,6 +560,43 @@ class Cluster:
             for s, d, rid in orders:
                 self._inboxes[d].put(("accept", s))
                 self._inboxes[s].put(("migrate", rid, d))
+
+    # ------------------------------------------------------------- diagnostics
+    def dump_state(self, file: TextIO | None = None) -> None:
+        """Write what the front knows and every thread's stack, for a fleet that seems stuck.
+
+        To ``file`` (default ``sys.stderr``): the front's bookkeeping (owners,
+        hand-offs, re-sent requests, dead instances, per-request delivery) and
+        the stacks of this process's threads; each live instance writes its
+        own threads' stacks to its stderr (it is sent SIGUSR1).
+        """
+        out = file if file is not None else sys.stderr
+        with self._lock:
+            state = {
+                "alive": [p.is_alive() for p in self._procs],
+                "dead": sorted(self.dead),
+                "owner": dict(self.owner),
+                "current": dict(self._current),
+                "resent": list(self.resent),
+                "handoffs": [(rid, p, d) for rid, p, d, _ in self.handoffs],
+                "failed_migrations": list(self.failed_migrations),
+                "tokens": {rid: len(t) for rid, t in self._tokens.items()},
+                "delivered": dict(self._delivered),
+                "early": {rid: [s for s, _, _ in e] for rid, e in self._early.items()},
+                "undecided": dict(self._undecided),
+                "outcome": dict(self._outcome),
+                "stale": sorted(self._stale),
+                "loads": list(self.loads),
+                "reader_alive": self._reader.is_alive(),
+            }
+        for key, value in state.items():
+            print(f"cluster {key}: {value}", file=out)
+        out.flush()
+        faulthandler.dump_traceback(out, all_threads=True)
+        for p in self._procs:
+            if p.is_alive() and p.pid is not None:
+                with contextlib.suppress(OSError):
+                    os.kill(p.pid, signal.SIGUSR1)
 
     # ---------------------------------------------------------------- lifecycle
     def close(self) -> None:

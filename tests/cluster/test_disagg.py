@@ -51,6 +51,15 @@ def _reference(params: SamplingParams) -> list[list[int]]:
         return [c.output_token_ids for c in eng.generate(PROMPTS, params)]
 
 
+def _finish(c: Cluster, cond, deadline: float) -> bool:
+    """``_wait``; on a timeout, dump the front's state and every process's threads first."""
+    if _wait(cond, deadline):
+        return True
+    c.dump_state()
+    time.sleep(2)  # the instances write their stacks to stderr (the test's captured output)
+    return False
+
+
 def _idle(c: Cluster, ranks: range) -> bool:
     ms = [c.metrics[i] for i in ranks]
     return all(m is not None and m.kv_used_tokens == 0 and m.num_running == 0 for m in ms)
@@ -97,7 +106,7 @@ def test_a_decode_instance_killed_while_serving_leaves_every_request_finished_on
         # kill decode instance 1 once it runs a request that has streamed a few tokens
         assert _wait(lambda: any(c.owner.get(r) == 1 for r in col.got), 120), c.handoffs
         c._procs[1].kill()
-        assert _wait(lambda: len(col.finished) == len(PROMPTS), 150), (col.got, c.resent)
+        assert _finish(c, lambda: len(col.finished) == len(PROMPTS), 150), (col.got, c.resent)
         assert c.dead == {1}
         # re-sent from its delivered tokens, or (mid-transfer) decoded at the prefill side
         assert c.resent or c.failed_migrations
