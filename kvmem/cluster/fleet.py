@@ -170,6 +170,7 @@ class Cluster:
         self._stale: set[str] = set()  # ids at the instances whose outputs are dropped
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._unplug = threading.Event()  # set once the instances are gone
         self._ids = itertools.count()
         for p in self._procs:
             p.start()
@@ -178,7 +179,7 @@ class Cluster:
         self._pumps = [
             threading.Thread(
                 target=pump,
-                args=(c, self._messages, self._stop),
+                args=(c, self._messages, self._unplug),
                 name=f"kvmem-pipe-{r}",
                 daemon=True,
             )
@@ -467,6 +468,8 @@ class Cluster:
             p.join(10)
             if p.is_alive():
                 p.kill()
+                p.join(10)
+        self._unplug.set()  # the pipes have ended (or will not: nothing is read from them now)
 
     def __enter__(self) -> Cluster:
         return self
