@@ -247,10 +247,13 @@ def instance_main(
         now = time.monotonic()
         if now - last >= report_s:
             last = now
-            st = eng.allocator.stats()
-            sched = eng.scheduler
-            demand = sum(r.num_tokens + eng.allocator.granularity for r in sched.waiting)
-            running = [r.request_id for r in sched.running if r.request_id not in migs.active]
+            # a decode instance's acceptor threads change the allocator and the running set
+            # under the step lock
+            with eng._step_lock:
+                st = eng.allocator.stats()
+                sched = eng.scheduler
+                demand = sum(r.num_tokens + eng.allocator.granularity for r in sched.waiting)
+                running = [r.request_id for r in sched.running if r.request_id not in migs.active]
             load = Load(st.capacity_tokens, st.used_tokens, demand, len(running))
             outbox.put(("load", rank, load, running))
             if now - last_metrics >= metrics_s:
