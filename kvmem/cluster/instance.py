@@ -72,8 +72,8 @@ class Outbox:
 
 def pump(conn: Connection, into: queue.Queue[Any], stop: threading.Event) -> None:
     """The front's side of an instance's pipe: move its messages into ``into`` until the pipe
-    ends (the instance stopped or died, maybe in the middle of a message) or ``stop`` is set;
-    then close it."""
+    ends (the instance stopped or died, maybe in the middle of a message) or ``stop`` is set
+    (the cluster sets it once its instances are gone); then close it."""
     with conn:
         while not stop.is_set():
             try:
@@ -130,7 +130,7 @@ def instance_main(
 
     def forward(out: Any) -> None:
         # where this output's tokens start in the request's output: the front orders by it,
-        # since a migrated request's outputs come from two processes through one queue
+        # since a migrated request's outputs come from two processes
         rid = out.request_id
         start = sent.get(rid)
         if start is None:  # its first output here (a migrated request has some already)
