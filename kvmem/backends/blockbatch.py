@@ -7,10 +7,13 @@ single calls' typed errors) in one pass over the batch instead of one call
 per sequence. A decode step of B sequences, each one new token::
 
     reserve_many  B x (computed + 1 <= pages held * page_size, next page unshared?)
-                  -> set reserved          (about 1 in page_size grows: takes a page)
+                  -> set reserved          (about 1 in page_size grows: takes a page,
+                                            in the same pass unless events or tiers
+                                            must hear of an eviction)
     layout        B x (resident, reserved) -> rows of the dense block table, read in place
     commit_many   B x (within reserved and known tokens) -> set computed
-                  (about 1 in page_size fills a page: hashed and published)
+                  (about 1 in page_size fills a page: hashed and published, in the
+                  same pass unless KV events or tiers must hear of it)
     append_many   B x (non-negative int)   -> tokens.append
 
 The common case of each runs in C++ over the sequence states
@@ -28,9 +31,10 @@ import torch
 
 from kvmem.allocator import batch_counts, check_batch_ids, check_commit
 from kvmem.backends.blockstate import BlockSeq, BlockTables
+from kvmem.backends.freepages import FreeQueue
 from kvmem.errors import OutOfKVMemory
 from kvmem.layout import BatchLayout, from_arrays
-from kvmem.native import batch_passes
+from kvmem.native import batch_passes, native_hashes
 
 __all__ = ["append_many", "commit_many", "layout", "reserve_many"]
 
@@ -63,11 +67,16 @@ def reserve_many(
     fast = None if ext is None else _counts(seq_ids, num_tokens)
     if fast is not None:
         ids, counts = fast
-        got = ext.reserve_pass(seqs, ids, counts, ps, ref, len(b._free))
+        grow = _growth(b)
+        table = None if grow is None else _table_tensor(b)
+        got = ext.reserve_pass(seqs, ids, counts, ps, ref, len(b._free), grow, table)
         if type(got) is int:  # short of pages: perhaps swaps in flight free some
             if not b._ensure_free(got):
                 raise _short(b, len(ids), ids[0], got)
-            got = ext.reserve_pass(seqs, ids, counts, ps, ref, len(b._free))
+            got = ext.reserve_pass(seqs, ids, counts, ps, ref, len(b._free), grow, table)
+        if type(got) is tuple:  # grown in the pass too
+            b._num_cached_free -= got[1]
+            return
         if type(got) is list:
             for i in got:
                 grown = seqs[ids[i]]
@@ -105,6 +114,23 @@ def reserve_many(
         b._grow(sid, s, target)
 
 
+def _growth(b: BlockTables) -> tuple[Any, ...] | None:
+    """What the reserve pass needs to take pages itself, as ``_grow_into`` would: when the
+    free pages are a :class:`~kvmem.backends.freepages.FreeQueue` and nothing else hears of
+    an eviction (no KV event subscriber, no tiers). Else None: the backend grows."""
+    if type(b._free) is not FreeQueue or b.kv_events.active or b._tiers is not None:
+        return None
+    return (b._free.queue, b._key, b._index, b._page_hash)
+
+
+def _table_tensor(b: BlockTables) -> torch.Tensor:
+    """The dense block table as a tensor sharing its memory (made again when it grew)."""
+    view = b._table_view
+    if view is None or view[0] is not b._table:  # the table grew: a new array
+        view = b._table_view = (b._table, torch.from_numpy(b._table))
+    return view[1]
+
+
 def _short(b: BlockTables, n: int, first: Hashable, need: int) -> OutOfKVMemory:
     return OutOfKVMemory(f"{n} sequences (first {first!r}) need {need} pages, {len(b._free)} free")
 
@@ -119,7 +145,7 @@ def commit_many(
     fast = None if ext is None else _counts(seq_ids, num_tokens)
     if fast is not None:
         ids, counts = fast
-        fill = ext.commit_pass(seqs, ids, counts, ps, b.prefix_caching)
+        fill = ext.commit_pass(seqs, ids, counts, ps, b.prefix_caching, _publication(b))
         if fill is not None:
             for i in fill:
                 filled = seqs[ids[i]]
@@ -147,6 +173,15 @@ def commit_many(
         s.num_computed = end
 
 
+def _publication(b: BlockTables) -> tuple[list[Any], dict[int, int], list[int]] | None:
+    """What the commit pass needs to publish filled pages itself, as ``_on_commit`` would: when
+    the hashes are native and nothing else hears of a publication (no KV event subscriber, no
+    tiers). Else None: the backend publishes."""
+    if not b.prefix_caching or b.kv_events.active or b._tiers is not None:
+        return None
+    return (b._key, b._index, b._page_hash) if native_hashes() else None
+
+
 def append_many(
     b: BlockTables, seq_ids: Sequence[Hashable], token_ids: Sequence[Sequence[int]]
 ) -> bool:
@@ -165,10 +200,7 @@ def layout(b: BlockTables, batch: Sequence[tuple[Hashable, int]]) -> BatchLayout
     ext = _passes(b)
     if ext is None:
         return None
-    view = b._table_view
-    if view is None or view[0] is not b._table:  # the table grew: a new array
-        view = b._table_view = (b._table, torch.from_numpy(b._table))
-    got = ext.layout_pass(b._seqs, batch, view[1], b.page_size)
+    got = ext.layout_pass(b._seqs, batch, _table_tensor(b), b.page_size)
     if got is None:
         return None
     ids, max_len, max_q, arrays = got
