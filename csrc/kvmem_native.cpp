@@ -716,6 +716,13 @@ PyObject* state(PyObject* seqs, PyObject* sid, bool resident) {
   return s;
 }
 
+// No id twice in a batch: each id has a state object of its own, so the
+// states are distinct exactly when the ids are (sorting beats hashing them).
+void distinct(std::vector<PyObject*>& states) {
+  std::sort(states.begin(), states.end());
+  if (std::adjacent_find(states.begin(), states.end()) != states.end()) throw Bail();
+}
+
 struct Batch {
   PyObject** ids;
   PyObject** counts;
@@ -782,8 +789,9 @@ py::object reserve_pass(py::handle seqs, py::handle ids, py::handle counts, int6
     int64_t need = 0;
     bool native_grow = queue != nullptr;
     Py_ssize_t nref = PyList_GET_SIZE(ref.ptr());
+    std::vector<PyObject*> states(b.n);
     for (Py_ssize_t i = 0; i < b.n; ++i) {
-      PyObject* s = state(seqs.ptr(), b.ids[i], true);
+      PyObject* s = states[i] = state(seqs.ptr(), b.ids[i], true);
       int64_t done = get_int(s, kComputed);
       int64_t target = done + positive(b.counts[i]);
       if (target <= get_int(s, kReserved)) continue;
@@ -810,6 +818,7 @@ py::object reserve_pass(py::handle seqs, py::handle ids, py::handle counts, int6
         }
       }
     }
+    distinct(states);
     if (need > free) return py::int_(need);
     for (auto& [s, target] : cheap) set_int(s, kReserved, target);
     if (native_grow) {
@@ -885,9 +894,10 @@ py::object commit_pass(py::handle seqs, py::handle ids, py::handle counts, int64
     std::vector<std::pair<PyObject*, int64_t>> set;
     std::vector<Py_ssize_t> fill;
     std::vector<Fill> pubs;
+    std::vector<PyObject*> states(b.n);
     set.reserve(b.n);
     for (Py_ssize_t i = 0; i < b.n; ++i) {
-      PyObject* s = state(seqs.ptr(), b.ids[i], true);
+      PyObject* s = states[i] = state(seqs.ptr(), b.ids[i], true);
       int64_t done = get_int(s, kComputed), end = done + positive(b.counts[i]);
       PyObject* tokens = get_list(s, kTokens);
       if (end > get_int(s, kReserved) || end > PyList_GET_SIZE(tokens)) throw Bail();
@@ -906,6 +916,7 @@ py::object commit_pass(py::handle seqs, py::handle ids, py::handle counts, int64
       f.parent = f.first ? as_int(PyList_GET_ITEM(f.hashes, f.first - 1)) : get_int(s, kRoot);
       pubs.push_back(f);
     }
+    distinct(states);
     for (auto& [s, end] : set) set_int(s, kComputed, end);
     if (kl) {
       for (const Fill& f : pubs) {
@@ -930,14 +941,16 @@ py::object append_pass(py::handle seqs, py::handle ids, py::handle tokens) {
   if (!PyDict_Check(seqs.ptr())) return py::none();
   try {
     Batch b = batch_of(ids, tokens);
-    std::vector<PyObject*> lists(b.n);
+    std::vector<PyObject*> lists(b.n), states(b.n);
     for (Py_ssize_t i = 0; i < b.n; ++i) {
-      lists[i] = get_list(state(seqs.ptr(), b.ids[i], false), kTokens);
+      states[i] = state(seqs.ptr(), b.ids[i], false);
+      lists[i] = get_list(states[i], kTokens);
       PyObject* t = b.counts[i];
       if (!PyList_Check(t) || PyList_GET_SIZE(t) == 0) throw Bail();
       for (Py_ssize_t j = 0; j < PyList_GET_SIZE(t); ++j)
         if (as_int(PyList_GET_ITEM(t, j)) < 0) throw Bail();
     }
+    distinct(states);
     for (Py_ssize_t i = 0; i < b.n; ++i) {
       PyObject* t = b.counts[i];
       for (Py_ssize_t j = 0; j < PyList_GET_SIZE(t); ++j)
@@ -965,11 +978,13 @@ py::object layout_pass(py::handle seqs, py::handle batch, const torch::Tensor& t
     int32_t *lp = lens.data_ptr<int32_t>(), *qp = qlens.data_ptr<int32_t>();
     int64_t max_len = 0, max_q = 0;
     py::tuple ids(n);
+    std::vector<PyObject*> states(n);
     for (Py_ssize_t i = 0; i < n; ++i) {
       PyObject* item = PyList_GET_ITEM(batch.ptr(), i);
       if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) throw Bail();
       PyObject* sid = PyTuple_GET_ITEM(item, 0);
       PyObject* s = state(seqs.ptr(), sid, true);
+      states[i] = s;
       int64_t q = positive(PyTuple_GET_ITEM(item, 1));
       int64_t end = get_int(s, kComputed) + q;
       if (end > get_int(s, kReserved) || end > INT32_MAX) throw Bail();
@@ -981,14 +996,7 @@ py::object layout_pass(py::handle seqs, py::handle batch, const torch::Tensor& t
       Py_INCREF(sid);
       PyTuple_SET_ITEM(ids.ptr(), i, sid);
     }
-    PyObject* distinct = PySet_New(ids.ptr());
-    if (!distinct) {
-      PyErr_Clear();
-      throw Bail();
-    }
-    Py_ssize_t m = PySet_GET_SIZE(distinct);
-    Py_DECREF(distinct);
-    if (m != n) throw Bail();
+    distinct(states);
     auto arrays = layout_arrays(table, lens, qlens, page_size, rows);
     return py::make_tuple(ids, max_len, max_q, arrays);
   } catch (Bail&) {

@@ -18,8 +18,10 @@ per sequence. A decode step of B sequences, each one new token::
 
 The common case of each runs in C++ over the sequence states
 (:func:`kvmem.native.batch_passes`); anything else (an unknown, swapped or
-loading sequence, a bad count, a page to take or publish) goes to the Python
-code below, which gives the same results and raises the right error.
+loading sequence, an id named twice, a bad count, a shared page to copy, a
+table row to widen, evictions or publications that KV events or tiers must
+hear of) goes to the Python code below, which gives the same results and
+raises the right error.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 
 import torch
 
-from kvmem.allocator import batch_counts, check_batch_ids, check_commit
+from kvmem.allocator import batch_counts, check_commit
 from kvmem.backends.blockstate import BlockSeq, BlockTables
 from kvmem.backends.freepages import FreeQueue
 from kvmem.errors import OutOfKVMemory
@@ -47,12 +49,14 @@ def _passes(b: BlockTables) -> Any:
 
 
 def _counts(seq_ids: Sequence[Hashable], num_tokens: int | Sequence[int]) -> Any:
-    """``(ids, counts)`` for a native pass, which checks each count itself, or None."""
-    ids = check_batch_ids(seq_ids)
+    """``(ids, counts)`` for a native pass, which checks the ids (known, none twice) and each
+    count itself, or None."""
+    if type(seq_ids) is not list and type(seq_ids) is not tuple or not seq_ids:
+        return None
     if type(num_tokens) is int:
-        return (ids, [num_tokens] * len(ids)) if num_tokens > 0 and ids else None
-    if type(num_tokens) is list and len(num_tokens) == len(ids) and ids:
-        return ids, num_tokens
+        return (seq_ids, [num_tokens] * len(seq_ids)) if num_tokens > 0 else None
+    if type(num_tokens) is list and len(num_tokens) == len(seq_ids):
+        return seq_ids, num_tokens
     return None
 
 
@@ -190,8 +194,9 @@ def append_many(
     ext = _passes(b)
     if ext is None or type(token_ids) is not list or not seq_ids:
         return False
-    ids = check_batch_ids(seq_ids)
-    return len(ids) == len(token_ids) and bool(ext.append_pass(b._seqs, ids, token_ids))
+    if type(seq_ids) is not list and type(seq_ids) is not tuple:
+        return False
+    return len(seq_ids) == len(token_ids) and bool(ext.append_pass(b._seqs, seq_ids, token_ids))
 
 
 def layout(b: BlockTables, batch: Sequence[tuple[Hashable, int]]) -> BatchLayout | None:
