@@ -62,6 +62,14 @@ still finds the prompt's full pages)::
     update k:   commit parent; fork -> c1, c2, c3 (pages of p0..p99 shared)
                 append t0 / t0' / t0'' / t0''' to each
     step k+1:   [parent d | c1 d | c2 d | c3 d]                 four decodes
+
+Sessions (:mod:`kvmem.engine.sessions`): a request runs under its
+``seq_id``, its own id or its session's sequence. A session's sequence is
+registered with ``resume`` (its parked KV comes back like a tier load, the
+request waiting in ``loading`` meanwhile), a request with ``keep_kv`` is
+freed with ``keep_on_host=True`` when it finishes, and one whose parked KV
+came back but does not fit parks it again rather than dropping it.
+Preemption frees or swaps a session's sequence as any other.
 """
 
 from __future__ import annotations
