@@ -215,11 +215,13 @@ class AsyncEngine:
         priority: int = 0,
         tenant: str = "default",
         fork_from: str | None = None,
+        session_id: str | None = None,
     ) -> RequestStream:
         """Admit a request (call on the event loop); raises QueueFull or the engine's errors.
 
         ``fork_from`` is the id of an earlier stream of the same prompt: this
-        one is another sample of it (see :meth:`Engine.add_request`).
+        one is another sample of it; ``session_id`` makes it a turn of that
+        session (see :meth:`Engine.add_request`).
         """
         if not self.alive:
             raise EngineDead("the engine is not running")
@@ -242,6 +244,7 @@ class AsyncEngine:
                 priority=priority,
                 on_output=on_output,
                 fork_from=fork_from,
+                session_id=session_id,
             )
         except Exception:
             del self._streams[rid]
@@ -267,6 +270,10 @@ class AsyncEngine:
             self.metrics.disconnected.inc()
         self._close(s, "abort", time.perf_counter())
         self.engine.abort(request_id)
+
+    async def end_session(self, session_id: str) -> bool:
+        """End a session (its parked KV is freed); whether it was known. In a worker thread."""
+        return await asyncio.to_thread(self.engine.end_session, session_id)
 
     async def engine_metrics(self) -> EngineMetrics:
         """The engine's metrics, read in a worker thread (it waits for the step in flight)."""
