@@ -196,7 +196,10 @@ def create_app(
             raise APIError(
                 503, "the engine is not running", type="server_error", code="engine_dead"
             )
-        known = await runner.end_session(session_id)
+        try:
+            known = await runner.end_session(session_id)
+        except InvalidRequest as e:
+            raise APIError(400, str(e), param="session_id", code="invalid_value") from None
         return JSONResponse({"id": session_id, "object": "session", "deleted": known})
 
     @app.post("/v1/completions")

@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from kvmem.engine import Engine, EngineMetrics, RequestOutput, SamplingParams
+from kvmem.engine import Engine, EngineMetrics, InvalidRequest, RequestOutput, SamplingParams
 from kvmem.server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,11 @@ class AsyncEngine:
     def alive(self) -> bool:
         """True while the engine thread runs."""
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def sessions(self) -> bool:
+        """Whether the engine serves sessions (a cluster of instances does not)."""
+        return callable(getattr(self.engine, "end_session", None))
 
     @property
     def num_in_flight(self) -> int:
@@ -228,6 +233,9 @@ class AsyncEngine:
         if self._num_waiting >= self.max_queue:
             retry = max(1, min(60, round(self._recent_ttft + 0.5)))
             raise QueueFull(self._num_waiting, retry)
+        session = {} if session_id is None else {"session_id": session_id}
+        if session and not self.sessions:
+            raise InvalidRequest("session_id: sessions are not served by this engine")
         rid = f"kvmem-{next(self._ids)}"
         s = RequestStream(rid, len(prompt_token_ids), time.perf_counter())
         self._streams[rid] = s
@@ -244,7 +252,7 @@ class AsyncEngine:
                 priority=priority,
                 on_output=on_output,
                 fork_from=fork_from,
-                session_id=session_id,
+                **session,
             )
         except Exception:
             del self._streams[rid]
@@ -273,6 +281,8 @@ class AsyncEngine:
 
     async def end_session(self, session_id: str) -> bool:
         """End a session (its parked KV is freed); whether it was known. In a worker thread."""
+        if not self.sessions:
+            raise InvalidRequest("session_id: sessions are not served by this engine")
         return await asyncio.to_thread(self.engine.end_session, session_id)
 
     async def engine_metrics(self) -> EngineMetrics:
