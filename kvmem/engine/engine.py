@@ -268,7 +268,7 @@ class Engine(Loops):
                 priority=priority,
                 arrival_time=self.clock.now() if arrival_time is None else float(arrival_time),
                 session_id=sid,
-                seq_id=session_seq_id(sid) if keep and sid is not None else None,
+                seq_id=None if sid is None else session_seq_id(sid),
                 keep_kv=keep,
                 **fields,
             )

@@ -182,7 +182,13 @@ class Scheduler:
         self.waiting.append(request)
 
     def adopt(self, request: Request) -> None:
-        """Take a running request whose sequence is already in the allocator (migrated here)."""
+        """Take a running request whose sequence is already in the allocator (migrated here).
+
+        A session's request (handed over from a prefill instance) parks its KV
+        here when it finishes, if the backend keeps KV on the host.
+        """
+        if request.session_id is not None:
+            request.keep_kv = self.allocator.capabilities.keep_on_host
         self._seq += 1
         request.seq_no = self._seq
         self.policy.on_arrival(request, self.requests())

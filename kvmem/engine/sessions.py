@@ -1,8 +1,8 @@
 """Sessions: a conversation's KV kept on the host between its turns (SGLang's sessions).
 
-A request added with ``session_id`` is a turn of that conversation. On a
-backend declaring ``keep_on_host`` it runs under the session's allocator
-sequence, :func:`session_seq_id`, which outlives the request::
+A request added with ``session_id`` is a turn of that conversation. It runs
+under the session's allocator sequence, :func:`session_seq_id`, which on a
+backend declaring ``keep_on_host`` outlives the request::
 
     turn 1   add_request(p1, session_id="s")      resume(seq, p1) = add: p1 computed
              finishes (stop or length)            free(seq, keep_on_host=True): parked
@@ -29,8 +29,15 @@ The rules:
   (``EngineMetrics.num_parked_sessions`` counts them); forgotten sessions
   cost nothing once evicted.
 - On a backend without ``keep_on_host`` (and on a ``prefill``-role engine,
-  whose KV leaves for a decode instance) a session's requests run under
-  their own ids and free as usual; the one-in-flight rule still holds.
+  whose KV leaves for a decode instance) a finished request's KV is freed as
+  usual (``resume`` is ``add`` there); the one-in-flight rule still holds.
+- Disaggregation: a ``prefill``-role engine hands a session's request over
+  under the session's sequence id; the ``decode``-role engine imports it
+  with ``resume`` (:class:`~kvmem.transfer.kv.Importer`), so the next turn
+  brings back the KV the decode side parked and only the positions past it
+  travel; there the request parks its KV when it finishes. A turn handed
+  over while the previous one still decodes there is refused by the decode
+  side (its sequence is in use) and decodes at the prefill side.
 - A request forked from another (``fork_from``) has no session of its own
   (the conversation continues from one sample: the parent's); a session's
   request does not live-migrate (its sequence is the session's).
