@@ -27,15 +27,12 @@ class Loops:
         num_steps: int
         _wake: threading.Event
 
+        add_request: Callable[..., str]
+        _add: Callable[..., Request]
+
         def step(self) -> list[RequestOutput]: ...
         def has_unfinished(self) -> bool: ...
         def abort(self, request_id: str) -> bool: ...
-        def add_request(
-            self, prompt: str | Sequence[int], params: SamplingParams | None = None, **kw: Any
-        ) -> str: ...
-        def _add(
-            self, prompt: str | Sequence[int], params: SamplingParams | None = None, **kw: Any
-        ) -> Request: ...
 
     def generate(
         self,

@@ -28,6 +28,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvmem.engine import Engine, EngineMetrics, InvalidRequest, RequestOutput, SamplingParams
 from kvmem.server.metrics import ServerMetrics
@@ -233,7 +234,7 @@ class AsyncEngine:
         if self._num_waiting >= self.max_queue:
             retry = max(1, min(60, round(self._recent_ttft + 0.5)))
             raise QueueFull(self._num_waiting, retry)
-        session = {} if session_id is None else {"session_id": session_id}
+        session: dict[str, Any] = {} if session_id is None else {"session_id": session_id}
         if session and not self.sessions:
             raise InvalidRequest("session_id: sessions are not served by this engine")
         rid = f"kvmem-{next(self._ids)}"

@@ -8,8 +8,10 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+import torch
 import torch.distributed as dist
 
+from kvmem import create_allocator
 from kvmem.distributed.transport import Transport
 from kvmem.engine import Engine, SamplingParams
 from kvmem.engine.roles import serve_handoffs
@@ -131,10 +133,6 @@ def _spec() -> KVSpec:
 
 
 def test_an_import_resumes_a_parked_copy_and_an_abort_parks_it_again() -> None:
-    import torch
-
-    from kvmem import create_allocator
-
     spec = _spec()
     src = create_allocator("paged", spec, num_tokens=256, page_size=4)
     dst = create_allocator("paged", spec, num_tokens=256, page_size=4)
