@@ -26,7 +26,8 @@ Works with every registered backend and KV format: memory is reached only
 through :class:`~kvmem.allocator.KVAllocator` methods and its declared
 capabilities. One loop serves: :meth:`Engine.serve_forever` (a server's
 engine thread, :mod:`kvmem.server.runner`) and :meth:`Engine.run` both step
-through it.
+through it (:mod:`kvmem.engine.loops`). Requests with a ``session_id`` keep
+their conversation's KV on the host between turns (:mod:`kvmem.engine.sessions`).
 """
 
 from __future__ import annotations
