@@ -30,7 +30,7 @@ The rules:
   cost nothing once evicted.
 - On a backend without ``keep_on_host`` (and on a ``prefill``-role engine,
   whose KV leaves for a decode instance) a finished request's KV is freed as
-  usual (``resume`` is ``add`` there); the one-in-flight rule still holds.
+  usual: nothing is parked, so ``resume`` adds; the one-in-flight rule holds.
 - Disaggregation: a ``prefill``-role engine hands a session's request over
   under the session's sequence id; the ``decode``-role engine imports it
   with ``resume`` (:class:`~kvmem.transfer.kv.Importer`), so the next turn
