@@ -136,9 +136,18 @@ def test_fork_from_cannot_carry_a_session_but_its_parent_can(model) -> None:
     assert p.output_token_ids == c.output_token_ids  # same seed, same logits
     assert c.metrics.num_cached_tokens == 40  # forked from the parent's prompt
     assert eng.parked_sessions() == ["s"]
+    # the next turn's parent takes its KV back; its sample forks from it
     p2 = p.token_ids + prompt(2, 4)
-    r2 = turn(eng, p2, session_id="s")
-    assert r2.metrics.prompt_cached_tokens == p.num_tokens - 1
+    parent2 = eng.add_request(p2, sp, session_id="s")
+    child2 = eng.add_request(p2, sp, fork_from=parent2)
+    eng.run()
+    p, c = eng.request(parent2), eng.request(child2)
+    assert p.metrics.prompt_cached_tokens == len(p2) - 4 - 1
+    assert c.metrics.num_cached_tokens == len(p2)  # forked from the resumed parent
+    assert p.output_token_ids == c.output_token_ids
+    assert eng.parked_sessions() == ["s"]
+    eng.end_session("s")
+    assert_empty(eng)
 
 
 def test_a_turn_that_does_not_extend_the_parked_one_runs_fresh(model) -> None:
