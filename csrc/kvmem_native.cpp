@@ -436,25 +436,17 @@ py::list chain_hashes(py::handle tokens, int64_t page_size, int64_t first, int64
 }
 
 // The prefix cache's publication of a sequence's pages first .. first + count
-// - 1 (kvmem/backends/blocks.py _on_commit): their chained hashes, and each
-// page whose block (blocks[i]) has no key yet and whose hash `index` lacks
-// gets the key (parent hash, tuple(page)): keys[block] = key, page_hashes[block]
-// = hash, index[hash] = block. Returns (hashes, [(key, block) published]); the
-// Python version is kvmem/native/python.py publish_pages.
-py::tuple publish_pages(py::handle tokens, int64_t page_size, int64_t first, int64_t count,
-                        int64_t parent, py::handle blocks, py::handle keys, py::handle index,
-                        py::handle page_hashes) {
-  PyObject *seq = tokens.ptr(), *bl = blocks.ptr(), *kl = keys.ptr(), *ix = index.ptr();
-  PyObject* ph = page_hashes.ptr();
-  if (!PyList_Check(seq) || !PyList_Check(bl) || !PyList_Check(kl) || !PyDict_Check(ix) ||
-      !PyList_Check(ph) || PyList_GET_SIZE(ph) != PyList_GET_SIZE(kl))
-    bad("tokens, blocks, keys and page_hashes must be lists (the last two alike), index a dict");
-  if (page_size <= 0) bad("page_size must be positive");
-  if (first < 0 || count < 0) bad("first and count must be >= 0");
-  if ((first + count) * page_size > PyList_GET_SIZE(seq) || first + count > PyList_GET_SIZE(bl))
-    bad("the pages run past the tokens or the blocks");
-  py::list hashes(count);
-  py::list published;
+// - 1 (kvmem/backends/blocks.py _on_commit): their chained hashes, appended to
+// `hashes`, and each page whose block (blocks[i]) has no key yet and whose hash
+// `index` lacks gets the key (parent hash, tuple(page)): keys[block] = key,
+// page_hashes[block] = hash, index[hash] = block, and (key, block) is appended
+// to `published` unless it is null. The caller checked the bounds. The keys
+// hold only ints, so they are untracked by the cycle collector at once (as the
+// collector itself would on its next pass): a long prompt's keys then cost no
+// garbage-collection passes.
+void publish_run(PyObject* seq, int64_t page_size, int64_t first, int64_t count,
+                 int64_t parent, PyObject* bl, PyObject* kl, PyObject* ix, PyObject* ph,
+                 PyObject* hashes, PyObject* published) {
   PyObject* parent_obj = PyLong_FromLongLong(parent);
   if (!parent_obj) throw py::error_already_set();
   py::object parent_ref = py::reinterpret_steal<py::object>(parent_obj);
@@ -463,7 +455,9 @@ py::tuple publish_pages(py::handle tokens, int64_t page_size, int64_t first, int
     int64_t h = page_hash(item, page_size, parent);
     PyObject* hobj = PyLong_FromLongLong(h);
     if (!hobj) throw py::error_already_set();
-    PyList_SET_ITEM(hashes.ptr(), i, hobj);  // the list owns it from here
+    int rc = PyList_Append(hashes, hobj);
+    Py_DECREF(hobj);  // `hashes` keeps it alive
+    if (rc) throw py::error_already_set();
     PyObject* bobj = PyList_GET_ITEM(bl, first + i);
     long long b = PyLong_AsLongLong(bobj);
     if (b < 0 || b >= PyList_GET_SIZE(kl)) {
@@ -480,13 +474,17 @@ py::tuple publish_pages(py::handle tokens, int64_t page_size, int64_t first, int
           Py_INCREF(item[j]);
           PyTuple_SET_ITEM(page, j, item[j]);
         }
+        PyObject_GC_UnTrack(page);
         PyObject* key = PyTuple_Pack(2, parent_obj, page);
         Py_DECREF(page);
         if (!key) throw py::error_already_set();
-        PyObject* pair = PyTuple_Pack(2, key, bobj);
-        int rc = pair ? PyDict_SetItem(ix, hobj, bobj) : -1;
-        if (!rc) rc = PyList_Append(published.ptr(), pair);
-        Py_XDECREF(pair);
+        PyObject_GC_UnTrack(key);
+        rc = PyDict_SetItem(ix, hobj, bobj);
+        if (!rc && published) {
+          PyObject* pair = PyTuple_Pack(2, key, bobj);
+          rc = pair ? PyList_Append(published, pair) : -1;
+          Py_XDECREF(pair);
+        }
         if (rc) {
           Py_DECREF(key);
           throw py::error_already_set();
@@ -499,7 +497,101 @@ py::tuple publish_pages(py::handle tokens, int64_t page_size, int64_t first, int
     parent = h;
     parent_obj = hobj;
   }
+}
+
+void check_publish_lists(PyObject* bl, PyObject* kl, PyObject* ix, PyObject* ph) {
+  if (!PyList_Check(bl) || !PyList_Check(kl) || !PyDict_Check(ix) || !PyList_Check(ph) ||
+      PyList_GET_SIZE(ph) != PyList_GET_SIZE(kl))
+    bad("tokens, blocks, keys and page_hashes must be lists (the last two alike), index a dict");
+}
+
+// publish_run over a sequence's tokens: (hashes, [(key, block) published]); the
+// Python version is kvmem/native/python.py publish_pages.
+py::tuple publish_pages(py::handle tokens, int64_t page_size, int64_t first, int64_t count,
+                        int64_t parent, py::handle blocks, py::handle keys, py::handle index,
+                        py::handle page_hashes) {
+  PyObject *seq = tokens.ptr(), *bl = blocks.ptr();
+  if (!PyList_Check(seq)) bad("tokens, blocks, keys and page_hashes must be lists (the last two alike), index a dict");
+  check_publish_lists(bl, keys.ptr(), index.ptr(), page_hashes.ptr());
+  if (page_size <= 0) bad("page_size must be positive");
+  if (first < 0 || count < 0) bad("first and count must be >= 0");
+  if ((first + count) * page_size > PyList_GET_SIZE(seq) || first + count > PyList_GET_SIZE(bl))
+    bad("the pages run past the tokens or the blocks");
+  py::list hashes, published;
+  publish_run(seq, page_size, first, count, parent, bl, keys.ptr(), index.ptr(),
+              page_hashes.ptr(), hashes.ptr(), published.ptr());
   return py::make_tuple(hashes, published);
+}
+
+// The block-table backends' release of a sequence's pages (kvmem/backends/
+// freepages.py FreeQueue.release): for each page, last first, ref[page] -= 1;
+// a page no longer held joins `queue` (an OrderedDict: queue[page] = None) at
+// the back if it has a key (cached KV), else at the front (`to_front(page,
+// False)`, its move_to_end). Returns how many of them had keys. Every page is
+// checked first (an int index of ref, held, named once); the Python version is
+// kvmem/native/python.py release_pages.
+int64_t release_pages(py::handle pages, py::handle ref, py::handle keys, py::handle queue,
+                      py::handle to_front) {
+  PyObject *pl = pages.ptr(), *rl = ref.ptr(), *kl = keys.ptr();
+  if (!PyList_Check(pl) || !PyList_Check(rl) || !PyList_Check(kl) ||
+      PyList_GET_SIZE(kl) != PyList_GET_SIZE(rl))
+    bad("pages, ref and keys must be lists (the last two alike)");
+  Py_ssize_t n = PyList_GET_SIZE(pl), np = PyList_GET_SIZE(rl);
+  std::vector<int64_t> ids(n), sorted;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* o = PyList_GET_ITEM(pl, i);
+    int overflow = 0;
+    long long b = PyLong_Check(o) ? PyLong_AsLongLongAndOverflow(o, &overflow) : -1;
+    if (overflow || b < 0 || b >= np) {
+      PyErr_Clear();
+      bad("page " + std::string(py::str(o)) + " is not a page of the pool");
+    }
+    PyObject* r = PyList_GET_ITEM(rl, b);
+    long long held = PyLong_Check(r) ? PyLong_AsLongLong(r) : -1;
+    if (held < 1) {
+      PyErr_Clear();
+      bad("page " + std::to_string(b) + " is not held");
+    }
+    ids[i] = b;
+  }
+  sorted = ids;
+  std::sort(sorted.begin(), sorted.end());
+  if (std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end())
+    bad("a page is named twice");
+  int64_t cached = 0;
+  for (Py_ssize_t i = n - 1; i >= 0; --i) {
+    int64_t b = ids[i];
+    long long held = PyLong_AsLongLong(PyList_GET_ITEM(rl, b)) - 1;
+    PyObject* v = PyLong_FromLongLong(held);
+    if (!v) throw py::error_already_set();
+    PyList_SetItem(rl, b, v);
+    if (held) continue;
+    PyObject* bobj = PyList_GET_ITEM(pl, i);
+    bool has_key = PyList_GET_ITEM(kl, b) != Py_None;
+    if (PyObject_SetItem(queue.ptr(), bobj, Py_None)) throw py::error_already_set();
+    if (has_key) {
+      ++cached;
+    } else {
+      PyObject* r = PyObject_CallFunctionObjArgs(to_front.ptr(), bobj, Py_False, nullptr);
+      if (!r) throw py::error_already_set();
+      Py_DECREF(r);
+    }
+  }
+  return cached;
+}
+
+// A copy of `tokens` if it is a non-empty list of plain non-negative ints (a
+// prompt as the allocator keeps it), else None (kvmem/allocator.py
+// check_tokens then converts or raises).
+py::object token_list(py::handle tokens) {
+  PyObject* t = tokens.ptr();
+  if (!PyList_CheckExact(t) || PyList_GET_SIZE(t) == 0) return py::none();
+  Py_ssize_t n = PyList_GET_SIZE(t);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* v = PyList_GET_ITEM(t, i);
+    if (!PyLong_CheckExact(v) || _PyLong_Sign(v) < 0) return py::none();
+  }
+  return py::reinterpret_steal<py::object>(PyList_GetSlice(t, 0, n));
 }
 
 // ------------------------------------------------ block-table batch passes
@@ -512,9 +604,11 @@ py::tuple publish_pages(py::handle tokens, int64_t page_size, int64_t first, int
 // read and written through their member descriptors, as Python itself does.
 struct Bail {};
 
-enum Field { kSwapped, kTransfer, kComputed, kReserved, kBlocks, kTokens, kRow, kFields };
-const char* const kNames[kFields] = {"swapped", "transfer", "num_computed", "reserved",
-                                     "blocks",  "tokens",   "row"};
+enum Field {
+  kSwapped, kTransfer, kComputed, kReserved, kBlocks, kTokens, kRow, kHashes, kRoot, kFields
+};
+const char* const kNames[kFields] = {"swapped", "transfer", "num_computed", "reserved", "blocks",
+                                     "tokens",  "row",      "hashes",       "root"};
 
 struct Members {
   PyObject* type = nullptr;  // a strong reference: the address cannot be reused
@@ -622,6 +716,13 @@ PyObject* state(PyObject* seqs, PyObject* sid, bool resident) {
   return s;
 }
 
+// No id twice in a batch: each id has a state object of its own, so the
+// states are distinct exactly when the ids are (sorting beats hashing them).
+void distinct(std::vector<PyObject*>& states) {
+  std::sort(states.begin(), states.end());
+  if (std::adjacent_find(states.begin(), states.end()) != states.end()) throw Bail();
+}
+
 struct Batch {
   PyObject** ids;
   PyObject** counts;
@@ -649,17 +750,48 @@ int64_t positive(PyObject* v) {
 // returned and nothing is set; else the cheap ones are set and the indices of
 // the others returned for the backend to grow (in order: a copy made for one
 // may leave another's page unshared).
+//
+// With `grow` = (queue, keys, index, page_hashes) and `table` (the dense block
+// table, int32 [rows, width]), and no copy needed, the others grow here too, as
+// the paged backend's _grow_into does when no one hears of evictions (no KV
+// event subscriber, no tiers): each takes its pages from the front of `queue`
+// (an OrderedDict: popitem(False)), a page with a key loses it (index entry,
+// keys[page] = None), its ref becomes 1, and it goes into the sequence's blocks
+// and table row. Then (indices left, pages evicted) is returned: ([], n).
 py::object reserve_pass(py::handle seqs, py::handle ids, py::handle counts, int64_t ps,
-                        py::handle ref, int64_t free) {
+                        py::handle ref, int64_t free, py::handle grow,
+                        const c10::optional<torch::Tensor>& table) {
   if (ps <= 0 || !PyDict_Check(seqs.ptr()) || !PyList_Check(ref.ptr())) return py::none();
+  PyObject *queue = nullptr, *kl = nullptr, *ix = nullptr, *ph = nullptr;
+  if (!grow.is_none()) {
+    if (!PyTuple_Check(grow.ptr()) || PyTuple_GET_SIZE(grow.ptr()) != 4 || !table.has_value())
+      return py::none();
+    queue = PyTuple_GET_ITEM(grow.ptr(), 0);
+    kl = PyTuple_GET_ITEM(grow.ptr(), 1);
+    ix = PyTuple_GET_ITEM(grow.ptr(), 2);
+    ph = PyTuple_GET_ITEM(grow.ptr(), 3);
+    const torch::Tensor& t = *table;
+    if (!PyList_Check(kl) || !PyDict_Check(ix) || !PyList_Check(ph) ||
+        PyList_GET_SIZE(kl) != PyList_GET_SIZE(ref.ptr()) ||
+        PyList_GET_SIZE(ph) != PyList_GET_SIZE(kl) || t.device().type() != torch::kCPU ||
+        t.scalar_type() != torch::kInt32 || t.dim() != 2 || !t.is_contiguous())
+      return py::none();
+  }
+  struct Grow {  // a sequence that takes `add` pages, checked
+    PyObject *s, *blocks;
+    int64_t row, held, add, target;
+  };
   try {
     Batch b = batch_of(ids, counts);
     std::vector<std::pair<PyObject*, int64_t>> cheap;
     std::vector<int64_t> slow;
+    std::vector<Grow> grows;
     int64_t need = 0;
+    bool native_grow = queue != nullptr;
     Py_ssize_t nref = PyList_GET_SIZE(ref.ptr());
+    std::vector<PyObject*> states(b.n);
     for (Py_ssize_t i = 0; i < b.n; ++i) {
-      PyObject* s = state(seqs.ptr(), b.ids[i], true);
+      PyObject* s = states[i] = state(seqs.ptr(), b.ids[i], true);
       int64_t done = get_int(s, kComputed);
       int64_t target = done + positive(b.counts[i]);
       if (target <= get_int(s, kReserved)) continue;
@@ -677,10 +809,54 @@ py::object reserve_pass(py::handle seqs, py::handle ids, py::handle counts, int6
         int64_t add = std::max<int64_t>(0, (target + ps - 1) / ps - held);
         need += add + shared;
         slow.push_back(i);
+        if (native_grow) {
+          int64_t row = get_int(s, kRow);
+          if (shared || row < 0 || row >= table->size(0) || held + add > table->size(1))
+            native_grow = false;  // a copy, or a table to widen: the backend grows them all
+          else
+            grows.push_back({s, blocks, row, held, add, target});
+        }
       }
     }
+    distinct(states);
     if (need > free) return py::int_(need);
     for (auto& [s, target] : cheap) set_int(s, kReserved, target);
+    if (native_grow) {
+      int64_t evicted = 0;
+      int32_t* tp = table->data_ptr<int32_t>();
+      int64_t width = table->size(1);
+      py::object popitem = py::reinterpret_borrow<py::object>(queue).attr("popitem");
+      for (const Grow& g : grows) {
+        for (int64_t k = 0; k < g.add; ++k) {
+          py::object item = popitem(false);
+          PyObject* bobj = PyTuple_GET_ITEM(item.ptr(), 0);
+          long long page = PyLong_CheckExact(bobj) ? PyLong_AsLongLong(bobj) : -1;
+          if (page < 0 || page >= nref) {
+            PyErr_Clear();
+            bad("the free queue holds a page that is not a page of the pool");
+          }
+          PyObject* key = PyList_GET_ITEM(kl, page);
+          if (key != Py_None) {  // evict its cached prefix
+            ++evicted;
+            PyObject* h = PyList_GET_ITEM(ph, page);
+            PyObject* at = PyDict_GetItemWithError(ix, h);
+            if (!at && PyErr_Occurred()) throw py::error_already_set();
+            if (at) {
+              int eq = PyObject_RichCompareBool(at, bobj, Py_EQ);
+              if (eq < 0 || (eq && PyDict_DelItem(ix, h))) throw py::error_already_set();
+            }
+            Py_INCREF(Py_None);
+            PyList_SetItem(kl, page, Py_None);
+          }
+          PyObject* one = PyLong_FromLong(1);
+          PyList_SetItem(ref.ptr(), page, one);
+          if (PyList_Append(g.blocks, bobj)) throw py::error_already_set();
+          tp[g.row * width + g.held + k] = static_cast<int32_t>(page);
+        }
+        set_int(g.s, kReserved, g.target);
+      }
+      return py::make_tuple(py::list(), evicted);
+    }
     py::list out(slow.size());
     for (size_t k = 0; k < slow.size(); ++k)
       PyList_SET_ITEM(out.ptr(), k, PyLong_FromLongLong(slow[k]));
@@ -691,26 +867,65 @@ py::object reserve_pass(py::handle seqs, py::handle ids, py::handle counts, int6
 }
 
 // commit_many: every commit checked (within the reserved slots and the known
-// tokens), then the ones that fill no page (or all, without `cache`) are set;
-// the indices of those that fill one are returned for the backend to publish.
+// tokens), then the ones that fill no page (or all, without `cache`) are set.
+// Without `pub` the indices of those that fill one are returned for the
+// backend to publish. With `pub` = (keys, index, page_hashes) they are
+// published here, as the backend's _on_commit does when no one listens for
+// KV events and there are no tiers (see publish_run), and [] is returned.
 py::object commit_pass(py::handle seqs, py::handle ids, py::handle counts, int64_t ps,
-                       bool cache) {
+                       bool cache, py::handle pub) {
   if (ps <= 0 || !PyDict_Check(seqs.ptr())) return py::none();
+  PyObject *kl = nullptr, *ix = nullptr, *ph = nullptr;
+  if (!pub.is_none()) {
+    if (!PyTuple_Check(pub.ptr()) || PyTuple_GET_SIZE(pub.ptr()) != 3) return py::none();
+    kl = PyTuple_GET_ITEM(pub.ptr(), 0);
+    ix = PyTuple_GET_ITEM(pub.ptr(), 1);
+    ph = PyTuple_GET_ITEM(pub.ptr(), 2);
+    if (!PyList_Check(kl) || !PyDict_Check(ix) || !PyList_Check(ph) ||
+        PyList_GET_SIZE(ph) != PyList_GET_SIZE(kl))
+      return py::none();
+  }
+  struct Fill {  // a sequence that fills pages, checked: all publish_run reads
+    PyObject *s, *tokens, *blocks, *hashes;
+    int64_t first, last, end, parent;
+  };
   try {
     Batch b = batch_of(ids, counts);
     std::vector<std::pair<PyObject*, int64_t>> set;
     std::vector<Py_ssize_t> fill;
+    std::vector<Fill> pubs;
+    std::vector<PyObject*> states(b.n);
     set.reserve(b.n);
     for (Py_ssize_t i = 0; i < b.n; ++i) {
-      PyObject* s = state(seqs.ptr(), b.ids[i], true);
+      PyObject* s = states[i] = state(seqs.ptr(), b.ids[i], true);
       int64_t done = get_int(s, kComputed), end = done + positive(b.counts[i]);
-      if (end > get_int(s, kReserved) || end > PyList_GET_SIZE(get_list(s, kTokens))) throw Bail();
-      if (cache && end / ps > done / ps)
-        fill.push_back(i);
-      else
+      PyObject* tokens = get_list(s, kTokens);
+      if (end > get_int(s, kReserved) || end > PyList_GET_SIZE(tokens)) throw Bail();
+      if (!cache || end / ps == done / ps) {
         set.emplace_back(s, end);
+        continue;
+      }
+      fill.push_back(i);
+      if (!kl) continue;
+      Fill f{s, tokens, get_list(s, kBlocks), get_list(s, kHashes), done / ps, end / ps, end, 0};
+      if (PyList_GET_SIZE(f.hashes) != f.first || PyList_GET_SIZE(f.blocks) < f.last) throw Bail();
+      for (int64_t p = f.first; p < f.last; ++p) {
+        int64_t page = as_int(PyList_GET_ITEM(f.blocks, p));
+        if (page < 0 || page >= PyList_GET_SIZE(kl)) throw Bail();
+      }
+      f.parent = f.first ? as_int(PyList_GET_ITEM(f.hashes, f.first - 1)) : get_int(s, kRoot);
+      pubs.push_back(f);
     }
+    distinct(states);
     for (auto& [s, end] : set) set_int(s, kComputed, end);
+    if (kl) {
+      for (const Fill& f : pubs) {
+        publish_run(f.tokens, ps, f.first, f.last - f.first, f.parent, f.blocks, kl, ix, ph,
+                    f.hashes, nullptr);
+        set_int(f.s, kComputed, f.end);
+      }
+      return py::list();
+    }
     py::list out(fill.size());
     for (size_t k = 0; k < fill.size(); ++k) out[k] = py::int_(fill[k]);
     return std::move(out);
@@ -726,14 +941,16 @@ py::object append_pass(py::handle seqs, py::handle ids, py::handle tokens) {
   if (!PyDict_Check(seqs.ptr())) return py::none();
   try {
     Batch b = batch_of(ids, tokens);
-    std::vector<PyObject*> lists(b.n);
+    std::vector<PyObject*> lists(b.n), states(b.n);
     for (Py_ssize_t i = 0; i < b.n; ++i) {
-      lists[i] = get_list(state(seqs.ptr(), b.ids[i], false), kTokens);
+      states[i] = state(seqs.ptr(), b.ids[i], false);
+      lists[i] = get_list(states[i], kTokens);
       PyObject* t = b.counts[i];
       if (!PyList_Check(t) || PyList_GET_SIZE(t) == 0) throw Bail();
       for (Py_ssize_t j = 0; j < PyList_GET_SIZE(t); ++j)
         if (as_int(PyList_GET_ITEM(t, j)) < 0) throw Bail();
     }
+    distinct(states);
     for (Py_ssize_t i = 0; i < b.n; ++i) {
       PyObject* t = b.counts[i];
       for (Py_ssize_t j = 0; j < PyList_GET_SIZE(t); ++j)
@@ -761,11 +978,13 @@ py::object layout_pass(py::handle seqs, py::handle batch, const torch::Tensor& t
     int32_t *lp = lens.data_ptr<int32_t>(), *qp = qlens.data_ptr<int32_t>();
     int64_t max_len = 0, max_q = 0;
     py::tuple ids(n);
+    std::vector<PyObject*> states(n);
     for (Py_ssize_t i = 0; i < n; ++i) {
       PyObject* item = PyList_GET_ITEM(batch.ptr(), i);
       if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) throw Bail();
       PyObject* sid = PyTuple_GET_ITEM(item, 0);
       PyObject* s = state(seqs.ptr(), sid, true);
+      states[i] = s;
       int64_t q = positive(PyTuple_GET_ITEM(item, 1));
       int64_t end = get_int(s, kComputed) + q;
       if (end > get_int(s, kReserved) || end > INT32_MAX) throw Bail();
@@ -777,14 +996,7 @@ py::object layout_pass(py::handle seqs, py::handle batch, const torch::Tensor& t
       Py_INCREF(sid);
       PyTuple_SET_ITEM(ids.ptr(), i, sid);
     }
-    PyObject* distinct = PySet_New(ids.ptr());
-    if (!distinct) {
-      PyErr_Clear();
-      throw Bail();
-    }
-    Py_ssize_t m = PySet_GET_SIZE(distinct);
-    Py_DECREF(distinct);
-    if (m != n) throw Bail();
+    distinct(states);
     auto arrays = layout_arrays(table, lens, qlens, page_size, rows);
     return py::make_tuple(ids, max_len, max_q, arrays);
   } catch (Bail&) {
@@ -815,8 +1027,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("page_keys", &page_keys);
   m.def("chain_hashes", &chain_hashes);
   m.def("publish_pages", &publish_pages);
-  m.def("reserve_pass", &reserve_pass);
-  m.def("commit_pass", &commit_pass);
+  m.def("reserve_pass", &reserve_pass, py::arg("seqs"), py::arg("ids"), py::arg("counts"),
+        py::arg("ps"), py::arg("ref"), py::arg("free"), py::arg("grow") = py::none(),
+        py::arg("table") = py::none());
+  m.def("commit_pass", &commit_pass, py::arg("seqs"), py::arg("ids"), py::arg("counts"),
+        py::arg("ps"), py::arg("cache"), py::arg("pub") = py::none());
+  m.def("release_pages", &release_pages);
+  m.def("token_list", &token_list);
   m.def("append_pass", &append_pass);
   m.def("layout_pass", &layout_pass);
   m.def("with_cuda", &with_cuda);

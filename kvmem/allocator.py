@@ -51,6 +51,7 @@ from kvmem.errors import (
     UnknownSequence,
 )
 from kvmem.layout import BatchLayout
+from kvmem.native import token_list
 from kvmem.spec import KVSpec
 from kvmem.storage import LayerKV
 
@@ -460,6 +461,9 @@ _INT = {int}
 
 def check_tokens(token_ids: Sequence[int]) -> list[int]:
     """A non-empty list of non-negative token ids, else InvalidArgument."""
+    toks = token_list(token_ids)  # the common case, checked and copied in one native pass
+    if toks is not None:
+        return toks
     if type(token_ids) is list and set(map(type, token_ids)) == _INT:
         toks = token_ids.copy()  # a prompt of plain ints: no conversion needed
     else:

@@ -7,16 +7,21 @@ single calls' typed errors) in one pass over the batch instead of one call
 per sequence. A decode step of B sequences, each one new token::
 
     reserve_many  B x (computed + 1 <= pages held * page_size, next page unshared?)
-                  -> set reserved          (about 1 in page_size grows: takes a page)
+                  -> set reserved          (about 1 in page_size grows: takes a page,
+                                            in the same pass unless events or tiers
+                                            must hear of an eviction)
     layout        B x (resident, reserved) -> rows of the dense block table, read in place
     commit_many   B x (within reserved and known tokens) -> set computed
-                  (about 1 in page_size fills a page: hashed and published)
+                  (about 1 in page_size fills a page: hashed and published, in the
+                  same pass unless KV events or tiers must hear of it)
     append_many   B x (non-negative int)   -> tokens.append
 
 The common case of each runs in C++ over the sequence states
 (:func:`kvmem.native.batch_passes`); anything else (an unknown, swapped or
-loading sequence, a bad count, a page to take or publish) goes to the Python
-code below, which gives the same results and raises the right error.
+loading sequence, an id named twice, a bad count, a shared page to copy, a
+table row to widen, evictions or publications that KV events or tiers must
+hear of) goes to the Python code below, which gives the same results and
+raises the right error.
 """
 
 from __future__ import annotations
@@ -26,11 +31,12 @@ from typing import Any
 
 import torch
 
-from kvmem.allocator import batch_counts, check_batch_ids, check_commit
+from kvmem.allocator import batch_counts, check_commit
 from kvmem.backends.blockstate import BlockSeq, BlockTables
+from kvmem.backends.freepages import FreeQueue
 from kvmem.errors import OutOfKVMemory
 from kvmem.layout import BatchLayout, from_arrays
-from kvmem.native import batch_passes
+from kvmem.native import batch_passes, native_hashes
 
 __all__ = ["append_many", "commit_many", "layout", "reserve_many"]
 
@@ -43,12 +49,14 @@ def _passes(b: BlockTables) -> Any:
 
 
 def _counts(seq_ids: Sequence[Hashable], num_tokens: int | Sequence[int]) -> Any:
-    """``(ids, counts)`` for a native pass, which checks each count itself, or None."""
-    ids = check_batch_ids(seq_ids)
+    """``(ids, counts)`` for a native pass, which checks the ids (known, none twice) and each
+    count itself, or None."""
+    if type(seq_ids) is not list and type(seq_ids) is not tuple or not seq_ids:
+        return None
     if type(num_tokens) is int:
-        return (ids, [num_tokens] * len(ids)) if num_tokens > 0 and ids else None
-    if type(num_tokens) is list and len(num_tokens) == len(ids) and ids:
-        return ids, num_tokens
+        return (seq_ids, [num_tokens] * len(seq_ids)) if num_tokens > 0 else None
+    if type(num_tokens) is list and len(num_tokens) == len(seq_ids):
+        return seq_ids, num_tokens
     return None
 
 
@@ -63,11 +71,16 @@ def reserve_many(
     fast = None if ext is None else _counts(seq_ids, num_tokens)
     if fast is not None:
         ids, counts = fast
-        got = ext.reserve_pass(seqs, ids, counts, ps, ref, len(b._free))
+        grow = _growth(b)
+        table = None if grow is None else _table_tensor(b)
+        got = ext.reserve_pass(seqs, ids, counts, ps, ref, len(b._free), grow, table)
         if type(got) is int:  # short of pages: perhaps swaps in flight free some
             if not b._ensure_free(got):
                 raise _short(b, len(ids), ids[0], got)
-            got = ext.reserve_pass(seqs, ids, counts, ps, ref, len(b._free))
+            got = ext.reserve_pass(seqs, ids, counts, ps, ref, len(b._free), grow, table)
+        if type(got) is tuple:  # grown in the pass too
+            b._num_cached_free -= got[1]
+            return
         if type(got) is list:
             for i in got:
                 grown = seqs[ids[i]]
@@ -105,6 +118,23 @@ def reserve_many(
         b._grow(sid, s, target)
 
 
+def _growth(b: BlockTables) -> tuple[Any, ...] | None:
+    """What the reserve pass needs to take pages itself, as ``_grow_into`` would: when the
+    free pages are a :class:`~kvmem.backends.freepages.FreeQueue` and nothing else hears of
+    an eviction (no KV event subscriber, no tiers). Else None: the backend grows."""
+    if type(b._free) is not FreeQueue or b.kv_events.active or b._tiers is not None:
+        return None
+    return (b._free.queue, b._key, b._index, b._page_hash)
+
+
+def _table_tensor(b: BlockTables) -> torch.Tensor:
+    """The dense block table as a tensor sharing its memory (made again when it grew)."""
+    view = b._table_view
+    if view is None or view[0] is not b._table:  # the table grew: a new array
+        view = b._table_view = (b._table, torch.from_numpy(b._table))
+    return view[1]
+
+
 def _short(b: BlockTables, n: int, first: Hashable, need: int) -> OutOfKVMemory:
     return OutOfKVMemory(f"{n} sequences (first {first!r}) need {need} pages, {len(b._free)} free")
 
@@ -119,7 +149,7 @@ def commit_many(
     fast = None if ext is None else _counts(seq_ids, num_tokens)
     if fast is not None:
         ids, counts = fast
-        fill = ext.commit_pass(seqs, ids, counts, ps, b.prefix_caching)
+        fill = ext.commit_pass(seqs, ids, counts, ps, b.prefix_caching, _publication(b))
         if fill is not None:
             for i in fill:
                 filled = seqs[ids[i]]
@@ -147,6 +177,15 @@ def commit_many(
         s.num_computed = end
 
 
+def _publication(b: BlockTables) -> tuple[list[Any], dict[int, int], list[int]] | None:
+    """What the commit pass needs to publish filled pages itself, as ``_on_commit`` would: when
+    the hashes are native and nothing else hears of a publication (no KV event subscriber, no
+    tiers). Else None: the backend publishes."""
+    if not b.prefix_caching or b.kv_events.active or b._tiers is not None:
+        return None
+    return (b._key, b._index, b._page_hash) if native_hashes() else None
+
+
 def append_many(
     b: BlockTables, seq_ids: Sequence[Hashable], token_ids: Sequence[Sequence[int]]
 ) -> bool:
@@ -155,8 +194,9 @@ def append_many(
     ext = _passes(b)
     if ext is None or type(token_ids) is not list or not seq_ids:
         return False
-    ids = check_batch_ids(seq_ids)
-    return len(ids) == len(token_ids) and bool(ext.append_pass(b._seqs, ids, token_ids))
+    if type(seq_ids) is not list and type(seq_ids) is not tuple:
+        return False
+    return len(seq_ids) == len(token_ids) and bool(ext.append_pass(b._seqs, seq_ids, token_ids))
 
 
 def layout(b: BlockTables, batch: Sequence[tuple[Hashable, int]]) -> BatchLayout | None:
@@ -165,10 +205,7 @@ def layout(b: BlockTables, batch: Sequence[tuple[Hashable, int]]) -> BatchLayout
     ext = _passes(b)
     if ext is None:
         return None
-    view = b._table_view
-    if view is None or view[0] is not b._table:  # the table grew: a new array
-        view = b._table_view = (b._table, torch.from_numpy(b._table))
-    got = ext.layout_pass(b._seqs, batch, view[1], b.page_size)
+    got = ext.layout_pass(b._seqs, batch, _table_tensor(b), b.page_size)
     if got is None:
         return None
     ids, max_len, max_q, arrays = got

@@ -466,13 +466,7 @@ class BlockTableBackend(KVBackend[BlockSeq]):
 
     def _clear_blocks(self, s: BlockSeq) -> None:
         """Release every page ``s`` holds (last first) and empty its table row."""
-        ref, keys, put = self._ref, self._key, self._free.put
-        for b in reversed(s.blocks):  # _release, inlined: a long sequence frees many pages
-            ref[b] -= 1
-            if not ref[b]:
-                cached = keys[b] is not None
-                put(b, cached)
-                self._num_cached_free += cached
+        self._num_cached_free += self._free.release(s.blocks, self._ref, self._key)
         self._table[s.row, : len(s.blocks)] = 0
         s.blocks = []
         self._free.forget(s)

@@ -41,6 +41,12 @@ class BlockTables(Protocol):
     native_passes: bool | None
     _seqs: dict[Hashable, BlockSeq]
     _ref: list[int]
+    _key: list[Any]
+    _index: dict[int, int]
+    _page_hash: list[int]
+    _tiers: Any
+    _num_cached_free: int
+    kv_events: Any
     _free: Any
     _table: np.ndarray
     _table_view: tuple[np.ndarray, torch.Tensor] | None

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Any, Protocol
+
+from kvmem.native import page_releaser
 
 
 class FreePages(Protocol):
@@ -41,6 +43,12 @@ class FreePages(Protocol):
 
     def put(self, page: int, cached: bool) -> None:
         """``page`` became free; ``cached``: it holds prefix-cached KV."""
+        ...
+
+    def release(self, pages: list[int], ref: list[int], keys: list[Any]) -> int:
+        """Drop one hold of each of ``pages`` (a freed sequence's, released last first):
+        ``ref[page] -= 1``, and each page no longer held is :meth:`put` (cached when
+        ``keys[page]`` is set). Returns how many of those are cached."""
         ...
 
     def remove(self, page: int) -> None:
@@ -69,6 +77,11 @@ class FreeQueue:
     def __len__(self) -> int:
         return len(self._q)
 
+    @property
+    def queue(self) -> OrderedDict[int, None]:
+        """The queue itself, front first (the batched passes take from and put to it)."""
+        return self._q
+
     def __iter__(self) -> Iterator[int]:
         return iter(self._q)
 
@@ -82,6 +95,10 @@ class FreeQueue:
         if not cached:
             self._q.move_to_end(page, last=False)
 
+    def release(self, pages: list[int], ref: list[int], keys: list[Any]) -> int:
+        """:meth:`FreePages.release` in one pass (:func:`kvmem.native.release_pages`)."""
+        return page_releaser()(pages, ref, keys, self._q)
+
     def remove(self, page: int) -> None:
         """Take a cached page out of the queue."""
         del self._q[page]
@@ -93,4 +110,17 @@ class FreeQueue:
         """Nothing to check beyond what the backend checks."""
 
 
-__all__ = ["FreePages", "FreeQueue"]
+def release_each(free: FreePages, pages: list[int], ref: list[int], keys: list[Any]) -> int:
+    """:meth:`FreePages.release` as a loop of :meth:`FreePages.put` (for policies without a
+    batched version)."""
+    cached = 0
+    for b in reversed(pages):
+        ref[b] -= 1
+        if not ref[b]:
+            c = keys[b] is not None
+            free.put(b, c)
+            cached += c
+    return cached
+
+
+__all__ = ["FreePages", "FreeQueue", "release_each"]

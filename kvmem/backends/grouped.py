@@ -41,7 +41,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from kvmem.backends.freepages import FreePages
+from kvmem.backends.freepages import FreePages, release_each
 from kvmem.backends.paged import PagedAllocator
 from kvmem.errors import IntegrityError, InvalidArgument
 from kvmem.spec import KVSpec
@@ -215,6 +215,10 @@ class BuddyPages:
     def put(self, page: int, cached: bool) -> None:
         """A freed page rejoins the buddy blocks (cached or not) and merges."""
         self._free_page(page)
+
+    def release(self, pages: list[int], ref: list[int], keys: list[Any]) -> int:
+        """:meth:`FreePages.release`: each page no longer held is :meth:`put`."""
+        return release_each(self, pages, ref, keys)
 
     def remove(self, page: int) -> None:
         """A free cached page is held again: take it out of its block or group."""

@@ -5,7 +5,8 @@ weights or a local checkpoint, :mod:`.weights`), a scheduler with chunked
 prefill and preemption (:mod:`.scheduler`), policies ``fcfs``, ``isrtf``
 and ``fair`` (:mod:`.policies`), output-length predictors
 (:mod:`.predictors`), and the engine that ties them together
-(:mod:`.engine`). Memory is reached only through
+(:mod:`.engine`), with sessions that keep a conversation's KV between
+turns (:mod:`.sessions`). Memory is reached only through
 :class:`~kvmem.allocator.KVAllocator`, by the scheduler alone: the executor
 gets each step's layout and layers' KV as a :class:`StepKV`.
 """
@@ -32,6 +33,7 @@ from kvmem.engine.request import (
     TokenLogprob,
 )
 from kvmem.engine.scheduler import Scheduler, SchedulerConfig, StepKV
+from kvmem.engine.sessions import SessionBusy
 from kvmem.engine.simulate import CostModel, SimulatedExecutor
 from kvmem.engine.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from kvmem.engine.weights import load_model, random_model
@@ -64,6 +66,7 @@ __all__ = [
     "SamplingParams",
     "Scheduler",
     "SchedulerConfig",
+    "SessionBusy",
     "SimClock",
     "SimulatedExecutor",
     "StepKV",

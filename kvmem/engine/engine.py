@@ -26,7 +26,8 @@ Works with every registered backend and KV format: memory is reached only
 through :class:`~kvmem.allocator.KVAllocator` methods and its declared
 capabilities. One loop serves: :meth:`Engine.serve_forever` (a server's
 engine thread, :mod:`kvmem.server.runner`) and :meth:`Engine.run` both step
-through it.
+through it (:mod:`kvmem.engine.loops`). Requests with a ``session_id`` keep
+their conversation's KV on the host between turns (:mod:`kvmem.engine.sessions`).
 """
 
 from __future__ import annotations
@@ -34,9 +35,8 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-import time
 from collections import deque
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -48,11 +48,12 @@ from kvmem.engine.config import EngineConfig
 from kvmem.engine.errors import InvalidRequest
 from kvmem.engine.executor import Executor, ModelExecutor
 from kvmem.engine.handover import Migrations, accept
+from kvmem.engine.intake import check_priority, prompt_token_ids
+from kvmem.engine.loops import Loops
 from kvmem.engine.metrics import EngineMetrics, kv_fields
 from kvmem.engine.model import LlamaModel
 from kvmem.engine.policies import make_policy
 from kvmem.engine.request import (
-    Completion,
     OutputCallback,
     Request,
     RequestOutput,
@@ -63,6 +64,7 @@ from kvmem.engine.request import (
 from kvmem.engine.roles import Handoffs
 from kvmem.engine.sampling import read_logits, sample_requests
 from kvmem.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from kvmem.engine.sessions import Sessions, check_session_id, session_seq_id
 from kvmem.engine.stopping import advance_text, stop_reason
 from kvmem.engine.tokenizer import ByteTokenizer, IncrementalDecoder, Tokenizer
 from kvmem.errors import InvalidArgument, KVError
@@ -71,11 +73,9 @@ log = logging.getLogger(__name__)
 _Pending = list[tuple[Request, RequestOutput]]
 #: How long a step with nothing to run waits for a swap copy in flight.
 _IDLE_SWAP_WAIT_S = 0.005
-#: The longest an idle serve loop sleeps before looking at its stop condition again.
-_IDLE_WAIT_S = 0.05
 
 
-class Engine:
+class Engine(Loops):
     """A reference continuous-batching LLM engine over a kvmem allocator.
 
     Build it from a model (default: the ``tiny`` random preset), or from an
@@ -155,6 +155,8 @@ class Engine:
         self._first_step_time: float | None = None
         self.migrations = Migrations()
         self.handoffs = Handoffs()  # a prefill role's requests leaving for decode instances
+        keeps = allocator.capabilities.keep_on_host and config.role != "prefill"
+        self.sessions = Sessions(self.scheduler, keeps)
 
     @classmethod
     def from_pretrained(
@@ -186,6 +188,7 @@ class Engine:
         output_len_hint: int | None = None,
         cache_salt: Hashable = None,
         fork_from: str | None = None,
+        session_id: str | None = None,
     ) -> str:
         """Queue a request; return its id. Thread-safe.
 
@@ -201,10 +204,19 @@ class Engine:
         on its own. Either way it samples from the same logits as a request
         of its own would, so with its own ``seed`` its tokens are the same.
 
+        ``session_id`` makes the request a turn of a conversation
+        (:mod:`kvmem.engine.sessions`): on backends that declare
+        ``keep_on_host`` its KV is parked on the host when it finishes, and
+        the session's next request computes only the tokens past it. Its
+        tokens are those of the same request without a session.
+
         Raises :class:`InvalidRequest` (nothing queued, nothing else
         affected) for an empty prompt, token ids outside the vocabulary, a
-        prompt that leaves no room for output within ``max_model_len``, or a
-        prompt larger than the whole KV capacity.
+        prompt that leaves no room for output within ``max_model_len``, a
+        prompt larger than the whole KV capacity, a ``session_id`` that is
+        not a non-empty string or is given with ``fork_from``; and
+        :class:`~kvmem.engine.sessions.SessionBusy` (an InvalidRequest) while
+        another request of the session is in the engine.
         """
         return self._add(
             prompt,
@@ -217,6 +229,7 @@ class Engine:
             output_len_hint=output_len_hint,
             cache_salt=cache_salt,
             fork_from=fork_from,
+            session_id=session_id,
         ).request_id
 
     def _add(
@@ -225,42 +238,20 @@ class Engine:
         params: SamplingParams | None = None,
         *,
         request_id: str | None = None,
-        tenant: Hashable = "default",
         priority: int = 0,
         arrival_time: float | None = None,
-        on_output: OutputCallback | None = None,
-        output_len_hint: int | None = None,
-        cache_salt: Hashable = None,
         fork_from: str | None = None,
+        session_id: str | None = None,
+        **fields: Any,
     ) -> Request:
-        """``add_request``, returning the queued Request."""
+        """``add_request``, returning the queued Request (``fields``: more Request fields)."""
         params = params if params is not None else SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequest(f"params must be SamplingParams, got {type(params).__name__}")
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
-        else:
-            try:
-                ids = [int(t) for t in prompt]
-            except (TypeError, ValueError):
-                raise InvalidRequest("a prompt is a string or a sequence of token ids") from None
-        if not ids:
-            raise InvalidRequest("the prompt is empty")
-        vocab = self.executor.vocab_size
-        if self.config.detokenize and (min(ids) < 0 or max(ids) >= vocab):
-            raise InvalidRequest(f"prompt token ids must be in 0..{vocab - 1}")
-        if len(ids) >= self.max_model_len:
-            raise InvalidRequest(
-                f"the prompt has {len(ids)} tokens; the model's context is {self.max_model_len} "
-                "and must leave room for at least one generated token"
-            )
-        if len(ids) > self.kv_capacity_tokens:
-            raise InvalidRequest(
-                f"the prompt has {len(ids)} tokens, more than the whole KV capacity "
-                f"({self.kv_capacity_tokens} tokens)"
-            )
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise InvalidRequest(f"priority must be an int, got {priority!r}")
+        ids = prompt_token_ids(self, prompt, params)
+        check_priority(priority)
+        sid = None if session_id is None else check_session_id(session_id)
+        if sid is not None and fork_from is not None:
+            raise InvalidRequest("a request forked from another (fork_from) has no session_id")
+        keep = sid is not None and self.sessions.keeps
         with self._inbox_lock:
             rid = request_id if request_id is not None else f"req-{next(self._counter)}"
             if not isinstance(rid, str) or not rid:
@@ -269,16 +260,18 @@ class Engine:
                 raise InvalidRequest(f"request id {rid!r} is already in the engine")
             if fork_from is not None and fork_from not in self._ids:
                 raise InvalidRequest(f"fork_from: no request {fork_from!r} in the engine")
+            if sid is not None:
+                self.sessions.claim(sid, rid, self._ids)
             req = Request(
                 request_id=rid,
                 prompt_token_ids=ids,
                 params=params,
-                tenant=tenant,
                 priority=priority,
                 arrival_time=self.clock.now() if arrival_time is None else float(arrival_time),
-                output_len_hint=output_len_hint,
-                on_output=on_output,
-                cache_salt=cache_salt,
+                session_id=sid,
+                seq_id=None if sid is None else session_seq_id(sid),
+                keep_kv=keep,
+                **fields,
             )
             req.metrics.arrival_time = req.arrival_time
             req.metrics.num_prompt_tokens = len(ids)
@@ -300,6 +293,32 @@ class Engine:
             if request_id not in self._ids:
                 return False
             self._inbox.append(("abort", request_id))
+        self._drain_now()
+        return True
+
+    def end_session(self, session_id: str) -> bool:
+        """End a session (:mod:`kvmem.engine.sessions`): free its parked KV. Thread-safe.
+
+        The KV is freed now, or when the step in flight ends; a request of
+        the session still in the engine runs on but parks nothing. Returns
+        whether the session was known (a request in the engine, or KV parked
+        that was not evicted meanwhile). InvalidRequest for an id that is
+        not a non-empty string.
+        """
+        sid = check_session_id(session_id)
+        with self._inbox_lock:
+            known = self.sessions.is_known(sid)
+            self._inbox.append(("end_session", sid))
+        self._drain_now()
+        return known
+
+    def parked_sessions(self) -> list[str]:
+        """The sessions whose KV is parked on the host now, oldest first. Thread-safe."""
+        with self._step_lock:
+            return self.sessions.parked(list(self._requests.values()))
+
+    def _drain_now(self) -> None:
+        """Run the inbox now if no step is in flight (else the step's end does)."""
         self._wake.set()
         if self._step_lock.acquire(blocking=False):
             try:
@@ -308,12 +327,10 @@ class Engine:
                 self._deliver(outputs)
             finally:
                 self._step_lock.release()
-        return True
 
     def set_priority(self, request_id: str, priority: int) -> bool:
         """Change a request's priority from the next step on (``fair`` preempts on it)."""
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise InvalidRequest(f"priority must be an int, got {priority!r}")
+        check_priority(priority)
         with self._inbox_lock:
             if request_id not in self._ids:
                 return False
@@ -331,6 +348,9 @@ class Engine:
                     req.fork_of = self._requests.get(parent)
                 self._requests[req.request_id] = req
                 self.scheduler.add(req)
+            elif kind == "end_session":
+                rid = self.sessions.in_flight.get(arg)
+                self.sessions.end(arg, None if rid is None else self._requests.get(rid))
             elif kind == "abort":
                 r = self._requests.get(arg)
                 if r is not None and not r.finished:
@@ -424,8 +444,10 @@ class Engine:
         r.finish_reason = reason
         r.metrics.finish_time = self.clock.now()
         self._requests.pop(r.request_id, None)
+        self.sessions.finished(r, reason)
         with self._inbox_lock:
             self._ids.discard(r.request_id)
+            self.sessions.release(r)
         self.finished.append(r)
         outputs.append((r, r.output(toks, text, True, reason, error, logprobs)))
 
@@ -453,96 +475,6 @@ class Engine:
         with self._inbox_lock:
             return bool(self._ids) or self.handoffs.busy
 
-    def generate(
-        self,
-        prompts: Sequence[str | Sequence[int]],
-        params: SamplingParams | Sequence[SamplingParams] | None = None,
-    ) -> list[Completion]:
-        """Run ``prompts`` to completion (stepping the engine here); results in prompt order."""
-        plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
-        if len(plist) != len(prompts):
-            raise InvalidRequest(f"{len(plist)} sampling params for {len(prompts)} prompts")
-        done: set[str] = set()
-
-        def track(o: RequestOutput) -> None:
-            if o.finished:
-                done.add(o.request_id)
-
-        reqs: list[Request] = []
-        try:
-            for p, sp in zip(prompts, plist, strict=True):
-                reqs.append(self._add(p, sp, on_output=track))
-        except KVError:
-            for r in reqs:
-                self.abort(r.request_id)
-            raise
-        while any(r.request_id not in done for r in reqs):
-            self.step()
-        return [r.completion() for r in reqs]
-
-    def stream(
-        self,
-        prompt: str | Sequence[int],
-        params: SamplingParams | None = None,
-        **kwargs: Any,
-    ) -> Iterator[RequestOutput]:
-        """Add one request and yield its outputs as steps run (stepping the engine here)."""
-        box: deque[RequestOutput] = deque()
-        self.add_request(prompt, params, on_output=box.append, **kwargs)
-        while True:
-            if not box:
-                self.step()
-            while box:
-                o = box.popleft()
-                yield o
-                if o.finished:
-                    return
-
-    def run(self, until: Callable[[], bool] | None = None) -> None:
-        """Step until ``until()`` is true (default: until no request is left)."""
-        self._loop(until or (lambda: not self.has_unfinished()))
-
-    def serve_forever(
-        self,
-        stop: threading.Event,
-        idle_sleep: float = _IDLE_WAIT_S,
-        on_error: Callable[[Exception], None] | None = None,
-    ) -> None:
-        """Step until ``stop`` is set; when idle, sleep until a request arrives.
-
-        Meant for a background thread (a server's), while other threads call
-        ``add_request``, ``abort`` and ``set_priority`` (which wake it). An
-        idle loop looks at ``stop`` at least every ``idle_sleep`` seconds. A
-        step that raises ends the loop, unless ``on_error`` is given: then it
-        gets the exception and the loop goes on.
-        """
-        self._loop(stop.is_set, idle_sleep, on_error)
-
-    def _loop(
-        self,
-        done: Callable[[], bool],
-        idle_sleep: float = _IDLE_WAIT_S,
-        on_error: Callable[[Exception], None] | None = None,
-    ) -> None:
-        """The one serve loop: step while there is work, sleep while there is none."""
-        while not done():
-            if not self.has_unfinished():
-                self._wake.wait(idle_sleep)
-                self._wake.clear()
-                continue
-            steps = self.num_steps
-            try:
-                outs = self.step()
-            except Exception as e:
-                if on_error is None:
-                    raise
-                on_error(e)
-                continue
-            if outs or self.num_steps != steps:
-                time.sleep(0)  # let other threads (a server's event loop) take the GIL
-            else:
-                time.sleep(0.001)  # nothing could be scheduled: do not spin
-
     # ----------------------------------------------------------------- metrics
     def metrics(self) -> EngineMetrics:
         """A snapshot of queues, KV memory and throughput. Thread-safe."""
@@ -563,12 +495,16 @@ class Engine:
                 prompt_tokens=self.prompt_tokens,
                 generation_tokens=self.generation_tokens,
                 tokens_per_s=self.generation_tokens / span if span > 0 else 0.0,
+                num_parked_sessions=len(self.sessions.parked(list(self._requests.values()))),
                 **kv_fields(s),
             )
 
     def migrate(self, request_id: str, transport: Any, dst: int, **options: Any) -> Any:
         """Start moving a running request live to rank ``dst`` (:mod:`kvmem.engine.handover`)."""
         with self._step_lock:
+            r = self._requests.get(request_id)
+            if r is not None and r.seq_id != request_id:
+                raise InvalidArgument(f"request {request_id!r} runs in a session: it stays here")
             return self.migrations.start(self, request_id, transport, dst, **options)
 
     def accept_migration(self, transport: Any, src: int, **options: Any) -> str | None:

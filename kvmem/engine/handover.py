@@ -138,9 +138,7 @@ def accept(
 
     def prepare(seq_id: Hashable, state: dict[str, Any]) -> None:
         r = restore_request(state, engine.tokenizer)
-        if r.request_id != seq_id or engine.allocator.seq_info(seq_id).num_tokens != len(
-            r.token_ids
-        ):
+        if r.seq_id != seq_id or engine.allocator.seq_info(seq_id).num_tokens != len(r.token_ids):
             raise InvalidArgument(f"migrated request {seq_id!r} does not match its KV")
         with engine._inbox_lock:
             if r.request_id in engine._ids:

@@ -93,6 +93,8 @@ class EngineMetrics:
     kv_page_size: int = 1
     #: The allocator's backend figures (``KVStats.extra``; cache tiers as ``tier_*``).
     kv_extra: Mapping[str, float] = field(default_factory=dict)
+    #: Sessions whose KV is parked on the host for their next turn (:mod:`kvmem.engine.sessions`).
+    num_parked_sessions: int = 0
 
     def as_dict(self) -> dict[str, float]:
         """The fields as a flat dict (for JSON and Prometheus); ``kv_extra`` keys as they are."""

@@ -151,6 +151,11 @@ class Request:
     ``num_computed`` of them have KV written. That count is the allocator's
     (read through ``kv``, set by the scheduler while the request's sequence
     is registered), never a copy kept here.
+
+    ``seq_id`` is the allocator sequence the request runs under: its own id,
+    or its session's sequence (:mod:`kvmem.engine.sessions`), which outlives
+    the request; ``keep_kv`` says whether that sequence's KV is parked for
+    the session's next turn when the request finishes.
     """
 
     request_id: str
@@ -184,10 +189,18 @@ class Request:
     #: Prompt tokens 1.. scored so far (``params.prompt_logprobs``), sent with the first output.
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list, repr=False)
     prompt_logprobs_sent: bool = False
+    #: The conversation this request is a turn of (None: a request of its own).
+    session_id: str | None = None
+    #: The allocator sequence id (None: ``request_id``).
+    seq_id: Hashable = None
+    #: Park the sequence's KV on the host when the request finishes (not when it fails).
+    keep_kv: bool = False
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
+        if self.seq_id is None:
+            self.seq_id = self.request_id
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -213,7 +226,7 @@ class Request:
     def num_computed(self) -> int:
         """Tokens whose KV is written (0 while the request holds no KV)."""
         kv = self.kv
-        return 0 if kv is None else kv.seq_info(self.request_id).num_computed
+        return 0 if kv is None else kv.seq_info(self.seq_id).num_computed
 
     @property
     def num_to_compute(self) -> int:

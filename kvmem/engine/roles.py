@@ -167,7 +167,7 @@ class Handoffs:
                     route.transport,
                     route.peer,
                     engine.allocator,
-                    rid,
+                    r.seq_id,
                     functools.partial(_tokens, r),
                     ready=functools.partial(_first_token_out, r),
                 )

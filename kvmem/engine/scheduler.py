@@ -62,12 +62,20 @@ still finds the prompt's full pages)::
     update k:   commit parent; fork -> c1, c2, c3 (pages of p0..p99 shared)
                 append t0 / t0' / t0'' / t0''' to each
     step k+1:   [parent d | c1 d | c2 d | c3 d]                 four decodes
+
+Sessions (:mod:`kvmem.engine.sessions`): a request runs under its
+``seq_id``, its own id or its session's sequence. A session's sequence is
+registered with ``resume`` (its parked KV comes back like a tier load, the
+request waiting in ``loading`` meanwhile), a request with ``keep_kv`` is
+freed with ``keep_on_host=True`` when it finishes, and one whose parked KV
+came back but does not fit parks it again rather than dropping it.
+Preemption frees or swaps a session's sequence as any other.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 from kvmem.allocator import KVAllocator, SwapHandle
@@ -75,7 +83,7 @@ from kvmem.engine.errors import SwapUnavailable
 from kvmem.engine.policies import Policy
 from kvmem.engine.request import Request, RequestStatus
 from kvmem.engine.steps import ScheduledChunk, SchedulerOutput, StepKV
-from kvmem.errors import InvalidArgument, KVError, OutOfKVMemory
+from kvmem.errors import InvalidArgument, KVError, OutOfKVMemory, UnknownSequence
 
 PREEMPTION_MODES = ("recompute", "swap")
 
@@ -145,6 +153,8 @@ class Scheduler:
         self._seq = 0
         #: Parent request id -> requests waiting to fork from it once its prompt is computed.
         self._forks: dict[str, list[Request]] = {}
+        #: Requests whose sequence came back from its session's parked copy (see ``_register``).
+        self._resumed: set[str] = set()
 
     # ------------------------------------------------------------- membership
     def requests(self) -> list[Request]:
@@ -172,7 +182,13 @@ class Scheduler:
         self.waiting.append(request)
 
     def adopt(self, request: Request) -> None:
-        """Take a running request whose sequence is already in the allocator (migrated here)."""
+        """Take a running request whose sequence is already in the allocator (migrated here).
+
+        A session's request (handed over from a prefill instance) parks its KV
+        here when it finishes, if the backend keeps KV on the host.
+        """
+        if request.session_id is not None:
+            request.keep_kv = self.allocator.capabilities.keep_on_host
         self._seq += 1
         request.seq_no = self._seq
         self.policy.on_arrival(request, self.requests())
@@ -189,14 +205,15 @@ class Scheduler:
             return []
         return list(self._forks.get(r.request_id, ()))
 
-    def remove(self, request: Request) -> None:
-        """Take a request out (finished or aborted) and release its KV."""
+    def remove(self, request: Request, park: bool = False) -> None:
+        """Take a request out (finished or aborted) and release its KV (``park``: keep it on
+        the host for its session's next turn, see :mod:`kvmem.engine.sessions`)."""
         for q in (self.running, self.waiting, self.swapped, self.loading):
             if request in q:
                 q.remove(request)
         self._unfork(request)
         self._blocked.pop(request.request_id, None)
-        self._release(request)
+        self._release(request, park)
 
     def _unfork(self, r: Request) -> None:
         """``r`` leaves or forks: requests waiting to fork from it queue on their own."""
@@ -218,13 +235,28 @@ class Scheduler:
         self._release(r)
         out.ended.append((r, reason, error))
 
-    def _release(self, r: Request) -> None:
+    def is_parked(self, seq_id: Hashable) -> bool:
+        """Whether ``seq_id`` is registered and out on the host (a session's parked KV)."""
+        try:
+            return self.allocator.seq_info(seq_id).swapped
+        except UnknownSequence:
+            return False
+
+    def free_parked(self, seq_id: Hashable) -> bool:
+        """Free a parked sequence (no request may hold it); False if none is parked."""
+        if not self.is_parked(seq_id):
+            return False
+        self.allocator.free(seq_id)
+        return True
+
+    def _release(self, r: Request, park: bool = False) -> None:
+        self._resumed.discard(r.request_id)
         if r.swap_handle is not None:
             with contextlib.suppress(Exception):  # the KV is being dropped anyway
                 r.swap_handle.wait()
             r.swap_handle = None
         if r.kv is not None:
-            self.allocator.free(r.request_id)
+            self.allocator.free(r.seq_id, keep_on_host=park)
             r.kv = None
             self._kv_epoch += 1
 
@@ -245,16 +277,14 @@ class Scheduler:
         """
         alloc = self.allocator
         if chunks:
-            alloc.commit_many(
-                [c.request.request_id for c in chunks], [c.num_tokens for c in chunks]
-            )
+            alloc.commit_many([c.request.seq_id for c in chunks], [c.num_tokens for c in chunks])
         for c in chunks:
             c.request.metrics.num_computed_tokens += c.num_tokens
         for child in forked:
             parent = child.fork_of
             if parent is None:
                 raise InvalidArgument(f"request {child.request_id} has nothing to fork from")
-            alloc.fork(parent.request_id, child.request_id)
+            alloc.fork(parent.seq_id, child.seq_id)
             self._unfork(child)
             child.kv = alloc
             child.status = RequestStatus.RUNNING
@@ -262,11 +292,9 @@ class Scheduler:
             child.prompt_logprobs = list(parent.prompt_logprobs)
             self.running.append(child)
         if appended:
-            alloc.append_many(
-                [r.request_id for r in appended], [r.token_ids[-1:] for r in appended]
-            )
+            alloc.append_many([r.seq_id for r in appended], [r.token_ids[-1:] for r in appended])
         for r in finished:
-            self.remove(r)
+            self.remove(r, park=r.keep_kv)
 
     # -------------------------------------------------------------- preemption
     def _preempt(self, r: Request, out: SchedulerOutput) -> None:
@@ -276,7 +304,7 @@ class Scheduler:
         out.preempted.append(r)
         if self.config.preemption == "swap":
             try:
-                r.swap_handle = self.allocator.swap_out([r.request_id])
+                r.swap_handle = self.allocator.swap_out([r.seq_id])
                 r.status = RequestStatus.SWAPPED
                 self.swapped.append(r)
                 self._kv_epoch += 1  # its device pages come free once the copy lands
@@ -298,7 +326,7 @@ class Scheduler:
         """Reserve ``n`` slots for ``r``, preempting as needed; False if ``r`` lost its seat."""
         while True:
             try:
-                self.allocator.reserve(r.request_id, n)
+                self.allocator.reserve(r.seq_id, n)
                 return True
             except OutOfKVMemory:
                 victim = self._victim(r, scheduled)
@@ -331,7 +359,7 @@ class Scheduler:
                     return
                 # A swapped-out victim's pages stay held until its copy lands,
                 # so count what it held rather than re-reading the stats.
-                held = self.allocator.seq_info(victim.request_id).capacity
+                held = self.allocator.seq_info(victim.seq_id).capacity
                 self._preempt(victim, out)
                 seats += 1
                 free += held
@@ -371,7 +399,7 @@ class Scheduler:
     def _load_handle(self, r: Request) -> SwapHandle | None:
         """The tier load in flight for ``r``'s sequence, or None (never waits)."""
         pending = getattr(self.allocator, "pending_transfer", None)
-        return None if pending is None or r.kv is None else pending(r.request_id)
+        return None if pending is None or r.kv is None else pending(r.seq_id)
 
     def _poll_loads(self) -> None:
         """Requests whose tier load is done rejoin the waiting queue."""
@@ -384,7 +412,7 @@ class Scheduler:
 
     def _settled(self, r: Request) -> None:
         """``r``'s prefix hit has settled: count what the allocator holds for it."""
-        hit = self.allocator.seq_info(r.request_id).num_computed
+        hit = self.allocator.seq_info(r.seq_id).num_computed
         r.metrics.num_cached_tokens += hit
         if r.metrics.prompt_cached_tokens is None:
             r.metrics.prompt_cached_tokens = hit
@@ -398,7 +426,7 @@ class Scheduler:
         try:
             h.wait()
         except Exception:
-            if self.allocator.seq_info(r.request_id).swapped:
+            if self.allocator.seq_info(r.seq_id).swapped:
                 return True  # the allocator counts it swapped out all the same
             # The allocator put the sequence back: its KV is intact on the device.
             self.swapped.remove(r)
@@ -412,7 +440,7 @@ class Scheduler:
         if not self._land_swap_out(r):  # its swap-out must land first
             return True
         try:
-            r.swap_handle = self.allocator.swap_in([r.request_id])
+            r.swap_handle = self.allocator.swap_in([r.seq_id])
         except OutOfKVMemory:
             return False
         self.swapped.remove(r)
@@ -439,7 +467,7 @@ class Scheduler:
         head = decodes[: max(budget, 0)]
         if head:  # every decode's slot in one call; the loop below preempts when it fails
             try:
-                self.allocator.reserve_many([r.request_id for r, _ in head], 1)
+                self.allocator.reserve_many([r.seq_id for r, _ in head], 1)
             except OutOfKVMemory:
                 pass
             else:
@@ -465,9 +493,24 @@ class Scheduler:
             out.kv = self._step_kv(out.chunks)
         return out
 
+    def _register(self, r: Request, salt: Hashable) -> None:
+        """Register ``r``'s sequence: ``add``, or ``resume`` for a session's sequence.
+
+        ``resume`` takes a parked copy back when ``r``'s tokens extend it
+        (else it drops the copy and adds). A request whose sequence came back
+        that way and then fails admission parks it again instead of freeing it.
+        """
+        alloc = self.allocator
+        if r.seq_id == r.request_id:
+            alloc.add(r.seq_id, r.token_ids, cache_salt=salt)
+            return
+        parked = self.is_parked(r.seq_id)
+        if alloc.resume(r.seq_id, r.token_ids, cache_salt=salt) and parked:
+            self._resumed.add(r.request_id)
+
     def _step_kv(self, chunks: Sequence[ScheduledChunk]) -> StepKV:
         alloc = self.allocator
-        layout = alloc.layout([(c.request.request_id, c.num_tokens) for c in chunks])
+        layout = alloc.layout([(c.request.seq_id, c.num_tokens) for c in chunks])
         return StepKV(layout, tuple(alloc.layer(i) for i in range(alloc.spec.num_layers)))
 
     def _admit(self, budget: int, scheduled: set[int], out: SchedulerOutput) -> None:
@@ -489,7 +532,7 @@ class Scheduler:
                 scoring = r.params.prompt_logprobs is not None and r.num_output_tokens == 0
                 salt = ("prompt-logprobs", r.request_id) if scoring else r.cache_salt
                 try:
-                    self.allocator.add(r.request_id, r.token_ids, cache_salt=salt)
+                    self._register(r, salt)
                 except OutOfKVMemory:
                     break
                 except KVError as e:
@@ -508,13 +551,13 @@ class Scheduler:
             fits = cfg.chunked_prefill or n == r.num_to_compute  # unchunked: wait for room
             if fits and self.running and self._watermark:
                 need = r.num_to_compute + self._watermark
-                fits = self.allocator.can_reserve({r.request_id: need})
+                fits = self.allocator.can_reserve({r.seq_id: need})
             try:
                 if not fits:
                     raise OutOfKVMemory("no room to admit")
-                self.allocator.reserve(r.request_id, n)
+                self.allocator.reserve(r.seq_id, n)
             except OutOfKVMemory:
-                self._release(r)
+                self._release(r, park=r.request_id in self._resumed)
                 if cfg.chunked_prefill or n == r.num_to_compute:
                     self._blocked[r.request_id] = self._kv_epoch
                 break

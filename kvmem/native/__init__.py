@@ -11,6 +11,8 @@ small calls (a ``copy_`` per page, an ``mmap`` per page, a dict per page)::
     page_keys          chained 64-bit prefix-cache keys of a prompt's full pages
     chain_hashes       the paged prefix cache's page hashes, hash((parent, tuple(page))),
                        equal to Python's own (CPython's tuple hash, checked once)
+    release_pages      a freed sequence's pages: reference counts down, the free ones queued
+    token_list         a prompt's token ids checked (plain non-negative ints) and copied
     batch_passes       the block-table backends' batched calls (reserve_many, commit_many,
                        append_many, layout) over their sequence states, common case only
 
@@ -29,6 +31,7 @@ Both paths check every argument before anything changes and raise
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -56,10 +59,14 @@ __all__ = [
     "host_unmap_pages",
     "layout_arrays",
     "page_keys",
+    "native_hashes",
+    "page_releaser",
     "python_only",
+    "release_pages",
     "root_key",
     "runs_to_segments",
     "status",
+    "token_list",
 ]
 
 # Every operation takes ``native``: None uses the extension when it loaded,
@@ -393,6 +400,21 @@ def _native_hashes(ext: Any) -> bool:
     return _hashes_agree
 
 
+def token_list(tokens: Any) -> list[int] | None:
+    """A copy of ``tokens`` if it is a non-empty list of plain non-negative ints, checked and
+    copied natively; None for anything else and on the Python path (the caller then checks
+    the long way: :func:`kvmem.allocator.check_tokens`)."""
+    ext = pick(None)
+    return None if ext is None else ext.token_list(tokens)  # type: ignore[no-any-return]
+
+
+def native_hashes() -> bool:
+    """Whether the prefix-cache hashes are computed natively (the extension is in use and its
+    tuple hash equals this interpreter's)."""
+    ext = pick(None)
+    return ext is not None and _native_hashes(ext)
+
+
 def page_publisher() -> Callable[..., tuple[list[int], list[tuple[Any, int]]]]:
     """The block tables' prefix-cache publication of a run of pages, native where
     :func:`chain_hashes` is: ``(tokens, page_size, first, count, parent, blocks, keys,
@@ -403,6 +425,39 @@ def page_publisher() -> Callable[..., tuple[list[int], list[tuple[Any, int]]]]:
     if ext is not None and _native_hashes(ext):
         return ext.publish_pages  # type: ignore[no-any-return]
     return _py.publish_pages
+
+
+def release_pages(
+    pages: list[int],
+    ref: list[int],
+    keys: list[Any],
+    queue: OrderedDict[int, None],
+    *,
+    native: bool | None = None,
+) -> int:
+    """Drop one hold of each of ``pages`` (a freed sequence's block table), last first.
+
+    ``ref[page] -= 1``; a page no longer held joins ``queue`` (the paged
+    backend's free queue) at the back if ``keys[page]`` is set (it holds
+    prefix-cached KV: evicted last, least recently freed first), else at the
+    front. Returns how many of the freed pages hold cached KV. Every page is
+    checked before anything changes (an index of ``ref``, held, named once):
+    :class:`~kvmem.errors.InvalidArgument` otherwise.
+    """
+    ext = pick(native)
+    if ext is None:
+        return _py.release_pages(pages, ref, keys, queue)
+    return call(ext.release_pages, pages, ref, keys, queue, queue.move_to_end)  # type: ignore[no-any-return]
+
+
+def page_releaser() -> Callable[[list[int], list[int], list[Any], OrderedDict[int, None]], int]:
+    """:func:`release_pages` without the wrapper, native when the extension is in use: for
+    callers whose arguments are known good (errors come as ValueError natively)."""
+    ext = pick(None)
+    if ext is None:
+        return _py.release_pages
+    rel = ext.release_pages
+    return lambda pages, ref, keys, queue: rel(pages, ref, keys, queue, queue.move_to_end)  # type: ignore[no-any-return]
 
 
 def chain_hashes(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap as _mmap
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -332,3 +333,32 @@ def publish_pages(
         hashes.append(h)
         parent = h
     return hashes, published
+
+
+def release_pages(
+    pages: list[int], ref: list[int], keys: list[Any], queue: OrderedDict[int, None]
+) -> int:
+    """Drop one hold of each page, last first; a page no longer held joins ``queue`` at the
+    back if it has a key, else at the front. Returns how many of those had keys. Every page
+    is checked first: an index of ``ref``, held, named once."""
+    if not (isinstance(pages, list) and isinstance(ref, list) and isinstance(keys, list)) or len(
+        keys
+    ) != len(ref):
+        raise InvalidArgument("pages, ref and keys must be lists (the last two alike)")
+    for b in pages:
+        if not isinstance(b, int) or not 0 <= b < len(ref):
+            raise InvalidArgument(f"page {b} is not a page of the pool")
+        if not isinstance(ref[b], int) or ref[b] < 1:
+            raise InvalidArgument(f"page {b} is not held")
+    if len(set(pages)) != len(pages):
+        raise InvalidArgument("a page is named twice")
+    cached = 0
+    for b in reversed(pages):
+        ref[b] -= 1
+        if not ref[b]:
+            queue[b] = None
+            if keys[b] is not None:
+                cached += 1
+            else:
+                queue.move_to_end(b, last=False)
+    return cached

@@ -21,7 +21,13 @@ choices' chunks as their tokens come; ``usage`` counts every prompt once
 and every generated token (``best_of``'s discarded samples included);
 ``usage.prompt_tokens_details.cached_tokens`` is the prompt tokens each
 prompt's first request found in the prefix cache (any tier), as the
-allocator holds them once tier loads have settled.
+allocator holds them once tier loads have settled, or in its session's
+parked KV.
+
+Sessions: a body's ``session_id`` (see :mod:`kvmem.server.protocol`) goes
+with the first sample's request (the conversation continues from choice
+0); a session with a request still running answers 409 (``session_busy``).
+``DELETE /v1/sessions/{session_id}`` ends a session, freeing its parked KV.
 
 With ``kv_events`` the allocator's KV events (vLLM's schema) go out on a
 ZeroMQ publisher socket (:mod:`kvmem.server.kvevents`) for the app's life.
@@ -44,6 +50,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from kvmem.engine import InvalidRequest, RequestOutput
+from kvmem.engine.sessions import SessionBusy
 from kvmem.server.auth import APIKeyMiddleware
 from kvmem.server.chat import ChatTemplate
 from kvmem.server.formatting import Formatter, Sample, error_event
@@ -130,7 +137,7 @@ def create_app(
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        if exc.status in (400, 404, 413, 429, 503):
+        if exc.status in (400, 404, 409, 413, 429, 503):
             state.metrics.rejected.labels(model_name, str(exc.status)).inc()
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
@@ -182,6 +189,18 @@ def create_app(
     async def prometheus() -> Response:
         snap = await runner.engine_metrics()
         return Response(state.metrics.render(snap), media_type=CONTENT_TYPE)
+
+    @app.delete("/v1/sessions/{session_id}")
+    async def end_session(session_id: str) -> JSONResponse:
+        if not runner.alive:
+            raise APIError(
+                503, "the engine is not running", type="server_error", code="engine_dead"
+            )
+        try:
+            known = await runner.end_session(session_id)
+        except InvalidRequest as e:
+            raise APIError(400, str(e), param="session_id", code="invalid_value") from None
+        return JSONResponse({"id": session_id, "object": "session", "deleted": known})
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -315,6 +334,7 @@ async def _serve(
                     priority=req.priority,
                     tenant=req.user or "default",
                     fork_from=first,
+                    session_id=req.session_id if first is None else None,
                 )
                 first = first or s.request_id
                 streams.append((i, s))
@@ -382,6 +402,8 @@ def _submit_error(
     e: BaseException, req: CompletionRequest | ChatCompletionRequest
 ) -> BaseException:
     """The HTTP error for a submission that failed (others pass through unchanged)."""
+    if isinstance(e, SessionBusy):
+        return APIError(409, str(e), param="session_id", code="session_busy")
     if isinstance(e, InvalidRequest):
         word = str(e).split(" ", 1)[0]
         param = word if word in type(req).model_fields else None

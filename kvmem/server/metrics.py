@@ -120,6 +120,11 @@ class _EngineCollector:
             "num_requests_swapped", "Requests preempted by swap (KV in host memory).", m.num_swapped
         )
         yield gauge(
+            "num_sessions_parked",
+            "Sessions whose KV is parked on the host for their next turn.",
+            m.num_parked_sessions,
+        )
+        yield gauge(
             "kv_cache_usage_perc", "Fraction of KV capacity held by requests (0..1).", m.kv_usage
         )
         yield gauge("kv_cache_used_tokens", "KV slots held by requests.", m.kv_used_tokens)

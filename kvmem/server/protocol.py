@@ -7,7 +7,11 @@ Fields that benchmark clients send are accepted: ``ignore_eos``,
 ``stream_options.include_usage``, ``min_tokens`` (0 only), vLLM's
 ``return_token_ids`` (each choice then carries the generated ``token_ids``)
 and ``priority``; ``user`` names the request's tenant (the ``fair`` policy
-shares the engine between tenants and preempts by priority).
+shares the engine between tenants and preempts by priority). The extension
+``session_id`` (a non-empty string; the ``openai`` client sends it in
+``extra_body``) makes the request a turn of a conversation whose KV the
+engine keeps between turns (:mod:`kvmem.engine.sessions`); it takes one
+prompt.
 
 ``n`` samples per prompt (up to the server's ``max_n``), completions'
 ``best_of``, ``logprobs`` (up to :data:`MAX_LOGPROBS` alternatives), ``echo``
@@ -94,6 +98,7 @@ class _SamplingRequest(_Strict):
     user: str | None = None
     priority: int = 0
     return_token_ids: bool = False
+    session_id: str | None = None
 
     def include_usage(self) -> bool:
         """Whether a streamed response ends with a usage chunk."""
@@ -125,6 +130,8 @@ class _SamplingRequest(_Strict):
             )
         if self.min_tokens:
             raise APIError(400, "min_tokens is not supported (must be 0)", param="min_tokens")
+        if self.session_id is not None and not self.session_id:
+            raise APIError(400, "session_id must be a non-empty string", param="session_id")
         if self.stream_options is not None and not self.stream:
             raise APIError(
                 400, "stream_options is only allowed with stream=true", param="stream_options"
@@ -191,6 +198,8 @@ class CompletionRequest(_SamplingRequest):
                 )
             if self.stream and self.best_of > self.n:
                 raise APIError(400, "best_of greater than n cannot be streamed", param="best_of")
+        if self.session_id is not None and len(self.prompts()) > 1:
+            raise APIError(400, "a request with a session_id takes one prompt", param="session_id")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise APIError(
                 400,

@@ -28,8 +28,9 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
-from kvmem.engine import Engine, EngineMetrics, RequestOutput, SamplingParams
+from kvmem.engine import Engine, EngineMetrics, InvalidRequest, RequestOutput, SamplingParams
 from kvmem.server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,11 @@ class AsyncEngine:
     def alive(self) -> bool:
         """True while the engine thread runs."""
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def sessions(self) -> bool:
+        """Whether the engine serves sessions (a cluster of instances does not)."""
+        return callable(getattr(self.engine, "end_session", None))
 
     @property
     def num_in_flight(self) -> int:
@@ -215,17 +221,22 @@ class AsyncEngine:
         priority: int = 0,
         tenant: str = "default",
         fork_from: str | None = None,
+        session_id: str | None = None,
     ) -> RequestStream:
         """Admit a request (call on the event loop); raises QueueFull or the engine's errors.
 
         ``fork_from`` is the id of an earlier stream of the same prompt: this
-        one is another sample of it (see :meth:`Engine.add_request`).
+        one is another sample of it; ``session_id`` makes it a turn of that
+        session (see :meth:`Engine.add_request`).
         """
         if not self.alive:
             raise EngineDead("the engine is not running")
         if self._num_waiting >= self.max_queue:
             retry = max(1, min(60, round(self._recent_ttft + 0.5)))
             raise QueueFull(self._num_waiting, retry)
+        session: dict[str, Any] = {} if session_id is None else {"session_id": session_id}
+        if session and not self.sessions:
+            raise InvalidRequest("session_id: sessions are not served by this engine")
         rid = f"kvmem-{next(self._ids)}"
         s = RequestStream(rid, len(prompt_token_ids), time.perf_counter())
         self._streams[rid] = s
@@ -242,6 +253,7 @@ class AsyncEngine:
                 priority=priority,
                 on_output=on_output,
                 fork_from=fork_from,
+                **session,
             )
         except Exception:
             del self._streams[rid]
@@ -267,6 +279,12 @@ class AsyncEngine:
             self.metrics.disconnected.inc()
         self._close(s, "abort", time.perf_counter())
         self.engine.abort(request_id)
+
+    async def end_session(self, session_id: str) -> bool:
+        """End a session (its parked KV is freed); whether it was known. In a worker thread."""
+        if not self.sessions:
+            raise InvalidRequest("session_id: sessions are not served by this engine")
+        return await asyncio.to_thread(self.engine.end_session, session_id)
 
     async def engine_metrics(self) -> EngineMetrics:
         """The engine's metrics, read in a worker thread (it waits for the step in flight)."""

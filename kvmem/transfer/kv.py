@@ -20,6 +20,14 @@ The destination side is all or nothing: :class:`Importer` registers the
 sequence, writes chunk after chunk, and on any failure frees what it took
 and raises; a finished import has exactly the source's tokens and computed
 count.
+
+A destination may already hold the sequence's first positions: its prefix
+cache's full pages, or, on backends declaring ``keep_on_host``, a copy of
+the same sequence id parked there by ``free(seq, keep_on_host=True)`` (the
+previous turn of a conversation that decoded there) whose tokens the new
+ones extend. ``Importer.begin`` registers with ``resume``, which takes such
+a copy back; either way ``written`` says how many positions need not be
+sent. An import that fails after taking a parked copy back parks it again.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvmem.allocator import KVAllocator
-from kvmem.errors import InvalidArgument
+from kvmem.errors import InvalidArgument, UnknownSequence
 from kvmem.spec import KVSpec
 
 #: LayerKV parts with one entry per slot; 2-d or smaller ones are per-layer format scales
@@ -160,12 +168,14 @@ def export_chunks(
 class Importer:
     """Builds a sequence in ``dst`` from a stream of chunks; all or nothing.
 
-    ``begin`` registers it with the first tokens; ``extend`` adds tokens the
-    source generated since; ``write`` writes a chunk (the next positions,
-    any prefix-cache hit skipped) and commits it; ``finish`` checks that the
-    sequence is complete; ``keep`` makes it final. Until then any failure
-    frees the sequence in ``dst`` and re-raises (:meth:`abort` does the same
-    on the caller's request).
+    ``begin`` registers it with the first tokens (``resume``: a copy parked
+    here under the same id whose tokens these extend comes back, and counts
+    as written); ``extend`` adds tokens the source generated since;
+    ``write`` writes a chunk (the next positions, any prefix-cache hit or
+    parked copy skipped) and commits it; ``finish`` checks that the sequence
+    is complete; ``keep`` makes it final. Until then any failure frees the
+    sequence in ``dst`` (parks it again if ``begin`` took it back) and
+    re-raises (:meth:`abort` does the same on the caller's request).
     """
 
     def __init__(self, dst: KVAllocator, seq_id: Hashable, meta: SeqMeta) -> None:
@@ -182,10 +192,15 @@ class Importer:
         self.written = 0
         self.num_tokens = 0
         self.active = False
+        #: Whether ``begin`` took back a copy parked here (``abort`` then parks it again).
+        self.resumed = False
 
     def begin(self, tokens: Sequence[int]) -> None:
-        """Register the sequence with ``tokens`` (a prefix-cache hit counts as written)."""
-        self.written = self.dst.add(self.seq_id, list(tokens))
+        """Register the sequence with ``tokens``; a prefix-cache hit or a parked copy the
+        tokens extend counts as written."""
+        parked = self.dst.capabilities.keep_on_host and _parked(self.dst, self.seq_id)
+        self.written = self.dst.resume(self.seq_id, list(tokens))
+        self.resumed = parked and self.written > 0
         self.num_tokens = len(tokens)
         self.active = True
 
@@ -236,10 +251,11 @@ class Importer:
         self.active = False
 
     def abort(self) -> None:
-        """Free what the import took (nothing if it never began or was kept)."""
+        """Free what the import took (nothing if it never began or was kept); a parked copy
+        that ``begin`` took back is parked again, with what was written since."""
         if self.active:
             self.active = False
-            self.dst.free(self.seq_id)
+            self.dst.free(self.seq_id, keep_on_host=self.resumed)
 
     def _guard(self, fn: object) -> None:
         try:
@@ -247,6 +263,14 @@ class Importer:
         except BaseException:
             self.abort()
             raise
+
+
+def _parked(alloc: KVAllocator, seq_id: Hashable) -> bool:
+    """Whether ``seq_id`` is registered in ``alloc`` and out on the host (parked)."""
+    try:
+        return alloc.seq_info(seq_id).swapped
+    except UnknownSequence:
+        return False
 
 
 def import_kv(dst: KVAllocator, seq_id: Hashable, meta: SeqMeta, chunks: Iterable[Chunk]) -> None:

@@ -136,6 +136,8 @@ def _bad_calls() -> list[tuple[str, tuple[object, ...], type[Exception]]]:
         ("commit_many", (["x", "y"], [1, 4]), InvalidArgument),  # y has 3 known tokens
         ("commit_many", (["x", "y"], [1, 2, 3]), InvalidArgument),
         ("commit_many", (["x", "y"], -1), InvalidArgument),
+        ("commit_many", (["x", "x"], 1), InvalidArgument),
+        ("commit_many", ((["x"], ["y"]), 1), InvalidArgument),  # unhashable ids
     ]
 
 

@@ -3,6 +3,8 @@ equals Python."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -10,6 +12,7 @@ from hypothesis import strategies as st
 
 from kvmem import KVSpec, create_allocator, native
 from kvmem.errors import InvalidArgument
+from kvmem.tiers.events import BlockStored
 from tests.conformance.kvmodel import snapshot
 
 from .conftest import needs_native, paths
@@ -126,6 +129,10 @@ def test_native_passes_equal_the_python_version(ops, prefix_caching):
             assert outcomes[0] == outcomes[1]
             live += kind == "add" or (kind == "fork" and bool(ids))
             assert snapshot(a) == snapshot(b)
+            assert {s: a.block_table(s) for s in a.seq_ids()} == {
+                s: b.block_table(s) for s in b.seq_ids()
+            }
+            assert list(a._free) == list(b._free) and a._key == b._key
             ready = [s for s in a.seq_ids() if a.seq_info(s).capacity > a.seq_info(s).num_computed]
             if ready:
                 batch = [(s, 1) for s in ready]
@@ -164,3 +171,132 @@ def test_publish_pages_native_equals_python(toks, ps, parent, data):
     for key, b in published:  # every page keyed here is findable under its hash
         assert results[1][2][hash(key)] == b and results[1][1][b] == key
         assert results[1][3][b] == hash(key)
+
+
+PAGES = st.lists(st.integers(-2, 12), max_size=10)
+
+
+@settings(max_examples=150, deadline=None)
+@given(PAGES, st.lists(st.integers(0, 3), min_size=10, max_size=10), st.sets(st.integers(0, 9)))
+def test_release_pages_native_equals_python(pages, ref, keyed):
+    from collections import OrderedDict
+
+    results = []
+    for nat in paths():
+        r = list(ref)
+        keys = [("k", b) if b in keyed else None for b in range(10)]
+        q = OrderedDict.fromkeys(b for b in range(10) if not ref[b])
+        before = (list(r), list(q))
+        try:
+            out = native.release_pages(pages, r, keys, q, native=nat)
+        except InvalidArgument as e:
+            assert (list(r), list(q)) == before  # a refused call changes nothing
+            out = str(e)
+        results.append((out, r, list(q)))
+    assert all(x == results[0] for x in results)
+    out, r, q = results[0]
+    if not isinstance(out, str):  # the Python loop it stands for
+        want = list(ref)
+        wq = OrderedDict.fromkeys(b for b in range(10) if not ref[b])
+        for b in reversed(pages):
+            want[b] -= 1
+            if not want[b]:
+                wq[b] = None
+                if b not in keyed:
+                    wq.move_to_end(b, last=False)
+        assert (r, q) == (want, list(wq))
+        assert out == sum(1 for b in pages if b in keyed and not r[b])
+
+
+@pytest.mark.parametrize(
+    ("pages", "match"),
+    [
+        ([10], "not a page"),
+        ([-1], "not a page"),
+        (["1"], "not a page"),
+        ([0], "not held"),
+        ([1, 1], "twice"),
+    ],
+)
+def test_release_pages_refuses_bad_pages(path, pages, match):
+    from collections import OrderedDict
+
+    ref = [0] + [2] * 9
+    q = OrderedDict.fromkeys([0])
+    with pytest.raises(InvalidArgument, match=match):
+        native.release_pages(pages, ref, [None] * 10, q, native=path)
+    assert ref == [0] + [2] * 9 and list(q) == [0]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.one_of(st.integers(-3, 2**70), st.booleans(), st.floats(0, 5), st.just("7")),
+        max_size=6,
+    )
+)
+def test_check_tokens_takes_the_same_inputs_on_both_paths(toks):
+    from kvmem.allocator import check_tokens
+
+    def run():
+        try:
+            got = check_tokens(toks)
+            assert got is not toks
+            return got
+        except InvalidArgument as e:
+            return str(e)
+
+    with native.python_only():
+        want = run()
+    assert run() == want
+    fast = native.token_list(toks)
+    if native.enabled() and toks and all(type(t) is int and t >= 0 for t in toks):
+        assert fast == toks and fast is not toks
+    else:
+        assert fast is None
+
+
+def _counted(fn, calls: Counter, name: str):
+    def wrapped(*args):
+        calls[name] += 1
+        return fn(*args)
+
+    return wrapped
+
+
+@needs_native
+def test_a_decode_step_grows_and_publishes_in_the_passes_unless_someone_listens():
+    """Steady decode: pages taken and published inside the native passes; with a KV event
+    subscriber the backend does both itself (the subscriber hears every page); same tables."""
+    spec = KVSpec(1, 1, 8)
+    seen = []
+    allocs = []
+    for listen in (False, True):
+        a = create_allocator("paged", spec, num_tokens=4096, page_size=4)
+        if listen:
+            a.kv_events.subscribe(seen.append)
+        calls = Counter()
+        a._grow_into = _counted(a._grow_into, calls, "grow")
+        a._on_commit = _counted(a._on_commit, calls, "publish")
+        ids = list(range(8))
+        for sid in ids:
+            a.add(sid, list(range(sid, sid + 5)))
+            a.reserve(sid, 5)
+            a.commit(sid, 5)
+        calls.clear()
+        for step in range(12):
+            a.append_many(ids, [[step]] * len(ids))
+            a.reserve_many(ids, 1)
+            a.layout([(s, 1) for s in ids])
+            a.commit_many(ids, 1)
+        a.check_integrity()
+        allocs.append((a, dict(calls)))
+    (quiet, qc), (loud, lc) = allocs
+    assert qc == {}
+    assert lc["grow"] > 0 and lc["publish"] > 0
+    assert [quiet.block_table(s) for s in range(8)] == [loud.block_table(s) for s in range(8)]
+    assert quiet._key == loud._key and quiet._index == loud._index
+    stored = sum(
+        len(e.block_hashes) for batch in seen for e in batch.events if isinstance(e, BlockStored)
+    )
+    assert stored == sum(k is not None for k in loud._key)
