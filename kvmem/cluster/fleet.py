@@ -38,6 +38,13 @@ prefill instance with the tokens already delivered appended to the prompt
 dropped): each request still finishes exactly once, with greedy outputs
 unchanged. One that was still on its way there decodes at its prefill
 instance instead (:mod:`kvmem.engine.roles`).
+
+Sessions (:mod:`kvmem.engine.sessions`): a session's turn goes to the
+instances its last finished turn ran on, while they live and take requests
+(the instance that parked its KV; disaggregated, also the prefill instance
+whose prefix cache holds its prompt), so that only the new tokens are
+computed and handed over; one request per session is in the cluster at a
+time. A session's request does not live-migrate.
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ from typing import Any, TextIO
 
 from kvmem.cluster.instance import instance_main, pump
 from kvmem.cluster.policy import Load, pick_instance, plan_migrations
+from kvmem.engine.sessions import KEEP_REASONS, SessionBusy, check_session_id
 from kvmem.errors import InvalidArgument
 
 _SWITCH_S = 0.0005
@@ -168,6 +176,10 @@ class Cluster:
         self._alias: dict[str, str] = {}  # a re-sent request's id at the instances -> its id
         self._current: dict[str, str] = {}  # request id -> its latest id at the instances
         self._stale: set[str] = set()  # ids at the instances whose outputs are dropped
+        self._session_of: dict[str, str] = {}  # request id -> its session
+        self._session_busy: dict[str, str] = {}  # session -> its request in flight
+        self._ran_at: dict[str, tuple[int, ...]] = {}  # session request -> (prefill, decode)
+        self._homes: dict[str, tuple[int, ...]] = {}  # session -> where its last turn ran
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._unplug = threading.Event()  # set once the instances are gone
@@ -200,15 +212,33 @@ class Cluster:
         *,
         request_id: str | None = None,
         on_output: Callable[[Any], None] | None = None,
+        session_id: str | None = None,
     ) -> str:
         """Send a request to the instance with the most virtual free KV; its id.
 
         Disaggregated: to the prefill instance with the most, naming the
-        decode instance with the most (a live one) to hand it to."""
+        decode instance with the most (a live one) to hand it to.
+
+        ``session_id`` makes it a turn of that session (see
+        :mod:`kvmem.engine.sessions`): it goes to the instances that ran the
+        session's last turn while they live and take requests (the one that
+        parked its KV, and with disaggregation the prefill instance whose
+        prefix cache holds its prompt). One request of a session at a time:
+        :class:`~kvmem.engine.sessions.SessionBusy` otherwise.
+        """
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         with self._lock:
             if rid in self.owner:
                 raise InvalidArgument(f"request id {rid!r} is already in the cluster")
+            if session_id is not None:
+                check_session_id(session_id)
+                if session_id in self._session_busy:
+                    raise SessionBusy(
+                        f"session {session_id!r} has request "
+                        f"{self._session_busy[session_id]!r} in flight"
+                    )
+                self._session_busy[session_id] = rid
+                self._session_of[rid] = session_id
             if on_output is not None:
                 self._callbacks[rid] = on_output
             if self.prefill:
@@ -216,24 +246,51 @@ class Cluster:
             self._dispatch(rid, rid, list(prompt), params)
         return rid
 
+    def end_session(self, session_id: str) -> bool:
+        """Free the session's parked KV wherever it is; whether the cluster knew the session.
+
+        A request of the session in flight runs on but parks nothing."""
+        check_session_id(session_id)
+        with self._lock:
+            known = session_id in self._homes or session_id in self._session_busy
+            self._homes.pop(session_id, None)
+            live = [i for i in range(self.n) if i not in self.dead]
+        for i in live:
+            self._inboxes[i].put(("end_session", session_id))
+        return known
+
+    def _home(self, session: str | None, pick: int, first: int, end: int, loads: list[Load]) -> int:
+        """The instance among ``first .. end - 1`` that ran ``session``'s last turn while it
+        lives and takes requests, else ``pick``."""
+        if session is None or session not in self._homes:
+            return pick
+        for i in self._homes[session]:
+            if first <= i < end and i not in self.dead and not loads[i].draining:
+                return i if self._procs[i].is_alive() else pick
+        return pick
+
     def _dispatch(self, rid: str, iid: str, prompt: list[int], params: Any) -> None:
         """Send ``rid`` as ``iid`` to an instance (under the lock)."""
         loads = self._virtual_loads()
+        session = self._session_of.get(rid)
         d = None
         if self.prefill:
-            i = pick_instance(loads[: self.prefill])
+            i = self._home(session, pick_instance(loads[: self.prefill]), 0, self.prefill, loads)
             dec = [
                 replace(ld, draining=True) if self.prefill + j in self.dead else ld
                 for j, ld in enumerate(loads[self.prefill :])
             ]
             if len(self.dead) < len(dec):  # else the prefill instance decodes it too
                 d = self.prefill + pick_instance(dec)
+                d = self._home(session, d, self.prefill, self.n, loads)
                 self._sent_demand[d] += len(prompt) + params.max_tokens
         else:
-            i = pick_instance(loads)
+            i = self._home(session, pick_instance(loads), 0, self.n, loads)
         self.owner[rid] = i
         self._sent_demand[i] += len(prompt) + params.max_tokens
-        self._inboxes[i].put(("add", iid, prompt, params, d))
+        self._inboxes[i].put(("add", iid, prompt, params, d, session))
+        if session is not None:
+            self._ran_at[rid] = (i,) if d is None else (i, d)
 
     def _resend(self, rid: str) -> None:
         """Run ``rid`` again from the tokens delivered so far (its decode instance died)."""
@@ -388,6 +445,12 @@ class Cluster:
             self._tokens.setdefault(rid, []).extend(out.new_token_ids)
         if out.finished:
             with self._lock:
+                session = self._session_of.pop(rid, None)
+                if session is not None:
+                    self._session_busy.pop(session, None)
+                    ran_at = self._ran_at.pop(rid, ())
+                    if out.finish_reason in KEEP_REASONS:
+                        self._homes[session] = ran_at
                 self.owner.pop(rid, None)
                 self._callbacks.pop(rid, None)
                 self._requests.pop(rid, None)

@@ -190,9 +190,10 @@ def instance_main(
                 break
             kind = msg[0]
             if kind == "add":
-                _, rid, prompt, params, d = msg
+                _, rid, prompt, params, d, session = msg
+                turn = {} if session is None else {"session_id": session}
                 try:
-                    eng.add_request(prompt, params, request_id=rid, on_output=forward)
+                    eng.add_request(prompt, params, request_id=rid, on_output=forward, **turn)
                 except KVError as e:
                     outbox.put(
                         ("out", rid, RequestOutput(rid, [], "", True, "error", str(e)), 0, rank)
@@ -219,6 +220,8 @@ def instance_main(
             elif kind == "dead":  # prefill role: a decode instance the front found dead
                 if msg[1] in pairs:
                     eng.handoffs.peer_failed(pairs[msg[1]], f"instance {msg[1]} died")
+            elif kind == "end_session":
+                eng.end_session(msg[1])
             elif kind == "decided":
                 box = decisions.get(msg[1])
                 if box is not None:
@@ -253,8 +256,10 @@ def instance_main(
                 st = eng.allocator.stats()
                 sched = eng.scheduler
                 demand = sum(r.num_tokens + eng.allocator.granularity for r in sched.waiting)
-                running = [r.request_id for r in sched.running if r.request_id not in migs.active]
-            load = Load(st.capacity_tokens, st.used_tokens, demand, len(running))
+                active = [r for r in sched.running if r.request_id not in migs.active]
+            # what the migration policy may move: a session's turn stays (its KV is the session's)
+            running = [r.request_id for r in active if r.session_id is None]
+            load = Load(st.capacity_tokens, st.used_tokens, demand, len(active))
             outbox.put(("load", rank, load, running))
             if now - last_metrics >= metrics_s:
                 last_metrics = now

@@ -8,7 +8,8 @@ behind one OpenAI endpoint; ``kvmem serve --prefill-instances P
 first token of each request streams from a prefill instance, the rest from
 a decode instance). :class:`ClusterEngine` has the calls
 :class:`~kvmem.server.runner.AsyncEngine` makes of an engine (``add_request``,
-``abort``, ``serve_forever``, ``metrics``, and the attributes the app reads).
+``abort``, ``end_session``, ``serve_forever``, ``metrics``, and the attributes
+the app reads).
 
 ``metrics()`` merges the instances' latest metrics (each reports about
 four times a second): counts and tokens summed, KV usage over the sums, the
@@ -51,8 +52,10 @@ class ClusterEngine:
         fork_from: str | None = None,
         tenant: Hashable = "default",
         priority: int = 0,
+        session_id: str | None = None,
     ) -> str:
-        """Dispatch a request to an instance (``fork_from`` runs it on its own).
+        """Dispatch a request to an instance (``fork_from`` runs it on its own; ``session_id``
+        makes it a turn of that session, see :meth:`Cluster.add_request`).
 
         Raises :class:`InvalidRequest` before anything is sent for an empty
         prompt, one that fills the context, or one that no instance could
@@ -71,8 +74,16 @@ class ClusterEngine:
                 f"{self.kv_capacity_tokens} tokens, too few for it and its first generated token"
             )
         return self.cluster.add_request(
-            ids, params or SamplingParams(), request_id=request_id, on_output=on_output
+            ids,
+            params or SamplingParams(),
+            request_id=request_id,
+            on_output=on_output,
+            session_id=session_id,
         )
+
+    def end_session(self, session_id: str) -> bool:
+        """Free a session's parked KV wherever it is; whether the cluster knew it."""
+        return self.cluster.end_session(session_id)
 
     def abort(self, request_id: str) -> bool:
         """Abort a request wherever it runs."""

@@ -124,7 +124,7 @@ class AsyncEngine:
 
     @property
     def sessions(self) -> bool:
-        """Whether the engine serves sessions (a cluster of instances does not)."""
+        """Whether the engine serves sessions (it can end one)."""
         return callable(getattr(self.engine, "end_session", None))
 
     @property

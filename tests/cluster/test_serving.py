@@ -168,3 +168,47 @@ def test_prefill_and_decode_instances_go_together():
     add_arguments(p)
     with pytest.raises(Exception, match="go together"):
         build_app(p.parse_args(["--prefill-instances", "1"]))
+
+
+def test_a_session_over_prefill_and_decode_instances_through_the_openai_api():
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(
+        ["--prefill-instances", "1", "--decode-instances", "2", "--num-kv-tokens", "512"]
+        + ["--attention-impl", "reference", "--max-num-batched-tokens", "32"]
+    )
+    app = build_app(args)
+    p1 = [(7 * j) % 200 + 1 for j in range(40)]
+    srv = ServerThread(app).start()
+    try:
+        cluster = app.state.kvmem.runner.engine.cluster
+        with openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0) as c:
+            name = c.models.list().data[0].id
+
+            def ask(prompt: list[int]) -> list[int]:
+                r = c.completions.create(
+                    model=name,
+                    prompt=prompt,
+                    max_tokens=10,
+                    temperature=0,
+                    extra_body={"ignore_eos": True, "return_token_ids": True, "session_id": "c1"},
+                )
+                return list(r.choices[0].model_extra["token_ids"])
+
+            out1 = ask(p1)
+            p2 = p1 + out1 + [5, 6, 7, 8]
+            out2 = ask(p2)
+        with Engine(
+            num_kv_tokens=512, attention_impl="reference", max_num_batched_tokens=32
+        ) as eng:
+            params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+            assert [out1, out2] == [c.output_token_ids for c in eng.generate([p1, p2], params)]
+        deadline = time.monotonic() + 10  # the prefill side's reports may trail the outputs
+        while len(cluster.handoffs) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (_, _, d1, s1), (_, _, d2, s2) = cluster.handoffs
+        assert d1 == d2 and s1.tokens_cached == 0 and s2.tokens_cached >= len(p1) + len(out1) - 1
+        gone = httpx.delete(f"{srv.url}/v1/sessions/c1").json()
+        assert gone["deleted"] is True
+    finally:
+        srv.stop()
