@@ -32,12 +32,15 @@ Disaggregated (``prefill=P``, DistServe; :mod:`kvmem.cluster.disagg`): the
 first P instances prefill and the others decode. A new request goes to the
 prefill instance with the most virtual free KV, which is told the decode
 instance (the same measure, among live ones) to hand it to; the migration
-policy is off. A decode instance found dead has its requests re-sent to a
-prefill instance with the tokens already delivered appended to the prompt
-(under a fresh id at the instances, so late outputs of the dead one are
-dropped): each request still finishes exactly once, with greedy outputs
-unchanged. One that was still on its way there decodes at its prefill
-instance instead (:mod:`kvmem.engine.roles`).
+policy is off. One that was still on its way to a decode instance found
+dead decodes at its prefill instance instead (:mod:`kvmem.engine.roles`).
+
+An instance found dead (any role) has its requests re-sent to live ones
+with the tokens already delivered appended to the prompt, under a fresh id
+at the instances, so late outputs of the dead one are dropped (and a copy
+still on its way to a decode instance is aborted there): each request still
+finishes exactly once, with greedy outputs unchanged. A request that no
+live instance can take (no prefill instance left) finishes with an error.
 
 Sessions (:mod:`kvmem.engine.sessions`): a session's turn goes to the
 instances its last finished turn ran on, while they live and take requests
@@ -65,6 +68,7 @@ from typing import Any, TextIO
 
 from kvmem.cluster.instance import instance_main, pump
 from kvmem.cluster.policy import Load, pick_instance, plan_migrations
+from kvmem.engine.request import RequestOutput
 from kvmem.engine.sessions import KEEP_REASONS, SessionBusy, check_session_id
 from kvmem.errors import InvalidArgument
 
@@ -168,10 +172,10 @@ class Cluster:
         self._undecided: dict[str, tuple[int, int]] = {}  # request id -> (destination, source)
         #: (request id, prefill instance, decode instance, MigrationStats) of each hand-off
         self.handoffs: list[tuple[str, int, int | None, Any]] = []
-        #: decode instances found dead; requests re-sent after one died
+        #: instances found dead; requests re-sent after one died
         self.dead: set[int] = set()
         self.resent: list[str] = []
-        self._requests: dict[str, tuple[list[int], Any]] = {}  # disaggregated: to re-send
+        self._requests: dict[str, tuple[list[int], Any]] = {}  # prompt and params, to re-send
         self._tokens: dict[str, list[int]] = {}  # output tokens delivered, per request
         self._alias: dict[str, str] = {}  # a re-sent request's id at the instances -> its id
         self._current: dict[str, str] = {}  # request id -> its latest id at the instances
@@ -241,8 +245,7 @@ class Cluster:
                 self._session_of[rid] = session_id
             if on_output is not None:
                 self._callbacks[rid] = on_output
-            if self.prefill:
-                self._requests[rid] = (list(prompt), params)
+            self._requests[rid] = (list(prompt), params)  # to re-send, should its instance die
             self._dispatch(rid, rid, list(prompt), params)
         return rid
 
@@ -270,17 +273,24 @@ class Cluster:
         return pick
 
     def _dispatch(self, rid: str, iid: str, prompt: list[int], params: Any) -> None:
-        """Send ``rid`` as ``iid`` to an instance (under the lock)."""
+        """Send ``rid`` as ``iid`` to a live instance (under the lock); with none left, it
+        finishes with an error."""
         loads = self._virtual_loads()
         session = self._session_of.get(rid)
         d = None
+        if all(i in self.dead for i in range(self.prefill or self.n)):
+            why = "no prefill instance is alive" if self.prefill else "no instance is alive"
+            out = RequestOutput(iid, [], "", True, "error", why)
+            self._messages.put(("out", iid, out, 0, -1))  # delivered by the reader, in order
+            return
         if self.prefill:
             i = self._home(session, pick_instance(loads[: self.prefill]), 0, self.prefill, loads)
             dec = [
                 replace(ld, draining=True) if self.prefill + j in self.dead else ld
                 for j, ld in enumerate(loads[self.prefill :])
             ]
-            if len(self.dead) < len(dec):  # else the prefill instance decodes it too
+            if any(j not in self.dead for j in range(self.prefill, self.n)):
+                # else (every decode instance dead) the prefill instance decodes it too
                 d = self.prefill + pick_instance(dec)
                 d = self._home(session, d, self.prefill, self.n, loads)
                 self._sent_demand[d] += len(prompt) + params.max_tokens
@@ -293,11 +303,16 @@ class Cluster:
             self._ran_at[rid] = (i,) if d is None else (i, d)
 
     def _resend(self, rid: str) -> None:
-        """Run ``rid`` again from the tokens delivered so far (its decode instance died)."""
+        """Run ``rid`` again from the tokens delivered so far (its instance died), under a new
+        id at the instances: the old one's outputs are dropped, and a copy of it still on its
+        way to a decode instance is aborted there."""
         prompt, params = self._requests[rid]
         toks = self._tokens.get(rid, [])
         old = self._current.get(rid, rid)
         self._stale.add(old)
+        for j in range(self.prefill, self.n if self.prefill else 0):
+            if j not in self.dead:
+                self._inboxes[j].put(("abort", old))
         self._early.pop(old, None)
         self._delivered.pop(old, None)
         iid = f"{rid}~{next(self._ids)}"
@@ -331,7 +346,7 @@ class Cluster:
             replace(
                 ld,
                 queued_demand=ld.queued_demand + self._sent_demand[i],
-                draining=i in self.draining,
+                draining=i in self.draining or i in self.dead,
                 migrating=i in self.busy,
             )
             for i, ld in enumerate(self.loads)
@@ -402,25 +417,36 @@ class Cluster:
                 self._undecided[rid] = (d, s)
 
     def _settle(self) -> None:
-        """Answer destinations whose source fell silent before committing a hand-over."""
+        """Answer destinations whose source fell silent before committing a hand-over.
+
+        A copy whose request was re-sent (its source was found dead first) never
+        runs; one told to run belongs to its destination from then on, so the
+        source's death does not re-send it."""
         with self._lock:
             for rid, (d, s) in list(self._undecided.items()):
-                run = settle_hand_over(self._outcome.get(rid), self._procs[s].is_alive())
+                alive = self._procs[s].is_alive()
+                run = (
+                    False if rid in self._stale else settle_hand_over(self._outcome.get(rid), alive)
+                )
                 if run is not None:
                     del self._undecided[rid]
                     self._outcome.pop(rid, None)
+                    front = self._alias.get(rid, rid)
+                    if run and front in self.owner:
+                        self.owner[front] = d
                     self._inboxes[d].put(("decided", rid, run))
 
     def _recover(self) -> None:
-        """Re-send the requests that a decode instance found dead was running."""
-        for d in range(self.prefill, self.n if self.prefill else 0):
-            if d in self.dead or self._procs[d].is_alive():
+        """Re-send the requests of an instance found dead to live ones (see :meth:`_resend`)."""
+        for i in range(self.n):
+            if i in self.dead or self._procs[i].is_alive() or self._stop.is_set():
                 continue
             with self._lock:
-                self.dead.add(d)
-                for p in range(self.prefill):  # its hand-offs in flight end now
-                    self._inboxes[p].put(("dead", d))
-                for rid in [r for r, o in self.owner.items() if o == d]:
+                self.dead.add(i)
+                if self.prefill and i >= self.prefill:
+                    for p in range(self.prefill):  # its hand-offs in flight end now
+                        self._inboxes[p].put(("dead", i))
+                for rid in [r for r, o in self.owner.items() if o == i]:
                     self._resend(rid)
 
     def _in_order(self, rid: str, out: Any, start: int) -> list[Any]:
