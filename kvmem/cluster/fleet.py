@@ -61,6 +61,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -512,10 +513,12 @@ class Cluster:
     def dump_state(self, file: TextIO | None = None) -> None:
         """Write what the front knows and every thread's stack, for a fleet that seems stuck.
 
-        To ``file`` (default ``sys.stderr``): the front's bookkeeping (owners,
-        hand-offs, re-sent requests, dead instances, per-request delivery) and
-        the stacks of this process's threads; each live instance writes its
-        own threads' stacks to its stderr (it is sent SIGUSR1).
+        To ``file`` (a file with a descriptor; default ``sys.stderr``): the
+        front's bookkeeping (owners, hand-offs, re-sent requests, dead
+        instances, per-request delivery) and the stacks of this process's
+        threads; then each live instance in turn
+        writes its own threads' stacks to its stderr (it is sent SIGUSR1), after
+        a line naming it on this process's stderr.
         """
         out = file if file is not None else sys.stderr
         with self._lock:
@@ -542,10 +545,12 @@ class Cluster:
             print(f"cluster {key}: {value}", file=out)
         out.flush()
         faulthandler.dump_traceback(out, all_threads=True)
-        for p in self._procs:
+        for i, p in enumerate(self._procs):
             if p.is_alive() and p.pid is not None:
+                print(f"instance {i} (pid {p.pid}):", file=sys.stderr, flush=True)
                 with contextlib.suppress(OSError):
                     os.kill(p.pid, signal.SIGUSR1)
+                time.sleep(0.2)  # one instance's stacks at a time on the shared stderr
 
     # ---------------------------------------------------------------- lifecycle
     def close(self) -> None:

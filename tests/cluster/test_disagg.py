@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import tempfile
 import threading
 import time
 
@@ -89,6 +90,12 @@ def test_prefill_and_decode_instances_give_the_colocated_tokens():
         assert _wait(
             lambda: _idle(c, range(2)) and c.metrics[0].prefix_cache_hit_tokens >= hits, 10
         ), c.metrics
+        with tempfile.TemporaryFile("w+") as f:
+            c.dump_state(f)
+            f.seek(0)
+            dump = f.read()
+    assert all(f"('r{i}', 0, 1)" in dump for i in range(len(PROMPTS)))  # the hand-offs
+    assert "in _read" in dump  # the front reader's stack
     assert col.finished == {f"r{i}": 1 for i in range(len(PROMPTS))}
     assert [col.got[f"r{i}"] for i in range(len(PROMPTS))] == ref
 
