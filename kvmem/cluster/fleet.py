@@ -61,8 +61,6 @@ from kvmem.cluster.instance import instance_main, pump
 from kvmem.cluster.policy import Load, pick_instance, plan_migrations
 from kvmem.errors import InvalidArgument
 
-_SWITCH_S = 0.0005
-
 
 def _free_port() -> int:
     with socket.socket() as s:
