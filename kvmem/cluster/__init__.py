@@ -5,6 +5,7 @@
 - :mod:`kvmem.cluster.fleet`: :class:`Cluster`, N engine processes behind the dispatcher,
   live-migrating requests from loaded (or draining) instances to free ones, or (``prefill=P``)
   P prefill and N-P decode instances (:mod:`kvmem.cluster.disagg`, DistServe);
+- :mod:`kvmem.cluster.instance`: the instance process and its pipe to the front;
 - :mod:`kvmem.cluster.simulate`: the same policies on simulated instances, for benchmarks.
 """
 

@@ -9,6 +9,12 @@
     policy thread: plan_migrations(loads) ─▶ ("accept", s) to d, ("migrate", rid, d) to s
                                               s ── live migration over the transport ──▶ d
 
+Each instance's messages come to the front through a pipe of its own, so
+an instance that dies (even in the middle of a message) silences nothing
+but itself (:mod:`kvmem.cluster.instance`); :meth:`Cluster.dump_state`
+writes what the front knows and every thread's stack, for a fleet that
+seems stuck.
+
 The instances form one gloo group; a migration from ``s`` to ``d`` uses
 the frames of that pair, and the policy keeps every instance in at most one
 migration at a time, so frames of two migrations never interleave. A
@@ -37,199 +43,29 @@ instance instead (:mod:`kvmem.engine.roles`).
 from __future__ import annotations
 
 import contextlib
-import functools
+import faulthandler
 import itertools
 import os
 import queue
+import signal
 import socket
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from datetime import timedelta
-from typing import Any
+from typing import Any, TextIO
 
-from kvmem.cluster.disagg import pair_transports, role_of, start_acceptors
+from kvmem.cluster.instance import instance_main, pump
 from kvmem.cluster.policy import Load, pick_instance, plan_migrations
-from kvmem.errors import InvalidArgument, KVError
-
-_SWITCH_S = 0.0005
+from kvmem.errors import InvalidArgument
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _instance_main(
-    rank: int,
-    size: int,
-    port: int,
-    options: Mapping[str, Any],
-    inbox: Any,
-    outbox: Any,
-    timeout: float,
-    report_s: float,
-    prefill: int = 0,
-) -> None:
-    """One instance: an engine stepping, answering the dispatcher's messages."""
-    import torch
-    import torch.distributed as dist
-
-    from kvmem.distributed.transport import Transport
-    from kvmem.engine import Engine, RequestOutput
-    from kvmem.transfer.live import abort_remote
-
-    torch.set_num_threads(1)
-    if prefill:
-        # a hand-off's frames go out from worker threads between the engine loop's steps:
-        # at the default 5 ms GIL switch interval each frame waits for a slice
-        sys.setswitchinterval(_SWITCH_S)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=size,
-        timeout=timedelta(seconds=timeout),
-    )
-    transport = Transport(dist.distributed_c10d._get_default_group(), timeout)
-    pairs = pair_transports(rank, size, prefill, timeout)
-    eng = Engine(**{**options, "role": role_of(rank, prefill)})
-
-    sent: dict[str, int] = {}  # output tokens forwarded so far, per request
-
-    def forward(out: Any) -> None:
-        # where this output's tokens start in the request's output: the front orders by it,
-        # since a migrated request's outputs come from two processes through one queue
-        rid = out.request_id
-        start = sent.get(rid)
-        if start is None:  # its first output here (a migrated request has some already)
-            r = eng.request(rid)
-            start = r.num_output_tokens - len(out.new_token_ids) if r is not None else 0
-        sent[rid] = start + len(out.new_token_ids)
-        if out.finished:
-            sent.pop(rid, None)
-        outbox.put(("out", rid, out, start, rank))
-
-    decisions: dict[str, queue.Queue[bool]] = {}
-
-    def decide(src: int, rid: str) -> bool:
-        # the source fell silent between our OK and its COMMIT: the front knows whether it
-        # died (run the copy) or kept the request (drop it)
-        box = decisions[rid] = queue.Queue(1)
-        outbox.put(("undecided", rank, rid, src))
-        try:
-            return box.get(timeout=3 * timeout)
-        except queue.Empty:
-            return False  # never run twice
-        finally:
-            decisions.pop(rid, None)
-
-    def accept(src: int) -> None:
-        rid = None
-        with contextlib.suppress(KVError):
-            rid = eng.accept_migration(
-                transport,
-                src,
-                timeout=timeout,
-                on_output=forward,
-                decide=functools.partial(decide, src),
-            )
-        outbox.put(("accepted", rank, rid))
-
-    aborts: dict[str, None] = {}  # decode role: aborts that may come before their request
-
-    def accepted(rid: str) -> None:
-        if rid in aborts:  # aborted while on its way here
-            aborts.pop(rid, None)
-            eng.abort(rid)
-        outbox.put(("accepted", rank, rid))
-
-    if eng.config.role == "decode":
-        start_acceptors(eng, pairs, forward, accepted, decide)
-    routed: dict[str, int] = {}  # request id -> its decode instance (prefill role)
-    seen_done = seen_failed = seen_handed = seen_local = 0
-    last = last_metrics = 0.0
-    metrics_s = max(report_s, 0.25)
-    while True:
-        stop = False
-        while True:
-            try:
-                msg = inbox.get_nowait()
-            except queue.Empty:
-                break
-            kind = msg[0]
-            if kind == "add":
-                _, rid, prompt, params, d = msg
-                try:
-                    eng.add_request(prompt, params, request_id=rid, on_output=forward)
-                except KVError as e:
-                    outbox.put(
-                        ("out", rid, RequestOutput(rid, [], "", True, "error", str(e)), 0, rank)
-                    )
-                    continue
-                if d is not None:
-                    eng.handoffs.route(eng, rid, pairs[d], 1)
-                    routed[rid] = d
-            elif kind == "abort":
-                eng.abort(msg[1])
-                if eng.config.role == "decode":
-                    aborts[msg[1]] = None
-                    if len(aborts) > 4096:
-                        aborts.pop(next(iter(aborts)))
-            elif kind == "migrate":
-                try:
-                    eng.migrate(msg[1], transport, msg[2])
-                except KVError as e:
-                    with contextlib.suppress(KVError):
-                        abort_remote(transport, msg[2])
-                    outbox.put(("migrated", rank, msg[1], None, str(e)))
-            elif kind == "accept":
-                threading.Thread(target=accept, args=(msg[1],), daemon=True).start()
-            elif kind == "dead":  # prefill role: a decode instance the front found dead
-                if msg[1] in pairs:
-                    eng.handoffs.peer_failed(pairs[msg[1]], f"instance {msg[1]} died")
-            elif kind == "decided":
-                box = decisions.get(msg[1])
-                if box is not None:
-                    box.put(msg[2])
-            elif kind == "stop":
-                stop = True
-        if stop:
-            break
-        if eng.has_unfinished():
-            eng.step()
-        else:
-            time.sleep(0.002)
-        migs = eng.migrations
-        for rid, _stats in migs.done[seen_done:]:
-            outbox.put(("migrated", rank, rid, True, None))
-        for rid, why in migs.failed[seen_failed:]:
-            outbox.put(("migrated", rank, rid, None, why))
-        seen_done, seen_failed = len(migs.done), len(migs.failed)
-        h = eng.handoffs
-        for rid, _peer, stats in h.done[seen_handed:]:
-            outbox.put(("handed", rank, rid, routed.pop(rid, None), stats))
-        for rid in h.local[seen_local:]:
-            outbox.put(("migrated", rank, rid, False, "its decode instance failed"))
-            routed.pop(rid, None)
-        seen_handed, seen_local = len(h.done), len(h.local)
-        now = time.monotonic()
-        if now - last >= report_s:
-            last = now
-            st = eng.allocator.stats()
-            sched = eng.scheduler
-            demand = sum(r.num_tokens + eng.allocator.granularity for r in sched.waiting)
-            running = [r.request_id for r in sched.running if r.request_id not in migs.active]
-            load = Load(st.capacity_tokens, st.used_tokens, demand, len(running))
-            outbox.put(("load", rank, load, running))
-            if now - last_metrics >= metrics_s:
-                last_metrics = now
-                outbox.put(("metrics", rank, eng.metrics()))
-    outbox.put(("stopped", rank))
-    os._exit(0)
 
 
 def settle_hand_over(reported: bool | None, source_alive: bool) -> bool | None:
@@ -280,19 +116,20 @@ class Cluster:
         self.prefill = prefill
         self.migrate = migrate and not prefill
         self.policy_s = policy_s
-        self._outbox = ctx.Queue()
         self._inboxes = [ctx.Queue() for _ in range(n)]
+        # each instance writes to a pipe of its own (see kvmem.cluster.instance)
+        pipes = [ctx.Pipe(duplex=False) for _ in range(n)]
         port = _free_port()
         self._procs = [
             ctx.Process(
-                target=_instance_main,
+                target=instance_main,
                 args=(
                     r,
                     n,
                     port,
                     dict(engine_options or {}),
                     self._inboxes[r],
-                    self._outbox,
+                    pipes[r][1],
                     timeout,
                     report_s,
                     prefill,
@@ -301,6 +138,8 @@ class Cluster:
             )
             for r in range(n)
         ]
+        #: every instance's messages, in the order they came in
+        self._messages: queue.Queue[Any] = queue.Queue()
         self.loads: list[Load] = [Load(1, 0) for _ in range(n)]
         self.running: list[list[str]] = [[] for _ in range(n)]
         self.owner: dict[str, int] = {}
@@ -330,9 +169,23 @@ class Cluster:
         self._stale: set[str] = set()  # ids at the instances whose outputs are dropped
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._unplug = threading.Event()  # set once the instances are gone
         self._ids = itertools.count()
         for p in self._procs:
             p.start()
+        for _, w in pipes:
+            w.close()  # the instance holds the only writing end: its death ends the pipe
+        self._pumps = [
+            threading.Thread(
+                target=pump,
+                args=(c, self._messages, self._unplug),
+                name=f"kvmem-pipe-{r}",
+                daemon=True,
+            )
+            for r, (c, _) in enumerate(pipes)
+        ]
+        for t in self._pumps:
+            t.start()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self._policy = threading.Thread(target=self._police, daemon=True)
@@ -402,10 +255,11 @@ class Cluster:
         with self._lock:
             i = self.owner.get(request_id)
             iid = self._current.get(request_id, request_id)
+            dead = set(self.dead)
         if i is None:
             return False
         # disaggregated: it may be on its way to a decode instance; unknown ids are ignored
-        for j in {i, *range(self.prefill, self.n if self.prefill else 0)}:
+        for j in {i, *range(self.prefill, self.n if self.prefill else 0)} - dead:
             self._inboxes[j].put(("abort", iid))
         return True
 
@@ -428,59 +282,66 @@ class Cluster:
     # ------------------------------------------------------------------ threads
     def _read(self) -> None:
         while not self._stop.is_set():
-            self._settle()
-            self._recover()
             try:
-                msg = self._outbox.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            kind = msg[0]
-            if kind == "out":
-                _, iid, out, start, _src = msg
-                if iid in self._stale:
+                self._settle()
+                self._recover()
+                try:
+                    msg = self._messages.get(timeout=0.1)
+                except queue.Empty:
                     continue
-                rid = self._alias.get(iid, iid)
-                for o in self._in_order(iid, out, start):
-                    self._deliver(rid, o if iid == rid else replace(o, request_id=rid), iid)
-            elif kind == "load":
-                _, i, load, running = msg
-                with self._lock:
-                    self.loads[i] = load
-                    self.running[i] = running
-                    self._sent_demand[i] = 0
-            elif kind == "accepted":
-                _, d, iid = msg
-                rid = self._alias.get(iid, iid)
-                with self._lock:
-                    src = self._pending_dst.pop(d, None)
-                    self.busy.discard(d)
-                    if rid in self.owner and iid not in self._stale:
-                        self.owner[rid] = d
-                        if src is not None:
-                            self.migrations.append((rid, src, d))
-            elif kind == "handed":
-                _, p, iid, d, stats = msg
-                rid = self._alias.get(iid, iid)
-                with self._lock:
-                    self.handoffs.append((rid, p, d, stats))
-                    self._outcome[iid] = True
-                    if rid in self.owner and iid not in self._stale:
-                        self.owner[rid] = d
-                        if d in self.dead:
-                            self._resend(rid)
-            elif kind == "migrated":
-                _, s, rid, ok, why = msg
-                with self._lock:
-                    self.busy.discard(s)
-                    self._outcome[rid] = bool(ok)
-                    if not ok:
-                        self.failed_migrations.append((rid, str(why)))
-            elif kind == "metrics":
-                self.metrics[msg[1]] = msg[2]
-            elif kind == "undecided":
-                _, d, rid, s = msg
-                with self._lock:
-                    self._undecided[rid] = (d, s)
+                self._handle(msg)
+            except Exception:  # e.g. a user's output callback: the other requests go on
+                traceback.print_exc()
+
+    def _handle(self, msg: tuple[Any, ...]) -> None:
+        """Act on one instance message (on the reader thread)."""
+        kind = msg[0]
+        if kind == "out":
+            _, iid, out, start, _src = msg
+            if iid in self._stale:
+                return
+            rid = self._alias.get(iid, iid)
+            for o in self._in_order(iid, out, start):
+                self._deliver(rid, o if iid == rid else replace(o, request_id=rid), iid)
+        elif kind == "load":
+            _, i, load, running = msg
+            with self._lock:
+                self.loads[i] = load
+                self.running[i] = running
+                self._sent_demand[i] = 0
+        elif kind == "accepted":
+            _, d, iid = msg
+            rid = self._alias.get(iid, iid)
+            with self._lock:
+                src = self._pending_dst.pop(d, None)
+                self.busy.discard(d)
+                if rid in self.owner and iid not in self._stale:
+                    self.owner[rid] = d
+                    if src is not None:
+                        self.migrations.append((rid, src, d))
+        elif kind == "handed":
+            _, p, iid, d, stats = msg
+            rid = self._alias.get(iid, iid)
+            with self._lock:
+                self.handoffs.append((rid, p, d, stats))
+                self._outcome[iid] = True
+                if rid in self.owner and iid not in self._stale:
+                    self.owner[rid] = d
+                    if d in self.dead:
+                        self._resend(rid)
+        elif kind == "migrated":
+            _, s, rid, ok, why = msg
+            with self._lock:
+                self.busy.discard(s)
+                self._outcome[rid] = bool(ok)
+                if not ok:
+                    self.failed_migrations.append((rid, str(why)))
+        elif kind == "metrics":
+            self.metrics[msg[1]] = msg[2]
+        elif kind == "undecided":
+            _, d, rid, s = msg
+            with self._lock:
+                self._undecided[rid] = (d, s)
 
     def _settle(self) -> None:
         """Answer destinations whose source fell silent before committing a hand-over."""
@@ -557,6 +418,49 @@ class Cluster:
                 self._inboxes[d].put(("accept", s))
                 self._inboxes[s].put(("migrate", rid, d))
 
+    # ------------------------------------------------------------- diagnostics
+    def dump_state(self, file: TextIO | None = None) -> None:
+        """Write what the front knows and every thread's stack, for a fleet that seems stuck.
+
+        To ``file`` (a file with a descriptor; default ``sys.stderr``): the
+        front's bookkeeping (owners, hand-offs, re-sent requests, dead
+        instances, per-request delivery) and the stacks of this process's
+        threads; then each live instance in turn
+        writes its own threads' stacks to its stderr (it is sent SIGUSR1), after
+        a line naming it on this process's stderr.
+        """
+        out = file if file is not None else sys.stderr
+        with self._lock:
+            state = {
+                "alive": [p.is_alive() for p in self._procs],
+                "dead": sorted(self.dead),
+                "owner": dict(self.owner),
+                "current": dict(self._current),
+                "resent": list(self.resent),
+                "handoffs": [(rid, p, d) for rid, p, d, _ in self.handoffs],
+                "failed_migrations": list(self.failed_migrations),
+                "tokens": {rid: len(t) for rid, t in self._tokens.items()},
+                "delivered": dict(self._delivered),
+                "early": {rid: [s for s, _, _ in e] for rid, e in self._early.items()},
+                "undecided": dict(self._undecided),
+                "outcome": dict(self._outcome),
+                "stale": sorted(self._stale),
+                "loads": list(self.loads),
+                "reader_alive": self._reader.is_alive(),
+                "pumps_alive": [t.is_alive() for t in self._pumps],
+                "messages_queued": self._messages.qsize(),
+            }
+        for key, value in state.items():
+            print(f"cluster {key}: {value}", file=out)
+        out.flush()
+        faulthandler.dump_traceback(out, all_threads=True)
+        for i, p in enumerate(self._procs):
+            if p.is_alive() and p.pid is not None:
+                print(f"instance {i} (pid {p.pid}):", file=sys.stderr, flush=True)
+                with contextlib.suppress(OSError):
+                    os.kill(p.pid, signal.SIGUSR1)
+                time.sleep(0.2)  # one instance's stacks at a time on the shared stderr
+
     # ---------------------------------------------------------------- lifecycle
     def close(self) -> None:
         """Stop every instance."""
@@ -567,6 +471,8 @@ class Cluster:
             p.join(10)
             if p.is_alive():
                 p.kill()
+                p.join(10)
+        self._unplug.set()  # the pipes have ended (or will not: nothing is read from them now)
 
     def __enter__(self) -> Cluster:
         return self
