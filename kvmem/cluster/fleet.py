@@ -73,8 +73,6 @@ from kvmem.engine.request import RequestOutput
 from kvmem.engine.sessions import KEEP_REASONS, SessionBusy, check_session_id
 from kvmem.errors import InvalidArgument
 
-_SWITCH_S = 0.0005
-
 
 def _free_port() -> int:
     with socket.socket() as s:
