@@ -449,7 +449,11 @@ class Cluster:
                     self._resend(rid)
 
     def _in_order(self, rid: str, out: Any, start: int) -> list[Any]:
-        """The outputs of ``rid`` now deliverable in token order (``out`` buffered if early)."""
+        """The outputs of ``rid`` now deliverable in token order (``out`` buffered if early).
+
+        Tokens already delivered are not delivered again: two instances may both
+        produce a position (a decode instance that died right after taking the
+        request over, and the prefill instance that then decoded it itself)."""
         pending = self._early.setdefault(rid, [])
         pending.append((start, bool(out.finished), out))
         pending.sort(key=lambda p: (p[0], p[1]))  # at one position, the finishing output last
@@ -457,6 +461,10 @@ class Cluster:
         at = self._delivered.get(rid, 0)
         while pending and pending[0][0] <= at:
             start, _, o = pending.pop(0)
+            if o.new_token_ids and start + len(o.new_token_ids) <= at:  # delivered already
+                if not o.finished:
+                    continue
+                o = replace(o, new_token_ids=[], new_text="", logprobs=None)
             ready.append(o)
             at = max(at, start + len(o.new_token_ids))
         self._delivered[rid] = at

@@ -82,3 +82,27 @@ def test_with_no_prefill_instance_left_requests_finish_with_an_error():
     assert col.reasons == {"new": "error", "handed": "abort"}
     assert "no prefill instance" in (col.errors["new"] or "")
     assert col.finished == {"new": 1, "handed": 1}
+
+
+def test_positions_produced_twice_are_delivered_once_in_order():
+    """Two instances producing the same positions (a decode instance that died right after
+    taking a request over, then its prefill instance decoding it): each position once, the
+    finish once, in token order."""
+    from types import SimpleNamespace
+
+    from kvmem.engine import RequestOutput
+
+    front = SimpleNamespace(_early={}, _delivered={})
+
+    def feed(start: int, toks: list[int], finished: bool = False) -> list[list[int]]:
+        out = RequestOutput("r", toks, "", finished, "length" if finished else None)
+        got = Cluster._in_order(front, "r", out, start)
+        return [(o.new_token_ids, o.finished) for o in got]
+
+    assert feed(0, [7]) == [([7], False)]
+    assert feed(1, [8]) == [([8], False)]  # from the decode instance, which then dies
+    assert feed(1, [8]) == []  # the prefill instance produces position 1 again
+    assert feed(3, [10]) == []  # early: waits for position 2
+    assert feed(2, [9]) == [([9], False), ([10], False)]
+    assert feed(3, [10], finished=True) == [([], True)]  # a repeated last token still finishes
+    assert front._delivered["r"] == 4 and "r" not in front._early
