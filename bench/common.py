@@ -48,14 +48,15 @@ def machine_info() -> dict[str, Any]:
 
 
 def git_commit() -> str | None:
-    """The commit checked out, with ``+dirty`` if tracked files changed; None outside git."""
+    """The commit checked out, with ``+dirty`` if tracked files changed (bench/results aside:
+    a run writes there); None outside git."""
     root = RESULTS.parent.parent
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"],
             cwd=root,
             capture_output=True,
             text=True,

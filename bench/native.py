@@ -45,7 +45,6 @@ import mmap
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -55,6 +54,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.common import git_commit
 from kvmem import native
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -312,17 +312,6 @@ def machine() -> dict[str, Any]:
     }
 
 
-def commit() -> str | None:
-    """The git commit of the checkout, if any."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent
-        )
-        return out.stdout.strip() or None
-    except OSError:
-        return None
-
-
 def plot(fig: dict[str, Any], path: Path) -> None:
     """One panel per operation: Python against native, log time axis."""
     import matplotlib
@@ -389,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     fig["native_enabled"] = st.enabled
     fig["quick"] = args.quick
     fig["command"] = "python -m bench.native" + (" --quick" if args.quick else "")
-    fig["commit"] = commit()
+    fig["commit"] = git_commit()
     fig["machine"] = machine()
     print(f"{'figure':<36}{'value':>12}  target")
     for k, v in fig.items():

@@ -79,7 +79,6 @@ import argparse
 import heapq
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -90,7 +89,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import console, print_table, progress, save_results
+from bench.common import console, git_commit, print_table, progress, save_results
 from kvmem import KVSpec, create_allocator
 from kvmem.errors import InvalidArgument
 from kvmem.tiers import BlockKey
@@ -414,25 +413,6 @@ def run_config(turns: list[Turn], n: int, host: int, disk: int, name: str) -> di
         out.update({k[5:]: v for k, v in extra.items() if k.startswith("tier_bytes_")})
         cache.alloc.close()
     return out
-
-
-def git_commit() -> str:
-    """The commit of the working tree (``+dirty`` if it has changes)."""
-    try:
-        here = Path(__file__).resolve().parent
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "kvmem", "bench/tiers.py"],
-            cwd=here.parent,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def plot(figs: dict[str, Any], path: Path) -> None:
