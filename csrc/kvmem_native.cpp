@@ -499,10 +499,11 @@ void publish_run(PyObject* seq, int64_t page_size, int64_t first, int64_t count,
   }
 }
 
-void check_publish_lists(PyObject* bl, PyObject* kl, PyObject* ix, PyObject* ph) {
-  if (!PyList_Check(bl) || !PyList_Check(kl) || !PyDict_Check(ix) || !PyList_Check(ph) ||
-      PyList_GET_SIZE(ph) != PyList_GET_SIZE(kl))
-    bad("tokens, blocks, keys and page_hashes must be lists (the last two alike), index a dict");
+// What publish_run (and the reserve pass's evictions) write to: keys and
+// page_hashes, lists of one entry per page, and index, a dict.
+bool publish_targets(PyObject* kl, PyObject* ix, PyObject* ph) {
+  return PyList_Check(kl) && PyDict_Check(ix) && PyList_Check(ph) &&
+         PyList_GET_SIZE(ph) == PyList_GET_SIZE(kl);
 }
 
 // publish_run over a sequence's tokens: (hashes, [(key, block) published]); the
@@ -511,8 +512,9 @@ py::tuple publish_pages(py::handle tokens, int64_t page_size, int64_t first, int
                         int64_t parent, py::handle blocks, py::handle keys, py::handle index,
                         py::handle page_hashes) {
   PyObject *seq = tokens.ptr(), *bl = blocks.ptr();
-  if (!PyList_Check(seq)) bad("tokens, blocks, keys and page_hashes must be lists (the last two alike), index a dict");
-  check_publish_lists(bl, keys.ptr(), index.ptr(), page_hashes.ptr());
+  if (!PyList_Check(seq) || !PyList_Check(bl) ||
+      !publish_targets(keys.ptr(), index.ptr(), page_hashes.ptr()))
+    bad("tokens, blocks, keys and page_hashes must be lists (the last two alike), index a dict");
   if (page_size <= 0) bad("page_size must be positive");
   if (first < 0 || count < 0) bad("first and count must be >= 0");
   if ((first + count) * page_size > PyList_GET_SIZE(seq) || first + count > PyList_GET_SIZE(bl))
@@ -771,10 +773,9 @@ py::object reserve_pass(py::handle seqs, py::handle ids, py::handle counts, int6
     ix = PyTuple_GET_ITEM(grow.ptr(), 2);
     ph = PyTuple_GET_ITEM(grow.ptr(), 3);
     const torch::Tensor& t = *table;
-    if (!PyList_Check(kl) || !PyDict_Check(ix) || !PyList_Check(ph) ||
-        PyList_GET_SIZE(kl) != PyList_GET_SIZE(ref.ptr()) ||
-        PyList_GET_SIZE(ph) != PyList_GET_SIZE(kl) || t.device().type() != torch::kCPU ||
-        t.scalar_type() != torch::kInt32 || t.dim() != 2 || !t.is_contiguous())
+    if (!publish_targets(kl, ix, ph) || PyList_GET_SIZE(kl) != PyList_GET_SIZE(ref.ptr()) ||
+        t.device().type() != torch::kCPU || t.scalar_type() != torch::kInt32 || t.dim() != 2 ||
+        !t.is_contiguous())
       return py::none();
   }
   struct Grow {  // a sequence that takes `add` pages, checked
@@ -881,9 +882,7 @@ py::object commit_pass(py::handle seqs, py::handle ids, py::handle counts, int64
     kl = PyTuple_GET_ITEM(pub.ptr(), 0);
     ix = PyTuple_GET_ITEM(pub.ptr(), 1);
     ph = PyTuple_GET_ITEM(pub.ptr(), 2);
-    if (!PyList_Check(kl) || !PyDict_Check(ix) || !PyList_Check(ph) ||
-        PyList_GET_SIZE(ph) != PyList_GET_SIZE(kl))
-      return py::none();
+    if (!publish_targets(kl, ix, ph)) return py::none();
   }
   struct Fill {  // a sequence that fills pages, checked: all publish_run reads
     PyObject *s, *tokens, *blocks, *hashes;

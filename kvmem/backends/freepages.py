@@ -97,7 +97,7 @@ class FreeQueue:
 
     def release(self, pages: list[int], ref: list[int], keys: list[Any]) -> int:
         """:meth:`FreePages.release` in one pass (:func:`kvmem.native.release_pages`)."""
-        return page_releaser()(pages, ref, keys, self._q)
+        return page_releaser()(pages, ref, keys, self._q, self._q.move_to_end)
 
     def remove(self, page: int) -> None:
         """Take a cached page out of the queue."""

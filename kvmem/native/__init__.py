@@ -446,18 +446,16 @@ def release_pages(
     """
     ext = pick(native)
     if ext is None:
-        return _py.release_pages(pages, ref, keys, queue)
+        return _py.release_pages(pages, ref, keys, queue, queue.move_to_end)
     return call(ext.release_pages, pages, ref, keys, queue, queue.move_to_end)  # type: ignore[no-any-return]
 
 
-def page_releaser() -> Callable[[list[int], list[int], list[Any], OrderedDict[int, None]], int]:
-    """:func:`release_pages` without the wrapper, native when the extension is in use: for
-    callers whose arguments are known good (errors come as ValueError natively)."""
+def page_releaser() -> Callable[..., int]:
+    """:func:`release_pages` without the wrapper, native when the extension is in use:
+    ``(pages, ref, keys, queue, queue.move_to_end) -> int``, for callers whose arguments are
+    known good (errors come as ValueError natively)."""
     ext = pick(None)
-    if ext is None:
-        return _py.release_pages
-    rel = ext.release_pages
-    return lambda pages, ref, keys, queue: rel(pages, ref, keys, queue, queue.move_to_end)  # type: ignore[no-any-return]
+    return _py.release_pages if ext is None else ext.release_pages  # type: ignore[no-any-return]
 
 
 def chain_hashes(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import mmap as _mmap
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -336,11 +337,16 @@ def publish_pages(
 
 
 def release_pages(
-    pages: list[int], ref: list[int], keys: list[Any], queue: OrderedDict[int, None]
+    pages: list[int],
+    ref: list[int],
+    keys: list[Any],
+    queue: OrderedDict[int, None],
+    to_front: Callable[[int, bool], None],
 ) -> int:
     """Drop one hold of each page, last first; a page no longer held joins ``queue`` at the
-    back if it has a key, else at the front. Returns how many of those had keys. Every page
-    is checked first: an index of ``ref``, held, named once."""
+    back if it has a key, else at the front (``to_front(page, False)``, the queue's
+    ``move_to_end``). Returns how many of those had keys. Every page is checked first: an
+    index of ``ref``, held, named once."""
     if not (isinstance(pages, list) and isinstance(ref, list) and isinstance(keys, list)) or len(
         keys
     ) != len(ref):
@@ -360,5 +366,5 @@ def release_pages(
             if keys[b] is not None:
                 cached += 1
             else:
-                queue.move_to_end(b, last=False)
+                to_front(b, False)
     return cached

@@ -7,12 +7,13 @@ import pytest
 
 from kvmem.cluster import Cluster
 from kvmem.engine import SamplingParams
-from tests.cluster.test_disagg import OPTS, PROMPTS, _Collect, _finish, _idle, _reference, _wait
+from tests.cluster.helpers import OPTS, Collect, wait
+from tests.cluster.test_disagg import PROMPTS, _finish, _idle, _reference
 
 pytestmark = pytest.mark.timeout(240)
 
 
-class _Reasons(_Collect):
+class _Reasons(Collect):
     def __init__(self) -> None:
         super().__init__()
         self.reasons: dict[str, str | None] = {}
@@ -28,21 +29,21 @@ class _Reasons(_Collect):
 def test_a_colocated_instance_killed_while_serving_has_its_requests_finished_elsewhere():
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     ref = _reference(params)
-    col = _Collect()
+    col = Collect()
     with Cluster(2, OPTS, migrate=False, timeout=5.0) as c:
-        assert _wait(lambda: all(m is not None for m in c.metrics), 120), c.metrics
+        assert wait(lambda: all(m is not None for m in c.metrics), 120), c.metrics
         for i, p in enumerate(PROMPTS):
             c.add_request(p, params, request_id=f"r{i}", on_output=col)
         assert {c.owner[f"r{i}"] for i in range(len(PROMPTS))} == {0, 1}
-        assert _wait(lambda: any(c.owner.get(r) == 0 for r in col.got), 120), col.got
+        assert wait(lambda: any(c.owner.get(r) == 0 for r in col.got), 120), col.got
         c._procs[0].kill()
         assert _finish(c, lambda: len(col.finished) == len(PROMPTS), 150), (col.got, c.resent)
         assert c.dead == {0} and c.resent
-        late = _Collect()  # new requests go to the live instance only
+        late = Collect()  # new requests go to the live instance only
         c.add_request(PROMPTS[1], params, request_id="late", on_output=late)
         assert c.owner["late"] == 1
-        assert _wait(lambda: "late" in late.finished, 120), late.got
-        assert _wait(lambda: _idle(c, range(1, 2)), 10), c.metrics
+        assert wait(lambda: "late" in late.finished, 120), late.got
+        assert wait(lambda: _idle(c, range(1, 2)), 10), c.metrics
     assert col.finished == {f"r{i}": 1 for i in range(len(PROMPTS))}
     assert [col.got[f"r{i}"] for i in range(len(PROMPTS))] == ref
     assert late.got["late"] == ref[1]
@@ -51,16 +52,16 @@ def test_a_colocated_instance_killed_while_serving_has_its_requests_finished_els
 def test_a_prefill_instance_killed_while_serving_has_its_requests_prefilled_by_another():
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     ref = _reference(params)
-    col = _Collect()
+    col = Collect()
     with Cluster(3, OPTS, prefill=2, timeout=5.0) as c:  # ranks 0, 1 prefill; 2 decodes
-        assert _wait(lambda: all(m is not None for m in c.metrics), 120), c.metrics
+        assert wait(lambda: all(m is not None for m in c.metrics), 120), c.metrics
         for i, p in enumerate(PROMPTS):
             c.add_request(p, params, request_id=f"r{i}", on_output=col)
         assert 0 in {c.owner[f"r{i}"] for i in range(len(PROMPTS))}
         c._procs[0].kill()  # with its prompts still prefilling or on their way to rank 2
         assert _finish(c, lambda: len(col.finished) == len(PROMPTS), 150), (col.got, c.resent)
         assert c.dead == {0}
-        assert _wait(lambda: _idle(c, range(1, 3)), 10), c.metrics
+        assert wait(lambda: _idle(c, range(1, 3)), 10), c.metrics
     assert col.finished == {f"r{i}": 1 for i in range(len(PROMPTS))}
     assert [col.got[f"r{i}"] for i in range(len(PROMPTS))] == ref
 
@@ -69,16 +70,16 @@ def test_with_no_prefill_instance_left_requests_finish_with_an_error():
     params = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
     col = _Reasons()
     with Cluster(2, OPTS, prefill=1, timeout=5.0) as c:
-        assert _wait(lambda: all(m is not None for m in c.metrics), 120), c.metrics
+        assert wait(lambda: all(m is not None for m in c.metrics), 120), c.metrics
         c.add_request(PROMPTS[0], params, request_id="handed", on_output=col)
-        assert _wait(lambda: c.owner.get("handed") == 1, 120), c.handoffs  # decoding at 1
+        assert wait(lambda: c.owner.get("handed") == 1, 120), c.handoffs  # decoding at 1
         c._procs[0].kill()
-        assert _wait(lambda: c.dead == {0}, 30)
+        assert wait(lambda: c.dead == {0}, 30)
         c.add_request(PROMPTS[1], params, request_id="new", on_output=col)
-        assert _wait(lambda: "new" in col.finished, 30), col.got
+        assert wait(lambda: "new" in col.finished, 30), col.got
         assert c.abort("handed")
-        assert _wait(lambda: "handed" in col.finished, 60), col.got
-        assert _wait(lambda: _idle(c, range(1, 2)), 10), c.metrics
+        assert wait(lambda: "handed" in col.finished, 60), col.got
+        assert wait(lambda: _idle(c, range(1, 2)), 10), c.metrics
     assert col.reasons == {"new": "error", "handed": "abort"}
     assert "no prefill instance" in (col.errors["new"] or "")
     assert col.finished == {"new": 1, "handed": 1}

@@ -3,29 +3,14 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
 from kvmem.cluster import Cluster
 from kvmem.engine import Engine, SamplingParams
+from tests.cluster.helpers import OPTS, wait
 
 pytestmark = pytest.mark.timeout(180)
-OPTS = {
-    "attention_impl": "reference",
-    "num_kv_tokens": 1024,
-    "seed": 0,
-    "max_num_batched_tokens": 32,
-}
-
-
-def _wait(cond, deadline: float) -> bool:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_requests_spread_finish_once_with_the_reference_tokens_and_a_drain_moves_them():
@@ -47,9 +32,9 @@ def test_requests_spread_finish_once_with_the_reference_tokens_and_a_drain_moves
         for i, p in enumerate(prompts):
             c.add_request(p, params, request_id=f"r{i}", on_output=collect)
         assert {c.owner[f"r{i}"] for i in range(4)} == {0, 1}  # spread by virtual usage
-        assert _wait(lambda: any(len(v) >= 4 for v in got.values()), 120)
+        assert wait(lambda: any(len(v) >= 4 for v in got.values()), 120)
         c.drain(0)
-        assert _wait(lambda: len(finished) == 4, 150), (got, c.failed_migrations)
+        assert wait(lambda: len(finished) == 4, 150), (got, c.failed_migrations)
         assert c.migrations, c.failed_migrations
         assert all(src == 0 and dst == 1 for _, src, dst in c.migrations)
     assert finished == {f"r{i}": 1 for i in range(4)}

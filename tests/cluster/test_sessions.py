@@ -3,56 +3,25 @@ disaggregated, with the tokens of fresh requests."""
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
 
 from kvmem.cluster import Cluster
 from kvmem.engine import Engine, InvalidRequest, SamplingParams
 from kvmem.engine.sessions import SessionBusy
+from tests.cluster.helpers import OPTS, Collect, wait
 
 pytestmark = pytest.mark.timeout(240)
-OPTS = {
-    "attention_impl": "reference",
-    "num_kv_tokens": 1024,
-    "seed": 0,
-    "max_num_batched_tokens": 32,
-}
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 P1 = [(7 * j) % 200 + 1 for j in range(45)]
 NEW = [(13 * j) % 190 + 3 for j in range(9)]
 
 
-def _wait(cond, deadline: float) -> bool:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-class _Turns:
-    """Every request's tokens, first reported cached-token count and finish count."""
-
-    def __init__(self) -> None:
-        self.got: dict[str, list[int]] = {}
-        self.cached: dict[str, int] = {}
-        self.finished: dict[str, int] = {}
-        self.lock = threading.Lock()
-
-    def __call__(self, out) -> None:
-        with self.lock:
-            self.got.setdefault(out.request_id, []).extend(out.new_token_ids)
-            if out.num_cached_tokens is not None:
-                self.cached.setdefault(out.request_id, out.num_cached_tokens)
-            if out.finished:
-                self.finished[out.request_id] = self.finished.get(out.request_id, 0) + 1
+class _Turns(Collect):
+    """:class:`Collect`, and a request run to its end."""
 
     def run(self, c: Cluster, rid: str, prompt: list[int], **kw) -> list[int]:
         c.add_request(prompt, GREEDY, request_id=rid, on_output=self, **kw)
-        assert _wait(lambda: rid in self.finished, 150), self.got
+        assert wait(lambda: rid in self.finished, 150), self.got
         return self.got[rid]
 
 
@@ -70,17 +39,17 @@ def test_colocated_turns_go_to_the_instance_that_parked_the_session():
     col = _Turns()
     with Cluster(2, OPTS, migrate=False) as c:
         out1 = col.run(c, "t1", P1, session_id="chat")
-        assert _wait(lambda: sorted(_parked(c, i) for i in range(2)) == [0, 1], 30), c.metrics
+        assert wait(lambda: sorted(_parked(c, i) for i in range(2)) == [0, 1], 30), c.metrics
         home = [_parked(c, i) for i in range(2)].index(1)
         # the other instance has less load now: only the session sends the turn back home
         p2 = P1 + out1 + NEW
         c.add_request(p2, GREEDY, request_id="t2", on_output=col, session_id="chat")
         assert c.owner["t2"] == home
-        assert _wait(lambda: "t2" in col.finished, 150), col.got
+        assert wait(lambda: "t2" in col.finished, 150), col.got
         assert col.cached["t2"] >= len(P1) + len(out1) - 1  # the parked KV, not recomputed
         other = col.run(c, "o1", NEW * 3)  # no session: goes by load
         assert c.end_session("chat") is True and c.end_session("chat") is False
-        assert _wait(lambda: _parked(c, home) == 0, 30), c.metrics
+        assert wait(lambda: _parked(c, home) == 0, 30), c.metrics
     assert col.finished == {"t1": 1, "t2": 1, "o1": 1}
     assert [out1, col.got["t2"], other] == _fresh([P1, p2, NEW * 3])
 
@@ -98,7 +67,7 @@ def test_disaggregated_turns_hand_over_only_what_the_decode_side_does_not_hold()
         assert second[3].tokens_cached >= len(P1) + len(out1) - 1
         assert second[3].tokens_copied <= len(p2) - second[3].tokens_cached + 16
         assert c.end_session("chat") is True
-        assert _wait(lambda: all(_parked(c, i) == 0 for i in range(3)), 30), c.metrics
+        assert wait(lambda: all(_parked(c, i) == 0 for i in range(3)), 30), c.metrics
     assert col.finished == {"t1": 1, "t2": 1}
     assert [out1, out2] == _fresh([P1, p2])
 
@@ -115,6 +84,6 @@ def test_one_request_of_a_session_at_a_time_in_the_cluster():
             c.add_request(P1, GREEDY, request_id="c", session_id="")
         assert "c" not in c.owner
         c.abort("a")
-        assert _wait(lambda: "a" in col.finished, 60), col.got
+        assert wait(lambda: "a" in col.finished, 60), col.got
         col.run(c, "d", P1, session_id="s")  # free again once the request ended
     assert col.finished == {"a": 1, "d": 1}

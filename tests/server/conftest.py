@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
+import openai
 import pytest
 import torch
 
@@ -52,6 +53,19 @@ def make_server(tiny_model) -> Iterator[ServerFactory]:
     yield make
     for s in started:
         s.stop()
+
+
+@pytest.fixture(scope="module")
+def server(make_server) -> ServerThread:
+    """A server with the default engine options, for the module."""
+    return make_server()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> Iterator[openai.OpenAI]:
+    """The official ``openai`` client of :func:`server`."""
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0) as c:
+        yield c
 
 
 def metric(text: str, name: str) -> float:

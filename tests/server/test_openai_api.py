@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import openai
 import pytest
 from conftest import HTTP, MODEL
 
@@ -11,17 +10,6 @@ from kvmem.server import ChatTemplate
 from kvmem.server.protocol import ChatMessage
 
 PROMPT = "The quick brown fox jumps over"
-
-
-@pytest.fixture(scope="module")
-def server(make_server):
-    return make_server()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

@@ -21,17 +21,6 @@ SAMPLE = dict(model=MODEL, temperature=1.0, max_tokens=8, extra_body={"ignore_eo
 
 
 @pytest.fixture(scope="module")
-def server(make_server):
-    return make_server()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def logprobs_of(tiny_model):
     """log-softmax of the model's logits at every position of a token sequence, run alone."""
 

@@ -11,17 +11,6 @@ from conftest import HTTP, MODEL, metric
 PAGE = 16
 
 
-@pytest.fixture(scope="module")
-def server(make_server):
-    return make_server()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0) as c:
-        yield c
-
-
 def prompt(seed: int, n: int) -> list[int]:
     return [(seed * 131 + 7 * i) % 250 + 1 for i in range(n)]
 
