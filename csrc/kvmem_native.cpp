@@ -607,14 +607,19 @@ py::object token_list(py::handle tokens) {
 struct Bail {};
 
 enum Field {
-  kSwapped, kTransfer, kComputed, kReserved, kBlocks, kTokens, kRow, kHashes, kRoot, kFields
+  kSwapped, kTransfer, kComputed, kReserved, kBlocks, kTokens, kRow, kHashes, kRoot, kSlot,
+  kFields
 };
-const char* const kNames[kFields] = {"swapped", "transfer", "num_computed", "reserved", "blocks",
-                                     "tokens",  "row",      "hashes",       "root"};
+const char* const kNames[kFields] = {"swapped", "transfer", "num_computed", "reserved",
+                                     "blocks",  "tokens",   "row",          "hashes",
+                                     "root",    "slot"};
 
+// The member descriptors of the last state type seen, each looked up when first needed (the
+// vmem backend's states have a slot but no blocks or row).
 struct Members {
   PyObject* type = nullptr;  // a strong reference: the address cannot be reused
   PyMemberDef* m[kFields] = {};
+  bool looked[kFields] = {};
 };
 Members members;
 
@@ -635,23 +640,26 @@ PyMemberDef* member_of(PyObject* t, const char* name) {
   return m;
 }
 
-PyMemberDef* const* fields_of(PyObject* s) {
+// The member descriptor of field f for s's type, else Bail.
+PyMemberDef* field_of(PyObject* s, Field f) {
   PyObject* t = reinterpret_cast<PyObject*>(Py_TYPE(s));
   if (t != members.type) {
-    Members found;
-    for (int k = 0; k < kFields; ++k)
-      if (!(found.m[k] = member_of(t, kNames[k]))) throw Bail();
     Py_INCREF(t);
     Py_XDECREF(members.type);
-    found.type = t;
-    members = found;
+    members = Members();
+    members.type = t;
   }
-  return members.m;
+  if (!members.looked[f]) {
+    members.m[f] = member_of(t, kNames[f]);
+    members.looked[f] = true;
+  }
+  if (!members.m[f]) throw Bail();
+  return members.m[f];
 }
 
 // A new reference to field f of s, else Bail.
 PyObject* get(PyObject* s, Field f) {
-  PyObject* v = PyMember_GetOne(reinterpret_cast<const char*>(s), fields_of(s)[f]);
+  PyObject* v = PyMember_GetOne(reinterpret_cast<const char*>(s), field_of(s, f));
   if (!v) {
     PyErr_Clear();
     throw Bail();
@@ -686,7 +694,7 @@ int64_t get_int(PyObject* s, Field f) {
 void set_int(PyObject* s, Field f, int64_t x) {
   PyObject* v = PyLong_FromLongLong(x);
   if (!v) throw py::error_already_set();
-  int rc = PyMember_SetOne(reinterpret_cast<char*>(s), fields_of(s)[f], v);
+  int rc = PyMember_SetOne(reinterpret_cast<char*>(s), field_of(s, f), v);
   Py_DECREF(v);
   if (rc) throw py::error_already_set();
 }
@@ -964,8 +972,10 @@ py::object append_pass(py::handle seqs, py::handle ids, py::handle tokens) {
 // layout: the batch [(seq_id, n), ...] checked (resident, n new entries in
 // reserved slots, no id twice) and laid out from rows of the backend's dense
 // block table: (ids tuple, max_seq_len, max_query_len, the layout_arrays), or None.
+// A state's table row is its `row` field, or its `slot` with by_slot (vmem).
 py::object layout_pass(py::handle seqs, py::handle batch, const torch::Tensor& table,
-                       int64_t page_size) {
+                       int64_t page_size, bool by_slot) {
+  const Field row = by_slot ? kSlot : kRow;
   if (!PyDict_Check(seqs.ptr()) || !PyList_Check(batch.ptr())) return py::none();
   try {
     Py_ssize_t n = PyList_GET_SIZE(batch.ptr());
@@ -987,7 +997,7 @@ py::object layout_pass(py::handle seqs, py::handle batch, const torch::Tensor& t
       int64_t q = positive(PyTuple_GET_ITEM(item, 1));
       int64_t end = get_int(s, kComputed) + q;
       if (end > get_int(s, kReserved) || end > INT32_MAX) throw Bail();
-      rp[i] = get_int(s, kRow);
+      rp[i] = get_int(s, row);
       lp[i] = static_cast<int32_t>(end);
       qp[i] = static_cast<int32_t>(q);
       max_len = std::max(max_len, end);
@@ -1034,7 +1044,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("release_pages", &release_pages);
   m.def("token_list", &token_list);
   m.def("append_pass", &append_pass);
-  m.def("layout_pass", &layout_pass);
+  m.def("layout_pass", &layout_pass, py::arg("seqs"), py::arg("batch"), py::arg("table"),
+        py::arg("page_size"), py::arg("by_slot") = false);
   m.def("with_cuda", &with_cuda);
   m.attr("ABI") = 1;
 }

@@ -7,7 +7,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from kvmem import KVSpec, create_allocator, native
@@ -300,3 +300,55 @@ def test_a_decode_step_grows_and_publishes_in_the_passes_unless_someone_listens(
         len(e.block_hashes) for batch in seen for e in batch.events if isinstance(e, BlockStored)
     )
     assert stored == sum(k is not None for k in loud._key)
+
+
+@needs_native
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    st.lists(st.tuples(st.integers(0, 6), st.integers(-1, 3)), max_size=7),
+    st.integers(0, 2**31),
+)
+@example(batch=[(0, 1), (3, 1), (1, 1)], seed=1)  # laid out (a commit of 1 always fits)
+def test_vmem_native_layout_equals_the_python_version(batch, seed):
+    """vmem lays a batch out natively from its slots; the Python path gives the same, and
+    refuses alike what is wrong (unknown, swapped, past the reservation, named twice)."""
+    from kvmem.backends.vmem import VMemAllocator
+
+    rng = np.random.default_rng(seed)
+    spec = KVSpec(2, 1, 8)
+    a, b = (
+        VMemAllocator(spec, num_tokens=1024, max_seqs=6, max_seq_len=128, page_bytes=4096)
+        for _ in range(2)
+    )
+    done = [int(rng.integers(0, 4 + 7 * sid)) for sid in range(5)]
+    with a, b:
+        b.native_passes = False
+        for x in (a, b):
+            for sid in range(5):
+                n = 3 + 7 * sid
+                x.add(sid, list(range(n)))
+                x.reserve(sid, n + 1)
+                if done[sid]:
+                    x.commit(sid, done[sid])
+            x.swap_out([4])
+        outcomes = []
+        for x in (a, b):
+            try:
+                lay = x.layout(list(batch))
+                outcomes.append(
+                    {f: getattr(lay, f).tolist() for f in FIELDS} | {"ids": lay.seq_ids}
+                )
+            except Exception as e:  # noqa: BLE001 - both must fail alike
+                outcomes.append(type(e))
+        assert outcomes[0] == outcomes[1]
+
+
+FIELDS = (
+    "kv_indptr",
+    "kv_indices",
+    "kv_last_page_len",
+    "block_table",
+    "seq_lens",
+    "query_start_loc",
+    "slot_mapping",
+)

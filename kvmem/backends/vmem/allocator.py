@@ -33,7 +33,8 @@ from kvmem.backends.vmem.seq import VSeq
 from kvmem.backends.vmem.space import VirtualKV, round_seq_len
 from kvmem.backends.vmem.swapping import SwapMixin
 from kvmem.errors import DriverError, IntegrityError, InvalidArgument, OutOfKVMemory
-from kvmem.layout import BatchLayout
+from kvmem.layout import BatchLayout, from_arrays
+from kvmem.native import batch_passes
 from kvmem.spec import KVSpec
 from kvmem.storage import LayerKV
 from kvmem.tiers import EventHub, LoadHandle, TierManager, WritePolicy
@@ -90,6 +91,8 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
 
     capabilities = Capabilities(swap=True, fork=True, prefix_caching=True)
     max_seq_len: int
+    #: False: ``layout`` always takes the Python path (tests compare the two).
+    native_passes: bool | None = None
 
     def __init__(
         self,
@@ -210,6 +213,8 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
                 f"more memory mappings than the system allows ({limit}); use larger page_bytes"
             )
         self.space = VirtualKV(spec, drv, max_seqs, self.max_seq_len, pb, groups)
+        # row s is [s]: the page table of slot s (one page of max_seq_len tokens)
+        self._slot_table = torch.arange(max_seqs, dtype=torch.int32).reshape(-1, 1)
 
     # ------------------------------------------------------------------ helpers
     def _held(self) -> int:
@@ -373,6 +378,25 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
         """The batch's slots as a [B, 1] page table."""
         rows = np.fromiter((s.slot for s in seqs), dtype=np.int32, count=len(seqs))
         return rows.reshape(-1, 1), True
+
+    def layout(self, batch: Sequence[tuple[Hashable, int]]) -> BatchLayout:
+        """Kernel inputs for ``[(seq_id, num_new_tokens), ...]``: page ``s`` is slot ``s``'s row.
+
+        The common case (a list of resident sequences) is checked and laid
+        out in one native pass; anything else takes the base class's path,
+        which raises the right error.
+        """
+        ext = None if self.native_passes is False else batch_passes()
+        if ext is not None and type(batch) is list and not self._closed:
+            got = ext.layout_pass(self._seqs, batch, self._slot_table, self.page_size, True)
+            if got is not None:
+                if self._mapper.pending:
+                    self._mapper.wake()
+                ids, max_len, max_q, arrays = got
+                return from_arrays(
+                    self.page_size, arrays, ids, self.device, self.spec, max_len, max_q
+                )
+        return super().layout(batch)
 
     def _make_layout(
         self,
