@@ -27,6 +27,8 @@
 
 namespace py = pybind11;
 
+void register_mapper(py::module_& m);  // kvmem_mapper.cpp
+
 namespace {
 
 [[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument(msg); }
@@ -1047,5 +1049,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layout_pass", &layout_pass, py::arg("seqs"), py::arg("batch"), py::arg("table"),
         py::arg("page_size"), py::arg("by_slot") = false);
   m.def("with_cuda", &with_cuda);
+  register_mapper(m);
   m.attr("ABI") = 1;
 }

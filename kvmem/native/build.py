@@ -32,7 +32,8 @@ def _find_csrc() -> Path:
 
 #: Where the extension's sources are.
 CSRC = _find_csrc()
-_SOURCES = ("kvmem_native.cpp", "kvmem_cuda.cu", "kvmem_cuda.h")
+_SOURCES = ("kvmem_native.cpp", "kvmem_mapper.cpp", "kvmem_cuda.cu", "kvmem_cuda.h")
+_CPU_SOURCES = ("kvmem_native.cpp", "kvmem_mapper.cpp")
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def _want_cuda() -> bool:
 
 def _tag(cuda: bool) -> str:
     h = hashlib.sha256()
-    for name in _SOURCES if cuda else ("kvmem_native.cpp", "kvmem_cuda.h"):
+    for name in _SOURCES if cuda else (*_CPU_SOURCES, "kvmem_cuda.h"):
         h.update((CSRC / name).read_bytes())
     h.update(f"{torch.__version__} {sys.version_info[:2]} {cuda}".encode())
     return h.hexdigest()[:16]
@@ -87,7 +88,7 @@ def _build() -> tuple[ModuleType, NativeStatus]:
         )
         # torch finds ninja on PATH; a venv's own ninja sits beside its python
         os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-        sources = [str(CSRC / "kvmem_native.cpp")]
+        sources = [str(CSRC / name) for name in _CPU_SOURCES]
         flags = ["-O3"]
         ldflags: list[str] = []
         if cuda:

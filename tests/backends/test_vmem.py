@@ -486,13 +486,14 @@ def test_close_releases_every_mapping_range_and_the_memfd():
     write_step(a, [("s", 50)], tokens)
     a.wait_map_ahead(10)
     fd, base, size = a.driver.fd, a.space.base, a.space.virtual_bytes
-    worker = a._mapper.thread
+    worker = a._mapper._worker
+    assert worker is not None and worker.running
     assert any(lo <= base < hi for lo, hi in mapped_ranges())
     a.close()
     assert not any(lo < base + size and base < hi for lo, hi in mapped_ranges())
     with pytest.raises(OSError):
         os.fstat(fd)
-    assert worker is not None and not worker.is_alive()
+    assert not worker.running
     with pytest.raises(KVError):
         a.stats()
     with pytest.raises(KVError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from kvmem import DriverError, native
@@ -161,7 +162,45 @@ def test_a_failed_unmap_maps_back_what_it_unmapped_and_changes_nothing(fail_afte
     a.close()
 
 
-def test_the_worker_maps_a_chunk_of_pages_with_one_mmap_per_layer(calls):
+@pytest.fixture(params=["native", "thread"])
+def worker(request, monkeypatch):
+    """The map-ahead worker kind: the extension's thread, or a Python thread."""
+    if request.param == "native" and not native.enabled():
+        pytest.skip(f"native primitives unavailable: {native.status()}")
+    if request.param == "thread":
+        monkeypatch.setattr(HostDriver, "map_worker", lambda self: None)
+    return request.param
+
+
+def test_the_worker_maps_a_chunk_of_pages_with_one_mmap_per_layer(worker, monkeypatch):
+    plans = []  # (thread, [(mmap calls, bytes per call), ...]) of every map job
+    real, real_submit = HostDriver.plan_map, HostDriver.submit_map
+
+    def plan_map(self, pages, size):
+        plan = real(self, pages, size)
+        runs = [(len(r[2]), r[4]) for r in plan.runs]
+        plans.append((threading.current_thread().name, runs))
+        return plan
+
+    class Recorder:  # the native mapper, its submit_pages jobs seen as their mmap calls
+        def __init__(self, mapper):
+            self.mapper = mapper
+
+        def submit_pages(self, fd, base, length, pages, size):
+            follows = (np.diff(pages, axis=0) == size).all(axis=1)
+            cuts = [0, *(np.flatnonzero(~follows) + 1).tolist(), len(pages)]
+            runs = [(1, (b - a) * size) for a, b in zip(cuts, cuts[1:]) if b > a]
+            plans.append((threading.current_thread().name, runs))
+            return self.mapper.submit_pages(fd, base, length, pages, size)
+
+        def __getattr__(self, name):
+            return getattr(self.mapper, name)
+
+    def submit_map(self, mapper, pages, size):
+        return real_submit(self, Recorder(mapper), pages, size)
+
+    monkeypatch.setattr(HostDriver, "submit_map", submit_map)
+    monkeypatch.setattr(HostDriver, "plan_map", plan_map)
     a = vmem(map_ahead=True, num_tokens=8 * 4096, max_seqs=4)
     tokens = {s: [1] * 10 for s in "ab"}
     for sid in tokens:
@@ -169,10 +208,12 @@ def test_the_worker_maps_a_chunk_of_pages_with_one_mmap_per_layer(calls):
         a.reserve(sid, 10)
     write_step(a, [(sid, 10) for sid in tokens], tokens)
     assert a.wait_map_ahead(10)
-    worker = [(n, size) for kind, n, size, who in calls if kind == "map" and who == WORKER]
-    assert worker, "the worker mapped nothing"
-    assert all(n == a.spec.num_layers for n, _ in worker)  # one run per layer per call
-    assert max(size for _, size in worker) >= 4 * PAGE
+    assert a.stats().extra["map_ahead_groups"] > 0, "the worker mapped nothing"
+    # the worker's jobs: planned on its thread (Python) or on the caller's (native)
+    jobs = [runs for who, runs in plans if (who == WORKER) == (worker == "thread")]
+    chunks = [runs for runs in jobs if max(size for _, size in runs) >= 4 * PAGE]
+    assert chunks, "no job mapped a chunk of pages"
+    assert all(sum(n for n, _ in runs) == a.spec.num_layers for runs in chunks)  # one per layer
     decode_steps(a, tokens, list(tokens), 3 * (4 * KIB // TB))
     a.check_integrity()
     for sid in tokens:

@@ -390,7 +390,7 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
         if ext is not None and type(batch) is list and not self._closed:
             got = ext.layout_pass(self._seqs, batch, self._slot_table, self.page_size, True)
             if got is not None:
-                if self._mapper.pending:
+                if self._mapper.pending or self._mapper.busy:
                     self._mapper.wake()
                 ids, max_len, max_q, arrays = got
                 return from_arrays(
@@ -406,7 +406,7 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
         query_lens: np.ndarray,
     ) -> BatchLayout:
         """The base layout; first hands pending requests to the map-ahead worker."""
-        if self._mapper.pending:
+        if self._mapper.pending or self._mapper.busy:
             self._mapper.wake()  # the batch is about to run: the worker maps meanwhile
         return super()._make_layout(ids, seqs, seq_lens, query_lens)
 
@@ -580,7 +580,7 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
         self._swapper.close()  # every copy done, every callback run
         with self._lock:
             self._mapper.closed = True
-        self._mapper.stop()
+        self._mapper.stop()  # its jobs land first: nothing maps into a range being freed
         with self._lock:
             self._owner = [None] * self.max_seqs
             self._free_slots = OrderedDict.fromkeys(range(self.max_seqs))

@@ -30,16 +30,46 @@ from __future__ import annotations
 import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from kvmem.errors import DriverError, InvalidArgument
 
 #: A physical page as the driver names it (a file offset, a CUDA handle, ...).
 PageHandle = Any
+#: Pages to map: ``(addr, handle)`` pairs, or an int64 array of such rows.
+Pages = Sequence[tuple[int, PageHandle]] | np.ndarray
+#: A map job's outcome: (ticket, pages mapped, the error that stopped it or None).
+MapResult = tuple[int, int, DriverError | None]
 
-__all__ = ["MetaDriver", "PageHandle", "VMemDriver"]
+__all__ = ["MapResult", "MapWorker", "MetaDriver", "PageHandle", "Pages", "VMemDriver"]
+
+
+class MapWorker(Protocol):
+    """Runs ``driver.map_many(pages, size)`` jobs in order, off the caller's thread."""
+
+    def submit(self, pages: Pages, size: int) -> int:
+        """Queue a job; returns its ticket (tickets count up from 1)."""
+        ...
+
+    def poll(self) -> list[MapResult]:
+        """The results of the jobs finished since the last poll, in ticket order."""
+        ...
+
+    def wait(self, ticket: int = 0, timeout: float | None = None) -> bool:
+        """Block until job ``ticket`` (every job, for 0) is finished; False on timeout."""
+        ...
+
+    def close(self) -> None:
+        """Finish the queued jobs and stop the thread."""
+        ...
+
+    @property
+    def running(self) -> bool:
+        """Its thread runs (until :meth:`close`)."""
+        ...
 
 
 class VMemDriver(ABC):
@@ -119,6 +149,11 @@ class VMemDriver(ABC):
             except DriverError as e:
                 return i, e
         return len(pages), None
+
+    def map_worker(self) -> MapWorker | None:
+        """A worker of the driver's own that maps off the GIL, or None (the default): the
+        allocator's map-ahead then calls :meth:`map_many` on a Python thread."""
+        return None
 
     @abstractmethod
     def unmap(self, addr: int, size: int) -> None:

@@ -34,15 +34,18 @@ import mmap as _mmap
 import os
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from kvmem import native
-from kvmem.backends.vmem.driver import PageHandle, VMemDriver
+from kvmem.backends.vmem.driver import MapWorker, PageHandle, Pages, VMemDriver
+from kvmem.backends.vmem.mapworker import NativeHostWorker
 from kvmem.errors import DriverError, InvalidArgument
+from kvmem.native.build import pick
 
-__all__ = ["HostDriver"]
+__all__ = ["HostDriver", "MapPlan"]
 
 _PROT_NONE = 0
 _PROT_RW = _mmap.PROT_READ | _mmap.PROT_WRITE
@@ -72,6 +75,38 @@ def _libc() -> ctypes.CDLL:
     libc.fallocate.restype = ctypes.c_int
     libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     return libc
+
+
+class MapPlan:
+    """The ``mmap`` calls of one :meth:`HostDriver.map_many`, and how to report their outcome.
+
+    ``runs`` are ``(range start, range size, addresses, file offsets, bytes per call, pages
+    per call)``, in order; ``error`` is what stops the pages after them (None if nothing
+    does). A plan that failed before any call has no runs.
+    """
+
+    def __init__(self, pages: np.ndarray, runs: list[tuple[Any, ...]], error: DriverError | None):
+        self.pages = pages
+        self.runs = runs
+        self.error = error
+
+    @classmethod
+    def failed(cls, message: str) -> MapPlan:
+        """A plan that maps nothing and reports ``message``."""
+        return cls(np.zeros((0, 2), dtype=np.int64), [], DriverError(message))
+
+    def refused(self, message: str) -> MapPlan:
+        """This plan's pages, mapping none of them, reporting ``message``."""
+        return MapPlan(self.pages, [], DriverError(message))
+
+    def outcome(self, done: int, errno: int) -> tuple[int, DriverError | None]:
+        """``map_many``'s result after ``done`` pages mapped and ``errno`` (0: no failure)."""
+        if errno:
+            return done, DriverError(
+                f"mmap(MAP_FIXED | MAP_SHARED) of offset {int(self.pages[done, 1])} failed: "
+                f"{os.strerror(errno)} (errno {errno})"
+            )
+        return done, self.error
 
 
 def _max_map_count() -> int | None:
@@ -252,41 +287,101 @@ class HostDriver(VMemDriver):
         order up to the first one outside a reserved range, with an
         unaligned offset, or whose ``mmap`` failed.
         """
-        self._check("map", 0, size)
-        if not len(pages):
-            return 0, None
-        try:
-            arr = np.asarray(pages, dtype=np.int64).reshape(len(pages), 2)
-        except (TypeError, ValueError, OverflowError) as e:
-            return 0, DriverError(f"map: page addresses and handles must be ints ({e})")
-        if not self._backed.issuperset((arr[:, 1] // self._page).tolist()):
-            for handle in arr[:, 1].tolist():
-                if handle // self._page in self._backed:
-                    continue
-                if self._pages.get(handle) != size:
-                    return 0, DriverError(f"map: no page of {size} bytes at offset {handle!r}")
-                try:
-                    self._back(handle, size)
-                except DriverError as e:
-                    return 0, e
-        addrs = arr[:, 0]
+        plan = self.plan_map(pages, size)
         done = 0
-        n, err = self._inside(addrs, size)
-        for base, length, first, count, run in self._batches(addrs[:n], arr[:n, 1], size):
-            idx = slice(first, first + count * run, run)
+        for base, length, addrs, offs, call_size, run in plan.runs:
             try:  # an offset that is no page's (unaligned) is refused before any mmap
-                got, errno = native.host_map_pages(
-                    self.fd, base, length, addrs[idx], arr[idx, 1], run * size
-                )
+                got, errno = native.host_map_pages(self.fd, base, length, addrs, offs, call_size)
             except InvalidArgument as e:
                 return done, DriverError(f"map: {e}")
             done += got * run
             if errno:
-                return done, DriverError(
-                    f"mmap(MAP_FIXED | MAP_SHARED) of offset {int(arr[done, 1])} failed: "
-                    f"{os.strerror(errno)} (errno {errno})"
-                )
-        return done, err
+                return plan.outcome(done, errno)
+        return plan.outcome(done, 0)
+
+    def plan_map(self, pages: Sequence[tuple[int, PageHandle]] | np.ndarray, size: int) -> MapPlan:
+        """The ``mmap`` calls :meth:`map_many` makes for ``pages``, the handles backed already.
+
+        Raises InvalidArgument for a size that is no multiple of the page
+        size; every other failure is the plan's to report (:meth:`MapPlan.outcome`).
+        """
+        self._check("map", 0, size)
+        if not len(pages):
+            return MapPlan(np.zeros((0, 2), dtype=np.int64), [], None)
+        try:
+            arr = np.asarray(pages, dtype=np.int64).reshape(len(pages), 2)
+        except (TypeError, ValueError, OverflowError) as e:
+            return MapPlan.failed(f"map: page addresses and handles must be ints ({e})")
+        err = self._back_pages(arr, size)
+        if err is not None:
+            return MapPlan.failed(str(err))
+        addrs = arr[:, 0]
+        n, err = self._inside(addrs, size)
+        runs = []
+        for base, length, first, count, run in self._batches(addrs[:n], arr[:n, 1], size):
+            idx = slice(first, first + count * run, run)
+            a, o = np.ascontiguousarray(addrs[idx]), np.ascontiguousarray(arr[idx, 1])
+            runs.append((base, length, a, o, run * size, run))
+        return MapPlan(arr, runs, err)
+
+    def _back_pages(self, arr: np.ndarray, size: int) -> DriverError | None:
+        """Look up every ``(addr, offset)`` row's page and back it; the first failure."""
+        if self._backed.issuperset((arr[:, 1] // self._page).tolist()):
+            return None
+        for handle in arr[:, 1].tolist():
+            if handle // self._page in self._backed:
+                continue
+            if self._pages.get(handle) != size:
+                return DriverError(f"map: no page of {size} bytes at offset {handle!r}")
+            try:
+                self._back(handle, size)
+            except DriverError as e:
+                return e
+        return None
+
+    def submit_map(self, mapper: Any, pages: Pages, size: int) -> tuple[int, MapPlan]:
+        """Queue :meth:`map_many` of ``pages`` on a native ``HostMapper``: the job's ticket,
+        and the plan whose :meth:`~MapPlan.outcome` reads its result.
+
+        With one reserved range (the allocator's) the extension merges runs and
+        checks the pages itself; handles are looked up and backed here first.
+        """
+        self._check("map", 0, size)
+        if len(self._ranges) != 1 or not len(pages):
+            plan = self.plan_map(pages, size)
+            try:
+                return int(mapper.submit(self.fd, plan.runs)), plan
+            except ValueError as e:  # an unaligned offset: nothing is mapped, as map_many
+                return int(mapper.submit(self.fd, [])), plan.refused(f"map: {e}")
+        try:
+            arr = np.ascontiguousarray(pages, dtype=np.int64).reshape(len(pages), 2)
+        except (TypeError, ValueError, OverflowError) as e:
+            plan = MapPlan.failed(f"map: page addresses and handles must be ints ({e})")
+            return int(mapper.submit(self.fd, [])), plan
+        err = self._back_pages(arr, size)
+        if err is not None:
+            return int(mapper.submit(self.fd, [])), MapPlan.failed(str(err))
+        ((base, length),) = self._ranges.items()
+        ticket, taken = mapper.submit_pages(self.fd, base, length, arr, size)
+        if taken < len(arr):
+            addr, off = (int(x) for x in arr[taken])
+            err = DriverError(
+                f"map: address {addr:#x} is not inside a reserved range"
+                if off % self._page == 0
+                else f"map: file offset {off} is not page aligned"
+            )
+        return int(ticket), MapPlan(arr, [], err)
+
+    def map_worker(self) -> MapWorker | None:
+        """The extension's native mapping thread when it is in use, else None.
+
+        The native thread makes :meth:`map_many`'s calls: a subclass that
+        changes ``map_many`` gets None.
+        """
+        ext = pick(None)
+        if ext is None or type(self).map_many is not HostDriver.map_many:
+            return None
+        return NativeHostWorker(self, ext.HostMapper())
 
     def _inside(
         self, addrs: np.ndarray, size: int, what: str = "map"

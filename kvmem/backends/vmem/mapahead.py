@@ -2,63 +2,44 @@
 
 ::
 
-    caller thread                         worker thread ("kvmem-vmem-map-ahead")
-    reserve(s, 1) -> want(slot)  --+
-    layout(batch) -> wake()      --+-->  queue  -->  run(slots):
-                                                       per slot, most urgent first:
-                                                       lock:   claim pool groups
-                                                       (none): driver.map_many(...)
-                                                       lock:   publish, notify settle()
+    caller thread (the allocator's lock held where it says so)        worker thread
+    reserve(s, 1) -> want(slot)         slot asked for
+    layout(batch) -> wake():  lock: publish finished jobs            (mapworker.MapWorker)
+                                    claim pool groups per slot
+                                    (most urgent first)
+                                    submit (addr, handle) pages  -->  driver mmaps / maps
+    any call that touches a mapping slot -> settle(slot): wait  <--  result
+                                    for its job, publish it
 
 Claimed groups are in neither the pool nor any slot until published, so the
-caller's thread waits (:meth:`MapAhead.settle`) before it touches a slot the
-worker is mapping, or before it counts the pool. The worker maps from the
-pool only, and only beyond what sequences reserved; it never unmaps. A driver
-failure in the worker is counted and left for the caller's own ``reserve`` to
-meet (and report) when it maps the same page itself.
+caller's thread settles a slot before it touches it, and every job before it
+counts the pool. The worker maps from the pool only, and only beyond what
+sequences reserved; it never unmaps and touches no allocator state. With the
+host driver and the native extension the mappings run on a native thread that
+never takes the GIL (:mod:`.mapworker`). A driver failure in the worker is
+counted and left for the caller's own ``reserve`` to meet (and report) when it
+maps the same page itself.
 """
 
 from __future__ import annotations
 
-import queue
 import threading
-import weakref
 from collections.abc import Callable
 
+from kvmem.backends.vmem.driver import MapWorker
+from kvmem.backends.vmem.mapworker import ThreadWorker
 from kvmem.backends.vmem.space import VirtualKV
 from kvmem.errors import DriverError
 
 __all__ = ["MapAhead"]
-
-_Item = list[int] | threading.Event | None
 
 #: Bytes per layer a claim maps past a slot's pages (up to the slot's share of the pool):
 #: on the host, one mmap per layer maps that many bytes of small pages.
 CHUNK_BYTES = 256 * 1024
 
 
-def _worker(ref: weakref.ReferenceType[MapAhead], q: queue.SimpleQueue[_Item]) -> None:
-    """Map the next pages of the slots queued; set queued events once done; stop on None."""
-    while True:
-        items = [q.get()]
-        while not q.empty():
-            items.append(q.get())
-        slots = [slot for item in items if isinstance(item, list) for slot in item]
-        if slots:
-            mapper = ref()
-            if mapper is None:
-                return
-            mapper.run(slots)
-            del mapper
-        for item in items:
-            if isinstance(item, threading.Event):
-                item.set()
-        if any(item is None for item in items):
-            return
-
-
 class MapAhead:
-    """Requests, the worker thread and the slots it is mapping, for one virtual space.
+    """Requests, claims, and the jobs the worker is mapping, for one virtual space.
 
     ``lock`` is the allocator's lock; ``target(slot)`` (called with it held)
     says how many tokens the slot should cover, or None when the slot has no
@@ -87,15 +68,14 @@ class MapAhead:
         self._even = space.num_groups // space.max_seqs  # groups per slot, the pool split evenly
         self._target = target
         self._lock = lock
-        self._cv = threading.Condition(lock)  # notified when a batch of mappings lands
-        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._wanted = [False] * space.max_seqs  # slot already asked of the worker
         # per slot: no need to look again while reserved < _quiet_below and covered is unchanged
         self._quiet_below = [0] * space.max_seqs
         self._quiet_covered = [-1] * space.max_seqs
-        self._requests: list[int] = []  # slots to hand the worker at the next wake-up
-        self._inflight: set[int] = set()  # slots the worker is mapping (lock not held)
-        self.thread: threading.Thread | None = None
+        self._requests: list[int] = []  # slots to claim for at the next wake-up
+        self._worker: MapWorker | None = None  # made with the first job
+        self._jobs: dict[int, tuple[int, int, list[int]]] = {}  # ticket: slot, start, groups
+        self._inflight: dict[int, int] = {}  # slot: ticket of the job mapping it
         self.closed = False
         #: Page groups the worker mapped, driver errors it met, and the last one.
         self.groups = 0
@@ -137,59 +117,72 @@ class MapAhead:
         """The slot changed hands: a request for it may be made again."""
         self._wanted[slot] = False
 
+    @property
+    def busy(self) -> bool:
+        """Jobs were handed to the worker that are not published yet."""
+        return bool(self._jobs)
+
     def wake(self) -> None:
-        """Hand the queued requests to the worker (started on first use)."""
-        if not self._requests or self.closed:
+        """Publish the jobs finished, then claim the asked-for slots' next pages and hand their
+        mapping to the worker, most urgent first (takes the lock)."""
+        if self.closed or not (self._requests or self._jobs):
             return
-        if self.thread is None:
-            self.thread = threading.Thread(
-                target=_worker,
-                args=(weakref.ref(self), self._queue),
-                name="kvmem-vmem-map-ahead",
-                daemon=True,
-            )
-            self.thread.start()
-        self._queue.put(self._requests)
-        self._requests = []
-
-    def run(self, slots: list[int]) -> None:
-        """Worker side: map, from the pool only and without the lock, the slots' next pages.
-
-        Slots go nearest to running out first, one at a time: each is
-        claimed, mapped and published before the next, so a caller that
-        needs a slot waits for that slot's mapping at most, never a batch's.
-        """
+        requests, self._requests = self._requests, []
         sp = self.space
         with self._lock:
+            self._collect()
             order = []
-            for slot in dict.fromkeys(slots):
+            for slot in dict.fromkeys(requests):
+                if slot in self._inflight:
+                    continue  # asked again while mapping: it asks once more if still short
                 self._wanted[slot] = False
                 target = None if self.closed else self._target(slot)
                 if target is not None:
-                    order.append((sp.covered[slot] - target, slot))
-        order.sort()
-        for _, slot in order:
-            with self._lock:
-                target = None if self.closed else self._target(slot)
-                if target is None or slot in self._inflight:
-                    continue
+                    order.append((sp.covered[slot] - target, slot, target))
+            order.sort()
+            for _, slot, target in order:
                 groups = sp.claim(slot, self._goal(slot, target))
-                if not groups:
-                    continue
-                self._inflight.add(slot)
-            result: tuple[int, int, DriverError | None] = (0, 0, None)
-            try:
-                result = sp.map_claimed(slot, groups)
-            finally:  # whatever happened, the claim lands (unmapped groups back in the pool)
-                with self._lock:
-                    done, calls, err = result
-                    sp.publish(slot, groups, done, calls)
-                    self._inflight.discard(slot)
-                    self.groups += done
-                    if err is not None:
-                        self.last_error = str(err)
-                        self.errors += 1
-                    self._cv.notify_all()
+                if groups:
+                    self._submit(slot, groups)
+
+    def _submit(self, slot: int, groups: list[int]) -> None:
+        """(Lock held.) Hand the mapping of claimed ``groups`` under ``slot`` to the worker."""
+        sp = self.space
+        start = len(sp.groups[slot])
+        if sp.driver.bookkeeping_only:  # nothing to map: they land now
+            sp.publish(slot, groups, len(groups))
+            self.groups += len(groups)
+            return
+        try:
+            if self._worker is None:
+                self._worker = sp.driver.map_worker() or ThreadWorker(sp.driver)
+            ticket = self._worker.submit(sp.map_request(slot, start, groups), sp.page_bytes)
+        except Exception as e:  # nothing was handed over: the groups go back to the pool
+            sp.publish(slot, groups, 0)
+            self._failed(DriverError(f"map-ahead could not start: {e!r}"))
+            return
+        self._jobs[ticket] = (slot, start, groups)
+        self._inflight[slot] = ticket
+        self._wanted[slot] = True  # until published
+
+    def _collect(self) -> None:
+        """(Lock held.) Publish every finished job: its mapped groups join the slot."""
+        if not self._jobs or self._worker is None:
+            return
+        sp = self.space
+        for ticket, done, err in self._worker.poll():
+            slot, start, groups = self._jobs.pop(ticket)
+            full, err = sp.map_outcome(slot, start, len(groups), done, err)
+            sp.publish(slot, groups, full)
+            del self._inflight[slot]
+            self._wanted[slot] = False
+            self.groups += full
+            if err is not None:
+                self._failed(err)
+
+    def _failed(self, err: DriverError) -> None:
+        self.last_error = str(err)
+        self.errors += 1
 
     def share(self, slot: int) -> int:
         """Groups the slot may have mapped when claims take chunks.
@@ -215,24 +208,28 @@ class MapAhead:
         pages = min(len(sp.groups[slot]) + self.chunk, self.share(slot)) if self.chunk else 0
         return min(sp.max_seq_len, max(target + 2 * self.ahead, sp.cover(pages)))
 
-    def settle(self, slot: int | None = None) -> None:
-        """(Lock held.) Wait until the worker is not mapping ``slot`` (any slot if None)."""
-        while self._inflight if slot is None else slot in self._inflight:
-            self._cv.wait()
+    def settle(self, slot: int | None = None, timeout: float | None = None) -> bool:
+        """(Lock held.) Wait until the worker is not mapping ``slot`` (any slot if None), and
+        publish what it finished; False if ``timeout`` seconds passed first."""
+        if not self._jobs or self._worker is None:
+            return True
+        ticket = 0 if slot is None else self._inflight.get(slot)
+        if ticket is None:
+            return True
+        ok = self._worker.wait(ticket, timeout)
+        self._collect()
+        return ok
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the worker has handled everything queued so far; False on timeout."""
+        """Hand the worker what was asked for and block until it has mapped it (and it is
+        published); False on timeout."""
         self.wake()
-        if self.thread is None or self.closed:
-            return True
-        done = threading.Event()
-        self._queue.put(done)
-        return done.wait(timeout)
+        with self._lock:
+            return self.settle(None, timeout)
 
     def stop(self) -> None:
-        """Stop the worker and wait for it (set ``closed`` under the lock first)."""
-        thread = self.thread
-        if thread is not None:
-            self._queue.put(None)
-            if thread is not threading.current_thread():
-                thread.join()
+        """Let the worker's jobs land, then stop it (set ``closed`` under the lock first)."""
+        with self._lock:
+            self.settle()
+        if self._worker is not None:
+            self._worker.close()

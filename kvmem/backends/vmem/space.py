@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from kvmem.backends.vmem.driver import PageHandle, VMemDriver
+from kvmem.backends.vmem.driver import PageHandle, Pages, VMemDriver
 from kvmem.errors import DriverError, IntegrityError
 from kvmem.spec import KVSpec
 from kvmem.storage import LayerKV
@@ -194,31 +194,44 @@ class VirtualKV:
     ) -> tuple[int, DriverError | None]:
         """Map ``groups`` as pages ``start, start + 1, ...`` of ``slot`` on every layer.
 
-        Touches no shared state (the map-ahead worker calls it without the
-        lock). Returns how many leading groups got mapped on every layer
-        (their pages stay mapped) and the error that stopped it; pages of
-        the other groups that did get mapped are unmapped again.
+        Returns how many leading groups got mapped on every layer (their
+        pages stay mapped) and the error that stopped it; pages of the other
+        groups that did get mapped are unmapped again.
         """
-        drv, pb, nl, k = self.driver, self.page_bytes, self.num_layers, len(groups)
-        if drv.bookkeeping_only or not k:
-            return k, None
-        addrs = self._page_addrs(slot, start, k)
-        pages: Sequence[tuple[int, PageHandle]]
-        if self._int_handles is not None:  # [addr, handle] rows, built without a Python loop
-            pages = np.stack((addrs, self._int_handles[groups].T.ravel()), axis=1)
-        else:
-            h = self._handles
-            handles = [h[g * nl + li] for li in range(nl) for g in groups]
-            pages = list(zip(addrs.tolist(), handles, strict=True))
+        if self.driver.bookkeeping_only or not groups:
+            return len(groups), None
+        pages = self.map_request(slot, start, groups)
         try:
-            done, err = drv.map_many(pages, pb)
+            done, err = self.driver.map_many(pages, self.page_bytes)
         except Exception as e:  # not the driver's contract: undo everything, report it
             done, err = len(pages), DriverError(f"map_many failed unexpectedly: {e!r}")
+        return self.map_outcome(slot, start, len(groups), done, err)
+
+    def map_request(self, slot: int, start: int, groups: list[int]) -> Pages:
+        """The ``(addr, handle)`` pages that map ``groups`` from page ``start`` of ``slot``.
+
+        Layer-major (a layer's pages adjacent, as in memory); an int64 array
+        when the driver takes one. Touches no shared state.
+        """
+        addrs = self._page_addrs(slot, start, len(groups))
+        if self._int_handles is not None:  # [addr, handle] rows, built without a Python loop
+            return np.stack((addrs, self._int_handles[groups].T.ravel()), axis=1)
+        h, nl = self._handles, self.num_layers
+        handles = [h[g * nl + li] for li in range(nl) for g in groups]
+        return list(zip(addrs.tolist(), handles, strict=True))
+
+    def map_outcome(
+        self, slot: int, start: int, k: int, done: int, err: DriverError | None
+    ) -> tuple[int, DriverError | None]:
+        """After ``done`` pages of :meth:`map_request`'s ``k`` groups mapped and ``err``: the
+        leading groups mapped on every layer, and ``err``; the other groups' mapped pages are
+        unmapped again (never used by the device: no sync)."""
         if err is None:
             return k, None
+        drv, pb, nl = self.driver, self.page_bytes, self.num_layers
         layer, i = divmod(done, k)  # layers below `layer` are mapped, and `i` pages of it
         full = i if layer == nl - 1 else 0
-        for n, a in enumerate(addrs[:done].tolist()):  # never used by the device: no sync
+        for n, a in enumerate(self._page_addrs(slot, start, k)[:done].tolist()):
             if n % k >= full:
                 with contextlib.suppress(Exception):
                     drv.unmap(a, pb)
@@ -323,14 +336,14 @@ class VirtualKV:
             return 0
         groups = [self.pool.pop() for _ in range(want)]
         done, err = self._map_pages(slot, len(self.groups[slot]), groups)
-        self.publish(slot, groups, done, done * self.num_layers)
+        self.publish(slot, groups, done)
         if err is not None:
             self._pop_tail(slot, done)
             raise err
         return want
 
-    # Mapping ahead happens in three steps so that the driver calls run without the
-    # allocator's lock: claim (locked) -> map_claimed (unlocked) -> publish (locked).
+    # Mapping ahead happens in three steps so that the driver calls run on the map-ahead
+    # worker's thread: claim -> map_request, the worker maps, map_outcome -> publish.
     # Until published, claimed groups are in neither the pool nor any slot.
 
     def claim(self, slot: int, n: int) -> list[int]:
@@ -338,23 +351,14 @@ class VirtualKV:
         want = min(max(0, self.pages(n) - len(self.groups[slot])), len(self.pool))
         return [self.pool.pop() for _ in range(want)]
 
-    def map_claimed(self, slot: int, groups: list[int]) -> tuple[int, int, DriverError | None]:
-        """Map claimed ``groups`` after the slot's mapped pages; touches no shared state.
-
-        Returns (groups fully mapped, driver map calls made, the error that
-        stopped it). A group mapped on some layers only is unmapped again.
-        """
-        done, err = self._map_pages(slot, len(self.groups[slot]), groups)
-        return done, 0 if self.driver.bookkeeping_only else done * self.num_layers, err
-
-    def publish(self, slot: int, groups: list[int], done: int, calls: int) -> None:
+    def publish(self, slot: int, groups: list[int], done: int) -> None:
         """Record the first ``done`` claimed groups as mapped under ``slot``; pool the rest."""
         lst = self.groups[slot]
         for g in groups[:done]:
             self.ref[g] = 1
             lst.append(g)
         self.pool.extend(reversed(groups[done:]))
-        self.map_calls += calls if not self.driver.bookkeeping_only else done * self.num_layers
+        self.map_calls += done * self.num_layers
         self.covered[slot] = self.cover(len(lst))
 
     def shrink(self, slot: int, keep: int, count: int) -> int:
