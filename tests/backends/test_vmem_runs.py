@@ -3,6 +3,7 @@ publishes slot by slot."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -189,7 +190,7 @@ def test_the_worker_maps_a_chunk_of_pages_with_one_mmap_per_layer(worker, monkey
         def submit_pages(self, fd, base, length, pages, size):
             follows = (np.diff(pages, axis=0) == size).all(axis=1)
             cuts = [0, *(np.flatnonzero(~follows) + 1).tolist(), len(pages)]
-            runs = [(1, (b - a) * size) for a, b in zip(cuts, cuts[1:]) if b > a]
+            runs = [(1, (b - a) * size) for a, b in itertools.pairwise(cuts) if b > a]
             plans.append((threading.current_thread().name, runs))
             return self.mapper.submit_pages(fd, base, length, pages, size)
 
