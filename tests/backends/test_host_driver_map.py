@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvmem import native
 from kvmem.backends.vmem.host import HostDriver
@@ -54,3 +59,93 @@ def test_map_many_refuses_an_unknown_page_handle(driver):
     done, err = driver.map_many([(base, h), (base + PAGE, h + 10 * PAGE)], PAGE)
     assert done == 0 and err is not None and "no page" in str(err)
     driver.free_range(base, 2 * PAGE)
+
+
+# ------------------------------------------------- the native mapping thread
+needs_native = pytest.mark.skipif(
+    "not __import__('kvmem.native').native.enabled()", reason="native extension not in use"
+)
+
+# (page index in an 8-page range, or past it; handle index, or an unknown one)
+JOBS = st.lists(
+    st.lists(st.tuples(st.integers(0, 9), st.integers(0, 7)), max_size=8), min_size=1, max_size=4
+)
+
+
+def _pages(d: HostDriver, base: int, handles: list[int], job, unknown: int) -> list:
+    return [(base + i * PAGE, handles[h] if h < 6 else unknown + h * PAGE) for i, h in job]
+
+
+@needs_native
+@settings(max_examples=40, deadline=None)
+@given(JOBS)
+def test_the_native_worker_maps_as_map_many_does(jobs):
+    """Jobs on the native thread end as map_many ends: pages mapped, the error, the memory."""
+    from kvmem.backends.vmem.mapworker import NativeHostWorker
+
+    ref, d = HostDriver(), HostDriver()
+    try:
+        bases = [x.reserve(8 * PAGE) for x in (ref, d)]
+        handles = [x.create_many(6, PAGE) for x in (ref, d)]  # 6 of the 8 handle indices exist
+        worker = d.map_worker()
+        assert isinstance(worker, NativeHostWorker)
+        tickets = [
+            worker.submit(np.array(_pages(d, bases[1], handles[1], j, 1 << 30)), PAGE) for j in jobs
+        ]
+        assert worker.wait(0, 10)
+        got = {t: (done, err) for t, done, err in worker.poll()}
+        assert sorted(got) == tickets
+        for j, t in zip(jobs, tickets, strict=True):
+            want = ref.map_many(_pages(ref, bases[0], handles[0], j, 1 << 30), PAGE)
+            done, err = got[t]
+            assert done == want[0] and _msg(err) == _msg(want[1])
+        for i in range(8):  # the same page (or none) under every address
+            a = [_read(x, b + i * PAGE) for x, b in zip((ref, d), bases, strict=True)]
+            assert a[0] == a[1]
+        worker.close()
+        assert not worker.running
+        with pytest.raises(ValueError, match="closed"):
+            worker.submit(np.array(_pages(d, bases[1], handles[1], [(0, 0)], 0)), PAGE)
+    finally:
+        ref.close()
+        d.close()
+
+
+def _msg(err: Exception | None) -> str:
+    """The error's text without addresses (the two drivers' ranges differ)."""
+    return re.sub(r"0x[0-9a-f]+", "ADDR", str(err))
+
+
+def _read(d: HostDriver, addr: int) -> int | None:
+    """Which file page is mapped at ``addr`` (marked by writing through it), None if none."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo <= addr < hi:
+                if "rw" not in line.split()[1]:
+                    return None
+                off = int(line.split()[2], 16) + (addr - lo)
+                return off // PAGE
+    return None
+
+
+@needs_native
+def test_a_failed_mmap_on_the_native_thread_is_reported_with_its_errno():
+    d = HostDriver()
+    base = d.reserve(4 * PAGE)
+    h = d.create_many(3, PAGE)
+    worker = d.map_worker()
+    real_fd = d.fd
+    d.fd = 1_000_000  # no such descriptor: the thread's mmap fails with EBADF
+    try:
+        t = worker.submit(np.array([(base, h[0]), (base + PAGE, h[1])]), PAGE)
+    finally:
+        d.fd = real_fd
+    assert worker.wait(t, 10)
+    ((ticket, done, err),) = worker.poll()
+    assert (ticket, done) == (t, 0) and "Bad file descriptor" in str(err)
+    t = worker.submit(np.array([(base + 2 * PAGE, h[2]), (base + 3 * PAGE, h[0])]), PAGE)
+    assert worker.wait(t, 10)
+    assert worker.poll() == [(t, 2, None)]
+    worker.close()
+    d.close()
