@@ -171,6 +171,8 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
             self.kv_events = events
         else:
             self.capabilities = replace(self.capabilities, prefix_caching=False)
+        if map_ahead:
+            self._mapper.start()  # now: a step would wait for it to start
         self._closed = False
 
     def _build(

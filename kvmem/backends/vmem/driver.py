@@ -50,6 +50,10 @@ __all__ = ["MapResult", "MapWorker", "MetaDriver", "PageHandle", "Pages", "VMemD
 class MapWorker(Protocol):
     """Runs ``driver.map_many(pages, size)`` jobs in order, off the caller's thread."""
 
+    def start(self) -> None:
+        """Start the thread, if it does not run yet (submit starts it too)."""
+        ...
+
     def submit(self, pages: Pages, size: int) -> int:
         """Queue a job; returns its ticket (tickets count up from 1)."""
         ...

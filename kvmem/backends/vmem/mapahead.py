@@ -117,6 +117,12 @@ class MapAhead:
         """The slot changed hands: a request for it may be made again."""
         self._wanted[slot] = False
 
+    def start(self) -> None:
+        """Start the worker now rather than with the first job (which a step would wait for)."""
+        if self._worker is None and not self.space.driver.bookkeeping_only:
+            self._worker = self.space.driver.map_worker() or ThreadWorker(self.space.driver)
+            self._worker.start()
+
     @property
     def busy(self) -> bool:
         """Jobs were handed to the worker that are not published yet."""
@@ -154,8 +160,8 @@ class MapAhead:
             self.groups += len(groups)
             return
         try:
-            if self._worker is None:
-                self._worker = sp.driver.map_worker() or ThreadWorker(sp.driver)
+            self.start()
+            assert self._worker is not None
             ticket = self._worker.submit(sp.map_request(slot, start, groups), sp.page_bytes)
         except Exception as e:  # nothing was handed over: the groups go back to the pool
             sp.publish(slot, groups, 0)

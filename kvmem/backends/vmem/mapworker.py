@@ -57,8 +57,8 @@ class ThreadWorker:
         self._submitted = self._finished = 0
         self._thread: threading.Thread | None = None
 
-    def submit(self, pages: Pages, size: int) -> int:
-        """Queue a job for the thread; returns its ticket."""
+    def start(self) -> None:
+        """Start the thread (once)."""
         if self._thread is None:
             self._thread = threading.Thread(
                 target=_serve,
@@ -67,6 +67,10 @@ class ThreadWorker:
                 daemon=True,
             )
             self._thread.start()
+
+    def submit(self, pages: Pages, size: int) -> int:
+        """Queue a job for the thread (started first if need be); returns its ticket."""
+        self.start()
         with self._cv:
             self._submitted += 1
             ticket = self._submitted
@@ -128,8 +132,11 @@ class NativeHostWorker:
         self._mapper = mapper  # kvmem_native.HostMapper
         self._plans: dict[int, Any] = {}  # ticket: its MapPlan
 
+    def start(self) -> None:
+        """Nothing to do: the native thread runs from the start."""
+
     def submit(self, pages: Pages, size: int) -> int:
-        """Plan the job and queue its ``mmap`` calls; returns its ticket."""
+        """Check the job and queue its ``mmap`` calls; returns its ticket."""
         ticket, plan = self._driver.submit_map(self._mapper, pages, size)
         self._plans[ticket] = plan
         return ticket

@@ -110,6 +110,7 @@ class VirtualKV:
         self.covered = [0] * max_seqs
         #: Per slot: token positions below this may lie in shared pages.
         self.shared_below = [0] * max_seqs
+        self._layer_offsets = np.arange(self.num_layers, dtype=np.int64) * self.layer_bytes
         self._handles: list[PageHandle] = []
         self._int_handles: np.ndarray | None = None  # [group, layer], when handles are ints
         self._range = False
@@ -185,9 +186,8 @@ class VirtualKV:
         memory: the driver maps or unmaps such a run with one call.
         """
         first = self.base + slot * self.row_bytes + start * self.page_bytes
-        layers = np.arange(self.num_layers, dtype=np.int64) * self.layer_bytes
         pages = np.arange(count, dtype=np.int64) * self.page_bytes
-        return (first + layers[:, None] + pages[None, :]).ravel()
+        return (first + self._layer_offsets[:, None] + pages[None, :]).ravel()
 
     def _map_pages(
         self, slot: int, start: int, groups: list[int]
@@ -213,9 +213,15 @@ class VirtualKV:
         Layer-major (a layer's pages adjacent, as in memory); an int64 array
         when the driver takes one. Touches no shared state.
         """
-        addrs = self._page_addrs(slot, start, len(groups))
+        k = len(groups)
         if self._int_handles is not None:  # [addr, handle] rows, built without a Python loop
-            return np.stack((addrs, self._int_handles[groups].T.ravel()), axis=1)
+            rows = np.empty((self.num_layers, k, 2), dtype=np.int64)
+            first = self.base + slot * self.row_bytes + start * self.page_bytes
+            pages = np.arange(first, first + k * self.page_bytes, self.page_bytes, dtype=np.int64)
+            rows[:, :, 0] = self._layer_offsets[:, None] + pages
+            rows[:, :, 1] = self._int_handles[groups].T
+            return rows.reshape(-1, 2)
+        addrs = self._page_addrs(slot, start, k)
         h, nl = self._handles, self.num_layers
         handles = [h[g * nl + li] for li in range(nl) for g in groups]
         return list(zip(addrs.tolist(), handles, strict=True))
