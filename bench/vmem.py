@@ -21,7 +21,9 @@ during the first timed steps (``vmem_ahead_cold``); the page groups mapped
 during the timed steps, by the worker and by the steps, are counted. Steps
 run back to back, and with pauses between steps (``--gaps-ms``) standing in for the
 model's forward pass (not timed), which is when a map-ahead worker does its
-work. One untimed run of each kind warms the process up first; then
+work. With the native extension the worker's mmaps run on a native thread at
+``SCHED_IDLE`` priority: on a machine whose other cores are busy, it maps
+only when the step's thread waits (in a gap, or for a page it needs). One untimed run of each kind warms the process up first; then
 ``--reps`` rounds run every kind once each, in alternating order, so that
 the machine's noise falls on all kinds alike. Overheads against paged are
 given on the median step and on the mean step (all rounds' steps pooled),
