@@ -139,9 +139,7 @@ class VMemDriver(ABC):
     def map(self, addr: int, size: int, handle: PageHandle) -> None:
         """Map a page at ``addr`` (inside a reserved range), readable and writable."""
 
-    def map_many(
-        self, pages: Sequence[tuple[int, PageHandle]], size: int
-    ) -> tuple[int, DriverError | None]:
+    def map_many(self, pages: Pages, size: int) -> tuple[int, DriverError | None]:
         """Map each ``(addr, handle)`` in order, stopping at the first failure.
 
         Returns how many were mapped and the error that stopped it (None if
@@ -167,7 +165,9 @@ class VMemDriver(ABC):
         queued on it may still touch the page (once for a batch of unmaps).
         """
 
-    def unmap_many(self, addrs: Sequence[int], size: int) -> tuple[int, DriverError | None]:
+    def unmap_many(
+        self, addrs: Sequence[int] | np.ndarray, size: int
+    ) -> tuple[int, DriverError | None]:
         """Unmap the page at each address in order, stopping at the first failure.
 
         Returns how many were unmapped and the error that stopped it (None if

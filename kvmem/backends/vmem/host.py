@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from kvmem import native
-from kvmem.backends.vmem.driver import MapWorker, PageHandle, Pages, VMemDriver
+from kvmem.backends.vmem.driver import MapWorker, Pages, VMemDriver
 from kvmem.backends.vmem.mapworker import NativeHostWorker
 from kvmem.errors import DriverError, InvalidArgument
 from kvmem.native.build import pick
@@ -271,9 +271,7 @@ class HostDriver(VMemDriver):
             self._libc.munmap(got, size)
             raise DriverError(f"mmap placed the page at {got:#x}, not {addr:#x}")
 
-    def map_many(
-        self, pages: Sequence[tuple[int, PageHandle]] | np.ndarray, size: int
-    ) -> tuple[int, DriverError | None]:
+    def map_many(self, pages: Pages, size: int) -> tuple[int, DriverError | None]:
         """:meth:`map` for many pages: handles checked here, the mmaps in few native calls.
 
         ``pages`` may also be an int64 array of ``(addr, offset)`` rows.
@@ -299,7 +297,7 @@ class HostDriver(VMemDriver):
                 return plan.outcome(done, errno)
         return plan.outcome(done, 0)
 
-    def plan_map(self, pages: Sequence[tuple[int, PageHandle]] | np.ndarray, size: int) -> MapPlan:
+    def plan_map(self, pages: Pages, size: int) -> MapPlan:
         """The ``mmap`` calls :meth:`map_many` makes for ``pages``, the handles backed already.
 
         Raises InvalidArgument for a size that is no multiple of the page
@@ -444,7 +442,9 @@ class HostDriver(VMemDriver):
                 out.append([base, self._ranges[base], first, 1, run])
         return [(b, ln, f, c, r) for b, ln, f, c, r in out]
 
-    def unmap_many(self, addrs: Sequence[int], size: int) -> tuple[int, DriverError | None]:
+    def unmap_many(
+        self, addrs: Sequence[int] | np.ndarray, size: int
+    ) -> tuple[int, DriverError | None]:
         """:meth:`unmap` for many pages of reserved ranges, runs of adjacent ones at once.
 
         Consecutive addresses that follow on become one ``mmap(PROT_NONE)``
