@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from kvmem import KVSpec, create_allocator, native
 from kvmem.errors import InvalidArgument
+from kvmem.layout import TENSOR_FIELDS
 from kvmem.tiers.events import BlockStored
 from tests.conformance.kvmodel import snapshot
 
@@ -336,19 +337,8 @@ def test_vmem_native_layout_equals_the_python_version(batch, seed):
             try:
                 lay = x.layout(list(batch))
                 outcomes.append(
-                    {f: getattr(lay, f).tolist() for f in FIELDS} | {"ids": lay.seq_ids}
+                    {f: getattr(lay, f).tolist() for f in TENSOR_FIELDS} | {"ids": lay.seq_ids}
                 )
             except Exception as e:  # noqa: BLE001 - both must fail alike
                 outcomes.append(type(e))
         assert outcomes[0] == outcomes[1]
-
-
-FIELDS = (
-    "kv_indptr",
-    "kv_indices",
-    "kv_last_page_len",
-    "block_table",
-    "seq_lens",
-    "query_start_loc",
-    "slot_mapping",
-)
