@@ -67,7 +67,10 @@ std::pair<const int64_t*, int64_t> int64_rows(const py::handle& obj, int64_t col
 
 class HostMapper {
  public:
-  HostMapper() : thread_([this] { loop(); }) {}
+  HostMapper() : thread_([this] { loop(); }) {
+    std::lock_guard<std::mutex> g(mu_);
+    if (!waiters_ && !closed_) set_policy(thread_, true);
+  }
   ~HostMapper() { close(); }
   HostMapper(const HostMapper&) = delete;
   HostMapper& operator=(const HostMapper&) = delete;
@@ -138,24 +141,31 @@ class HostMapper {
   }
 
   // Block (the GIL released) until job `ticket` is finished (every job with ticket <= 0);
-  // false when `timeout` seconds (negative: no limit) pass first.
+  // false when `timeout` seconds (negative: no limit) pass first. While anyone waits, the
+  // thread runs at the default priority: on a busy machine an idle-priority thread that
+  // someone waits for would get almost no CPU time (priority inversion).
   bool wait(int64_t ticket, double timeout) {
     py::gil_scoped_release nogil;
     std::unique_lock<std::mutex> lk(mu_);
     auto done = [&] { return finished_ >= (ticket > 0 ? ticket : submitted_); };
-    if (timeout < 0) {
+    if (done()) return true;
+    if (waiters_++ == 0) set_policy(thread_, false);
+    bool ok = true;
+    if (timeout < 0)
       cv_.wait(lk, done);
-      return true;
-    }
-    return cv_.wait_for(lk, std::chrono::duration<double>(timeout), done);
+    else
+      ok = cv_.wait_for(lk, std::chrono::duration<double>(timeout), done);
+    if (--waiters_ == 0 && !closed_) set_policy(thread_, true);
+    return ok;
   }
 
-  // Finish the queued jobs, then stop the thread. Idempotent.
+  // Finish the queued jobs (at the default priority), then stop the thread. Idempotent.
   void close() {
     {
       std::lock_guard<std::mutex> g(mu_);
       if (closed_) return;
       closed_ = true;
+      set_policy(thread_, false);
       cv_.notify_all();
     }
     py::gil_scoped_release nogil;  // callers (the destructor too: Python frees it) hold the GIL
@@ -171,7 +181,6 @@ class HostMapper {
 
  private:
   void loop() {
-    lower_priority();
     std::unique_lock<std::mutex> lk(mu_);
     for (;;) {
       cv_.wait(lk, [&] { return closed_ || !jobs_.empty(); });
@@ -189,14 +198,17 @@ class HostMapper {
 
   static int64_t page_size() { return sysconf(_SC_PAGESIZE); }
 
-  // SCHED_IDLE: the thread runs on CPU time nothing else wants, and waking it never
+  // SCHED_IDLE (idle): the thread runs on CPU time nothing else wants, and waking it never
   // preempts the caller's thread (on a busy machine it would otherwise take the caller's
-  // core for the length of a job). A caller that needs a job done waits for it, which
-  // frees a core. Where the policy is refused, the thread keeps the default one.
-  static void lower_priority() {
+  // core for the length of a job); else the default policy. Where a policy is refused,
+  // the thread keeps the one it has.
+  static void set_policy(std::thread& t, bool idle) {
 #ifdef SCHED_IDLE
+    if (!t.joinable()) return;
     sched_param none{};
-    pthread_setschedparam(pthread_self(), SCHED_IDLE, &none);
+    pthread_setschedparam(t.native_handle(), idle ? SCHED_IDLE : SCHED_OTHER, &none);
+#else
+    (void)t, (void)idle;
 #endif
   }
 
@@ -234,6 +246,7 @@ class HostMapper {
   std::deque<Job> jobs_;
   std::deque<Result> results_;
   int64_t submitted_ = 0, finished_ = 0;
+  int waiters_ = 0;  // threads in wait()
   bool closed_ = false;
   std::thread thread_;  // last: started once everything above exists
 };

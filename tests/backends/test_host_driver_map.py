@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -148,4 +151,53 @@ def test_a_failed_mmap_on_the_native_thread_is_reported_with_its_errno():
     assert worker.wait(t, 10)
     assert worker.poll() == [(t, 2, None)]
     worker.close()
+    d.close()
+
+
+def _idle_threads() -> set[int]:
+    """Thread ids of this process at the SCHED_IDLE policy."""
+    out = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            if os.sched_getscheduler(int(tid)) == os.SCHED_IDLE:
+                out.add(int(tid))
+        except OSError:  # the thread ended meanwhile
+            pass
+    return out
+
+
+@needs_native
+def test_the_native_thread_idles_at_low_priority_and_runs_at_the_default_one_when_waited_for():
+    """Idle priority keeps the thread off the step's core; while someone waits for a job it
+    runs at the default priority, so that busy CPUs cannot starve it (priority inversion)."""
+    before = _idle_threads()
+    d = HostDriver()
+    n = 8000
+    base = d.reserve(n * PAGE)
+    (h,) = d.create_many(1, PAGE)
+    worker = d.map_worker()
+    (tid,) = _idle_threads() - before  # the mapping thread
+    seen: set[int] = set()
+    waiting = threading.Event()
+
+    def watch() -> None:
+        while waiting.is_set():
+            seen.add(os.sched_getscheduler(tid))
+            time.sleep(1e-4)
+
+    # one page mapped at n addresses: n mmaps (the offsets do not follow on), tens of ms
+    t = worker.submit(np.array([(base + i * PAGE, h) for i in range(n)]), PAGE)
+    waiting.set()
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        assert worker.wait(t, 30)
+    finally:
+        waiting.clear()
+        watcher.join()
+    assert worker.poll() == [(t, n, None)]
+    assert os.SCHED_OTHER in seen, seen
+    assert os.sched_getscheduler(tid) == os.SCHED_IDLE
+    worker.close()
+    assert tid not in _idle_threads()
     d.close()
