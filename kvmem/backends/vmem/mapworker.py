@@ -7,7 +7,9 @@ publishes them. The worker touches no allocator state.
 
 - :class:`NativeHostWorker` (the host driver with the native extension): a
   C++ thread runs the ``mmap`` calls and never takes the GIL, so a decode
-  step running Python meanwhile is never held up by it.
+  step running Python meanwhile is never held up by it. It runs at idle
+  priority (waking it never takes the step's core), and at the default one
+  while someone waits for one of its jobs.
 - :class:`ThreadWorker` (any driver): a Python thread calls the driver's
   ``map_many``. It needs the GIL to start a job and between the driver's
   calls, and a busy caller thread hands the GIL over only every switch
@@ -17,6 +19,7 @@ publishes them. The worker touches no allocator state.
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections import deque
 from typing import Any, Protocol
@@ -45,11 +48,9 @@ def _serve(driver: VMemDriver, jobs: Any, done: ThreadWorker) -> None:
 
 
 class ThreadWorker:
-    """A MapWorker on a Python thread (started by the first job)."""
+    """A MapWorker on a Python thread (started by :meth:`start` or the first job)."""
 
     def __init__(self, driver: VMemDriver) -> None:
-        import queue
-
         self._driver = driver
         self._jobs: queue.SimpleQueue[tuple[int, Pages, int] | None] = queue.SimpleQueue()
         self._cv = threading.Condition()
