@@ -242,36 +242,15 @@ std::tuple<int64_t, int64_t, std::string> cuda_unmap(const torch::Tensor& addrs,
 }
 
 // ---------------------------------------------------------------- layout
-// The arrays of a BatchLayout (see kvmem/layout.py build_layout). Sequence i's
-// pages are row i of `table`, or row rows[i] when `rows` (int64 [B]) is given.
-std::vector<torch::Tensor> layout_arrays(const torch::Tensor& table, const torch::Tensor& seq_lens,
-                                         const torch::Tensor& query_lens, int64_t page_size,
-                                         const c10::optional<torch::Tensor>& rows) {
-  if (page_size <= 0) bad("page_size must be positive");
-  if (table.device().type() != torch::kCPU || table.scalar_type() != torch::kInt32 ||
-      table.dim() != 2)
-    bad("table must be a cpu int32 tensor [B, W]");
-  for (const auto* t : {&seq_lens, &query_lens})
-    if (t->device().type() != torch::kCPU || t->scalar_type() != torch::kInt32 ||
-        t->dim() != 1 || !t->is_contiguous())
-      bad("seq_lens and query_lens must be contiguous cpu int32 tensors [B]");
+// The arrays of a BatchLayout (see kvmem/layout.py build_layout) from a checked cpu int32
+// table [rows, W]: sequence i's pages are row rp[i] of it (row i without rp), its KV length
+// after the step seq_lens[i] (an int32 [B] tensor, returned as the layout's seq_lens), its
+// new entries ql[i].
+std::vector<torch::Tensor> fill_layout(const torch::Tensor& table, const int64_t* rp,
+                                       torch::Tensor seq_lens, const int32_t* ql,
+                                       int64_t page_size) {
   int64_t b = seq_lens.size(0), w = table.size(1);
-  const int64_t* rp = nullptr;
-  if (rows.has_value()) {
-    const torch::Tensor& r = *rows;
-    if (r.device().type() != torch::kCPU || r.scalar_type() != torch::kInt64 || r.dim() != 1 ||
-        !r.is_contiguous() || r.size(0) != b)
-      bad("rows must be a contiguous cpu int64 tensor [B]");
-    rp = r.data_ptr<int64_t>();
-    for (int64_t i = 0; i < b; ++i)
-      if (rp[i] < 0 || rp[i] >= table.size(0))
-        bad("row " + std::to_string(rp[i]) + " is not a row of the table");
-  } else if (table.size(0) != b) {
-    bad("table, seq_lens and query_lens disagree on the batch size");
-  }
-  if (query_lens.size(0) != b) bad("table, seq_lens and query_lens disagree on the batch size");
   const int32_t* sl = seq_lens.data_ptr<int32_t>();
-  const int32_t* ql = query_lens.data_ptr<int32_t>();
   int64_t nnz = 0, ntok = 0, max_pages = 0;
   for (int64_t i = 0; i < b; ++i) {
     if (sl[i] < 0 || ql[i] < 0 || ql[i] > sl[i])
@@ -290,7 +269,6 @@ std::vector<torch::Tensor> layout_arrays(const torch::Tensor& table, const torch
   auto last = torch::empty({b}, i32), qsl = torch::empty({b + 1}, i32);
   auto dense = torch::empty({b, max_pages}, i32);
   auto slots = torch::empty({ntok}, torch::TensorOptions().dtype(torch::kInt64));
-  auto lens = seq_lens.clone();
   int32_t *ip = indptr.data_ptr<int32_t>(), *ix = indices.data_ptr<int32_t>();
   int32_t *lp = last.data_ptr<int32_t>(), *qp = qsl.data_ptr<int32_t>();
   int32_t* dp = dense.data_ptr<int32_t>();
@@ -304,8 +282,13 @@ std::vector<torch::Tensor> layout_arrays(const torch::Tensor& table, const torch
     const int32_t* row = tp + (rp ? rp[i] : i) * s0;
     int32_t* drow = dp + i * max_pages;
     int32_t* out = ix + ip[i];
-    for (int64_t j = 0; j < np; ++j) out[j] = drow[j] = row[j * s1];
-    std::fill(drow + np, drow + max_pages, 0);
+    if (s1 == 1) {
+      std::memcpy(drow, row, np * sizeof(int32_t));
+    } else {
+      for (int64_t j = 0; j < np; ++j) drow[j] = row[j * s1];
+    }
+    std::memcpy(out, drow, np * sizeof(int32_t));
+    std::memset(drow + np, 0, (max_pages - np) * sizeof(int32_t));
     ip[i + 1] = ip[i] + static_cast<int32_t>(np);
     lp[i] = static_cast<int32_t>(sl[i] - (np - 1) * page_size);
     qp[i + 1] = qp[i] + ql[i];
@@ -313,7 +296,38 @@ std::vector<torch::Tensor> layout_arrays(const torch::Tensor& table, const torch
     for (int64_t p = sl[i] - ql[i], k = 0; k < ql[i]; ++k, ++p)
       so[k] = static_cast<int64_t>(drow[p / page_size]) * page_size + p % page_size;
   }
-  return {indptr, indices, last, dense, lens, qsl, slots};
+  return {indptr, indices, last, dense, seq_lens, qsl, slots};
+}
+
+// The arrays of a BatchLayout. Sequence i's pages are row i of `table`, or row rows[i] when
+// `rows` (int64 [B]) is given.
+std::vector<torch::Tensor> layout_arrays(const torch::Tensor& table, const torch::Tensor& seq_lens,
+                                         const torch::Tensor& query_lens, int64_t page_size,
+                                         const c10::optional<torch::Tensor>& rows) {
+  if (page_size <= 0) bad("page_size must be positive");
+  if (table.device().type() != torch::kCPU || table.scalar_type() != torch::kInt32 ||
+      table.dim() != 2)
+    bad("table must be a cpu int32 tensor [B, W]");
+  for (const auto* t : {&seq_lens, &query_lens})
+    if (t->device().type() != torch::kCPU || t->scalar_type() != torch::kInt32 ||
+        t->dim() != 1 || !t->is_contiguous())
+      bad("seq_lens and query_lens must be contiguous cpu int32 tensors [B]");
+  int64_t b = seq_lens.size(0);
+  const int64_t* rp = nullptr;
+  if (rows.has_value()) {
+    const torch::Tensor& r = *rows;
+    if (r.device().type() != torch::kCPU || r.scalar_type() != torch::kInt64 || r.dim() != 1 ||
+        !r.is_contiguous() || r.size(0) != b)
+      bad("rows must be a contiguous cpu int64 tensor [B]");
+    rp = r.data_ptr<int64_t>();
+    for (int64_t i = 0; i < b; ++i)
+      if (rp[i] < 0 || rp[i] >= table.size(0))
+        bad("row " + std::to_string(rp[i]) + " is not a row of the table");
+  } else if (table.size(0) != b) {
+    bad("table, seq_lens and query_lens disagree on the batch size");
+  }
+  if (query_lens.size(0) != b) bad("table, seq_lens and query_lens disagree on the batch size");
+  return fill_layout(table, rp, seq_lens.clone(), query_lens.data_ptr<int32_t>(), page_size);
 }
 
 // ---------------------------------------------------------------- page keys
@@ -603,7 +617,7 @@ py::object token_list(py::handle tokens) {
 // unknown, swapped or loading sequence, a bad count, a commit beyond the
 // reserved slots, ...): the backend then runs its Python version, which raises
 // the right error. The states stay Python objects; their __slots__ fields are
-// read and written through their member descriptors, as Python itself does.
+// read and written at their member descriptors' offsets.
 struct Bail {};
 
 enum Field {
@@ -614,34 +628,36 @@ const char* const kNames[kFields] = {"swapped", "transfer", "num_computed", "res
                                      "blocks",  "tokens",   "row",          "hashes",
                                      "root",    "slot"};
 
-// The member descriptors of the last state type seen, each looked up when first needed (the
-// vmem backend's states have a slot but no blocks or row).
+// The slot offsets of the last state type seen, each looked up when first needed (the vmem
+// backend's states have a slot but no blocks or row). A field is read and written at its
+// offset, as PyMember_GetOne / PyMember_SetOne do for a T_OBJECT_EX member, without the
+// calls and the reference count traffic.
 struct Members {
   PyObject* type = nullptr;  // a strong reference: the address cannot be reused
-  PyMemberDef* m[kFields] = {};
+  Py_ssize_t off[kFields] = {};
   bool looked[kFields] = {};
 };
 Members members;
 
-// The writable object slot `name` of type t (a member descriptor found along
-// its MRO, as attribute access finds it), else nullptr.
-PyMemberDef* member_of(PyObject* t, const char* name) {
+// The offset of the writable object slot `name` of type t (a member descriptor found along
+// its MRO, as attribute access finds it), else -1.
+Py_ssize_t member_of(PyObject* t, const char* name) {
   PyObject* d = PyObject_GetAttrString(t, name);
   if (!d) {
     PyErr_Clear();
-    return nullptr;
+    return -1;
   }
-  PyMemberDef* m = nullptr;
+  Py_ssize_t off = -1;
   if (Py_IS_TYPE(d, &PyMemberDescr_Type)) {
-    m = reinterpret_cast<PyMemberDescrObject*>(d)->d_member;
-    if (m->type != T_OBJECT_EX || (m->flags & READONLY)) m = nullptr;
+    PyMemberDef* m = reinterpret_cast<PyMemberDescrObject*>(d)->d_member;
+    if (m->type == T_OBJECT_EX && !(m->flags & READONLY)) off = m->offset;
   }
   Py_DECREF(d);  // the type's dict keeps the descriptor alive
-  return m;
+  return off;
 }
 
-// The member descriptor of field f for s's type, else Bail.
-PyMemberDef* field_of(PyObject* s, Field f) {
+// Where field f of s lives, else Bail.
+inline PyObject** field_of(PyObject* s, Field f) {
   PyObject* t = reinterpret_cast<PyObject*>(Py_TYPE(s));
   if (t != members.type) {
     Py_INCREF(t);
@@ -650,24 +666,21 @@ PyMemberDef* field_of(PyObject* s, Field f) {
     members.type = t;
   }
   if (!members.looked[f]) {
-    members.m[f] = member_of(t, kNames[f]);
+    members.off[f] = member_of(t, kNames[f]);
     members.looked[f] = true;
   }
-  if (!members.m[f]) throw Bail();
-  return members.m[f];
+  if (members.off[f] < 0) throw Bail();
+  return reinterpret_cast<PyObject**>(reinterpret_cast<char*>(s) + members.off[f]);
 }
 
-// A new reference to field f of s, else Bail.
-PyObject* get(PyObject* s, Field f) {
-  PyObject* v = PyMember_GetOne(reinterpret_cast<const char*>(s), field_of(s, f));
-  if (!v) {
-    PyErr_Clear();
-    throw Bail();
-  }
+// Field f of s (borrowed: s keeps it alive), else Bail (unset).
+inline PyObject* get(PyObject* s, Field f) {
+  PyObject* v = *field_of(s, f);
+  if (!v) throw Bail();
   return v;
 }
 
-int64_t as_int(PyObject* v) {  // an exact int that fits in int64, else Bail
+inline int64_t as_int(PyObject* v) {  // an exact int that fits in int64, else Bail
   if (!PyLong_CheckExact(v)) throw Bail();
   int overflow = 0;
   long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
@@ -678,31 +691,20 @@ int64_t as_int(PyObject* v) {  // an exact int that fits in int64, else Bail
   return x;
 }
 
-int64_t get_int(PyObject* s, Field f) {
-  PyObject* v = get(s, f);
-  int64_t x;
-  try {
-    x = as_int(v);
-  } catch (Bail&) {
-    Py_DECREF(v);
-    throw;
-  }
-  Py_DECREF(v);
-  return x;
-}
+inline int64_t get_int(PyObject* s, Field f) { return as_int(get(s, f)); }
 
 void set_int(PyObject* s, Field f, int64_t x) {
+  PyObject** at = field_of(s, f);
   PyObject* v = PyLong_FromLongLong(x);
   if (!v) throw py::error_already_set();
-  int rc = PyMember_SetOne(reinterpret_cast<char*>(s), field_of(s, f), v);
-  Py_DECREF(v);
-  if (rc) throw py::error_already_set();
+  PyObject* old = *at;
+  *at = v;
+  Py_XDECREF(old);
 }
 
 // The list in field f of s (borrowed: s keeps it alive), else Bail.
 PyObject* get_list(PyObject* s, Field f) {
   PyObject* v = get(s, f);
-  Py_DECREF(v);
   if (!PyList_Check(v)) throw Bail();
   return v;
 }
@@ -715,22 +717,27 @@ PyObject* state(PyObject* seqs, PyObject* sid, bool resident) {
     PyErr_Clear();
     throw Bail();
   }
-  PyObject* t = get(s, kTransfer);
-  Py_DECREF(t);
-  if (t != Py_None) throw Bail();
-  if (resident) {
-    PyObject* w = get(s, kSwapped);
-    Py_DECREF(w);
-    if (w != Py_False) throw Bail();
-  }
+  if (get(s, kTransfer) != Py_None) throw Bail();
+  if (resident && get(s, kSwapped) != Py_False) throw Bail();
   return s;
 }
 
 // No id twice in a batch: each id has a state object of its own, so the
-// states are distinct exactly when the ids are (sorting beats hashing them).
-void distinct(std::vector<PyObject*>& states) {
-  std::sort(states.begin(), states.end());
-  if (std::adjacent_find(states.begin(), states.end()) != states.end()) throw Bail();
+// states are distinct exactly when the ids are (one pass over an open-addressing
+// set of their addresses, cheaper than hashing the ids or sorting).
+void distinct(const std::vector<PyObject*>& states) {
+  size_t cap = 16;
+  while (cap < 2 * states.size()) cap <<= 1;
+  std::vector<uintptr_t> set(cap, 0);
+  for (PyObject* o : states) {
+    uintptr_t k = reinterpret_cast<uintptr_t>(o);
+    size_t h = static_cast<size_t>((k >> 4) * 0x9E3779B97F4A7C15ull) & (cap - 1);
+    while (set[h]) {
+      if (set[h] == k) throw Bail();
+      h = (h + 1) & (cap - 1);
+    }
+    set[h] = k;
+  }
 }
 
 struct Batch {
@@ -980,12 +987,14 @@ py::object layout_pass(py::handle seqs, py::handle batch, const torch::Tensor& t
   try {
     Py_ssize_t n = PyList_GET_SIZE(batch.ptr());
     if (n == 0) throw Bail();
-    auto rows = torch::empty({n}, torch::TensorOptions().dtype(torch::kInt64));
+    if (table.device().type() != torch::kCPU || table.scalar_type() != torch::kInt32 ||
+        table.dim() != 2)
+      bad("table must be a cpu int32 tensor [B, W]");
+    std::vector<int64_t> rows(n);
+    std::vector<int32_t> qlens(n);
     auto lens = torch::empty({n}, torch::TensorOptions().dtype(torch::kInt32));
-    auto qlens = torch::empty({n}, torch::TensorOptions().dtype(torch::kInt32));
-    int64_t* rp = rows.data_ptr<int64_t>();
-    int32_t *lp = lens.data_ptr<int32_t>(), *qp = qlens.data_ptr<int32_t>();
-    int64_t max_len = 0, max_q = 0;
+    int32_t* lp = lens.data_ptr<int32_t>();
+    int64_t max_len = 0, max_q = 0, nrows = table.size(0);
     py::tuple ids(n);
     std::vector<PyObject*> states(n);
     for (Py_ssize_t i = 0; i < n; ++i) {
@@ -997,16 +1006,17 @@ py::object layout_pass(py::handle seqs, py::handle batch, const torch::Tensor& t
       int64_t q = positive(PyTuple_GET_ITEM(item, 1));
       int64_t end = get_int(s, kComputed) + q;
       if (end > get_int(s, kReserved) || end > INT32_MAX) throw Bail();
-      rp[i] = get_int(s, row);
+      int64_t r = rows[i] = get_int(s, row);
+      if (r < 0 || r >= nrows) bad("row " + std::to_string(r) + " is not a row of the table");
       lp[i] = static_cast<int32_t>(end);
-      qp[i] = static_cast<int32_t>(q);
+      qlens[i] = static_cast<int32_t>(q);
       max_len = std::max(max_len, end);
       max_q = std::max(max_q, q);
       Py_INCREF(sid);
       PyTuple_SET_ITEM(ids.ptr(), i, sid);
     }
     distinct(states);
-    auto arrays = layout_arrays(table, lens, qlens, page_size, rows);
+    auto arrays = fill_layout(table, rows.data(), lens, qlens.data(), page_size);
     return py::make_tuple(ids, max_len, max_q, arrays);
   } catch (Bail&) {
     return py::none();
