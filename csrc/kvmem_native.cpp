@@ -421,13 +421,22 @@ inline Py_hash_t hash_of(PyObject* o) {
   return h;
 }
 
+// hash(x) of a Python int x: |x| mod 2**61 - 1 with x's sign, -1 made -2 (CPython's
+// long_hash on 64-bit builds), without making x a Python int.
+inline int64_t int_hash(int64_t x) {
+  const uint64_t m = (1ull << 61) - 1;
+  uint64_t a = x < 0 ? 0 - static_cast<uint64_t>(x) : static_cast<uint64_t>(x);
+  int64_t r = static_cast<int64_t>(a % m);
+  if (x < 0) r = -r;
+  return r == -1 ? -2 : r;
+}
+
 // hash((parent, tuple(page))) of the page starting at `item`.
 int64_t page_hash(PyObject** item, int64_t page_size, int64_t parent) {
   uint64_t inner = kX5;
   for (int64_t j = 0; j < page_size; ++j)
     inner = xx_round(inner, static_cast<uint64_t>(hash_of(item[j])));
-  py::int_ p(static_cast<long long>(parent));
-  uint64_t acc = xx_round(kX5, static_cast<uint64_t>(hash_of(p.ptr())));
+  uint64_t acc = xx_round(kX5, static_cast<uint64_t>(int_hash(parent)));
   acc = xx_round(acc, static_cast<uint64_t>(xx_end(inner, page_size)));
   return xx_end(acc, 2);
 }
@@ -479,28 +488,35 @@ void publish_run(PyObject* seq, int64_t page_size, int64_t first, int64_t count,
       bad("a block is not an index of keys");
     }
     if (PyList_GET_ITEM(kl, b) == Py_None) {
-      int has = PyDict_Contains(ix, hobj);
-      if (has < 0) throw py::error_already_set();
-      if (!has) {
+      // index.setdefault(hash, block): one lookup; this block's own object back means the
+      // hash was new (no other page holds this key) and is now indexed to it
+      PyObject* at = PyDict_SetDefault(ix, hobj, bobj);
+      if (!at) throw py::error_already_set();
+      if (at == bobj) {
         PyObject* page = PyTuple_New(page_size);
-        if (!page) throw py::error_already_set();
-        for (int64_t j = 0; j < page_size; ++j) {
-          Py_INCREF(item[j]);
-          PyTuple_SET_ITEM(page, j, item[j]);
+        PyObject* key = nullptr;
+        if (page) {
+          for (int64_t j = 0; j < page_size; ++j) {
+            Py_INCREF(item[j]);
+            PyTuple_SET_ITEM(page, j, item[j]);
+          }
+          PyObject_GC_UnTrack(page);
+          key = PyTuple_Pack(2, parent_obj, page);
+          Py_DECREF(page);
         }
-        PyObject_GC_UnTrack(page);
-        PyObject* key = PyTuple_Pack(2, parent_obj, page);
-        Py_DECREF(page);
-        if (!key) throw py::error_already_set();
-        PyObject_GC_UnTrack(key);
-        rc = PyDict_SetItem(ix, hobj, bobj);
+        if (key) PyObject_GC_UnTrack(key);
+        rc = key ? 0 : -1;
         if (!rc && published) {
           PyObject* pair = PyTuple_Pack(2, key, bobj);
           rc = pair ? PyList_Append(published, pair) : -1;
           Py_XDECREF(pair);
         }
         if (rc) {
-          Py_DECREF(key);
+          Py_XDECREF(key);
+          PyObject *et, *ev, *tb;  // keep the error while the index entry is taken back
+          PyErr_Fetch(&et, &ev, &tb);
+          if (PyDict_DelItem(ix, hobj)) PyErr_Clear();
+          PyErr_Restore(et, ev, tb);
           throw py::error_already_set();
         }
         PyList_SetItem(kl, b, key);  // steals the reference, drops the None
@@ -607,7 +623,12 @@ py::object token_list(py::handle tokens) {
     PyObject* v = PyList_GET_ITEM(t, i);
     if (!PyLong_CheckExact(v) || _PyLong_Sign(v) < 0) return py::none();
   }
-  return py::reinterpret_steal<py::object>(PyList_GetSlice(t, 0, n));
+  PyObject* copy = PyList_GetSlice(t, 0, n);
+  if (!copy) throw py::error_already_set();
+  // A list of ints is in no reference cycle, and the allocator only ever adds ints to it:
+  // untracked, the cycle collector does not walk its (thousands of) items on every pass.
+  PyObject_GC_UnTrack(copy);
+  return py::reinterpret_steal<py::object>(copy);
 }
 
 // ------------------------------------------------ block-table batch passes
