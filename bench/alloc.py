@@ -87,14 +87,16 @@ class DecodeRun:
         new, self.new = self.new, []
         dec = list(self.decoding)
         if self.batched:
+            new_ids, new_counts = [sid for sid, _ in new], [n for _, n in new]
             if new:
-                alloc.reserve_many([sid for sid, _ in new], [n for _, n in new])
+                alloc.reserve_many(new_ids, new_counts)
             if dec:
                 alloc.append_many(dec, [[1]] * len(dec))
                 alloc.reserve_many(dec, 1)
-            work = [(sid, 1) for sid in dec] + new
+            ids, counts = dec + new_ids, [1] * len(dec) + new_counts
+            work = list(zip(ids, counts))
             alloc.layout(work)
-            alloc.commit_many([sid for sid, _ in work], [n for _, n in work])
+            alloc.commit_many(ids, counts)
         else:
             for sid, n in new:
                 alloc.reserve(sid, n)

@@ -604,7 +604,8 @@ int64_t release_pages(py::handle pages, py::handle ref, py::handle keys, py::han
     if (has_key) {
       ++cached;
     } else {
-      PyObject* r = PyObject_CallFunctionObjArgs(to_front.ptr(), bobj, Py_False, nullptr);
+      PyObject* args[2] = {bobj, Py_False};
+      PyObject* r = PyObject_Vectorcall(to_front.ptr(), args, 2, nullptr);
       if (!r) throw py::error_already_set();
       Py_DECREF(r);
     }
@@ -863,9 +864,14 @@ py::object reserve_pass(py::handle seqs, py::handle ids, py::handle counts, int6
       int32_t* tp = table->data_ptr<int32_t>();
       int64_t width = table->size(1);
       py::object popitem = py::reinterpret_borrow<py::object>(queue).attr("popitem");
+      PyObject* front[1] = {Py_False};  // popitem(False): the front of the queue
       for (const Grow& g : grows) {
         for (int64_t k = 0; k < g.add; ++k) {
-          py::object item = popitem(false);
+          PyObject* got = PyObject_Vectorcall(popitem.ptr(), front, 1, nullptr);
+          if (!got) throw py::error_already_set();
+          py::object item = py::reinterpret_steal<py::object>(got);
+          if (!PyTuple_Check(got) || PyTuple_GET_SIZE(got) != 2)
+            bad("the free queue's popitem did not return a (page, value) pair");
           PyObject* bobj = PyTuple_GET_ITEM(item.ptr(), 0);
           long long page = PyLong_CheckExact(bobj) ? PyLong_AsLongLong(bobj) : -1;
           if (page < 0 || page >= nref) {
