@@ -94,7 +94,7 @@ class DecodeRun:
                 alloc.append_many(dec, [[1]] * len(dec))
                 alloc.reserve_many(dec, 1)
             ids, counts = dec + new_ids, [1] * len(dec) + new_counts
-            work = list(zip(ids, counts))
+            work = list(zip(ids, counts, strict=True))
             alloc.layout(work)
             alloc.commit_many(ids, counts)
         else:

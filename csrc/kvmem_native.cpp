@@ -488,11 +488,11 @@ void publish_run(PyObject* seq, int64_t page_size, int64_t first, int64_t count,
       bad("a block is not an index of keys");
     }
     if (PyList_GET_ITEM(kl, b) == Py_None) {
-      // index.setdefault(hash, block): one lookup; this block's own object back means the
-      // hash was new (no other page holds this key) and is now indexed to it
-      PyObject* at = PyDict_SetDefault(ix, hobj, bobj);
-      if (!at) throw py::error_already_set();
-      if (at == bobj) {
+      // index.setdefault(hash, block), one lookup: the index grew exactly when the hash was
+      // new (no other page holds this key), and it is now indexed to this block
+      Py_ssize_t had = PyDict_GET_SIZE(ix);
+      if (!PyDict_SetDefault(ix, hobj, bobj)) throw py::error_already_set();
+      if (PyDict_GET_SIZE(ix) > had) {
         PyObject* page = PyTuple_New(page_size);
         PyObject* key = nullptr;
         if (page) {
