@@ -731,14 +731,35 @@ PyObject* get_list(PyObject* s, Field f) {
   return v;
 }
 
-// The state of seq_id in `seqs` (borrowed), registered and with no copy in
-// flight; `resident`: not swapped out. Else Bail.
-PyObject* state(PyObject* seqs, PyObject* sid, bool resident) {
-  PyObject* s = PyDict_GetItemWithError(seqs, sid);
-  if (!s) {
-    PyErr_Clear();
-    throw Bail();
+// The states of n ids in `seqs` (borrowed), else Bail (an unknown id). A first pass that
+// only looks each one up and asks for its memory ahead of use: the cache misses of many
+// sequences then overlap instead of coming one after another in a pass's main loop.
+std::vector<PyObject*> lookup(PyObject* seqs, PyObject* const* ids, Py_ssize_t n) {
+  std::vector<PyObject*> out(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* s = PyDict_GetItemWithError(seqs, ids[i]);
+    if (!s) {
+      PyErr_Clear();
+      throw Bail();
+    }
+    __builtin_prefetch(s);
+    __builtin_prefetch(reinterpret_cast<char*>(s) + 64);
+    out[i] = s;
   }
+  return out;
+}
+
+// Ask for the object in field f of s ahead of use (Bail if s's type lacks f, as a read would).
+inline void ahead(PyObject* s, Field f) {
+  PyObject* v = *field_of(s, f);
+  if (v) __builtin_prefetch(v);
+}
+
+// How far ahead of the sequence at hand a pass asks for the next ones' fields.
+constexpr Py_ssize_t kAhead = 6;
+
+// s is a state with no copy in flight; `resident`: not swapped out. Else Bail.
+inline PyObject* usable(PyObject* s, bool resident) {
   if (get(s, kTransfer) != Py_None) throw Bail();
   if (resident && get(s, kSwapped) != Py_False) throw Bail();
   return s;
@@ -827,9 +848,14 @@ py::object reserve_pass(py::handle seqs, py::handle ids, py::handle counts, int6
     int64_t need = 0;
     bool native_grow = queue != nullptr;
     Py_ssize_t nref = PyList_GET_SIZE(ref.ptr());
-    std::vector<PyObject*> states(b.n);
+    std::vector<PyObject*> states = lookup(seqs.ptr(), b.ids, b.n);
     for (Py_ssize_t i = 0; i < b.n; ++i) {
-      PyObject* s = states[i] = state(seqs.ptr(), b.ids[i], true);
+      if (i + kAhead < b.n) {
+        ahead(states[i + kAhead], kComputed);
+        ahead(states[i + kAhead], kReserved);
+        ahead(states[i + kAhead], kBlocks);
+      }
+      PyObject* s = usable(states[i], true);
       int64_t done = get_int(s, kComputed);
       int64_t target = done + positive(b.counts[i]);
       if (target <= get_int(s, kReserved)) continue;
@@ -935,10 +961,15 @@ py::object commit_pass(py::handle seqs, py::handle ids, py::handle counts, int64
     std::vector<std::pair<PyObject*, int64_t>> set;
     std::vector<Py_ssize_t> fill;
     std::vector<Fill> pubs;
-    std::vector<PyObject*> states(b.n);
+    std::vector<PyObject*> states = lookup(seqs.ptr(), b.ids, b.n);
     set.reserve(b.n);
     for (Py_ssize_t i = 0; i < b.n; ++i) {
-      PyObject* s = states[i] = state(seqs.ptr(), b.ids[i], true);
+      if (i + kAhead < b.n) {
+        ahead(states[i + kAhead], kComputed);
+        ahead(states[i + kAhead], kReserved);
+        ahead(states[i + kAhead], kTokens);
+      }
+      PyObject* s = usable(states[i], true);
       int64_t done = get_int(s, kComputed), end = done + positive(b.counts[i]);
       PyObject* tokens = get_list(s, kTokens);
       if (end > get_int(s, kReserved) || end > PyList_GET_SIZE(tokens)) throw Bail();
@@ -982,10 +1013,10 @@ py::object append_pass(py::handle seqs, py::handle ids, py::handle tokens) {
   if (!PyDict_Check(seqs.ptr())) return py::none();
   try {
     Batch b = batch_of(ids, tokens);
-    std::vector<PyObject*> lists(b.n), states(b.n);
+    std::vector<PyObject*> lists(b.n), states = lookup(seqs.ptr(), b.ids, b.n);
     for (Py_ssize_t i = 0; i < b.n; ++i) {
-      states[i] = state(seqs.ptr(), b.ids[i], false);
-      lists[i] = get_list(states[i], kTokens);
+      if (i + kAhead < b.n) ahead(states[i + kAhead], kTokens);
+      lists[i] = get_list(usable(states[i], false), kTokens);
       PyObject* t = b.counts[i];
       if (!PyList_Check(t) || PyList_GET_SIZE(t) == 0) throw Bail();
       for (Py_ssize_t j = 0; j < PyList_GET_SIZE(t); ++j)
@@ -1023,24 +1054,33 @@ py::object layout_pass(py::handle seqs, py::handle batch, const torch::Tensor& t
     int32_t* lp = lens.data_ptr<int32_t>();
     int64_t max_len = 0, max_q = 0, nrows = table.size(0);
     py::tuple ids(n);
-    std::vector<PyObject*> states(n);
     for (Py_ssize_t i = 0; i < n; ++i) {
       PyObject* item = PyList_GET_ITEM(batch.ptr(), i);
       if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) throw Bail();
       PyObject* sid = PyTuple_GET_ITEM(item, 0);
-      PyObject* s = state(seqs.ptr(), sid, true);
-      states[i] = s;
+      Py_INCREF(sid);
+      PyTuple_SET_ITEM(ids.ptr(), i, sid);
       int64_t q = positive(PyTuple_GET_ITEM(item, 1));
+      if (q > INT32_MAX) throw Bail();
+      qlens[i] = static_cast<int32_t>(q);
+    }
+    std::vector<PyObject*> states =
+        lookup(seqs.ptr(), reinterpret_cast<PyTupleObject*>(ids.ptr())->ob_item, n);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      if (i + kAhead < n) {
+        ahead(states[i + kAhead], kComputed);
+        ahead(states[i + kAhead], kReserved);
+        ahead(states[i + kAhead], row);
+      }
+      PyObject* s = usable(states[i], true);
+      int64_t q = qlens[i];
       int64_t end = get_int(s, kComputed) + q;
       if (end > get_int(s, kReserved) || end > INT32_MAX) throw Bail();
       int64_t r = rows[i] = get_int(s, row);
       if (r < 0 || r >= nrows) bad("row " + std::to_string(r) + " is not a row of the table");
       lp[i] = static_cast<int32_t>(end);
-      qlens[i] = static_cast<int32_t>(q);
       max_len = std::max(max_len, end);
       max_q = std::max(max_q, q);
-      Py_INCREF(sid);
-      PyTuple_SET_ITEM(ids.ptr(), i, sid);
     }
     distinct(states);
     auto arrays = fill_layout(table, rows.data(), lens, qlens.data(), page_size);
