@@ -56,7 +56,8 @@ class DecodeRun:
         )
         self.batched = batched
         self._prompts = iter(prompts)
-        self.decoding: dict[int, None] = {}  # in admission order
+        # in admission order: seq -> its batch entry (seq, 1), made once as an engine keeps it
+        self.decoding: dict[int, tuple[int, int]] = {}
         self.new: list[tuple[int, int]] = []  # admitted since the last step: (seq, prompt length)
         self._ends: dict[int, list[int]] = {}  # step -> sequences that finish in it
         self.step_no = -1
@@ -87,26 +88,28 @@ class DecodeRun:
         new, self.new = self.new, []
         dec = list(self.decoding)
         if self.batched:
+            new_ids, new_counts = [sid for sid, _ in new], [n for _, n in new]
             if new:
-                alloc.reserve_many([sid for sid, _ in new], [n for _, n in new])
+                alloc.reserve_many(new_ids, new_counts)
             if dec:
                 alloc.append_many(dec, [[1]] * len(dec))
                 alloc.reserve_many(dec, 1)
-            work = [(sid, 1) for sid in dec] + new
+            ids, counts = dec + new_ids, [1] * len(dec) + new_counts
+            work = [*self.decoding.values(), *new]
             alloc.layout(work)
-            alloc.commit_many([sid for sid, _ in work], [n for _, n in work])
+            alloc.commit_many(ids, counts)
         else:
             for sid, n in new:
                 alloc.reserve(sid, n)
             for sid in dec:
                 alloc.append(sid, [1])
                 alloc.reserve(sid, 1)
-            work = [(sid, 1) for sid in dec] + new
+            work = [*self.decoding.values(), *new]
             alloc.layout(work)
             for sid, n in work:
                 alloc.commit(sid, n)
         for sid, _ in new:
-            self.decoding[sid] = None
+            self.decoding[sid] = (sid, 1)
         for sid in self._ends.pop(self.step_no, ()):
             del self.decoding[sid]
             alloc.free(sid)

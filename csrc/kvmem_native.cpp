@@ -244,36 +244,15 @@ std::tuple<int64_t, int64_t, std::string> cuda_unmap(const torch::Tensor& addrs,
 }
 
 // ---------------------------------------------------------------- layout
-// The arrays of a BatchLayout (see kvmem/layout.py build_layout). Sequence i's
-// pages are row i of `table`, or row rows[i] when `rows` (int64 [B]) is given.
-std::vector<torch::Tensor> layout_arrays(const torch::Tensor& table, const torch::Tensor& seq_lens,
-                                         const torch::Tensor& query_lens, int64_t page_size,
-                                         const c10::optional<torch::Tensor>& rows) {
-  if (page_size <= 0) bad("page_size must be positive");
-  if (table.device().type() != torch::kCPU || table.scalar_type() != torch::kInt32 ||
-      table.dim() != 2)
-    bad("table must be a cpu int32 tensor [B, W]");
-  for (const auto* t : {&seq_lens, &query_lens})
-    if (t->device().type() != torch::kCPU || t->scalar_type() != torch::kInt32 ||
-        t->dim() != 1 || !t->is_contiguous())
-      bad("seq_lens and query_lens must be contiguous cpu int32 tensors [B]");
+// The arrays of a BatchLayout (see kvmem/layout.py build_layout) from a checked cpu int32
+// table [rows, W]: sequence i's pages are row rp[i] of it (row i without rp), its KV length
+// after the step seq_lens[i] (an int32 [B] tensor, returned as the layout's seq_lens), its
+// new entries ql[i].
+std::vector<torch::Tensor> fill_layout(const torch::Tensor& table, const int64_t* rp,
+                                       torch::Tensor seq_lens, const int32_t* ql,
+                                       int64_t page_size) {
   int64_t b = seq_lens.size(0), w = table.size(1);
-  const int64_t* rp = nullptr;
-  if (rows.has_value()) {
-    const torch::Tensor& r = *rows;
-    if (r.device().type() != torch::kCPU || r.scalar_type() != torch::kInt64 || r.dim() != 1 ||
-        !r.is_contiguous() || r.size(0) != b)
-      bad("rows must be a contiguous cpu int64 tensor [B]");
-    rp = r.data_ptr<int64_t>();
-    for (int64_t i = 0; i < b; ++i)
-      if (rp[i] < 0 || rp[i] >= table.size(0))
-        bad("row " + std::to_string(rp[i]) + " is not a row of the table");
-  } else if (table.size(0) != b) {
-    bad("table, seq_lens and query_lens disagree on the batch size");
-  }
-  if (query_lens.size(0) != b) bad("table, seq_lens and query_lens disagree on the batch size");
   const int32_t* sl = seq_lens.data_ptr<int32_t>();
-  const int32_t* ql = query_lens.data_ptr<int32_t>();
   int64_t nnz = 0, ntok = 0, max_pages = 0;
   for (int64_t i = 0; i < b; ++i) {
     if (sl[i] < 0 || ql[i] < 0 || ql[i] > sl[i])
@@ -292,7 +271,6 @@ std::vector<torch::Tensor> layout_arrays(const torch::Tensor& table, const torch
   auto last = torch::empty({b}, i32), qsl = torch::empty({b + 1}, i32);
   auto dense = torch::empty({b, max_pages}, i32);
   auto slots = torch::empty({ntok}, torch::TensorOptions().dtype(torch::kInt64));
-  auto lens = seq_lens.clone();
   int32_t *ip = indptr.data_ptr<int32_t>(), *ix = indices.data_ptr<int32_t>();
   int32_t *lp = last.data_ptr<int32_t>(), *qp = qsl.data_ptr<int32_t>();
   int32_t* dp = dense.data_ptr<int32_t>();
@@ -306,8 +284,13 @@ std::vector<torch::Tensor> layout_arrays(const torch::Tensor& table, const torch
     const int32_t* row = tp + (rp ? rp[i] : i) * s0;
     int32_t* drow = dp + i * max_pages;
     int32_t* out = ix + ip[i];
-    for (int64_t j = 0; j < np; ++j) out[j] = drow[j] = row[j * s1];
-    std::fill(drow + np, drow + max_pages, 0);
+    if (s1 == 1) {
+      std::memcpy(drow, row, np * sizeof(int32_t));
+    } else {
+      for (int64_t j = 0; j < np; ++j) drow[j] = row[j * s1];
+    }
+    std::memcpy(out, drow, np * sizeof(int32_t));
+    std::memset(drow + np, 0, (max_pages - np) * sizeof(int32_t));
     ip[i + 1] = ip[i] + static_cast<int32_t>(np);
     lp[i] = static_cast<int32_t>(sl[i] - (np - 1) * page_size);
     qp[i + 1] = qp[i] + ql[i];
@@ -315,7 +298,38 @@ std::vector<torch::Tensor> layout_arrays(const torch::Tensor& table, const torch
     for (int64_t p = sl[i] - ql[i], k = 0; k < ql[i]; ++k, ++p)
       so[k] = static_cast<int64_t>(drow[p / page_size]) * page_size + p % page_size;
   }
-  return {indptr, indices, last, dense, lens, qsl, slots};
+  return {indptr, indices, last, dense, seq_lens, qsl, slots};
+}
+
+// The arrays of a BatchLayout. Sequence i's pages are row i of `table`, or row rows[i] when
+// `rows` (int64 [B]) is given.
+std::vector<torch::Tensor> layout_arrays(const torch::Tensor& table, const torch::Tensor& seq_lens,
+                                         const torch::Tensor& query_lens, int64_t page_size,
+                                         const c10::optional<torch::Tensor>& rows) {
+  if (page_size <= 0) bad("page_size must be positive");
+  if (table.device().type() != torch::kCPU || table.scalar_type() != torch::kInt32 ||
+      table.dim() != 2)
+    bad("table must be a cpu int32 tensor [B, W]");
+  for (const auto* t : {&seq_lens, &query_lens})
+    if (t->device().type() != torch::kCPU || t->scalar_type() != torch::kInt32 ||
+        t->dim() != 1 || !t->is_contiguous())
+      bad("seq_lens and query_lens must be contiguous cpu int32 tensors [B]");
+  int64_t b = seq_lens.size(0);
+  const int64_t* rp = nullptr;
+  if (rows.has_value()) {
+    const torch::Tensor& r = *rows;
+    if (r.device().type() != torch::kCPU || r.scalar_type() != torch::kInt64 || r.dim() != 1 ||
+        !r.is_contiguous() || r.size(0) != b)
+      bad("rows must be a contiguous cpu int64 tensor [B]");
+    rp = r.data_ptr<int64_t>();
+    for (int64_t i = 0; i < b; ++i)
+      if (rp[i] < 0 || rp[i] >= table.size(0))
+        bad("row " + std::to_string(rp[i]) + " is not a row of the table");
+  } else if (table.size(0) != b) {
+    bad("table, seq_lens and query_lens disagree on the batch size");
+  }
+  if (query_lens.size(0) != b) bad("table, seq_lens and query_lens disagree on the batch size");
+  return fill_layout(table, rp, seq_lens.clone(), query_lens.data_ptr<int32_t>(), page_size);
 }
 
 // ---------------------------------------------------------------- page keys
@@ -409,13 +423,22 @@ inline Py_hash_t hash_of(PyObject* o) {
   return h;
 }
 
+// hash(x) of a Python int x: |x| mod 2**61 - 1 with x's sign, -1 made -2 (CPython's
+// long_hash on 64-bit builds), without making x a Python int.
+inline int64_t int_hash(int64_t x) {
+  const uint64_t m = (1ull << 61) - 1;
+  uint64_t a = x < 0 ? 0 - static_cast<uint64_t>(x) : static_cast<uint64_t>(x);
+  int64_t r = static_cast<int64_t>(a % m);
+  if (x < 0) r = -r;
+  return r == -1 ? -2 : r;
+}
+
 // hash((parent, tuple(page))) of the page starting at `item`.
 int64_t page_hash(PyObject** item, int64_t page_size, int64_t parent) {
   uint64_t inner = kX5;
   for (int64_t j = 0; j < page_size; ++j)
     inner = xx_round(inner, static_cast<uint64_t>(hash_of(item[j])));
-  py::int_ p(static_cast<long long>(parent));
-  uint64_t acc = xx_round(kX5, static_cast<uint64_t>(hash_of(p.ptr())));
+  uint64_t acc = xx_round(kX5, static_cast<uint64_t>(int_hash(parent)));
   acc = xx_round(acc, static_cast<uint64_t>(xx_end(inner, page_size)));
   return xx_end(acc, 2);
 }
@@ -467,28 +490,35 @@ void publish_run(PyObject* seq, int64_t page_size, int64_t first, int64_t count,
       bad("a block is not an index of keys");
     }
     if (PyList_GET_ITEM(kl, b) == Py_None) {
-      int has = PyDict_Contains(ix, hobj);
-      if (has < 0) throw py::error_already_set();
-      if (!has) {
+      // index.setdefault(hash, block), one lookup: the index grew exactly when the hash was
+      // new (no other page holds this key), and it is now indexed to this block
+      Py_ssize_t had = PyDict_GET_SIZE(ix);
+      if (!PyDict_SetDefault(ix, hobj, bobj)) throw py::error_already_set();
+      if (PyDict_GET_SIZE(ix) > had) {
         PyObject* page = PyTuple_New(page_size);
-        if (!page) throw py::error_already_set();
-        for (int64_t j = 0; j < page_size; ++j) {
-          Py_INCREF(item[j]);
-          PyTuple_SET_ITEM(page, j, item[j]);
+        PyObject* key = nullptr;
+        if (page) {
+          for (int64_t j = 0; j < page_size; ++j) {
+            Py_INCREF(item[j]);
+            PyTuple_SET_ITEM(page, j, item[j]);
+          }
+          PyObject_GC_UnTrack(page);
+          key = PyTuple_Pack(2, parent_obj, page);
+          Py_DECREF(page);
         }
-        PyObject_GC_UnTrack(page);
-        PyObject* key = PyTuple_Pack(2, parent_obj, page);
-        Py_DECREF(page);
-        if (!key) throw py::error_already_set();
-        PyObject_GC_UnTrack(key);
-        rc = PyDict_SetItem(ix, hobj, bobj);
+        if (key) PyObject_GC_UnTrack(key);
+        rc = key ? 0 : -1;
         if (!rc && published) {
           PyObject* pair = PyTuple_Pack(2, key, bobj);
           rc = pair ? PyList_Append(published, pair) : -1;
           Py_XDECREF(pair);
         }
         if (rc) {
-          Py_DECREF(key);
+          Py_XDECREF(key);
+          PyObject *et, *ev, *tb;  // keep the error while the index entry is taken back
+          PyErr_Fetch(&et, &ev, &tb);
+          if (PyDict_DelItem(ix, hobj)) PyErr_Clear();
+          PyErr_Restore(et, ev, tb);
           throw py::error_already_set();
         }
         PyList_SetItem(kl, b, key);  // steals the reference, drops the None
@@ -576,7 +606,8 @@ int64_t release_pages(py::handle pages, py::handle ref, py::handle keys, py::han
     if (has_key) {
       ++cached;
     } else {
-      PyObject* r = PyObject_CallFunctionObjArgs(to_front.ptr(), bobj, Py_False, nullptr);
+      PyObject* args[2] = {bobj, Py_False};
+      PyObject* r = PyObject_Vectorcall(to_front.ptr(), args, 2, nullptr);
       if (!r) throw py::error_already_set();
       Py_DECREF(r);
     }
@@ -595,7 +626,12 @@ py::object token_list(py::handle tokens) {
     PyObject* v = PyList_GET_ITEM(t, i);
     if (!PyLong_CheckExact(v) || _PyLong_Sign(v) < 0) return py::none();
   }
-  return py::reinterpret_steal<py::object>(PyList_GetSlice(t, 0, n));
+  PyObject* copy = PyList_GetSlice(t, 0, n);
+  if (!copy) throw py::error_already_set();
+  // A list of ints is in no reference cycle, and the allocator only ever adds ints to it:
+  // untracked, the cycle collector does not walk its (thousands of) items on every pass.
+  PyObject_GC_UnTrack(copy);
+  return py::reinterpret_steal<py::object>(copy);
 }
 
 // ------------------------------------------------ block-table batch passes
@@ -605,7 +641,7 @@ py::object token_list(py::handle tokens) {
 // unknown, swapped or loading sequence, a bad count, a commit beyond the
 // reserved slots, ...): the backend then runs its Python version, which raises
 // the right error. The states stay Python objects; their __slots__ fields are
-// read and written through their member descriptors, as Python itself does.
+// read and written at their member descriptors' offsets.
 struct Bail {};
 
 enum Field {
@@ -616,34 +652,36 @@ const char* const kNames[kFields] = {"swapped", "transfer", "num_computed", "res
                                      "blocks",  "tokens",   "row",          "hashes",
                                      "root",    "slot"};
 
-// The member descriptors of the last state type seen, each looked up when first needed (the
-// vmem backend's states have a slot but no blocks or row).
+// The slot offsets of the last state type seen, each looked up when first needed (the vmem
+// backend's states have a slot but no blocks or row). A field is read and written at its
+// offset, as PyMember_GetOne / PyMember_SetOne do for a T_OBJECT_EX member, without the
+// calls and the reference count traffic.
 struct Members {
   PyObject* type = nullptr;  // a strong reference: the address cannot be reused
-  PyMemberDef* m[kFields] = {};
+  Py_ssize_t off[kFields] = {};
   bool looked[kFields] = {};
 };
 Members members;
 
-// The writable object slot `name` of type t (a member descriptor found along
-// its MRO, as attribute access finds it), else nullptr.
-PyMemberDef* member_of(PyObject* t, const char* name) {
+// The offset of the writable object slot `name` of type t (a member descriptor found along
+// its MRO, as attribute access finds it), else -1.
+Py_ssize_t member_of(PyObject* t, const char* name) {
   PyObject* d = PyObject_GetAttrString(t, name);
   if (!d) {
     PyErr_Clear();
-    return nullptr;
+    return -1;
   }
-  PyMemberDef* m = nullptr;
+  Py_ssize_t off = -1;
   if (Py_IS_TYPE(d, &PyMemberDescr_Type)) {
-    m = reinterpret_cast<PyMemberDescrObject*>(d)->d_member;
-    if (m->type != T_OBJECT_EX || (m->flags & READONLY)) m = nullptr;
+    PyMemberDef* m = reinterpret_cast<PyMemberDescrObject*>(d)->d_member;
+    if (m->type == T_OBJECT_EX && !(m->flags & READONLY)) off = m->offset;
   }
   Py_DECREF(d);  // the type's dict keeps the descriptor alive
-  return m;
+  return off;
 }
 
-// The member descriptor of field f for s's type, else Bail.
-PyMemberDef* field_of(PyObject* s, Field f) {
+// Where field f of s lives, else Bail.
+inline PyObject** field_of(PyObject* s, Field f) {
   PyObject* t = reinterpret_cast<PyObject*>(Py_TYPE(s));
   if (t != members.type) {
     Py_INCREF(t);
@@ -652,24 +690,21 @@ PyMemberDef* field_of(PyObject* s, Field f) {
     members.type = t;
   }
   if (!members.looked[f]) {
-    members.m[f] = member_of(t, kNames[f]);
+    members.off[f] = member_of(t, kNames[f]);
     members.looked[f] = true;
   }
-  if (!members.m[f]) throw Bail();
-  return members.m[f];
+  if (members.off[f] < 0) throw Bail();
+  return reinterpret_cast<PyObject**>(reinterpret_cast<char*>(s) + members.off[f]);
 }
 
-// A new reference to field f of s, else Bail.
-PyObject* get(PyObject* s, Field f) {
-  PyObject* v = PyMember_GetOne(reinterpret_cast<const char*>(s), field_of(s, f));
-  if (!v) {
-    PyErr_Clear();
-    throw Bail();
-  }
+// Field f of s (borrowed: s keeps it alive), else Bail (unset).
+inline PyObject* get(PyObject* s, Field f) {
+  PyObject* v = *field_of(s, f);
+  if (!v) throw Bail();
   return v;
 }
 
-int64_t as_int(PyObject* v) {  // an exact int that fits in int64, else Bail
+inline int64_t as_int(PyObject* v) {  // an exact int that fits in int64, else Bail
   if (!PyLong_CheckExact(v)) throw Bail();
   int overflow = 0;
   long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
@@ -680,59 +715,74 @@ int64_t as_int(PyObject* v) {  // an exact int that fits in int64, else Bail
   return x;
 }
 
-int64_t get_int(PyObject* s, Field f) {
-  PyObject* v = get(s, f);
-  int64_t x;
-  try {
-    x = as_int(v);
-  } catch (Bail&) {
-    Py_DECREF(v);
-    throw;
-  }
-  Py_DECREF(v);
-  return x;
-}
+inline int64_t get_int(PyObject* s, Field f) { return as_int(get(s, f)); }
 
 void set_int(PyObject* s, Field f, int64_t x) {
+  PyObject** at = field_of(s, f);
   PyObject* v = PyLong_FromLongLong(x);
   if (!v) throw py::error_already_set();
-  int rc = PyMember_SetOne(reinterpret_cast<char*>(s), field_of(s, f), v);
-  Py_DECREF(v);
-  if (rc) throw py::error_already_set();
+  PyObject* old = *at;
+  *at = v;
+  Py_XDECREF(old);
 }
 
 // The list in field f of s (borrowed: s keeps it alive), else Bail.
 PyObject* get_list(PyObject* s, Field f) {
   PyObject* v = get(s, f);
-  Py_DECREF(v);
   if (!PyList_Check(v)) throw Bail();
   return v;
 }
 
-// The state of seq_id in `seqs` (borrowed), registered and with no copy in
-// flight; `resident`: not swapped out. Else Bail.
-PyObject* state(PyObject* seqs, PyObject* sid, bool resident) {
-  PyObject* s = PyDict_GetItemWithError(seqs, sid);
-  if (!s) {
-    PyErr_Clear();
-    throw Bail();
+// The states of n ids in `seqs` (borrowed), else Bail (an unknown id). A first pass that
+// only looks each one up and asks for its memory ahead of use: the cache misses of many
+// sequences then overlap instead of coming one after another in a pass's main loop.
+std::vector<PyObject*> lookup(PyObject* seqs, PyObject* const* ids, Py_ssize_t n) {
+  std::vector<PyObject*> out(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* s = PyDict_GetItemWithError(seqs, ids[i]);
+    if (!s) {
+      PyErr_Clear();
+      throw Bail();
+    }
+    __builtin_prefetch(s);
+    __builtin_prefetch(reinterpret_cast<char*>(s) + 64);
+    out[i] = s;
   }
-  PyObject* t = get(s, kTransfer);
-  Py_DECREF(t);
-  if (t != Py_None) throw Bail();
-  if (resident) {
-    PyObject* w = get(s, kSwapped);
-    Py_DECREF(w);
-    if (w != Py_False) throw Bail();
-  }
+  return out;
+}
+
+// Ask for the object in field f of s ahead of use (Bail if s's type lacks f, as a read would).
+inline void ahead(PyObject* s, Field f) {
+  PyObject* v = *field_of(s, f);
+  if (v) __builtin_prefetch(v);
+}
+
+// How far ahead of the sequence at hand a pass asks for the next ones' fields.
+constexpr Py_ssize_t kAhead = 6;
+
+// s is a state with no copy in flight; `resident`: not swapped out. Else Bail.
+inline PyObject* usable(PyObject* s, bool resident) {
+  if (get(s, kTransfer) != Py_None) throw Bail();
+  if (resident && get(s, kSwapped) != Py_False) throw Bail();
   return s;
 }
 
 // No id twice in a batch: each id has a state object of its own, so the
-// states are distinct exactly when the ids are (sorting beats hashing them).
-void distinct(std::vector<PyObject*>& states) {
-  std::sort(states.begin(), states.end());
-  if (std::adjacent_find(states.begin(), states.end()) != states.end()) throw Bail();
+// states are distinct exactly when the ids are (one pass over an open-addressing
+// set of their addresses, cheaper than hashing the ids or sorting).
+void distinct(const std::vector<PyObject*>& states) {
+  size_t cap = 16;
+  while (cap < 2 * states.size()) cap <<= 1;
+  std::vector<uintptr_t> set(cap, 0);
+  for (PyObject* o : states) {
+    uintptr_t k = reinterpret_cast<uintptr_t>(o);
+    size_t h = static_cast<size_t>((k >> 4) * 0x9E3779B97F4A7C15ull) & (cap - 1);
+    while (set[h]) {
+      if (set[h] == k) throw Bail();
+      h = (h + 1) & (cap - 1);
+    }
+    set[h] = k;
+  }
 }
 
 struct Batch {
@@ -800,9 +850,14 @@ py::object reserve_pass(py::handle seqs, py::handle ids, py::handle counts, int6
     int64_t need = 0;
     bool native_grow = queue != nullptr;
     Py_ssize_t nref = PyList_GET_SIZE(ref.ptr());
-    std::vector<PyObject*> states(b.n);
+    std::vector<PyObject*> states = lookup(seqs.ptr(), b.ids, b.n);
     for (Py_ssize_t i = 0; i < b.n; ++i) {
-      PyObject* s = states[i] = state(seqs.ptr(), b.ids[i], true);
+      if (i + kAhead < b.n) {
+        ahead(states[i + kAhead], kComputed);
+        ahead(states[i + kAhead], kReserved);
+        ahead(states[i + kAhead], kBlocks);
+      }
+      PyObject* s = usable(states[i], true);
       int64_t done = get_int(s, kComputed);
       int64_t target = done + positive(b.counts[i]);
       if (target <= get_int(s, kReserved)) continue;
@@ -837,9 +892,14 @@ py::object reserve_pass(py::handle seqs, py::handle ids, py::handle counts, int6
       int32_t* tp = table->data_ptr<int32_t>();
       int64_t width = table->size(1);
       py::object popitem = py::reinterpret_borrow<py::object>(queue).attr("popitem");
+      PyObject* front[1] = {Py_False};  // popitem(False): the front of the queue
       for (const Grow& g : grows) {
         for (int64_t k = 0; k < g.add; ++k) {
-          py::object item = popitem(false);
+          PyObject* got = PyObject_Vectorcall(popitem.ptr(), front, 1, nullptr);
+          if (!got) throw py::error_already_set();
+          py::object item = py::reinterpret_steal<py::object>(got);
+          if (!PyTuple_Check(got) || PyTuple_GET_SIZE(got) != 2)
+            bad("the free queue's popitem did not return a (page, value) pair");
           PyObject* bobj = PyTuple_GET_ITEM(item.ptr(), 0);
           long long page = PyLong_CheckExact(bobj) ? PyLong_AsLongLong(bobj) : -1;
           if (page < 0 || page >= nref) {
@@ -903,10 +963,15 @@ py::object commit_pass(py::handle seqs, py::handle ids, py::handle counts, int64
     std::vector<std::pair<PyObject*, int64_t>> set;
     std::vector<Py_ssize_t> fill;
     std::vector<Fill> pubs;
-    std::vector<PyObject*> states(b.n);
+    std::vector<PyObject*> states = lookup(seqs.ptr(), b.ids, b.n);
     set.reserve(b.n);
     for (Py_ssize_t i = 0; i < b.n; ++i) {
-      PyObject* s = states[i] = state(seqs.ptr(), b.ids[i], true);
+      if (i + kAhead < b.n) {
+        ahead(states[i + kAhead], kComputed);
+        ahead(states[i + kAhead], kReserved);
+        ahead(states[i + kAhead], kTokens);
+      }
+      PyObject* s = usable(states[i], true);
       int64_t done = get_int(s, kComputed), end = done + positive(b.counts[i]);
       PyObject* tokens = get_list(s, kTokens);
       if (end > get_int(s, kReserved) || end > PyList_GET_SIZE(tokens)) throw Bail();
@@ -950,10 +1015,10 @@ py::object append_pass(py::handle seqs, py::handle ids, py::handle tokens) {
   if (!PyDict_Check(seqs.ptr())) return py::none();
   try {
     Batch b = batch_of(ids, tokens);
-    std::vector<PyObject*> lists(b.n), states(b.n);
+    std::vector<PyObject*> lists(b.n), states = lookup(seqs.ptr(), b.ids, b.n);
     for (Py_ssize_t i = 0; i < b.n; ++i) {
-      states[i] = state(seqs.ptr(), b.ids[i], false);
-      lists[i] = get_list(states[i], kTokens);
+      if (i + kAhead < b.n) ahead(states[i + kAhead], kTokens);
+      lists[i] = get_list(usable(states[i], false), kTokens);
       PyObject* t = b.counts[i];
       if (!PyList_Check(t) || PyList_GET_SIZE(t) == 0) throw Bail();
       for (Py_ssize_t j = 0; j < PyList_GET_SIZE(t); ++j)
@@ -982,33 +1047,45 @@ py::object layout_pass(py::handle seqs, py::handle batch, const torch::Tensor& t
   try {
     Py_ssize_t n = PyList_GET_SIZE(batch.ptr());
     if (n == 0) throw Bail();
-    auto rows = torch::empty({n}, torch::TensorOptions().dtype(torch::kInt64));
+    if (table.device().type() != torch::kCPU || table.scalar_type() != torch::kInt32 ||
+        table.dim() != 2)
+      bad("table must be a cpu int32 tensor [B, W]");
+    std::vector<int64_t> rows(n);
+    std::vector<int32_t> qlens(n);
     auto lens = torch::empty({n}, torch::TensorOptions().dtype(torch::kInt32));
-    auto qlens = torch::empty({n}, torch::TensorOptions().dtype(torch::kInt32));
-    int64_t* rp = rows.data_ptr<int64_t>();
-    int32_t *lp = lens.data_ptr<int32_t>(), *qp = qlens.data_ptr<int32_t>();
-    int64_t max_len = 0, max_q = 0;
+    int32_t* lp = lens.data_ptr<int32_t>();
+    int64_t max_len = 0, max_q = 0, nrows = table.size(0);
     py::tuple ids(n);
-    std::vector<PyObject*> states(n);
     for (Py_ssize_t i = 0; i < n; ++i) {
       PyObject* item = PyList_GET_ITEM(batch.ptr(), i);
       if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) throw Bail();
       PyObject* sid = PyTuple_GET_ITEM(item, 0);
-      PyObject* s = state(seqs.ptr(), sid, true);
-      states[i] = s;
-      int64_t q = positive(PyTuple_GET_ITEM(item, 1));
-      int64_t end = get_int(s, kComputed) + q;
-      if (end > get_int(s, kReserved) || end > INT32_MAX) throw Bail();
-      rp[i] = get_int(s, row);
-      lp[i] = static_cast<int32_t>(end);
-      qp[i] = static_cast<int32_t>(q);
-      max_len = std::max(max_len, end);
-      max_q = std::max(max_q, q);
       Py_INCREF(sid);
       PyTuple_SET_ITEM(ids.ptr(), i, sid);
+      int64_t q = positive(PyTuple_GET_ITEM(item, 1));
+      if (q > INT32_MAX) throw Bail();
+      qlens[i] = static_cast<int32_t>(q);
+    }
+    std::vector<PyObject*> states =
+        lookup(seqs.ptr(), reinterpret_cast<PyTupleObject*>(ids.ptr())->ob_item, n);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      if (i + kAhead < n) {
+        ahead(states[i + kAhead], kComputed);
+        ahead(states[i + kAhead], kReserved);
+        ahead(states[i + kAhead], row);
+      }
+      PyObject* s = usable(states[i], true);
+      int64_t q = qlens[i];
+      int64_t end = get_int(s, kComputed) + q;
+      if (end > get_int(s, kReserved) || end > INT32_MAX) throw Bail();
+      int64_t r = rows[i] = get_int(s, row);
+      if (r < 0 || r >= nrows) bad("row " + std::to_string(r) + " is not a row of the table");
+      lp[i] = static_cast<int32_t>(end);
+      max_len = std::max(max_len, end);
+      max_q = std::max(max_q, q);
     }
     distinct(states);
-    auto arrays = layout_arrays(table, lens, qlens, page_size, rows);
+    auto arrays = fill_layout(table, rows.data(), lens, qlens.data(), page_size);
     return py::make_tuple(ids, max_len, max_q, arrays);
   } catch (Bail&) {
     return py::none();

@@ -403,7 +403,9 @@ def _native_hashes(ext: Any) -> bool:
 def token_list(tokens: Any) -> list[int] | None:
     """A copy of ``tokens`` if it is a non-empty list of plain non-negative ints, checked and
     copied natively; None for anything else and on the Python path (the caller then checks
-    the long way: :func:`kvmem.allocator.check_tokens`)."""
+    the long way: :func:`kvmem.allocator.check_tokens`). The copy is untracked by the cycle
+    collector (a list of ints is in no cycle; the allocator only ever adds ints to it), so
+    collections do not walk a sequence's tokens."""
     ext = pick(None)
     return None if ext is None else ext.token_list(tokens)  # type: ignore[no-any-return]
 

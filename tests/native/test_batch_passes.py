@@ -3,6 +3,7 @@ equals Python."""
 
 from __future__ import annotations
 
+import gc
 from collections import Counter
 
 import numpy as np
@@ -47,16 +48,17 @@ def test_chain_hashes_refuse_bad_arguments(path, args):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(1, 12), st.integers(0, 2**31), st.sampled_from([1, 4, 16]))
-def test_layout_from_table_rows_equals_the_gathered_table(b, seed, ps):
+@given(st.integers(1, 12), st.integers(0, 2**31), st.sampled_from([1, 4, 16]), st.booleans())
+def test_layout_from_table_rows_equals_the_gathered_table(b, seed, ps, column_major):
     rng = np.random.default_rng(seed)
     table = rng.integers(0, 1000, (20, 9)).astype(np.int32)
     rows = rng.choice(20, b, replace=False)
     seq = rng.integers(1, 9 * ps + 1, b).astype(np.int32)
     q = np.minimum(rng.integers(1, 5, b), seq).astype(np.int32)
     want = native.layout_arrays(table[rows].copy(), seq, q, ps, native=False)
+    order = "F" if column_major else "C"  # a table whose rows are strided, or contiguous
     for nat in paths():
-        got = native.layout_arrays(table.copy(), seq, q, ps, rows=rows, native=nat)
+        got = native.layout_arrays(table.copy(order), seq, q, ps, rows=rows, native=nat)
         for x, y in zip(got, want, strict=True):
             assert x.dtype == y.dtype and x.tolist() == y.tolist()
 
@@ -159,10 +161,12 @@ def test_publish_pages_native_equals_python(toks, ps, parent, data):
     first = data.draw(st.integers(0, n))
     blocks = data.draw(st.lists(st.integers(0, 9), min_size=n, max_size=n))
     keyed = data.draw(st.sets(st.integers(0, 9)))
+    run = py.chain_hashes(toks, ps, first, n - first, parent)
+    taken = data.draw(st.sets(st.sampled_from(run))) if run else set()  # held by other pages
     results = []
     for fn in (native.batch_passes().publish_pages, py.publish_pages):
         keys = [("old", b) if b in keyed else None for b in range(10)]
-        index = {hash(("taken", 1)): 3}
+        index = {hash(("taken", 1)): 3, **{h: 10 + i for i, h in enumerate(sorted(taken))}}
         page_hashes = [0] * 10
         out = fn(toks, ps, first, n - first, parent, blocks, keys, index, page_hashes)
         results.append((out, keys, index, page_hashes))
@@ -253,6 +257,7 @@ def test_check_tokens_takes_the_same_inputs_on_both_paths(toks):
     fast = native.token_list(toks)
     if native.enabled() and toks and all(type(t) is int and t >= 0 for t in toks):
         assert fast == toks and fast is not toks
+        assert not gc.is_tracked(fast)  # ints only: the cycle collector never walks it
     else:
         assert fast is None
 
