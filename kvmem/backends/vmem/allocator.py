@@ -386,31 +386,20 @@ class VMemAllocator(SwapMixin, KVBackend[VSeq]):
 
         The common case (a list of resident sequences) is checked and laid
         out in one native pass; anything else takes the base class's path,
-        which raises the right error.
+        which raises the right error. Then the map-ahead worker gets what was
+        asked of it.
         """
         ext = None if self.native_passes is False else batch_passes()
+        got = None
         if ext is not None and type(batch) is list and not self._closed:
             got = ext.layout_pass(self._seqs, batch, self._slot_table, self.page_size, True)
-            if got is not None:
-                if self._mapper.pending or self._mapper.busy:
-                    self._mapper.wake()
-                ids, max_len, max_q, arrays = got
-                return from_arrays(
-                    self.page_size, arrays, ids, self.device, self.spec, max_len, max_q
-                )
-        return super().layout(batch)
-
-    def _make_layout(
-        self,
-        ids: tuple[Hashable, ...],
-        seqs: list[VSeq],
-        seq_lens: np.ndarray,
-        query_lens: np.ndarray,
-    ) -> BatchLayout:
-        """The base layout; first hands pending requests to the map-ahead worker."""
-        if self._mapper.pending or self._mapper.busy:
-            self._mapper.wake()  # the batch is about to run: the worker maps meanwhile
-        return super()._make_layout(ids, seqs, seq_lens, query_lens)
+        if got is None:
+            out = super().layout(batch)
+        else:
+            ids, max_len, max_q, arrays = got
+            out = from_arrays(self.page_size, arrays, ids, self.device, self.spec, max_len, max_q)
+        self._mapper.batch_starts()  # the batch is about to run: the worker maps meanwhile
+        return out
 
     def _fork(self, parent_id: Hashable, p: VSeq, child_id: Hashable) -> VSeq:
         """The child, sharing the parent's computed KV, copy-on-write.

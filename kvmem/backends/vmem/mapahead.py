@@ -82,11 +82,6 @@ class MapAhead:
         self.errors = 0
         self.last_error: str | None = None
 
-    @property
-    def pending(self) -> bool:
-        """Requests are queued that the worker has not been handed yet."""
-        return bool(self._requests)
-
     def want(self, slot: int, reserved: int) -> None:
         """Ask for the slot's next pages if under ``ahead`` tokens are mapped past ``reserved``.
 
@@ -123,10 +118,10 @@ class MapAhead:
             self._worker = self.space.driver.map_worker() or ThreadWorker(self.space.driver)
             self._worker.start()
 
-    @property
-    def busy(self) -> bool:
-        """Jobs were handed to the worker that are not published yet."""
-        return bool(self._jobs)
+    def batch_starts(self) -> None:
+        """A batch is laid out: hand the worker its requests, publish what it mapped."""
+        if self._requests or self._jobs:
+            self.wake()
 
     def wake(self) -> None:
         """Publish the jobs finished, then claim the asked-for slots' next pages and hand their
