@@ -1,14 +1,13 @@
 // HostMapper: a thread of its own that maps memfd pages while Python runs.
 //
-// The vmem map-ahead worker hands it jobs (runs of mmap(MAP_FIXED | MAP_SHARED)
-// calls, checked here when submitted) and collects the results later. The thread
+// The vmem map-ahead worker hands it jobs (pages to mmap(MAP_FIXED | MAP_SHARED),
+// checked and merged into runs here when submitted) and collects the results later. The thread
 // never takes the GIL, so a decode step running Python on the caller's thread is
 // never made to wait for it (a Python worker thread waits up to the interpreter's
 // switch interval for the GIL, then takes it from the step).
 //
 // Jobs run in the order submitted; a job stops at its first failed mmap. Results
-// are (ticket, pages mapped, errno or 0); a job's pages are its runs' calls times
-// the pages each call maps.
+// are (ticket, pages mapped, errno or 0).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <pthread.h>
@@ -48,20 +47,14 @@ struct Job {
 
 using Result = std::tuple<int64_t, int64_t, int64_t>;  // ticket, pages mapped, errno
 
-// A C-contiguous int64 buffer (a numpy array) of `cols` columns: its data and row count.
-std::pair<const int64_t*, int64_t> int64_rows(const py::handle& obj, int64_t cols,
-                                              const char* what, py::buffer_info& keep) {
+// A C-contiguous int64 buffer (a numpy array) of [n, 2] rows: its data and row count.
+std::pair<const int64_t*, int64_t> int64_rows(const py::handle& obj, py::buffer_info& keep) {
   keep = py::reinterpret_borrow<py::buffer>(obj).request();
   const std::string& f = keep.format;
   bool i64 = keep.itemsize == 8 && !f.empty() && (f.back() == 'q' || f.back() == 'l');
-  bool shape = (cols == 1 && keep.ndim == 1) || (keep.ndim == 2 && keep.shape[1] == cols);
-  if (!i64 || !shape) bad(std::string(what) + " must be an int64 buffer of " +
-                          std::to_string(cols) + " column(s)");
-  py::ssize_t row = cols * 8;
-  if (keep.shape[0] > 1 && keep.strides[0] != row)
-    bad(std::string(what) + " must be C-contiguous");
-  if (keep.ndim == 2 && cols > 1 && keep.strides[1] != 8)
-    bad(std::string(what) + " must be C-contiguous");
+  if (!i64 || keep.ndim != 2 || keep.shape[1] != 2) bad("pages must be an int64 buffer [n, 2]");
+  if ((keep.shape[0] > 1 && keep.strides[0] != 16) || keep.strides[1] != 8)
+    bad("pages must be C-contiguous");
   return {static_cast<const int64_t*>(keep.ptr), keep.shape[0]};
 }
 
@@ -75,59 +68,36 @@ class HostMapper {
   HostMapper(const HostMapper&) = delete;
   HostMapper& operator=(const HostMapper&) = delete;
 
-  // Queue a job: runs [(base, length, addrs, offsets, size, pages_per_call), ...], call i of
-  // a run mapping `size` bytes at offsets[i] over addrs[i] inside the reserved range
-  // [base, base + length). Everything is checked (page aligned, inside the range) before
-  // the job is queued. Returns its ticket (tickets count up from 1).
-  int64_t submit(int64_t fd, const py::list& runs) {
-    const int64_t pg = page_size();
-    std::vector<Call> calls;
-    for (const py::handle item : runs) {
-      auto t = py::reinterpret_borrow<py::tuple>(item);
-      if (t.size() != 6) bad("a run is (base, length, addrs, offsets, size, pages_per_call)");
-      int64_t base = t[0].cast<int64_t>(), length = t[1].cast<int64_t>();
-      int64_t size = t[4].cast<int64_t>(), pages = t[5].cast<int64_t>();
-      py::buffer_info ka, ko;
-      auto [a, n] = int64_rows(t[2], 1, "addresses", ka);
-      auto [o, m] = int64_rows(t[3], 1, "offsets", ko);
-      if (n != m) bad("as many offsets as addresses are needed");
-      if (size <= 0 || size % pg) bad("the mapping size must be a positive multiple of " +
-                                      std::to_string(pg));
-      if (pages <= 0) bad("pages_per_call must be positive");
-      for (int64_t i = 0; i < n; ++i) {
-        if (!fits(a[i], size, base, length, pg))
-          bad("address " + std::to_string(a[i]) + " is not a page inside the reserved range");
-        if (o[i] < 0 || o[i] % pg) bad("file offset " + std::to_string(o[i]) +
-                                       " is not page aligned");
-        calls.push_back({a[i], o[i], size, pages});
-      }
-    }
-    return queue(fd, std::move(calls));
-  }
-
   // Queue the mapping of pages [(addr, offset), ...] of `size` bytes each, in order, each
-  // run of pages that follow on in address and in offset one mmap. Pages are taken up to
-  // the first one not inside [base, base + length) or with an unaligned offset. Returns
-  // (ticket, pages taken).
-  std::pair<int64_t, int64_t> submit_pages(int64_t fd, int64_t base, int64_t length,
-                                           const py::handle& pages, int64_t size) {
+  // run of pages that follow on in address and in offset (inside one range) one mmap.
+  // Pages are taken up to the first one that lies in none of the reserved ranges
+  // [(base, length), ...] or has an unaligned offset. Returns (ticket, pages taken);
+  // tickets count up from 1.
+  using Ranges = std::vector<std::pair<int64_t, int64_t>>;
+  std::pair<int64_t, int64_t> submit(int64_t fd, const Ranges& ranges, const py::handle& pages,
+                                     int64_t size) {
     const int64_t pg = page_size();
     if (size <= 0 || size % pg) bad("the page size must be a positive multiple of " +
                                     std::to_string(pg));
     py::buffer_info keep;
-    auto [p, n] = int64_rows(pages, 2, "pages", keep);
+    auto [p, n] = int64_rows(pages, keep);
     std::vector<Call> calls;
+    size_t last_range = ranges.size();
     int64_t ok = 0;
     for (; ok < n; ++ok) {
       int64_t a = p[2 * ok], o = p[2 * ok + 1];
-      if (!fits(a, size, base, length, pg) || o < 0 || o % pg) break;
+      size_t r = 0;
+      while (r < ranges.size() && !fits(a, size, ranges[r].first, ranges[r].second, pg)) ++r;
+      if (r == ranges.size() || o < 0 || o % pg) break;
       Call* last = calls.empty() ? nullptr : &calls.back();
-      if (last && last->addr + last->size == a && last->off + last->size == o) {
+      bool follows = last && last->addr + last->size == a && last->off + last->size == o;
+      if (follows && r == last_range) {
         last->size += size;
         last->pages += 1;
       } else {
         calls.push_back({a, o, size, 1});
       }
+      last_range = r;
     }
     return {queue(fd, std::move(calls)), ok};
   }
@@ -258,9 +228,8 @@ void register_mapper(py::module_& m) {
   py::class_<HostMapper>(m, "HostMapper",
                          "A native thread that runs memfd mmap jobs without the GIL.")
       .def(py::init<>())
-      .def("submit", &HostMapper::submit, py::arg("fd"), py::arg("runs"))
-      .def("submit_pages", &HostMapper::submit_pages, py::arg("fd"), py::arg("base"),
-           py::arg("length"), py::arg("pages"), py::arg("size"))
+      .def("submit", &HostMapper::submit, py::arg("fd"), py::arg("ranges"), py::arg("pages"),
+           py::arg("size"))
       .def("poll", &HostMapper::poll)
       .def("wait", &HostMapper::wait, py::arg("ticket") = 0, py::arg("timeout") = -1.0)
       .def("close", &HostMapper::close)

@@ -201,3 +201,33 @@ def test_the_native_thread_idles_at_low_priority_and_runs_at_the_default_one_whe
     worker.close()
     assert tid not in _idle_threads()
     d.close()
+
+
+@needs_native
+def test_the_native_worker_maps_across_reserved_ranges_and_refuses_bad_buffers():
+    d = HostDriver()
+    r1, r2 = d.reserve(4 * PAGE), d.reserve(4 * PAGE)
+    h = d.create_many(4, PAGE)
+    worker = d.map_worker()
+    # two pages in each of two ranges, adjacent in the file
+    pages = [(r1 + 2 * PAGE, h[0]), (r1 + 3 * PAGE, h[1]), (r2, h[2]), (r2 + PAGE, h[3])]
+    t = worker.submit(np.array(pages), PAGE)
+    assert worker.wait(t, 10)
+    assert worker.poll() == [(t, 4, None)]
+    assert [_read(d, a) for a, _ in pages] == [o // PAGE for _, o in pages]
+    mapper = worker._mapper
+    ranges = list(d._ranges.items())
+    for bad in (
+        np.zeros((2, 2), dtype=np.float64),  # not int64
+        np.zeros((2, 3), dtype=np.int64),  # not (addr, offset) rows
+        np.zeros((4, 2), dtype=np.int64)[::2],  # not contiguous
+    ):
+        with pytest.raises(ValueError):
+            mapper.submit(d.fd, ranges, bad, PAGE)
+    with pytest.raises(ValueError, match="page size"):
+        mapper.submit(d.fd, ranges, np.array(pages), PAGE + 1)
+    with pytest.raises(ValueError, match="descriptor"):
+        mapper.submit(-1, ranges, np.array(pages), PAGE)
+    assert mapper.submitted == 1  # nothing refused was queued
+    worker.close()
+    d.close()

@@ -183,16 +183,16 @@ def test_the_worker_maps_a_chunk_of_pages_with_one_mmap_per_layer(worker, monkey
         plans.append((threading.current_thread().name, runs))
         return plan
 
-    class Recorder:  # the native mapper, its submit_pages jobs seen as their mmap calls
+    class Recorder:  # the native mapper, its jobs seen as their mmap calls
         def __init__(self, mapper):
             self.mapper = mapper
 
-        def submit_pages(self, fd, base, length, pages, size):
+        def submit(self, fd, ranges, pages, size):
             follows = (np.diff(pages, axis=0) == size).all(axis=1)
             cuts = [0, *(np.flatnonzero(~follows) + 1).tolist(), len(pages)]
             runs = [(1, (b - a) * size) for a, b in itertools.pairwise(cuts) if b > a]
             plans.append((threading.current_thread().name, runs))
-            return self.mapper.submit_pages(fd, base, length, pages, size)
+            return self.mapper.submit(fd, ranges, pages, size)
 
         def __getattr__(self, name):
             return getattr(self.mapper, name)

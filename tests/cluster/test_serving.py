@@ -6,6 +6,7 @@ import argparse
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import httpx
 import openai
@@ -21,13 +22,24 @@ pytestmark = pytest.mark.timeout(180)
 GENERATED = re.compile(r"^kvmem:generation_tokens(_total)?\{")
 
 
-def test_two_instances_answer_like_one_engine():
+def _app(*argv: str) -> Any:
+    """The server app ``kvmem serve`` builds from these options."""
     p = argparse.ArgumentParser()
     add_arguments(p)
-    args = p.parse_args(
-        ["--instances", "2", "--num-kv-tokens", "2048", "--attention-impl", "reference"]
+    return build_app(p.parse_args(list(argv)))
+
+
+def _disagg_app(decode_instances: int) -> Any:
+    """One prefill instance and ``decode_instances`` decode ones, reference kernels."""
+    return _app(
+        *["--prefill-instances", "1", "--decode-instances", str(decode_instances)],
+        *["--num-kv-tokens", "512", "--attention-impl", "reference"],
+        *["--max-num-batched-tokens", "32"],
     )
-    app = build_app(args)
+
+
+def test_two_instances_answer_like_one_engine():
+    app = _app("--instances", "2", "--num-kv-tokens", "2048", "--attention-impl", "reference")
     prompts = ["hello there", "the cluster answers"]
     with Engine(num_kv_tokens=2048, attention_impl="reference", seed=0) as eng:
         params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -102,20 +114,12 @@ def _metrics(
 
 
 def test_zero_instances_is_refused():
-    p = argparse.ArgumentParser()
-    add_arguments(p)
     with pytest.raises(Exception, match="--instances"):
-        build_app(p.parse_args(["--instances", "0"]))
+        _app("--instances", "0")
 
 
 def test_prefill_and_decode_instances_answer_like_one_engine_through_the_openai_api():
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    args = p.parse_args(
-        ["--prefill-instances", "1", "--decode-instances", "1", "--num-kv-tokens", "512"]
-        + ["--attention-impl", "reference", "--max-num-batched-tokens", "32"]
-    )
-    app = build_app(args)
+    app = _disagg_app(1)
     base = "kvmem serves its first token from a prefill instance and the rest elsewhere; "
     # different lengths, several chunks each; a second wave extends the first prompt, whose
     # pages are then in the prefill side's prefix cache
@@ -164,20 +168,12 @@ def test_prefill_and_decode_instances_answer_like_one_engine_through_the_openai_
 
 
 def test_prefill_and_decode_instances_go_together():
-    p = argparse.ArgumentParser()
-    add_arguments(p)
     with pytest.raises(Exception, match="go together"):
-        build_app(p.parse_args(["--prefill-instances", "1"]))
+        _app("--prefill-instances", "1")
 
 
 def test_a_session_over_prefill_and_decode_instances_through_the_openai_api():
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    args = p.parse_args(
-        ["--prefill-instances", "1", "--decode-instances", "2", "--num-kv-tokens", "512"]
-        + ["--attention-impl", "reference", "--max-num-batched-tokens", "32"]
-    )
-    app = build_app(args)
+    app = _disagg_app(2)
     p1 = [(7 * j) % 200 + 1 for j in range(40)]
     srv = ServerThread(app).start()
     try:

@@ -13,29 +13,19 @@ import torch.distributed as dist
 
 from kvmem import create_allocator
 from kvmem.distributed.transport import Transport
-from kvmem.engine import Engine, SamplingParams
+from kvmem.engine import SamplingParams
 from kvmem.engine.roles import serve_handoffs
 from kvmem.engine.sessions import session_seq_id
 from kvmem.spec import KVSpec
 from kvmem.transfer.kv import Importer, copy_sequence, export_chunks, export_meta
 from tests.distributed.dist_harness import run_world
-from tests.transfer.disagg_workers import Collector
+from tests.transfer.disagg_workers import Collector, make_engine
 
 pytestmark = pytest.mark.timeout(150)
 
 P1 = [(7 * j) % 250 + 1 for j in range(45)]
 MORE = [5, 6, 7, 8] * 4
 MAX_TOKENS = 10
-
-
-def _engine(role: str) -> Engine:
-    return Engine(
-        num_kv_tokens=1024,
-        attention_impl="reference",
-        max_num_batched_tokens=32,
-        seed=0,
-        role=role,
-    )
 
 
 def _params() -> SamplingParams:
@@ -50,10 +40,10 @@ def two_turns(rank: int, world: int, session: bool) -> dict[str, Any]:
     got = Collector()
     kw = {"session_id": "conv"} if session else {}
     if rank == 0:
-        with _engine("colocated") as ref:
+        with make_engine("colocated") as ref:
             [a] = ref.generate([P1], _params())
             [b] = ref.generate([P1 + a.output_token_ids + MORE], _params())
-        eng = _engine("prefill")
+        eng = make_engine("prefill")
         eng.add_request(P1, _params(), request_id="t1", on_output=got, **kw)
         eng.handoffs.route(eng, "t1", t, 1)
         eng.run()
@@ -73,7 +63,7 @@ def two_turns(rank: int, world: int, session: bool) -> dict[str, Any]:
             "local": list(h.local),
             "used_after": eng.allocator.stats().num_seqs,
         }
-    eng = _engine("decode")
+    eng = make_engine("decode")
     parked: list[list[str]] = []
 
     def accepted(rid: str) -> None:

@@ -93,11 +93,7 @@ class MapPlan:
     @classmethod
     def failed(cls, message: str) -> MapPlan:
         """A plan that maps nothing and reports ``message``."""
-        return cls(np.zeros((0, 2), dtype=np.int64), [], DriverError(message))
-
-    def refused(self, message: str) -> MapPlan:
-        """This plan's pages, mapping none of them, reporting ``message``."""
-        return MapPlan(self.pages, [], DriverError(message))
+        return cls(_NO_PAGES, [], DriverError(message))
 
     def outcome(self, done: int, errno: int) -> tuple[int, DriverError | None]:
         """``map_many``'s result after ``done`` pages mapped and ``errno`` (0: no failure)."""
@@ -107,6 +103,9 @@ class MapPlan:
                 f"{os.strerror(errno)} (errno {errno})"
             )
         return done, self.error
+
+
+_NO_PAGES = np.zeros((0, 2), dtype=np.int64)
 
 
 def _max_map_count() -> int | None:
@@ -303,72 +302,58 @@ class HostDriver(VMemDriver):
         Raises InvalidArgument for a size that is no multiple of the page
         size; every other failure is the plan's to report (:meth:`MapPlan.outcome`).
         """
-        self._check("map", 0, size)
-        if not len(pages):
-            return MapPlan(np.zeros((0, 2), dtype=np.int64), [], None)
-        try:
-            arr = np.asarray(pages, dtype=np.int64).reshape(len(pages), 2)
-        except (TypeError, ValueError, OverflowError) as e:
-            return MapPlan.failed(f"map: page addresses and handles must be ints ({e})")
-        err = self._back_pages(arr, size)
-        if err is not None:
-            return MapPlan.failed(str(err))
-        addrs = arr[:, 0]
+        checked = self._backed_pages(pages, size)
+        if isinstance(checked, MapPlan):
+            return checked
+        addrs = checked[:, 0]
         n, err = self._inside(addrs, size)
         runs = []
-        for base, length, first, count, run in self._batches(addrs[:n], arr[:n, 1], size):
+        for base, length, first, count, run in self._batches(addrs[:n], checked[:n, 1], size):
             idx = slice(first, first + count * run, run)
-            a, o = np.ascontiguousarray(addrs[idx]), np.ascontiguousarray(arr[idx, 1])
+            a, o = np.ascontiguousarray(addrs[idx]), np.ascontiguousarray(checked[idx, 1])
             runs.append((base, length, a, o, run * size, run))
-        return MapPlan(arr, runs, err)
+        return MapPlan(checked, runs, err)
 
-    def _back_pages(self, arr: np.ndarray, size: int) -> DriverError | None:
-        """Look up every ``(addr, offset)`` row's page and back it; the first failure."""
-        if self._backed.issuperset((arr[:, 1] // self._page).tolist()):
-            return None
-        for handle in arr[:, 1].tolist():
-            if handle // self._page in self._backed:
-                continue
-            if self._pages.get(handle) != size:
-                return DriverError(f"map: no page of {size} bytes at offset {handle!r}")
-            try:
-                self._back(handle, size)
-            except DriverError as e:
-                return e
-        return None
+    def _backed_pages(self, pages: Pages, size: int) -> np.ndarray | MapPlan:
+        """``pages`` as int64 ``(addr, offset)`` rows, every page looked up and backed; or a
+        plan that maps nothing and says why. InvalidArgument for a bad ``size``."""
+        self._check("map", 0, size)
+        try:
+            arr = np.ascontiguousarray(pages, dtype=np.int64).reshape(len(pages), 2)
+        except (TypeError, ValueError, OverflowError) as e:
+            return MapPlan.failed(f"map: page addresses and handles must be ints ({e})")
+        if not self._backed.issuperset((arr[:, 1] // self._page).tolist()):
+            for handle in arr[:, 1].tolist():
+                if handle // self._page in self._backed:
+                    continue
+                if self._pages.get(handle) != size:
+                    return MapPlan.failed(f"map: no page of {size} bytes at offset {handle!r}")
+                try:
+                    self._back(handle, size)
+                except DriverError as e:
+                    return MapPlan.failed(str(e))
+        return arr
 
     def submit_map(self, mapper: Any, pages: Pages, size: int) -> tuple[int, MapPlan]:
         """Queue :meth:`map_many` of ``pages`` on a native ``HostMapper``: the job's ticket,
         and the plan whose :meth:`~MapPlan.outcome` reads its result.
 
-        With one reserved range (the allocator's) the extension merges runs and
-        checks the pages itself; handles are looked up and backed here first.
+        Handles are looked up and backed here; the extension checks the
+        addresses against the reserved ranges and merges runs of pages.
         """
-        self._check("map", 0, size)
-        if len(self._ranges) != 1 or not len(pages):
-            plan = self.plan_map(pages, size)
-            try:
-                return int(mapper.submit(self.fd, plan.runs)), plan
-            except ValueError as e:  # an unaligned offset: nothing is mapped, as map_many
-                return int(mapper.submit(self.fd, [])), plan.refused(f"map: {e}")
-        try:
-            arr = np.ascontiguousarray(pages, dtype=np.int64).reshape(len(pages), 2)
-        except (TypeError, ValueError, OverflowError) as e:
-            plan = MapPlan.failed(f"map: page addresses and handles must be ints ({e})")
-            return int(mapper.submit(self.fd, [])), plan
-        err = self._back_pages(arr, size)
-        if err is not None:
-            return int(mapper.submit(self.fd, [])), MapPlan.failed(str(err))
-        ((base, length),) = self._ranges.items()
-        ticket, taken = mapper.submit_pages(self.fd, base, length, arr, size)
-        if taken < len(arr):
-            addr, off = (int(x) for x in arr[taken])
+        checked = self._backed_pages(pages, size)
+        if isinstance(checked, MapPlan):  # nothing to map: a job of no pages carries the error
+            return int(mapper.submit(self.fd, [], _NO_PAGES, size)[0]), checked
+        ticket, taken = mapper.submit(self.fd, list(self._ranges.items()), checked, size)
+        err = None
+        if taken < len(checked):
+            addr, off = (int(x) for x in checked[taken])
             err = DriverError(
                 f"map: address {addr:#x} is not inside a reserved range"
                 if off % self._page == 0
                 else f"map: file offset {off} is not page aligned"
             )
-        return int(ticket), MapPlan(arr, [], err)
+        return int(ticket), MapPlan(checked, [], err)
 
     def map_worker(self) -> MapWorker | None:
         """The extension's native mapping thread when it is in use, else None.
